@@ -1,0 +1,141 @@
+"""Public entry points of the fused head: `linear_logprobs` and `linear_cross_entropy`.
+
+Both take `hidden [..., H]` (the decoder's last hidden states), `weight [V, H]` (the lm_head weight, tied or not)
+and `labels [...]`, drop the rows whose label is `ignore_index` before any matmul, and compute chunk by chunk:
+memory for the head is O(rows_per_chunk x V + N x H), never O(N x V).
+"""
+from __future__ import annotations
+
+import torch
+
+from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs, HeadConfig
+from prefuse.kernels.plan import MODES, make_plan
+from prefuse.kernels.rows import select_labeled_rows, zero_connected
+from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _needs_grad(*tensors) -> tuple[bool, bool, bool]:
+    on = torch.is_grad_enabled()
+    return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)
+
+
+def _config(plan, backend, temperature, softcap, with_mean_logp, accumulate_fp32, block_v) -> HeadConfig:
+    return HeadConfig(rows_per_chunk=plan.rows_per_chunk, backend=backend, inv_temperature=1.0 / temperature,
+                      softcap=softcap, with_mean_logp=with_mean_logp, accumulate_fp32=accumulate_fp32,
+                      block_v=block_v)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    chunk_budget_bytes: int | None = None,
+    accumulate_fp32: bool = True,
+    check_finite: bool = False,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probability of `labels` under softmax(transform(hidden @ weight.T + bias)).
+
+    hidden [..., H] (fp32, bf16, fp16 or fp64), weight [V, H] and bias [V] of the same dtype, labels [...] integer.
+    The transform is `softcap * tanh(x / softcap)` when `softcap` is given (Gemma-2's final-logit cap), then
+    division by `temperature`. Returns float32 [...] with 0 at positions whose label is `ignore_index`.
+    Differentiable with respect to hidden, weight and bias; backward recomputes each chunk's logits (the upstream
+    gradient of a log-prob is known only after the objective has seen whole sequences).
+
+    backend: "torch" (chunked torch, any device), "triton" (CUDA, or the CPU under TRITON_INTERPRET=1), "auto"
+    (triton on CUDA tensors). chunk_size (rows per chunk) or chunk_budget_bytes (default 64 MiB) bound the logits
+    held at once. accumulate_fp32: sum the weight gradient over chunks in float32 for bf16/fp16 inputs.
+    check_finite: raise a ValueError when hidden holds NaN or Inf. block_v: Triton vocabulary tile override.
+    """
+    check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_finite=check_finite)
+    check_transform(temperature, softcap)
+    backend = resolve_backend(backend, hidden.device)
+    rows = select_labeled_rows(hidden, labels, ignore_index)
+    needs = _needs_grad(hidden, weight, bias)
+    if rows.n_rows == 0:
+        return torch.zeros(rows.shape, dtype=torch.float32, device=hidden.device) + zero_connected(
+            hidden, weight, bias)
+    plan = make_plan(n_rows=rows.n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
+                     device=hidden.device, needs_grad=any(needs), upstream_known=False, mode="recompute",
+                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes)
+    cfg = _config(plan, backend, temperature, softcap, False, accumulate_fp32, block_v)
+    logp = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, cfg)
+    return rows.scatter(logp)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    mode: str = "auto",
+    chunk_size: int | None = None,
+    chunk_budget_bytes: int | None = None,
+    grad_budget_bytes: int | None = None,
+    accumulate_fp32: bool = True,
+    check_finite: bool = False,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Drop-in for `F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=, reduction=, label_smoothing=)`
+    without the [N, V] logits. hidden [..., H], weight [V, H], bias [V], labels [...].
+
+    reduction: "mean" over non-ignored tokens, "sum", or "none" (float32 [...], 0 at ignored positions). One
+    deliberate difference: when every label is ignored, "mean" returns 0 (with zero gradients), not NaN.
+
+    mode: "in_forward" forms the gradients during forward (one matmul fewer; holds grad_hidden [N, H] and a float32
+    grad_weight [V, H] until backward), "recompute" recomputes logits in backward, "auto" takes in_forward when
+    those buffers fit `grad_budget_bytes` (default: a quarter of free CUDA memory, 4 GiB on the CPU). reduction
+    "none" always recomputes (the per-token upstream gradient is unknown in forward). Other arguments as in
+    `linear_logprobs`.
+    """
+    check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_finite=check_finite)
+    check_transform(temperature, softcap)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not one of {REDUCTIONS}")
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: must be in [0, 1], got {label_smoothing}")
+    backend = resolve_backend(backend, hidden.device)
+    rows = select_labeled_rows(hidden, labels, ignore_index)
+    needs = _needs_grad(rows.hidden, weight, bias)
+    smoothing = float(label_smoothing)
+    if rows.n_rows == 0:
+        zero = zero_connected(hidden, weight, bias)
+        return torch.zeros(rows.shape, device=hidden.device) + zero if reduction == "none" else zero
+    plan = make_plan(n_rows=rows.n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
+                     device=hidden.device, needs_grad=any(needs), upstream_known=reduction != "none", mode=mode,
+                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes,
+                     grad_budget_bytes=grad_budget_bytes)
+    cfg = _config(plan, backend, temperature, softcap, smoothing > 0, accumulate_fp32, block_v)
+    scale = 1.0 / rows.n_rows if reduction == "mean" else 1.0
+
+    if plan.mode == "in_forward":
+        def coefs(chunk_rows, logp, mean_logp):
+            coef_t = torch.full_like(logp, -(1.0 - smoothing) * scale)
+            return coef_t, (torch.full_like(logp, -smoothing * scale) if smoothing > 0 else None)
+
+        loss, _, _ = FusedHeadInForward.apply(rows.hidden, weight, bias, rows.labels, cfg, coefs, needs)
+        return loss
+
+    out = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, cfg)
+    token_loss = -(1.0 - smoothing) * out[0] - smoothing * out[1] if smoothing > 0 else -out
+    if reduction == "none":
+        return rows.scatter(token_loss)
+    return token_loss.sum() * scale

@@ -1,0 +1,192 @@
+"""The fused head: hidden [M, H] x weight [V, H] -> per-row log-probs, chunk by chunk, never the [M, V] logits.
+
+Rows here are only the tokens that carry a label (the caller drops ignored rows before the matmul). Per chunk of
+`rows_per_chunk` rows, torch does the matmul (cuBLAS on GPU) and a chunk op (`torch_ops` or `triton_ops`) does
+the memory-bound rest. Two autograd Functions, one per memory/speed mode:
+
+- `FusedLogprobs` (recompute): forward keeps only lse [M]; backward recomputes each chunk's logits (one extra
+  matmul) once the upstream gradient of every log-prob is known. Works for any downstream objective.
+- `FusedHeadInForward` (in-forward gradient): the upstream coefficients of each chunk are known as soon as the
+  chunk's log-probs are (cross-entropy; a loss whose groups fit in a chunk), so the gradients with respect to
+  hidden, weight and bias are formed during forward and backward only scales them. Saves the recompute matmul at
+  the cost of holding grad_hidden [M, H] and grad_weight [V, H] (float32) from forward to backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from prefuse.kernels import torch_ops
+
+CoefFn = Callable[[slice, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """How the head is computed. `backend` is resolved ("torch" or "triton"); `block_v` overrides the Triton tile."""
+
+    rows_per_chunk: int
+    backend: str = "torch"
+    inv_temperature: float = 1.0
+    softcap: float | None = None
+    with_mean_logp: bool = False  # also return mean_v logp (label smoothing)
+    accumulate_fp32: bool = True  # weight/bias gradients summed over chunks in float32
+    block_v: int | None = None
+
+    @property
+    def ops(self):
+        if self.backend == "triton":
+            from prefuse.kernels import triton_ops
+
+            return triton_ops
+        return torch_ops
+
+    def op_kwargs(self) -> dict:
+        kw = {"inv_temperature": self.inv_temperature, "softcap": self.softcap}
+        if self.backend == "triton" and self.block_v is not None:
+            kw["block_v"] = self.block_v
+        return kw
+
+
+def chunk_slices(n_rows: int, rows_per_chunk: int) -> list[slice]:
+    return [slice(s, min(s + rows_per_chunk, n_rows)) for s in range(0, n_rows, rows_per_chunk)]
+
+
+def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype."""
+    if bias is None:
+        return hidden_chunk @ weight.t()
+    return torch.addmm(bias, hidden_chunk, weight.t())
+
+
+class _GradAccumulator:
+    """Gradient buffers for hidden [M, H], weight [V, H] and bias [V]; one weight buffer for all chunks."""
+
+    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias, accumulate_fp32):
+        acc = torch.float32 if accumulate_fp32 and weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.weight_dtype = weight.dtype
+        self.weight = weight
+        self.grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
+
+    def add(self, rows: slice, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
+        """grad_logits [m, V] in the compute dtype, hidden_chunk [m, H]."""
+        if self.grad_hidden is not None:
+            torch.mm(grad_logits, self.weight, out=self.grad_hidden[rows])
+        if self.grad_weight is not None:
+            if self.grad_weight.dtype == grad_logits.dtype:
+                self.grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+            else:  # low-precision product per chunk, summed in float32 across chunks
+                self.grad_weight.add_(grad_logits.t() @ hidden_chunk)
+        if self.grad_bias is not None:
+            self.grad_bias.add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
+
+    def results(self, scale: torch.Tensor | None = None):
+        """The gradients in the parameters' dtype, scaled in place by the upstream scalar when given."""
+        out = []
+        for g in (self.grad_hidden, self.grad_weight, self.grad_bias):
+            if g is not None:
+                if scale is not None and not bool(scale == 1):
+                    g.mul_(scale.to(g.dtype))
+                g = g.to(self.weight_dtype)
+            out.append(g)
+        return out
+
+
+def _compute_dtype_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return grad if grad.dtype == dtype else grad.to(dtype)
+
+
+class FusedLogprobs(torch.autograd.Function):
+    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] -> logp [M] float32 (, mean_logp [M])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, cfg: HeadConfig):
+        n_rows = hidden.shape[0]
+        logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else None
+        for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
+            logits = chunk_logits(hidden[rows], weight, bias)
+            lp, ls, ml = cfg.ops.logits_forward(logits, labels[rows], with_mean_logp=cfg.with_mean_logp,
+                                                **cfg.op_kwargs())
+            logp[rows], lse[rows] = lp, ls
+            if ml is not None:
+                mean_logp[rows] = ml
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.cfg = cfg
+        if mean_logp is None:
+            return logp
+        return logp, mean_logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_mean_logp=None):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        cfg: HeadConfig = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = _GradAccumulator(hidden, weight, bias, need_h, need_w, need_b and bias is not None,
+                               cfg.accumulate_fp32)
+        coef_t = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
+        coef_u = None if grad_mean_logp is None else grad_mean_logp.float().contiguous()
+        for rows in chunk_slices(hidden.shape[0], cfg.rows_per_chunk):
+            h = hidden[rows]
+            logits = chunk_logits(h, weight, bias)
+            grad = cfg.ops.logits_grad_(logits, labels[rows], lse[rows], coef_t[rows],
+                                        None if coef_u is None else coef_u[rows], **cfg.op_kwargs())
+            acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)
+            del logits, grad
+        grad_hidden, grad_weight, grad_bias = acc.results()
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+class FusedHeadInForward(torch.autograd.Function):
+    """Forward that also forms the gradients (in-forward-gradient mode).
+
+    Returns (objective, logp [M], mean_logp [M] or [0] when not asked for) where objective = sum_i A_i logp_i + B_i mean_logp_i and
+    `coef_fn(rows, logp_chunk, mean_logp_chunk) -> (A_chunk, B_chunk | None)` gives the coefficients chunk by chunk.
+    Only `objective` is differentiable; its gradient is the one formed in forward, scaled by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, cfg: HeadConfig, coef_fn: CoefFn, needs_grad):
+        n_rows = hidden.shape[0]
+        need_h, need_w, need_b = needs_grad
+        acc = _GradAccumulator(hidden, weight, bias, need_h, need_w, need_b and bias is not None,
+                               cfg.accumulate_fp32)
+        logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else logp.new_empty(0)
+        objective = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
+            h = hidden[rows]
+            logits = chunk_logits(h, weight, bias)
+            terms = []
+
+            def chunk_coefs(lp, ml, rows=rows):
+                coef_t, coef_u = coef_fn(rows, lp, ml)
+                terms.append((coef_t * lp).sum(dtype=torch.float64))
+                if coef_u is not None:
+                    terms.append((coef_u * ml).sum(dtype=torch.float64))
+                return coef_t.float().contiguous(), None if coef_u is None else coef_u.float().contiguous()
+
+            lp, _, ml, grad = cfg.ops.logits_forward_grad_(logits, labels[rows], chunk_coefs,
+                                                           with_mean_logp=cfg.with_mean_logp, **cfg.op_kwargs())
+            logp[rows] = lp
+            if ml is not None:
+                mean_logp[rows] = ml
+            objective += sum(terms)
+            acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)
+            del logits, grad
+        ctx.acc = acc
+        ctx.mark_non_differentiable(logp, mean_logp)
+        return objective.float(), logp, mean_logp
+
+    @staticmethod
+    def backward(ctx, grad_objective, _grad_logp=None, _grad_mean_logp=None):
+        acc: _GradAccumulator = ctx.acc
+        grad_hidden, grad_weight, grad_bias = acc.results(scale=grad_objective)
+        ctx.acc = None  # release the buffers as soon as they are handed over
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None

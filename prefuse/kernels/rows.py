@@ -1,0 +1,56 @@
+"""Dropping ignored rows before the matmul, and putting per-row results back in place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LabeledRows:
+    """The rows of hidden that carry a label. hidden [M, H], labels [M] int64, index [M] into the N flat rows
+    (None when every row is kept, so no copy is made)."""
+
+    hidden: torch.Tensor
+    labels: torch.Tensor | None
+    index: torch.Tensor | None
+    n_total: int
+    shape: torch.Size  # leading shape of the caller's hidden / labels
+
+    @property
+    def n_rows(self) -> int:
+        return self.hidden.shape[0]
+
+    def scatter(self, values: torch.Tensor, fill=0) -> torch.Tensor:
+        """values [M] -> [*shape], `fill` at ignored positions; differentiable with respect to values."""
+        if self.index is None:
+            return values.reshape(self.shape)
+        full = torch.full((self.n_total,), fill, dtype=values.dtype, device=values.device)
+        return full.index_copy(0, self.index, values).reshape(self.shape)
+
+
+def select_labeled_rows(hidden: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> LabeledRows:
+    """hidden [..., H], labels [...] -> the rows whose label is not ignore_index (all rows when labels is None)."""
+    shape = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if labels is None:
+        return LabeledRows(flat.contiguous(), None, None, flat.shape[0], shape)
+    flat_labels = labels.reshape(-1).long()
+    keep = flat_labels != ignore_index
+    if bool(keep.all()):
+        return LabeledRows(flat.contiguous(), flat_labels.contiguous(), None, flat.shape[0], shape)
+    index = keep.nonzero().squeeze(1)
+    return LabeledRows(flat.index_select(0, index), flat_labels.index_select(0, index), index, flat.shape[0], shape)
+
+
+def zero_connected(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """A 0-d zero that is connected to `tensors` in the graph (zero gradients, never NaN even for inf inputs)."""
+    out = None
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            term = t.flatten()[:0].sum()
+            out = term if out is None else out + term
+    if out is None:
+        ref = next(t for t in tensors if t is not None)
+        return torch.zeros((), dtype=torch.float32, device=ref.device)
+    return out.float()

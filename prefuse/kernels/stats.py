@@ -1,0 +1,101 @@
+"""Per-token statistics of the head's distribution, for monitoring (no gradient), from one chunked pass.
+
+The top-k indicators follow ALGORITHMS.md section 11 (k, renormalization and aggregation are the project's
+choices there, marked unverified against the paper): with p = softmax(z) and S the k most probable tokens,
+topk_mass = sum_S p, topk_entropy = entropy of p restricted to S and renormalized, topk_entropy_unnormalized =
+-sum_S p log p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from prefuse.kernels.fused_head import chunk_logits, chunk_slices
+from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, rows_for_budget
+from prefuse.kernels.rows import select_labeled_rows
+from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
+
+
+@dataclass
+class TokenStats:
+    """Each field is [...] like labels (float32 unless noted); positions with an ignored label hold 0 / False.
+
+    mask: bool, which positions were computed. logsumexp, entropy (nats), topk_mass, topk_entropy,
+    topk_entropy_unnormalized. With labels: logprobs (of the label) and label_is_argmax (bool; the label is the
+    first index of the maximum, as torch.argmax breaks ties); None without labels.
+    """
+
+    mask: torch.Tensor
+    logsumexp: torch.Tensor
+    entropy: torch.Tensor
+    topk_mass: torch.Tensor
+    topk_entropy: torch.Tensor
+    topk_entropy_unnormalized: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    label_is_argmax: torch.Tensor | None = None
+
+    def mean(self) -> dict[str, float]:
+        """Mean of each statistic over the computed positions (0.0 when there are none)."""
+        n = int(self.mask.sum())
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "mask" or value is None:
+                continue
+            out[f.name] = float(value[self.mask].float().sum() / n) if n else 0.0
+        return out
+
+
+@torch.no_grad()
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    top_k: int = 10,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    chunk_budget_bytes: int | None = None,
+    block_v: int | None = None,
+) -> TokenStats:
+    """Statistics of softmax(transform(hidden @ weight.T + bias)) at every position (or every labeled one).
+
+    hidden [..., H], weight [V, H], labels [...] or None. top_k > V is clamped to V.
+    """
+    check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    check_transform(temperature, softcap)
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
+    backend = resolve_backend(backend, hidden.device)
+    rows = select_labeled_rows(hidden, labels, ignore_index)
+    itemsize = hidden.element_size()
+    rows_per_chunk = chunk_size or rows_for_budget(weight.shape[0], itemsize,
+                                                   chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES)
+    if backend == "triton":
+        from prefuse.kernels import triton_ops as ops
+        extra = {"block_v": block_v} if block_v is not None else {}
+    else:
+        from prefuse.kernels import torch_ops as ops
+        extra = {}
+    parts: dict[str, list[torch.Tensor]] = {}
+    for sl in chunk_slices(rows.n_rows, rows_per_chunk):
+        logits = chunk_logits(rows.hidden[sl], weight, bias)
+        chunk = ops.logits_stats(logits, None if rows.labels is None else rows.labels[sl],
+                                 inv_temperature=1.0 / temperature, softcap=softcap, top_k=top_k, **extra)
+        for name, value in chunk.items():
+            parts.setdefault(name, []).append(value)
+    names = ["logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized"]
+    if labels is not None:
+        names += ["logprobs", "label_is_argmax"]
+    result = {}
+    for name in names:
+        dtype = torch.bool if name == "label_is_argmax" else torch.float32
+        flat = torch.cat(parts[name]) if parts else torch.empty(0, dtype=dtype, device=hidden.device)
+        result[name] = rows.scatter(flat.to(dtype), fill=False if dtype == torch.bool else 0.0)
+    mask = rows.scatter(torch.ones(rows.n_rows, dtype=torch.bool, device=hidden.device), fill=False)
+    return TokenStats(mask=mask, **result)

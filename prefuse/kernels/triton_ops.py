@@ -1,0 +1,262 @@
+"""Triton kernels for the memory-bound half of the fused head: streaming logsumexp over vocabulary blocks, label
+gather, token statistics and the in-place gradient of a logits chunk.
+
+The matmuls stay with torch (cuBLAS on GPU); these kernels read each chunk `logits [m, V]` once per pass, one
+program per row, looping over the vocabulary in `BLOCK_V` tiles with an online (running max) logsumexp.
+The launchers at the bottom have the same signatures as `torch_ops`.
+
+Transform (as in torch_ops): z = softcap * tanh(x / softcap) when softcap is set, then z = z / temperature.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tuned launch configs per kernel and GPU generation: (BLOCK_V, num_warps). Every entry is compiled for sm_80 and
+# sm_90 by tests/test_kernel_compile.py, which fails on any register spill. Chosen from register counts and
+# occupancy reasoning (one row per program; a tile of BLOCK_V fp32 values spread over num_warps*32 threads):
+# Hopper's larger register file and bandwidth favour wider tiles; the stats kernel sorts its tile for top-k, so it
+# keeps tiles small.
+CONFIGS: dict[str, dict[int, tuple[int, int]]] = {
+    "forward": {80: (4096, 8), 90: (8192, 16)},
+    "grad": {80: (4096, 8), 90: (8192, 16)},
+    "stats": {80: (1024, 4), 90: (2048, 8)},
+}
+# Under TRITON_INTERPRET=1 each loop iteration costs about a millisecond per program: wide tiles, fewer iterations.
+INTERPRETER_BLOCK_V = 4096
+
+
+@triton.jit
+def _tanh(x):
+    # exp-based tanh: the same code on every backend and in the interpreter; exact at +-inf.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _load_z(row_ptr, cols, mask, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    return tl.where(mask, x * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _logits_forward_kernel(
+    LOGITS, stride_row, LABELS, LOGP, LSE, MEAN_LOGP,
+    V, inv_temp, softcap,
+    HAS_SOFTCAP: tl.constexpr, WITH_MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """logits [m, V] -> logp [m] = z[label] - lse, lse [m], mean_logp [m] = mean(z) - lse (WITH_MEAN)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * stride_row
+    label = tl.load(LABELS + row)
+    run_max = float("-inf")
+    run_sum = 0.0
+    target = 0.0
+    sum_z = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = _load_z(row_ptr, cols, mask, inv_temp, softcap, HAS_SOFTCAP)
+        new_max = tl.maximum(run_max, tl.max(z, axis=0))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        run_max = new_max
+        target += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
+        if WITH_MEAN:
+            sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    lse = run_max + tl.log(run_sum)
+    tl.store(LSE + row, lse)
+    tl.store(LOGP + row, target - lse)
+    if WITH_MEAN:
+        tl.store(MEAN_LOGP + row, sum_z / V - lse)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    LOGITS, stride_row, GRAD, stride_grad_row, LABELS, LSE, COEF_T, COEF_U,
+    V, inv_temp, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """grad [m, V] of sum_i A_i logp_i + B_i mean_logp_i w.r.t. the raw logits; GRAD may alias LOGITS (each
+    element is read before the same program writes it)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * stride_row
+    grad_ptr = GRAD + row * stride_grad_row
+    label = tl.load(LABELS + row)
+    lse = tl.load(LSE + row)
+    coef_t = tl.load(COEF_T + row)
+    coef_u = 0.0
+    if HAS_UNIFORM:
+        coef_u = tl.load(COEF_U + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = _tanh(x / softcap)
+            x = softcap * t
+        z = x * inv_temp
+        grad = -(coef_t + coef_u) * tl.exp(z - lse) + tl.where(cols == label, coef_t, 0.0)
+        if HAS_UNIFORM:
+            grad += coef_u / V
+        if HAS_SOFTCAP:
+            grad = grad * (1.0 - t * t)
+        grad = grad * inv_temp
+        tl.store(grad_ptr + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _logits_stats_kernel(
+    LOGITS, stride_row, LABELS, LSE, ENTROPY, TOPK_MASS, TOPK_ENT, TOPK_ENT_UNNORM, LOGP, IS_ARGMAX,
+    V, top_k, inv_temp, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Streaming statistics of one row: logsumexp, entropy, top-k mass and entropies (running top-K_PAD values,
+    merged tile by tile), and with labels the log-prob of the label and whether it is the (first) argmax."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * stride_row
+    run_max = float("-inf")
+    run_sum = 0.0
+    run_sum_z = 0.0  # sum exp(z - run_max) * z, for the entropy
+    argmax = 0
+    top = tl.full([K_PAD], float("-inf"), tl.float32)
+    label = 0
+    target = 0.0
+    if HAS_LABELS:
+        label = tl.load(LABELS + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = _load_z(row_ptr, cols, mask, inv_temp, softcap, HAS_SOFTCAP)
+        tile_max = tl.max(z, axis=0)
+        tile_argmax = tl.min(tl.where(z == tile_max, cols, V), axis=0)
+        argmax = tl.where(tile_max > run_max, tile_argmax, argmax)
+        new_max = tl.maximum(run_max, tile_max)
+        scale = tl.exp(run_max - new_max)
+        e = tl.exp(z - new_max)
+        run_sum = run_sum * scale + tl.sum(e, axis=0)
+        run_sum_z = run_sum_z * scale + tl.sum(tl.where(mask, e * z, 0.0), axis=0)
+        run_max = new_max
+        top = tl.topk(tl.reshape(tl.join(top, tl.topk(z, K_PAD)), [2 * K_PAD]), K_PAD)
+        if HAS_LABELS:
+            target += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
+    lse = run_max + tl.log(run_sum)
+    tl.store(LSE + row, lse)
+    tl.store(ENTROPY + row, lse - run_sum_z / run_sum)
+    keep = (tl.arange(0, K_PAD) < top_k) & (top > float("-inf"))
+    top_logp = tl.where(keep, top - lse, 0.0)
+    top_p = tl.where(keep, tl.exp(top_logp), 0.0)
+    mass = tl.sum(top_p, axis=0)
+    plogp = tl.sum(top_p * top_logp, axis=0)
+    tl.store(TOPK_MASS + row, mass)
+    tl.store(TOPK_ENT + row, tl.log(mass) - plogp / mass)
+    tl.store(TOPK_ENT_UNNORM + row, -plogp)
+    if HAS_LABELS:
+        tl.store(LOGP + row, target - lse)
+        tl.store(IS_ARGMAX + row, (argmax == label).to(tl.int8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: same signatures as torch_ops.
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_config(kernel: str, vocab: int, device: torch.device, block_v: int | None = None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for `kernel` on `device`; `block_v` overrides the tile (tests use it)."""
+    if block_v is not None:
+        return block_v, 4
+    if _interpreting() or device.type != "cuda":
+        return min(INTERPRETER_BLOCK_V, triton.next_power_of_2(vocab)), 4
+    major, minor = torch.cuda.get_device_capability(device)
+    gens = sorted(CONFIGS[kernel])
+    gen = max([g for g in gens if g <= major * 10 + minor], default=gens[0])
+    tile, warps = CONFIGS[kernel][gen]
+    return min(tile, max(triton.next_power_of_2(vocab), 128)), warps
+
+
+def _softcap_arg(softcap: float | None) -> float:
+    return 1.0 if softcap is None else float(softcap)
+
+
+def logits_forward(logits, labels, *, inv_temperature=1.0, softcap=None, with_mean_logp=False, block_v=None):
+    m, vocab = logits.shape
+    logp = torch.empty(m, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    mean_logp = torch.empty_like(logp) if with_mean_logp else None
+    if m == 0:
+        return logp, lse, mean_logp
+    tile, warps = pick_config("forward", vocab, logits.device, block_v)
+    _logits_forward_kernel[(m,)](
+        logits, logits.stride(0), labels, logp, lse, mean_logp if with_mean_logp else lse,
+        vocab, float(inv_temperature), _softcap_arg(softcap),
+        HAS_SOFTCAP=softcap is not None, WITH_MEAN=with_mean_logp, BLOCK_V=tile, num_warps=warps,
+    )
+    return logp, lse, mean_logp
+
+
+def logits_grad_(logits, labels, lse, coef_target, coef_uniform=None, *, inv_temperature=1.0, softcap=None,
+                 block_v=None):
+    """Writes the gradient into `logits` (its dtype) and returns it."""
+    m, vocab = logits.shape
+    if m == 0:
+        return logits
+    tile, warps = pick_config("grad", vocab, logits.device, block_v)
+    _logits_grad_kernel[(m,)](
+        logits, logits.stride(0), logits, logits.stride(0), labels, lse, coef_target,
+        coef_target if coef_uniform is None else coef_uniform,
+        vocab, float(inv_temperature), _softcap_arg(softcap),
+        HAS_SOFTCAP=softcap is not None, HAS_UNIFORM=coef_uniform is not None, BLOCK_V=tile, num_warps=warps,
+    )
+    return logits
+
+
+def logits_forward_grad_(logits, labels, coef_fn, *, inv_temperature=1.0, softcap=None, with_mean_logp=False,
+                         block_v=None):
+    logp, lse, mean_logp = logits_forward(
+        logits, labels, inv_temperature=inv_temperature, softcap=softcap, with_mean_logp=with_mean_logp,
+        block_v=block_v)
+    coef_target, coef_uniform = coef_fn(logp, mean_logp)
+    grad = logits_grad_(logits, labels, lse, coef_target, coef_uniform, inv_temperature=inv_temperature,
+                        softcap=softcap, block_v=block_v)
+    return logp, lse, mean_logp, grad
+
+
+@torch.no_grad()
+def logits_stats(logits, labels, *, inv_temperature=1.0, softcap=None, top_k=10, block_v=None):
+    m, vocab = logits.shape
+    dev = logits.device
+    k = min(top_k, vocab)
+    k_pad = max(triton.next_power_of_2(k), 2)
+    tile, warps = pick_config("stats", vocab, dev, block_v)
+    tile = max(tile, 2 * k_pad)
+    out = {name: torch.empty(m, dtype=torch.float32, device=dev)
+           for name in ("logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized")}
+    has_labels = labels is not None
+    logp = torch.empty(m, dtype=torch.float32, device=dev) if has_labels else out["logsumexp"]
+    is_argmax = torch.empty(m, dtype=torch.int8, device=dev) if has_labels else out["logsumexp"]
+    if m > 0:
+        _logits_stats_kernel[(m,)](
+            logits, logits.stride(0), labels if has_labels else logits, out["logsumexp"], out["entropy"],
+            out["topk_mass"], out["topk_entropy"], out["topk_entropy_unnormalized"], logp, is_argmax,
+            vocab, k, float(inv_temperature), _softcap_arg(softcap),
+            HAS_SOFTCAP=softcap is not None, HAS_LABELS=has_labels, K_PAD=k_pad, BLOCK_V=tile, num_warps=warps,
+        )
+    if has_labels:
+        out["logprobs"] = logp
+        out["label_is_argmax"] = is_argmax.bool()
+    return out
+
+
+# Kernel registry for the compile report: name -> (kernel, pointer/scalar signature builder, constexpr variants).
+KERNELS = {
+    "forward": _logits_forward_kernel,
+    "grad": _logits_grad_kernel,
+    "stats": _logits_stats_kernel,
+}
