@@ -27,6 +27,9 @@ CONFIGS: dict[str, dict[int, tuple[int, int]]] = {
 }
 # Under TRITON_INTERPRET=1 each loop iteration costs about a millisecond per program: wide tiles, fewer iterations.
 INTERPRETER_BLOCK_V = 4096
+# The stats kernel keeps a running top-K_PAD; two sizes cover top_k <= MAX_TOP_K with a finite set of variants.
+K_PADS = (16, 64)
+MAX_TOP_K = K_PADS[-1]
 
 
 @triton.jit
@@ -169,16 +172,22 @@ def _interpreting() -> bool:
 
 
 def pick_config(kernel: str, vocab: int, device: torch.device, block_v: int | None = None) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for `kernel` on `device`; `block_v` overrides the tile (tests use it)."""
+    """(BLOCK_V, num_warps) for `kernel` on `device`; `block_v` overrides the tile (tests use it).
+
+    On a GPU the tuned tile is used as is (masking covers a vocabulary smaller than the tile), so the configs a
+    launch can use are exactly the CONFIGS entries, which the compile test covers."""
     if block_v is not None:
         return block_v, 4
     if _interpreting() or device.type != "cuda":
         return min(INTERPRETER_BLOCK_V, triton.next_power_of_2(vocab)), 4
     major, minor = torch.cuda.get_device_capability(device)
+    return config_for(kernel, major * 10 + minor)
+
+
+def config_for(kernel: str, arch: int) -> tuple[int, int]:
+    """The tuned (BLOCK_V, num_warps) of the newest generation in CONFIGS that is not newer than `arch`."""
     gens = sorted(CONFIGS[kernel])
-    gen = max([g for g in gens if g <= major * 10 + minor], default=gens[0])
-    tile, warps = CONFIGS[kernel][gen]
-    return min(tile, max(triton.next_power_of_2(vocab), 128)), warps
+    return CONFIGS[kernel][max([g for g in gens if g <= arch], default=gens[0])]
 
 
 def _softcap_arg(softcap: float | None) -> float:
@@ -233,9 +242,11 @@ def logits_stats(logits, labels, *, inv_temperature=1.0, softcap=None, top_k=10,
     m, vocab = logits.shape
     dev = logits.device
     k = min(top_k, vocab)
-    k_pad = max(triton.next_power_of_2(k), 2)
+    if k > MAX_TOP_K:
+        raise ValueError(f"top_k: at most {MAX_TOP_K} on the triton backend, got {top_k}")
+    k_pad = next(p for p in K_PADS if k <= p)
     tile, warps = pick_config("stats", vocab, dev, block_v)
-    tile = max(tile, 2 * k_pad)
+    tile = max(tile, k_pad)
     out = {name: torch.empty(m, dtype=torch.float32, device=dev)
            for name in ("logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized")}
     has_labels = labels is not None
