@@ -49,13 +49,15 @@ OPTIONAL_PAIR_INPUTS = LD_INPUTS | WPO_INPUTS | LENGTH_INPUTS
 class PairScores:
     """A batch of pairs after the family-wide options; every tensor is [B].
 
-    chosen_logps/rejected_logps and the log-ratios are LD-adjusted when ld_alpha is set; the *_scores are
+    chosen_logps/rejected_logps (policy), the ref_* log-probs and the log-ratios are LD-adjusted when ld_alpha is set; the *_scores are
     f'(ratio) of the f-divergence (the log-ratios for reverse_kl); weights is the WPO weight or None.
     """
 
     beta: float
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor | None
+    ref_rejected_logps: torch.Tensor | None
     chosen_logratios: torch.Tensor | None
     rejected_logratios: torch.Tensor | None
     chosen_scores: torch.Tensor | None
@@ -187,6 +189,8 @@ def build_pair_scores(
         beta=beta,
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps if has_ref else None,
+        ref_rejected_logps=ref_rejected_logps if has_ref else None,
         chosen_logratios=chosen_logratios,
         rejected_logratios=rejected_logratios,
         chosen_scores=chosen_scores,

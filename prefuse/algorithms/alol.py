@@ -1,0 +1,88 @@
+"""A-LoL (Advantage-Leftover-Lunch) offline policy gradients and the baselines of the same study.
+
+Inputs, as keywords (one row per example (x, y) of the offline data):
+    policy_logps [B], ref_logps [B]   sums of the response-token log-probs of y under the policy and pi_ref
+    advantages [B]                    A = R(x, y) - V_ref(x), precomputed once before training
+    rewards [B]                       R(x, y) (wbc and r_lol)
+    policy_token_logps [B, T], ref_token_logps [B, T], token_mask [B, T]   (alol_seq) per-token log-probs
+NLL(y) = -policy_logps; A+ = max(A, 0). Importance weights carry no gradient and are clamped to
+[1 - ppo_clip, 1 + ppo_clip] (ppo_clip = 0.9 in the code's defaults).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import EXP_CLAMP
+from .registry import register
+
+CLIP = {"ppo_clip": 0.9}
+
+
+def clipped_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ppo_clip: float) -> torch.Tensor:
+    """clamp(exp(sg(policy - ref)), 1 - ppo_clip, 1 + ppo_clip); any shape."""
+    log_ratio = (policy_logps - ref_logps).detach().clamp(-EXP_CLAMP, EXP_CLAMP)
+    return torch.exp(log_ratio).clamp(1 - ppo_clip, 1 + ppo_clip)
+
+
+def _metrics(policy_logps, ref_logps, weights):
+    metrics = {"logps/chosen": policy_logps.detach(), "alol/weights": weights.detach()}
+    if ref_logps is not None:
+        metrics["objective/kl"] = (policy_logps - ref_logps).detach()
+    return metrics
+
+
+@register("alol", requires={"policy_logps", "ref_logps", "advantages"}, hparams=CLIP)
+def alol(*, policy_logps, ref_logps, advantages, beta, ppo_clip=0.9):
+    """A-LoL: NLL(y) * clamp(pi/pi_ref) * A+, with a sequence-level importance weight."""
+    weights = clipped_ratio(policy_logps, ref_logps, ppo_clip) * advantages.detach().clamp(min=0)
+    return -policy_logps * weights, _metrics(policy_logps, ref_logps, weights)
+
+
+@register("alol_seq", requires={"policy_token_logps", "ref_token_logps", "token_mask", "advantages"}, hparams=CLIP)
+def alol_seq(*, policy_token_logps, ref_token_logps, token_mask, advantages, beta, ppo_clip=0.9):
+    """A-LoL seq: sum_t NLL_t * clamp(pi_t/pi_ref_t) * A+, a clamped importance weight per TOKEN (despite the name).
+
+    policy_token_logps, ref_token_logps, token_mask [B, T] -> losses [B].
+    """
+    mask = token_mask.to(policy_token_logps.dtype)
+    token_weights = clipped_ratio(policy_token_logps, ref_token_logps, ppo_clip) * mask
+    positive = advantages.detach().clamp(min=0)
+    losses = -(policy_token_logps * token_weights).sum(-1) * positive
+    policy_logps = (policy_token_logps * mask).sum(-1)
+    ref_logps = (ref_token_logps * mask).sum(-1)
+    return losses, _metrics(policy_logps, ref_logps, token_weights.sum(-1) / mask.sum(-1).clamp(min=1) * positive)
+
+
+@register("alol_ref_free", requires={"policy_logps", "advantages"}, hparams={})
+def alol_ref_free(*, policy_logps, advantages, beta):
+    """A-LoL ref-free: NLL(y) * A, no importance weight and no clipping of A."""
+    weights = advantages.detach()
+    return -policy_logps * weights, _metrics(policy_logps, None, weights)
+
+
+@register("alol_kl", requires={"policy_logps", "ref_logps", "advantages"}, hparams={})
+def alol_kl(*, policy_logps, ref_logps, advantages, beta):
+    """A-LoL KL: NLL(y) * A+ + beta * (log pi(y) - log pi_ref(y)), no importance weight (the code's ppo_clip = 0).
+
+    beta is the code's kl_beta; its value in the paper is unknown (prefuse's default beta = 0.1). [UNVERIFIED]
+    """
+    weights = advantages.detach().clamp(min=0)
+    return -policy_logps * weights + beta * (policy_logps - ref_logps), _metrics(policy_logps, ref_logps, weights)
+
+
+@register("wbc", requires={"policy_logps", "rewards"}, hparams={})
+def wbc(*, policy_logps, rewards, beta):
+    """Reward-weighted behaviour cloning: NLL(y) * R."""
+    weights = rewards.detach()
+    return -policy_logps * weights, _metrics(policy_logps, None, weights)
+
+
+@register("r_lol", requires={"policy_logps", "ref_logps", "rewards"}, hparams=CLIP)
+def r_lol(*, policy_logps, ref_logps, rewards, beta, ppo_clip=0.9):
+    """R-LoL: A-LoL with the reward in place of the advantage, NLL(y) * clamp(pi/pi_ref) * max(R, 0).
+
+    The clip of R at 0 mirrors A+ [UNVERIFIED]; it is a no-op for rewards in [0, 1] as in the HH setup.
+    """
+    weights = clipped_ratio(policy_logps, ref_logps, ppo_clip) * rewards.detach().clamp(min=0)
+    return -policy_logps * weights, _metrics(policy_logps, ref_logps, weights)
