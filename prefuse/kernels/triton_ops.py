@@ -143,7 +143,7 @@ def _logits_stats_kernel(
         scale = tl.exp(run_max - new_max)
         e = tl.exp(z - new_max)
         run_sum = run_sum * scale + tl.sum(e, axis=0)
-        run_sum_z = run_sum_z * scale + tl.sum(tl.where(mask, e * z, 0.0), axis=0)
+        run_sum_z = run_sum_z * scale + tl.sum(e * tl.where(mask, z, 0.0), axis=0)
         run_max = new_max
         top = tl.topk(tl.reshape(tl.join(top, tl.topk(z, K_PAD)), [2 * K_PAD]), K_PAD)
         if HAS_LABELS:
