@@ -189,13 +189,14 @@ def discopop(*, beta, discopop_tau=0.05, **stats):
     "sft",
     requires={"policy_chosen_logps", "chosen_lengths"},
     optional=OPTIONAL_PAIR_INPUTS | PAIR_INPUTS,
-    hparams={"use_weighting": False},
+    hparams=COMMON_OPTIONS,
     separable=False,
 )
 def sft(*, beta, **stats):
     """NLL of the chosen responses averaged over every chosen token of the batch, the same value for each example.
 
-    Uses the raw policy log-probs (no LD adjustment), as TRL 1.16. Not separable: the token mean spans the batch.
+    Uses the raw policy log-probs (ld_alpha only changes the metrics), as TRL 1.16. Not separable: the token mean
+    spans the batch.
     The reference log-probs are optional (only the rewards metrics need them).
     """
     chosen = stats["policy_chosen_logps"]
