@@ -45,13 +45,16 @@ def alol_seq(*, policy_token_logps, ref_token_logps, token_mask, advantages, bet
 
     policy_token_logps, ref_token_logps, token_mask [B, T] -> losses [B].
     """
-    mask = token_mask.to(policy_token_logps.dtype)
-    token_weights = clipped_ratio(policy_token_logps, ref_token_logps, ppo_clip) * mask
+    mask = token_mask.bool()
+
+    def masked_sum(values):  # where(), not a product: padding may hold any value, and inf * 0 would be NaN
+        return torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+
+    token_weights = clipped_ratio(policy_token_logps, ref_token_logps, ppo_clip)
     positive = advantages.detach().clamp(min=0)
-    losses = -(policy_token_logps * token_weights).sum(-1) * positive
-    policy_logps = (policy_token_logps * mask).sum(-1)
-    ref_logps = (ref_token_logps * mask).sum(-1)
-    return losses, _metrics(policy_logps, ref_logps, token_weights.sum(-1) / mask.sum(-1).clamp(min=1) * positive)
+    losses = -masked_sum(policy_token_logps * token_weights) * positive
+    mean_weights = masked_sum(token_weights) / mask.sum(-1).clamp(min=1) * positive
+    return losses, _metrics(masked_sum(policy_token_logps), masked_sum(ref_token_logps), mean_weights)
 
 
 @register("alol_ref_free", requires={"policy_logps", "advantages"}, hparams={})

@@ -47,11 +47,11 @@ def split_arguments(specs: Sequence[ObjectiveSpec], arguments: dict[str, Any]) -
 
 
 def _check_batch_sizes(spec: ObjectiveSpec, inputs: dict[str, Any]) -> None:
-    """The 1-D required statistics of one objective describe the same examples, so they share one length."""
+    """The 1-D statistics one objective reads describe the same examples, so they share one length."""
     sizes = {
         name: tuple(value.shape)
         for name, value in inputs.items()
-        if name in spec.requires and isinstance(value, torch.Tensor) and value.dim() == 1
+        if name in spec.inputs and isinstance(value, torch.Tensor) and value.dim() == 1
     }
     if len(set(sizes.values())) > 1:
         raise ValueError(f"objective {spec.name!r}: inputs of different batch sizes: {sizes}")

@@ -130,8 +130,9 @@ def nash_md(*, policy_logps, ref_logps, preference_probs, beta, kl_estimator="se
             ref_token_logps=ref_token_logps,
             token_mask=token_mask,
         )
-        mask = token_mask.to(policy_token_logps.dtype)
-        kl_term = ((policy_token_logps - ref_token_logps).detach() * policy_token_logps * mask).sum(-1)
+        per_token = (policy_token_logps - ref_token_logps).detach() * policy_token_logps
+        # where(), not a product with the mask: padding may hold any value, and inf * 0 would be NaN
+        kl_term = torch.where(token_mask.bool(), per_token, torch.zeros_like(per_token)).sum(-1)
     score = (preference_probs.detach() - 0.5) * policy_logps
     metrics = {
         "loss/score": score.detach(),
@@ -168,7 +169,7 @@ def online_kl_surrogate(policy_online_logps, ref_online_logps, kl_estimator="rei
         )
         ref_minus_policy = ref_online_token_logps - policy_online_token_logps
         k3 = safe_exp(ref_minus_policy) - ref_minus_policy - 1
-        return (k3 * online_token_mask.to(k3.dtype)).sum(-1).mean(-1)
+        return torch.where(online_token_mask.bool(), k3, torch.zeros_like(k3)).sum(-1).mean(-1)
     logratios = (policy_online_logps - ref_online_logps).detach()
     num_samples = logratios.shape[-1]
     if kl_estimator == "reinforce_rloo" and num_samples > 1:
