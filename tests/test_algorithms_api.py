@@ -149,7 +149,9 @@ def test_loss_type_list_is_the_weighted_sum():
 def test_combination_shares_options_and_gradients():
     stats = pair(batch=5, seed=4)
     stats["policy_chosen_logps"].requires_grad_(True)
-    combined, _ = objective_loss(["sigmoid", "ipo"], loss_weights=[0.5, 2.0], f_divergence_type="js_divergence", **stats)
+    combined, _ = objective_loss(
+        ["sigmoid", "ipo"], loss_weights=[0.5, 2.0], f_divergence_type="js_divergence", **stats
+    )
     a, _ = objective_loss("sigmoid", f_divergence_type="js_divergence", **stats)
     b, _ = objective_loss("ipo", f_divergence_type="js_divergence", **stats)
     (g_combined,) = torch.autograd.grad(combined, stats["policy_chosen_logps"])
@@ -172,9 +174,11 @@ def test_offline_plus_online_kl_combination_with_different_batch_shapes():
 
 BOOL_INPUTS = ("labels", "use_offline", "token_mask", "online_token_mask")
 OPTION_VARIANTS = {
-    "sigmoid": [{"ld_alpha": 0.5, "use_weighting": True, "f_divergence_type": "forward_kl"},
-                {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-                {"f_divergence_type": "js_divergence"}],
+    "sigmoid": [
+        {"ld_alpha": 0.5, "use_weighting": True, "f_divergence_type": "forward_kl"},
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+        {"f_divergence_type": "js_divergence"},
+    ],
     "ipo": [{"ld_alpha": 0.0, "use_weighting": True}],
     "discopop": [{"f_divergence_type": "forward_kl"}],
     "exo_pair": [{"f_divergence_type": "alpha_divergence"}],
@@ -192,9 +196,16 @@ EXTRA_INPUTS = {
     "nash_md": ("policy_token_logps", "ref_token_logps", "token_mask"),
     "hypo_kl": ("policy_online_token_logps", "ref_online_token_logps", "online_token_mask"),
 }
-DPO_EXTRA = ("chosen_lengths", "rejected_lengths", "policy_chosen_verbose_logps", "policy_rejected_verbose_logps",
-             "ref_chosen_verbose_logps", "ref_rejected_verbose_logps", "policy_chosen_log_sum_sq_probs",
-             "policy_rejected_log_sum_sq_probs")
+DPO_EXTRA = (
+    "chosen_lengths",
+    "rejected_lengths",
+    "policy_chosen_verbose_logps",
+    "policy_rejected_verbose_logps",
+    "ref_chosen_verbose_logps",
+    "ref_rejected_verbose_logps",
+    "policy_chosen_log_sum_sq_probs",
+    "policy_rejected_log_sum_sq_probs",
+)
 
 
 def edge_inputs(name, batch, policy_value, ref_value, length, dtype, same_pair=False):
@@ -205,8 +216,13 @@ def edge_inputs(name, batch, policy_value, ref_value, length, dtype, same_pair=F
         keys |= set(DPO_EXTRA) | {"policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"}
     inputs = {}
     for key in sorted(keys):
-        shape = (batch, K, T) if "online_token" in key else (batch, T) if "token" in key else (
-            (batch, K) if "online_logps" in key else (batch,))
+        shape = (
+            (batch, K, T)
+            if "online_token" in key
+            else (batch, T)
+            if "token" in key
+            else ((batch, K) if "online_logps" in key else (batch,))
+        )
         if key in BOOL_INPUTS:
             inputs[key] = torch.arange(batch * math.prod(shape[1:])).reshape(shape) % 2 == 0
         elif key.endswith("lengths"):
@@ -243,7 +259,9 @@ EDGE_CASES = [(name, {}) for name in list_objectives()] + [
 
 
 @pytest.mark.parametrize("scenario", list(EDGE_SCENARIOS))
-@pytest.mark.parametrize("name, hparams", EDGE_CASES, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+@pytest.mark.parametrize(
+    "name, hparams", EDGE_CASES, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))
+)
 def test_no_nan_at_the_edges(name, hparams, scenario):
     batch, policy_value, ref_value, length, dtype, same_pair = EDGE_SCENARIOS[scenario]
     inputs = edge_inputs(name, batch, policy_value, ref_value, length, dtype, same_pair)
@@ -265,8 +283,10 @@ def test_no_nan_at_the_edges(name, hparams, scenario):
 def test_zero_length_gives_the_documented_values():
     # an empty response has log-prob 0 and counts as one token: its per-token mean is 0, and sft over an all-empty
     # batch is 0
-    stats = {k: torch.zeros(2) for k in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
-                                          "ref_rejected_logps")}
+    stats = {
+        k: torch.zeros(2)
+        for k in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    }
     stats["chosen_lengths"] = stats["rejected_lengths"] = torch.zeros(2, dtype=torch.long)
     torch.testing.assert_close(objective_loss("ipo", beta=0.1, **stats)[0], torch.tensor(25.0))
     torch.testing.assert_close(objective_loss("sft", **stats)[0], torch.tensor(0.0))
@@ -286,13 +306,21 @@ def test_bf16_matches_float32():
 
 def test_metrics_are_python_floats_and_sft_runs_without_reference():
     stats = pair()
-    _, metrics = objective_loss("sft", policy_chosen_logps=stats["policy_chosen_logps"],
-                                chosen_lengths=stats["chosen_lengths"])
+    _, metrics = objective_loss(
+        "sft", policy_chosen_logps=stats["policy_chosen_logps"], chosen_lengths=stats["chosen_lengths"]
+    )
     assert set(metrics) == {"logps/chosen"}
-    _, metrics = objective_loss("kto", policy_logps=-torch.rand(4) * 10, ref_logps=-torch.rand(4) * 10,
-                                labels=torch.tensor([True, True, False, True]),
-                                policy_kl_logps=-torch.rand(4), ref_kl_logps=-torch.rand(4))
-    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(metrics)
+    _, metrics = objective_loss(
+        "kto",
+        policy_logps=-torch.rand(4) * 10,
+        ref_logps=-torch.rand(4) * 10,
+        labels=torch.tensor([True, True, False, True]),
+        policy_kl_logps=-torch.rand(4),
+        ref_kl_logps=-torch.rand(4),
+    )
+    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(
+        metrics
+    )
     assert all(isinstance(float(v), float) and v.dim() == 0 for v in metrics.values())
 
 

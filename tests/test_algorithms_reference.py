@@ -89,9 +89,24 @@ def lengths(x, side):
     return x[f"{side}_lengths"].double().clamp(min=1)
 
 
-def dpo_reference(loss_type, x, b, *, ld_alpha=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-                  label_smoothing=None, discopop_tau=0.05, use_weighting=False):
-    pc, pr, rc, rr = x["policy_chosen_logps"], x["policy_rejected_logps"], x["ref_chosen_logps"], x["ref_rejected_logps"]
+def dpo_reference(
+    loss_type,
+    x,
+    b,
+    *,
+    ld_alpha=None,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+    label_smoothing=None,
+    discopop_tau=0.05,
+    use_weighting=False,
+):
+    pc, pr, rc, rr = (
+        x["policy_chosen_logps"],
+        x["policy_rejected_logps"],
+        x["ref_chosen_logps"],
+        x["ref_rejected_logps"],
+    )
     if ld_alpha is not None:  # public + alpha * verbose, with public = total - verbose
         pc = pc - (1 - ld_alpha) * x["policy_chosen_verbose_logps"]
         pr = pr - (1 - ld_alpha) * x["policy_rejected_verbose_logps"]
@@ -315,12 +330,31 @@ def avg_reference(x, b, *, avg_gamma=0.5):
 # Cases: (objective name, hyper-parameters, extra optional inputs to pass, reference)
 # ----------------------------------------------------------------------------------------------------------------
 
-LD = ("policy_chosen_verbose_logps", "policy_rejected_verbose_logps", "ref_chosen_verbose_logps",
-      "ref_rejected_verbose_logps")
+LD = (
+    "policy_chosen_verbose_logps",
+    "policy_rejected_verbose_logps",
+    "ref_chosen_verbose_logps",
+    "ref_rejected_verbose_logps",
+)
 WPO = ("policy_chosen_log_sum_sq_probs", "policy_rejected_log_sum_sq_probs")
 LENGTHS = ("chosen_lengths", "rejected_lengths")
-DPO_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-             "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+DPO_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 F_DIVERGENCE_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm")
 
 
@@ -339,8 +373,11 @@ CASES += [
     _dpo_case("aot_unpaired", label_smoothing=0.3),
     _dpo_case("discopop", discopop_tau=0.5),
 ]
-CASES += [_dpo_case(t, f_divergence_type=f) for t in F_DIVERGENCE_TYPES
-          for f in ("forward_kl", "js_divergence", "alpha_divergence")]
+CASES += [
+    _dpo_case(t, f_divergence_type=f)
+    for t in F_DIVERGENCE_TYPES
+    for f in ("forward_kl", "js_divergence", "alpha_divergence")
+]
 CASES += [
     _dpo_case("sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
     _dpo_case("sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0),
@@ -354,48 +391,92 @@ CASES += [
 ]
 CASES += [
     ("cpo", {}, (), cpo_reference),
-    *[("cpo", {"loss_type": t}, (), lambda x, b, t=t: cpo_reference(x, b, loss_type=t))
-      for t in ("hinge", "ipo", "simpo")],
-    ("cpo", {"label_smoothing": 0.1, "cpo_alpha": 0.3}, (),
-     lambda x, b: cpo_reference(x, b, label_smoothing=0.1, cpo_alpha=0.3)),
+    *[
+        ("cpo", {"loss_type": t}, (), lambda x, b, t=t: cpo_reference(x, b, loss_type=t))
+        for t in ("hinge", "ipo", "simpo")
+    ],
+    (
+        "cpo",
+        {"label_smoothing": 0.1, "cpo_alpha": 0.3},
+        (),
+        lambda x, b: cpo_reference(x, b, label_smoothing=0.1, cpo_alpha=0.3),
+    ),
     ("cpo", {"alpha": 0.05, "loss_type": "hinge"}, (), lambda x, b: cpo_reference(x, b, alpha=0.05, loss_type="hinge")),
     ("simpo", {}, (), lambda x, b: cpo_reference(x, b, loss_type="simpo", cpo_alpha=0.0)),
-    ("simpo", {"simpo_gamma": 1.0, "label_smoothing": 0.1, "alpha": 0.3}, (),
-     lambda x, b: cpo_reference(x, b, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=1.0, label_smoothing=0.1,
-                                alpha=0.3)),
+    (
+        "simpo",
+        {"simpo_gamma": 1.0, "label_smoothing": 0.1, "alpha": 0.3},
+        (),
+        lambda x, b: cpo_reference(
+            x, b, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=1.0, label_smoothing=0.1, alpha=0.3
+        ),
+    ),
     ("orpo", {}, (), orpo_reference),
-    ("orpo", {}, ("policy_chosen_prompt_logps", "chosen_prompt_lengths"),
-     lambda x, b: orpo_reference(x, b, with_prompt=True)),
+    (
+        "orpo",
+        {},
+        ("policy_chosen_prompt_logps", "chosen_prompt_lengths"),
+        lambda x, b: orpo_reference(x, b, with_prompt=True),
+    ),
     ("kto", {}, (), kto_reference),
-    ("kto", {"desirable_weight": 1.3, "undesirable_weight": 0.6}, (),
-     lambda x, b: kto_reference(x, b, desirable_weight=1.3, undesirable_weight=0.6)),
+    (
+        "kto",
+        {"desirable_weight": 1.3, "undesirable_weight": 0.6},
+        (),
+        lambda x, b: kto_reference(x, b, desirable_weight=1.3, undesirable_weight=0.6),
+    ),
     ("apo_zero_unpaired", {}, (), lambda x, b: kto_reference(x, b, loss_type="apo_zero_unpaired")),
-    ("apo_zero_unpaired", {"undesirable_weight": 2.0}, (),
-     lambda x, b: kto_reference(x, b, loss_type="apo_zero_unpaired", undesirable_weight=2.0)),
+    (
+        "apo_zero_unpaired",
+        {"undesirable_weight": 2.0},
+        (),
+        lambda x, b: kto_reference(x, b, loss_type="apo_zero_unpaired", undesirable_weight=2.0),
+    ),
     ("selm", {}, (), selm_reference),
     ("selm", {"alpha": 0.05}, ("ref_sample_logps",), lambda x, b: selm_reference(x, b, alpha=0.05, with_ref=True)),
     ("xpo", {}, (), xpo_reference),
     ("xpo", {"alpha": 0.01, "loss_type": "ipo"}, (), lambda x, b: xpo_reference(x, b, alpha=0.01, loss_type="ipo")),
     ("online_ipo", {}, (), online_ipo_reference),
     ("nash_md", {}, (), nash_md_reference),
-    ("nash_md", {"kl_estimator": "token"}, ("policy_token_logps", "ref_token_logps", "token_mask"),
-     lambda x, b: nash_md_reference(x, b, kl_estimator="token")),
+    (
+        "nash_md",
+        {"kl_estimator": "token"},
+        ("policy_token_logps", "ref_token_logps", "token_mask"),
+        lambda x, b: nash_md_reference(x, b, kl_estimator="token"),
+    ),
     ("hypo_kl", {}, (), hypo_kl_reference),
-    ("hypo_kl", {"kl_estimator": "reinforce_nobaseline"}, (),
-     lambda x, b: hypo_kl_reference(x, b, kl_estimator="reinforce_nobaseline")),
-    ("hypo_kl", {"kl_estimator": "per_token_k3"},
-     ("policy_online_token_logps", "ref_online_token_logps", "online_token_mask"),
-     lambda x, b: hypo_kl_reference(x, b, kl_estimator="per_token_k3")),
+    (
+        "hypo_kl",
+        {"kl_estimator": "reinforce_nobaseline"},
+        (),
+        lambda x, b: hypo_kl_reference(x, b, kl_estimator="reinforce_nobaseline"),
+    ),
+    (
+        "hypo_kl",
+        {"kl_estimator": "per_token_k3"},
+        ("policy_online_token_logps", "ref_online_token_logps", "online_token_mask"),
+        lambda x, b: hypo_kl_reference(x, b, kl_estimator="per_token_k3"),
+    ),
     ("hypo", {}, (), hypo_reference),
-    ("hypo", {"kl_coef": 0.7, "kl_estimator": "reinforce_nobaseline"}, (),
-     lambda x, b: hypo_reference(x, b, kl_coef=0.7, kl_estimator="reinforce_nobaseline")),
+    (
+        "hypo",
+        {"kl_coef": 0.7, "kl_estimator": "reinforce_nobaseline"},
+        (),
+        lambda x, b: hypo_reference(x, b, kl_coef=0.7, kl_estimator="reinforce_nobaseline"),
+    ),
     ("ofs_dpo", {}, (), ofs_reference),
-    ("ofs_dpo", {"ofs_variant": "two_sided", "ofs_alpha": 0.5, "ofs_clamp": 0.3}, (),
-     lambda x, b: ofs_reference(x, b, ofs_variant="two_sided", ofs_alpha=0.5, ofs_clamp=0.3)),
+    (
+        "ofs_dpo",
+        {"ofs_variant": "two_sided", "ofs_alpha": 0.5, "ofs_clamp": 0.3},
+        (),
+        lambda x, b: ofs_reference(x, b, ofs_variant="two_sided", ofs_alpha=0.5, ofs_clamp=0.3),
+    ),
     ("srpo", {}, (), srpo_reference),
     ("srpo", {"srpo_alpha": 0.3}, (), lambda x, b: srpo_reference(x, b, srpo_alpha=0.3)),
-    *[(kind, {}, (), lambda x, b, kind=kind: alol_reference(kind, x, b))
-      for kind in ("alol", "alol_seq", "alol_ref_free", "alol_kl", "wbc", "r_lol")],
+    *[
+        (kind, {}, (), lambda x, b, kind=kind: alol_reference(kind, x, b))
+        for kind in ("alol", "alol_seq", "alol_ref_free", "alol_kl", "wbc", "r_lol")
+    ],
     ("alol", {"ppo_clip": 0.2}, (), lambda x, b: alol_reference("alol", x, b, ppo_clip=0.2)),
     ("alol_seq", {"ppo_clip": 0.2}, (), lambda x, b: alol_reference("alol_seq", x, b, ppo_clip=0.2)),
     ("mixed_dpo", {}, (), mixed_reference),
@@ -456,8 +537,16 @@ def test_trl_metric_names_for_pair_objectives():
     x = make_inputs(0, 7)
     keys = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     _, metrics = objective_loss("sigmoid", beta=0.1, **{k: x[k] for k in keys})
-    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                            "logps/chosen", "logps/rejected"}
-    margins = 0.1 * ((x["policy_chosen_logps"] - x["ref_chosen_logps"]) - (x["policy_rejected_logps"] - x["ref_rejected_logps"]))
+    assert set(metrics) == {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    }
+    margins = 0.1 * (
+        (x["policy_chosen_logps"] - x["ref_chosen_logps"]) - (x["policy_rejected_logps"] - x["ref_rejected_logps"])
+    )
     torch.testing.assert_close(metrics["rewards/margins"], margins.mean().float().detach())
     torch.testing.assert_close(metrics["rewards/accuracies"], (margins > 0).float().mean())

@@ -95,9 +95,9 @@ def test_matches_trl(case):
             torch.testing.assert_close(metrics[key].double(), torch.tensor(value, dtype=torch.float64), **VALUE_TOL)
 
         grad_keys = [k for k in expected if k.startswith("grad_")]
-        grads = torch.autograd.grad(loss, [inputs[k[len("grad_"):]] for k in grad_keys], allow_unused=True)
+        grads = torch.autograd.grad(loss, [inputs[k[len("grad_") :]] for k in grad_keys], allow_unused=True)
         for key, grad in zip(grad_keys, grads):
-            grad = torch.zeros_like(inputs[key[len("grad_"):]]) if grad is None else grad
+            grad = torch.zeros_like(inputs[key[len("grad_") :]]) if grad is None else grad
             known = [i for i, v in enumerate(expected[key]) if v is not None]
             want = torch.tensor([expected[key][i] for i in known], dtype=torch.float64)
             torch.testing.assert_close(grad.double()[known], want, **GRAD_TOL, msg=lambda m: f"{key}: {m}")
@@ -107,11 +107,32 @@ def test_table_covers_every_trl_loss_type_and_option():
     dpo_cases = [c["options"] for c in CASES if c["trainer"] == "DPOTrainer"]
     loss_types = {t for options in dpo_cases for t in options["loss_type"]}
     assert loss_types == {
-        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-        "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
     }
     option_keys = {k for options in dpo_cases for k in options}
-    assert {"label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha", "use_weighting",
-            "loss_weights", "discopop_tau", "beta"} <= option_keys
+    assert {
+        "label_smoothing",
+        "f_divergence_type",
+        "f_alpha_divergence_coef",
+        "ld_alpha",
+        "use_weighting",
+        "loss_weights",
+        "discopop_tau",
+        "beta",
+    } <= option_keys
     assert {c["trainer"] for c in CASES} == {"DPOTrainer", "CPOTrainer", "ORPOTrainer", "KTOTrainer"}
     assert GOLDEN["trl_version"] == "1.16.0"

@@ -1,6 +1,6 @@
 """prefuse's objectives: pure functions of sequence-level statistics, looked up by name.
 
-    from prefuse.algorithms import objective_loss, list_objectives, get_objective
+from prefuse.algorithms import objective_loss, list_objectives, get_objective
 """
 
 # Importing the family modules fills the registry.

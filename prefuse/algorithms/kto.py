@@ -47,8 +47,17 @@ def _weights(desirable, like, desirable_weight, undesirable_weight):
     hparams=WEIGHTS,
     separable=False,
 )
-def kto(*, policy_logps, ref_logps, labels, policy_kl_logps, ref_kl_logps, beta,
-        desirable_weight=1.0, undesirable_weight=1.0):
+def kto(
+    *,
+    policy_logps,
+    ref_logps,
+    labels,
+    policy_kl_logps,
+    ref_kl_logps,
+    beta,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+):
     """KTO: desirable 1 - sigmoid(beta (h - z0)), undesirable 1 - sigmoid(beta (z0 - h)), h = log-ratio, times the
     desirable/undesirable weight. z0 = kl_reference_point(...) is a batch statistic, so KTO is not separable.
     """

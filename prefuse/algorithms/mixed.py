@@ -32,14 +32,30 @@ def _offline_metrics(beta, policy_chosen_logps, policy_rejected_logps, ref_chose
 
 
 ONLINE_PAIR_INPUTS = frozenset(
-    {"policy_online_chosen_logps", "policy_online_rejected_logps", "ref_online_chosen_logps", "ref_online_rejected_logps"}
+    {
+        "policy_online_chosen_logps",
+        "policy_online_rejected_logps",
+        "ref_online_chosen_logps",
+        "ref_online_rejected_logps",
+    }
 )
 
 
 @register("mixed_dpo", requires=PAIR_INPUTS | ONLINE_PAIR_INPUTS, optional={"use_offline"}, hparams={"mixed_p": 0.5})
-def mixed_dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-              policy_online_chosen_logps, policy_online_rejected_logps, ref_online_chosen_logps,
-              ref_online_rejected_logps, beta, use_offline=None, mixed_p=0.5):
+def mixed_dpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    policy_online_chosen_logps,
+    policy_online_rejected_logps,
+    ref_online_chosen_logps,
+    ref_online_rejected_logps,
+    beta,
+    use_offline=None,
+    mixed_p=0.5,
+):
     """Mixed-DPO: a * DPO(offline pair) + (1 - a) * DPO(online pair), a ~ Bernoulli(mixed_p) per example.
 
     The draw is the caller's (this function is pure): pass `use_offline` [B] bool. Without it, a = mixed_p, the
@@ -48,7 +64,11 @@ def mixed_dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     """
     offline = _dpo(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     online = _dpo(
-        beta, policy_online_chosen_logps, policy_online_rejected_logps, ref_online_chosen_logps, ref_online_rejected_logps
+        beta,
+        policy_online_chosen_logps,
+        policy_online_rejected_logps,
+        ref_online_chosen_logps,
+        ref_online_rejected_logps,
     )
     if use_offline is None:
         weight = torch.full_like(offline, mixed_p)
@@ -65,11 +85,22 @@ def mixed_dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     requires=PAIR_INPUTS | {"policy_online_rejected_logps", "ref_online_rejected_logps"},
     hparams={"avg_gamma": 0.5},
 )
-def avg_dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            policy_online_rejected_logps, ref_online_rejected_logps, beta, avg_gamma=0.5):
+def avg_dpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    policy_online_rejected_logps,
+    ref_online_rejected_logps,
+    beta,
+    avg_gamma=0.5,
+):
     """Avg-DPO: avg_gamma * DPO(y+, y-) + (1 - avg_gamma) * DPO(y+, y~-), the same chosen response in both."""
     external = _dpo(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    generated = _dpo(beta, policy_chosen_logps, policy_online_rejected_logps, ref_chosen_logps, ref_online_rejected_logps)
+    generated = _dpo(
+        beta, policy_chosen_logps, policy_online_rejected_logps, ref_chosen_logps, ref_online_rejected_logps
+    )
     losses = avg_gamma * external + (1 - avg_gamma) * generated
     metrics = _offline_metrics(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     metrics.update({"loss/external_rejected": external.detach(), "loss/generated_rejected": generated.detach()})

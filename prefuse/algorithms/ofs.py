@@ -8,11 +8,12 @@ Inputs, as keywords:
     slow_chosen_logps [B], slow_rejected_logps [B]      the module in the slow ("S") role
     ref_chosen_logps [B], ref_rejected_logps [B]        the base model with the adapters disabled
 With m = log pi(y_w) - log pi(y_l) of a module:
-    ofs_variant="slow_chases_fast" (default, option A): L_DPO(F) + L_DPO(S) + ofs_alpha * -logsigmoid(beta (m_S - sg m_F))
-    ofs_variant="two_sided" (option B, the third-party port):
+    ofs_variant="slow_chases_fast" (default, option A):
+        L_DPO(F) + L_DPO(S) + ofs_alpha * -logsigmoid(beta (m_S - sg m_F))
+    ofs_variant="two_sided" (option B of ALGORITHMS.md section 1):
         L_DPO(F) + ofs_alpha * -logsigmoid(clamp(beta (m_F - sg m_S)))
       + L_DPO(S) - ofs_alpha * -logsigmoid(clamp(beta (sg m_F - m_S))),  clamp to [-ofs_clamp, ofs_clamp]
-      (the port's scale `s` is read as beta [UNVERIFIED]).
+      (option B's scale `s` is read as beta [UNVERIFIED]).
 The two modules have separate parameters, so one backward of the sum gives each its own gradient. Role swaps and the
 separate learning rates belong to the training loop; the metrics `ofs/fast_dpo_loss` and `ofs/slow_dpo_loss` feed
 the swap criterion.
@@ -35,9 +36,19 @@ OFS_VARIANTS = ("slow_chases_fast", "two_sided")
     requires=PAIR_INPUTS | {"slow_chosen_logps", "slow_rejected_logps"},
     hparams={"ofs_alpha": 0.1, "ofs_variant": "slow_chases_fast", "ofs_clamp": 10.0},
 )
-def ofs_dpo(*, policy_chosen_logps, policy_rejected_logps, slow_chosen_logps, slow_rejected_logps,
-            ref_chosen_logps, ref_rejected_logps, beta, ofs_alpha=0.1, ofs_variant="slow_chases_fast",
-            ofs_clamp=10.0):
+def ofs_dpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    slow_chosen_logps,
+    slow_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta,
+    ofs_alpha=0.1,
+    ofs_variant="slow_chases_fast",
+    ofs_clamp=10.0,
+):
     """OFS-DPO fast/slow losses plus the chasing term (see the module docstring). [UNVERIFIED reconstruction]"""
     check_choice("ofs_variant", ofs_variant, OFS_VARIANTS)
     ref_margin = ref_chosen_logps - ref_rejected_logps
@@ -62,5 +73,7 @@ def ofs_dpo(*, policy_chosen_logps, policy_rejected_logps, slow_chosen_logps, sl
         policy_chosen_logps,
         policy_rejected_logps,
     )
-    metrics.update({"ofs/fast_dpo_loss": fast_dpo.detach(), "ofs/slow_dpo_loss": slow_dpo.detach(), "ofs/gap": gap.detach()})
+    metrics.update(
+        {"ofs/fast_dpo_loss": fast_dpo.detach(), "ofs/slow_dpo_loss": slow_dpo.detach(), "ofs/gap": gap.detach()}
+    )
     return losses, metrics

@@ -35,13 +35,23 @@ def _pair_metrics(beta, chosen_logratios, rejected_logratios, policy_chosen_logp
     optional={"ref_sample_logps"},
     hparams={"alpha": 0.001},
 )
-def selm(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-         policy_sample_logps, beta, ref_sample_logps=None, alpha=0.001):
+def selm(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    policy_sample_logps,
+    beta,
+    ref_sample_logps=None,
+    alpha=0.001,
+):
     """SELM: -logsigmoid(beta (h_c - h_r)) + alpha * beta * (log pi(y_ref) - sg log pi_ref(y_ref)).
 
     policy_sample_logps [B]: log pi_theta of the response y_ref sampled (greedily) from the reference model.
-    ref_sample_logps [B] (optional, no gradient) is subtracted as the official code does; it changes the value, not
-    the gradient. alpha * beta follows the paper's eq. 4.2 and its code (Algorithm 1 omits beta).
+    ref_sample_logps [B] (optional, no gradient) is subtracted as in the authors' reference form (ALGORITHMS.md
+    section 3); it changes the value, not the gradient. alpha * beta follows the paper's eq. 4.2 (Algorithm 1 omits
+    beta).
     """
     chosen_logratios, rejected_logratios = _dpo_pair(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
@@ -61,8 +71,17 @@ def selm(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_re
     requires=PAIR_INPUTS | {"policy_sample_logps"},
     hparams={"alpha": 1e-5, "loss_type": "sigmoid"},
 )
-def xpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        policy_sample_logps, beta, alpha=1e-5, loss_type="sigmoid"):
+def xpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    policy_sample_logps,
+    beta,
+    alpha=1e-5,
+    loss_type="sigmoid",
+):
     """XPO: DPO loss on the judged pair + alpha * log pi_theta(y_r), y_r sampled from the reference model.
 
     The pair is (policy sample, reference sample) ordered by the judge, so y_r is also one side of the pair;
@@ -82,8 +101,9 @@ def xpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
 
 
 @register("online_ipo", requires=PAIR_INPUTS | {"preference_probs"}, hparams={})
-def online_ipo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-               preference_probs, beta):
+def online_ipo(
+    *, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, preference_probs, beta
+):
     """Online IPO with soft labels: ((h(y) - h(y')) - (p - 1/2) / beta)^2, beta = tau. [UNVERIFIED form]
 
     Here "chosen" is y and "rejected" is y' (two samples, in either order) and preference_probs [B] is
@@ -108,8 +128,17 @@ NASH_MD_TOKEN_INPUTS = frozenset({"policy_token_logps", "ref_token_logps", "toke
     optional=NASH_MD_TOKEN_INPUTS,
     hparams={"kl_estimator": "sequence"},
 )
-def nash_md(*, policy_logps, ref_logps, preference_probs, beta, kl_estimator="sequence",
-            policy_token_logps=None, ref_token_logps=None, token_mask=None):
+def nash_md(
+    *,
+    policy_logps,
+    ref_logps,
+    preference_probs,
+    beta,
+    kl_estimator="sequence",
+    policy_token_logps=None,
+    ref_token_logps=None,
+    token_mask=None,
+):
     """Nash-MD policy gradient: beta * KL term - (p - 1/2) * log pi(y), y sampled from the policy.
 
     policy_logps, ref_logps [B]: summed log-probs of the policy sample y; preference_probs [B]: P(y > y_mix) against
@@ -148,8 +177,14 @@ HYPO_TOKEN_INPUTS = frozenset({"policy_online_token_logps", "ref_online_token_lo
 KL_ESTIMATORS = ("reinforce_rloo", "reinforce_nobaseline", "per_token_k3")
 
 
-def online_kl_surrogate(policy_online_logps, ref_online_logps, kl_estimator="reinforce_rloo",
-                        policy_online_token_logps=None, ref_online_token_logps=None, online_token_mask=None):
+def online_kl_surrogate(
+    policy_online_logps,
+    ref_online_logps,
+    kl_estimator="reinforce_rloo",
+    policy_online_token_logps=None,
+    ref_online_token_logps=None,
+    online_token_mask=None,
+):
     """HyPO's reverse-KL surrogate per prompt, from k policy samples per prompt.
 
     policy_online_logps, ref_online_logps [P, k] (summed log-probs of sample y_i) -> [P]:
@@ -185,16 +220,28 @@ def online_kl_surrogate(policy_online_logps, ref_online_logps, kl_estimator="rei
     optional=HYPO_TOKEN_INPUTS,
     hparams={"kl_estimator": "reinforce_rloo"},
 )
-def hypo_kl(*, policy_online_logps, ref_online_logps, beta, kl_estimator="reinforce_rloo",
-            policy_online_token_logps=None, ref_online_token_logps=None, online_token_mask=None):
+def hypo_kl(
+    *,
+    policy_online_logps,
+    ref_online_logps,
+    beta,
+    kl_estimator="reinforce_rloo",
+    policy_online_token_logps=None,
+    ref_online_token_logps=None,
+    online_token_mask=None,
+):
     """HyPO's online KL term alone, one loss per prompt [P] (see `online_kl_surrogate`). [UNVERIFIED estimator]
 
     Combine it with an offline loss through the API: objective_loss(["sigmoid", "hypo_kl"], loss_weights=[1, lam]).
     beta is not used (the KL weight is the combination weight).
     """
     losses = online_kl_surrogate(
-        policy_online_logps, ref_online_logps, kl_estimator,
-        policy_online_token_logps, ref_online_token_logps, online_token_mask,
+        policy_online_logps,
+        ref_online_logps,
+        kl_estimator,
+        policy_online_token_logps,
+        ref_online_token_logps,
+        online_token_mask,
     )
     return losses, {"objective/kl": (policy_online_logps - ref_online_logps).detach().mean(-1)}
 
@@ -206,9 +253,21 @@ def hypo_kl(*, policy_online_logps, ref_online_logps, beta, kl_estimator="reinfo
     hparams={"kl_coef": 0.1, "kl_estimator": "reinforce_rloo"},
     separable=False,
 )
-def hypo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-         policy_online_logps, ref_online_logps, beta, kl_coef=0.1, kl_estimator="reinforce_rloo",
-         policy_online_token_logps=None, ref_online_token_logps=None, online_token_mask=None):
+def hypo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    policy_online_logps,
+    ref_online_logps,
+    beta,
+    kl_coef=0.1,
+    kl_estimator="reinforce_rloo",
+    policy_online_token_logps=None,
+    ref_online_token_logps=None,
+    online_token_mask=None,
+):
     """HyPO: DPO on the offline pairs [B] + kl_coef (lambda) * the mean online KL surrogate over the prompts [P].
 
     The KL part is a batch-level constant added to every example's loss, so the batch mean is
@@ -219,13 +278,19 @@ def hypo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_re
     )
     dpo_losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
     kl_losses = online_kl_surrogate(
-        policy_online_logps, ref_online_logps, kl_estimator,
-        policy_online_token_logps, ref_online_token_logps, online_token_mask,
+        policy_online_logps,
+        ref_online_logps,
+        kl_estimator,
+        policy_online_token_logps,
+        ref_online_token_logps,
+        online_token_mask,
     )
     metrics = _pair_metrics(beta, chosen_logratios, rejected_logratios, policy_chosen_logps, policy_rejected_logps)
-    metrics.update({
-        "loss/dpo": dpo_losses.detach(),
-        "loss/kl": kl_losses.detach().mean(),
-        "objective/kl": (policy_online_logps - ref_online_logps).detach().mean(),
-    })
+    metrics.update(
+        {
+            "loss/dpo": dpo_losses.detach(),
+            "loss/kl": kl_losses.detach().mean(),
+            "objective/kl": (policy_online_logps - ref_online_logps).detach().mean(),
+        }
+    )
     return dpo_losses + kl_coef * kl_losses.mean(), metrics

@@ -49,8 +49,9 @@ OPTIONAL_PAIR_INPUTS = LD_INPUTS | WPO_INPUTS | LENGTH_INPUTS
 class PairScores:
     """A batch of pairs after the family-wide options; every tensor is [B].
 
-    chosen_logps/rejected_logps (policy), the ref_* log-probs and the log-ratios are LD-adjusted when ld_alpha is set; the *_scores are
-    f'(ratio) of the f-divergence (the log-ratios for reverse_kl); weights is the WPO weight or None.
+    chosen_logps/rejected_logps (policy), the ref_* log-probs and the log-ratios are LD-adjusted when ld_alpha is
+    set; the *_scores are f'(ratio) of the f-divergence (the log-ratios for reverse_kl); weights is the WPO weight
+    or None.
     """
 
     beta: float

@@ -46,8 +46,20 @@ def _preference_losses(chosen, rejected, *, beta, loss_type, label_smoothing, si
     return (logits - 1 / (2 * beta)) ** 2  # ipo
 
 
-def _cpo(objective, *, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta,
-         loss_type, cpo_alpha, simpo_gamma, label_smoothing, alpha):
+def _cpo(
+    objective,
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    beta,
+    loss_type,
+    cpo_alpha,
+    simpo_gamma,
+    label_smoothing,
+    alpha,
+):
     check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
     require_inputs(objective, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     chosen, rejected = policy_chosen_logps, policy_rejected_logps
@@ -75,13 +87,22 @@ def _cpo(objective, *, policy_chosen_logps, policy_rejected_logps, chosen_length
     requires=PAIR_WITH_LENGTHS,
     hparams={"simpo_gamma": 0.5, "label_smoothing": 0.0, "alpha": 0.0},
 )
-def simpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta,
-          simpo_gamma=0.5, label_smoothing=0.0, alpha=0.0):
+def simpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    beta,
+    simpo_gamma=0.5,
+    label_smoothing=0.0,
+    alpha=0.0,
+):
     """SimPO: -logsigmoid(beta * (avg_c - avg_r) - simpo_gamma), avg = per-token mean log-prob, no reference.
 
     label_smoothing gives the conservative (cDPO-style) form; alpha != 0 gives AlphaPO's reward shape. Without the
-    NLL term (the paper's form); TRL's CPOTrainer with loss_type="simpo" keeps cpo_alpha=1.0 unless told otherwise:
-    that combination is the `cpo` objective with loss_type="simpo".
+    NLL term (the paper's form). With TRL 1.16 semantics, CPO's loss_type="simpo" keeps cpo_alpha=1.0 unless told
+    otherwise: that combination is the `cpo` objective with loss_type="simpo".
     """
     return _cpo(
         "simpo",
@@ -104,8 +125,19 @@ def simpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejecte
     hparams={"loss_type": "sigmoid", "cpo_alpha": 1.0, "simpo_gamma": 0.5, "label_smoothing": 0.0, "alpha": 0.0},
     separable=False,
 )
-def cpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta,
-        loss_type="sigmoid", cpo_alpha=1.0, simpo_gamma=0.5, label_smoothing=0.0, alpha=0.0):
+def cpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    beta,
+    loss_type="sigmoid",
+    cpo_alpha=1.0,
+    simpo_gamma=0.5,
+    label_smoothing=0.0,
+    alpha=0.0,
+):
     """CPO: a reference-free preference term plus cpo_alpha * NLL of the chosen responses.
 
     loss_type: sigmoid | hinge on the summed log-probs; ipo | simpo on per-token means. The NLL is averaged over all
@@ -143,8 +175,16 @@ _MAX_MEAN_LOGP = -1e-12
     hparams={},
     separable=False,
 )
-def orpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta,
-         policy_chosen_prompt_logps=None, chosen_prompt_lengths=None):
+def orpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    beta,
+    policy_chosen_prompt_logps=None,
+    chosen_prompt_lengths=None,
+):
     """ORPO: NLL(chosen) - beta * logsigmoid(log odds(avg_c) - log odds(avg_r)), odds(p) = p / (1 - p).
 
     avg = per-token mean log-prob (clamped just below 0). The NLL is averaged over every chosen token of the batch.
@@ -170,5 +210,7 @@ def orpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected
 
     losses = nll - beta * log_odds_ratio
     metrics = reward_metrics(beta, avg_chosen, avg_rejected, avg_chosen, avg_rejected)
-    metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": log_odds_ratio.detach(), "log_odds_chosen": log_odds.detach()})
+    metrics.update(
+        {"nll_loss": nll.detach(), "log_odds_ratio": log_odds_ratio.detach(), "log_odds_chosen": log_odds.detach()}
+    )
     return losses, metrics

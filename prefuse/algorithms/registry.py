@@ -10,7 +10,7 @@ asks for them), `hparams` the hyper-parameters it accepts with their defaults. `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 __all__ = ["ObjectiveSpec", "OBJECTIVES", "register", "get_objective", "list_objectives"]
@@ -93,6 +93,5 @@ def get_objective(name: str) -> ObjectiveSpec:
     except (KeyError, TypeError):
         aliases = sorted(key for key, spec in OBJECTIVES.items() if key != spec.name)
         raise ValueError(
-            f"unknown objective {name!r}. Accepted names: {', '.join(list_objectives())}; "
-            f"aliases: {', '.join(aliases)}"
+            f"unknown objective {name!r}. Accepted names: {', '.join(list_objectives())}; aliases: {', '.join(aliases)}"
         ) from None

@@ -22,10 +22,20 @@ SRPO_CONTEXT_INPUTS = frozenset(f"{model}_{pair}_logps" for model in ("policy", 
 
 
 @register("srpo", requires=PAIR_INPUTS | SRPO_CONTEXT_INPUTS, hparams={"srpo_alpha": 0.8, "srpo_variant": "community"})
-def srpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-         srpo_alpha=0.8, srpo_variant="community", **context_logps):
-    """Community-form SRPO loss per pair (see the module docstring). srpo_alpha = 0.8 is the community code's value
-    [UNVERIFIED against the paper]; srpo_variant has one value, "community", kept so results can be labelled.
+def srpo(
+    *,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta,
+    srpo_alpha=0.8,
+    srpo_variant="community",
+    **context_logps,
+):
+    """Community-form SRPO loss per pair (see the module docstring). srpo_alpha = 0.8 is the community form's value
+    (ALGORITHMS.md section 7) [UNVERIFIED against the paper]; srpo_variant has one value, "community", kept so
+    results can be labelled.
     """
     check_choice("srpo_variant", srpo_variant, ("community",))
 

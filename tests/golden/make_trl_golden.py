@@ -182,8 +182,25 @@ def uniform_grads(token_grads, completion_mask, verbose, rtol=1e-5, atol=1e-8):
 
 
 DPO_CASES = [
-    *[{"loss_type": [t]} for t in ["sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]],
+    *[
+        {"loss_type": [t]}
+        for t in [
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sft",
+            "sigmoid_norm",
+        ]
+    ],
     {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
     {"loss_type": ["exo_pair"], "label_smoothing": 0.05},
     {"loss_type": ["robust"], "label_smoothing": 0.1},
@@ -220,8 +237,14 @@ DPO_CASES = [
     {"loss_type": ["sigmoid", "sft"], "f_divergence_type": "js_divergence", "loss_weights": [1.0, 0.5]},
 ]
 DPO_OPTION_DEFAULTS = {
-    "beta": 0.1, "loss_weights": None, "ld_alpha": None, "f_divergence_type": "reverse_kl",
-    "f_alpha_divergence_coef": 0.5, "label_smoothing": 0.0, "use_weighting": False, "discopop_tau": 0.05,
+    "beta": 0.1,
+    "loss_weights": None,
+    "ld_alpha": None,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 0.5,
+    "label_smoothing": 0.0,
+    "use_weighting": False,
+    "discopop_tau": 0.05,
 }
 
 
@@ -330,8 +353,12 @@ def run_logits_trainer(trainer_cls, options, gen):
     prompt = (attention[:, 1:] == 1) & ~response  # predicted prompt tokens (ORPO's NLL covers them)
     per_token = token_logps(logits.detach(), targets).double()
     grads = token_logp_grads(logits.detach(), logits_grad, targets).double()
-    response_grad, _ = uniform_grads(grads, torch.nn.functional.pad(response.long(), (1, 0)), torch.zeros_like(response), 1e-3, 1e-6)
-    prompt_grad, _ = uniform_grads(grads, torch.nn.functional.pad(prompt.long(), (1, 0)), torch.zeros_like(prompt), 1e-3, 1e-6)
+    response_grad, _ = uniform_grads(
+        grads, torch.nn.functional.pad(response.long(), (1, 0)), torch.zeros_like(response), 1e-3, 1e-6
+    )
+    prompt_grad, _ = uniform_grads(
+        grads, torch.nn.functional.pad(prompt.long(), (1, 0)), torch.zeros_like(prompt), 1e-3, 1e-6
+    )
 
     sums = (per_token * response).sum(1)
     prompt_sums = (per_token * prompt).sum(1)
@@ -354,8 +381,14 @@ def run_logits_trainer(trainer_cls, options, gen):
     return {"trainer": trainer_cls.__name__, "options": options, "inputs": inputs, "expected": expected}
 
 
-CPO_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "loss_type": "sigmoid", "cpo_alpha": 1.0, "simpo_gamma": 0.5,
-                "alpha": 0.0}
+CPO_DEFAULTS = {
+    "beta": 0.1,
+    "label_smoothing": 0.0,
+    "loss_type": "sigmoid",
+    "cpo_alpha": 1.0,
+    "simpo_gamma": 0.5,
+    "alpha": 0.0,
+}
 CPO_CASES = [
     {},
     {"loss_type": "hinge"},
@@ -412,8 +445,13 @@ def run_kto(case, gen):
         "ref_KL_logps": ref_kl_logps,
     }
     if trainer.calculate_KL:
-        batch.update({"KL_input_ids": torch.ones(n, kl_width, dtype=torch.long), "KL_attention_mask": kl_attention,
-                      "KL_completion_mask": kl_completion})
+        batch.update(
+            {
+                "KL_input_ids": torch.ones(n, kl_width, dtype=torch.long),
+                "KL_attention_mask": kl_attention,
+                "KL_completion_mask": kl_completion,
+            }
+        )
     loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
     (token_grads,) = torch.autograd.grad(loss, policy_tokens)
     inputs = {
@@ -422,14 +460,18 @@ def run_kto(case, gen):
         "labels": [bool(x) for x in labels],
     }
     if trainer.calculate_KL:
-        inputs.update({"policy_kl_logps": floats(policy_kl_tokens.double().sum(1)), "ref_kl_logps": floats(ref_kl_logps)})
+        inputs.update(
+            {"policy_kl_logps": floats(policy_kl_tokens.double().sum(1)), "ref_kl_logps": floats(ref_kl_logps)}
+        )
     return {
         "trainer": "KTOTrainer",
         "options": case,
         "inputs": inputs,
         "expected": {
             "loss": float(loss.detach()),
-            "metrics": {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("rewards/", "logps/", "kl"))},
+            "metrics": {
+                k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("rewards/", "logps/", "kl"))
+            },
             "grad_policy_logps": floats(first_token_grads(token_grads, completion_mask)),
         },
     }
