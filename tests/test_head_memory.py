@@ -16,9 +16,9 @@ def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
     seen = []
     original = fused_head.chunk_logits
 
-    def spy(hidden_chunk, weight, bias):
+    def spy(hidden_chunk, weight, bias, out=None):
         seen.append(hidden_chunk.shape[0])
-        return original(hidden_chunk, weight, bias)
+        return original(hidden_chunk, weight, bias, out=out)
 
     monkeypatch.setattr(fused_head, "chunk_logits", spy)
     hidden, weight, labels, _ = make_inputs(100, 8, 50, ignore_frac=0.4)
@@ -35,7 +35,7 @@ def test_chunk_rows_follow_the_budget():
 
     plan = make_plan(n_rows=10_000, hidden_size=64, vocab=32000, dtype=torch.float32, device=torch.device("cpu"),
                      needs_grad=True, upstream_known=True, chunk_budget_bytes=32 << 20)
-    assert plan.rows_per_chunk * 32000 * 12 <= 32 << 20 and plan.rows_per_chunk >= 64
+    assert plan.rows_per_chunk * 32000 * 4 <= 32 << 20 and plan.rows_per_chunk >= 200
     small = make_plan(n_rows=10_000, hidden_size=4096, vocab=128256, dtype=torch.bfloat16,
                       device=torch.device("cpu"), needs_grad=True, upstream_known=True, grad_budget_bytes=1 << 30)
     assert small.mode == "recompute"  # grad_weight [V, H] in float32 (2 GiB) does not fit 1 GiB
@@ -69,7 +69,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 def test_peak_memory_is_bounded_by_the_chunk_not_by_n(mode):
     """N=16384, V=32000: the fp32 logits alone would be 2000 MiB. The head's extra peak (process high-water mark,
     measured in a fresh process) stays within the weight gradient (V x H fp32, 8 MiB), hidden-sized buffers
-    (N x H, 4 MiB each) and one chunk budget (64 MiB) with slack for the allocator."""
+    (N x H, 4 MiB each) and one chunk budget (96 MiB) with slack for the allocator."""
     n, h, v = 16384, 64, 32000
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(n), str(h), str(v), mode],
                          capture_output=True, text=True, check=True)

@@ -54,11 +54,21 @@ def chunk_slices(n_rows: int, rows_per_chunk: int) -> list[slice]:
     return [slice(s, min(s + rows_per_chunk, n_rows)) for s in range(0, n_rows, rows_per_chunk)]
 
 
-def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype."""
+def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype, into `out` [>= m, V] when
+    given (one scratch buffer reused by every chunk: no allocator churn or page faults per chunk)."""
+    if out is not None:
+        out = out[: hidden_chunk.shape[0]]
     if bias is None:
-        return hidden_chunk @ weight.t()
-    return torch.addmm(bias, hidden_chunk, weight.t())
+        return torch.mm(hidden_chunk, weight.t(), out=out)
+    return torch.addmm(bias, hidden_chunk, weight.t(), out=out)
+
+
+def logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
+    """The scratch buffer [min(M, rows_per_chunk), V] that chunk_logits writes into."""
+    return torch.empty(min(hidden.shape[0], rows_per_chunk), weight.shape[0], dtype=hidden.dtype,
+                       device=hidden.device)
 
 
 class _GradAccumulator:
@@ -69,7 +79,9 @@ class _GradAccumulator:
         self.weight_dtype = weight.dtype
         self.weight = weight
         self.grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        # allocated, not zeroed: the first chunk writes it (saves a pass over V x H)
+        self.grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        self.first = True
         self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
 
     def add(self, rows: slice, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
@@ -78,15 +90,22 @@ class _GradAccumulator:
             torch.mm(grad_logits, self.weight, out=self.grad_hidden[rows])
         if self.grad_weight is not None:
             if self.grad_weight.dtype == grad_logits.dtype:
-                self.grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+                if self.first:
+                    torch.mm(grad_logits.t(), hidden_chunk, out=self.grad_weight)
+                else:
+                    self.grad_weight.addmm_(grad_logits.t(), hidden_chunk)
             else:  # low-precision product per chunk, summed in float32 across chunks
-                self.grad_weight.add_(grad_logits.t() @ hidden_chunk)
+                product = grad_logits.t() @ hidden_chunk
+                self.grad_weight.copy_(product) if self.first else self.grad_weight.add_(product)
         if self.grad_bias is not None:
             self.grad_bias.add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
+        self.first = False
 
     def results(self, scale: torch.Tensor | None = None):
         """The gradients in the parameters' dtype, scaled in place by the upstream scalar when given."""
         out = []
+        if self.first and self.grad_weight is not None:  # no chunk was added
+            self.grad_weight.zero_()
         for g in (self.grad_hidden, self.grad_weight, self.grad_bias):
             if g is not None:
                 if scale is not None and not bool(scale == 1):
@@ -109,8 +128,9 @@ class FusedLogprobs(torch.autograd.Function):
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else None
+        buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
         for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
-            logits = chunk_logits(hidden[rows], weight, bias)
+            logits = chunk_logits(hidden[rows], weight, bias, out=buffer)
             lp, ls, ml = cfg.ops.logits_forward(logits, labels[rows], with_mean_logp=cfg.with_mean_logp,
                                                 **cfg.op_kwargs())
             logp[rows], lse[rows] = lp, ls
@@ -132,9 +152,10 @@ class FusedLogprobs(torch.autograd.Function):
                                cfg.accumulate_fp32)
         coef_t = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         coef_u = None if grad_mean_logp is None else grad_mean_logp.float().contiguous()
+        buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
         for rows in chunk_slices(hidden.shape[0], cfg.rows_per_chunk):
             h = hidden[rows]
-            logits = chunk_logits(h, weight, bias)
+            logits = chunk_logits(h, weight, bias, out=buffer)
             grad = cfg.ops.logits_grad_(logits, labels[rows], lse[rows], coef_t[rows],
                                         None if coef_u is None else coef_u[rows], **cfg.op_kwargs())
             acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)
@@ -160,9 +181,10 @@ class FusedHeadInForward(torch.autograd.Function):
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else logp.new_empty(0)
         objective = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
         for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
             h = hidden[rows]
-            logits = chunk_logits(h, weight, bias)
+            logits = chunk_logits(h, weight, bias, out=buffer)
             terms = []
 
             def chunk_coefs(lp, ml, rows=rows):

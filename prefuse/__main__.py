@@ -1,0 +1,5 @@
+import sys
+
+from prefuse.cli import main
+
+sys.exit(main())

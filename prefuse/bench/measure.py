@@ -1,0 +1,126 @@
+"""One measurement = one (path, shape) in a fresh process: warm-up, then the extra peak memory of one
+forward+backward step, then the wall time of several steps (median and spread).
+
+Peak memory on CUDA is `torch.cuda.max_memory_allocated` above the inputs. On the CPU it is the process's resident
+high-water mark (VmHWM) above the resident size before the step, with the high-water mark reset after warm-up
+(/proc/self/clear_refs) and glibc told to map every large block so freed memory leaves the resident set.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "2"}
+
+
+@dataclass
+class Measurement:
+    path: str
+    n: int
+    h: int
+    v: int
+    dtype: str
+    device: str
+    ignore_frac: float
+    peak_extra_mib: float | None = None
+    time_median_s: float | None = None
+    time_min_s: float | None = None
+    time_max_s: float | None = None
+    repeats: int = 0
+    loss: float | None = None
+    error: str | None = None
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_here(path_name: str, n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,
+                 repeats: int) -> Measurement:
+    """Runs in the current process (call it in a fresh one)."""
+    from prefuse.bench.paths import PATHS, make_inputs
+
+    result = Measurement(path_name, n, h, v, dtype, device, ignore_frac)
+    path = PATHS[path_name]
+    hidden, weight, labels = make_inputs(n, h, v, getattr(torch, dtype), device, ignore_frac)
+    step = path.make(hidden, weight, labels)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(path.warmup):
+        step()
+    sync()
+    hidden.grad = weight.grad = None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = step()
+        sync()
+        result.peak_extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        _reset_peak()
+        base = _rss_kib("VmRSS")
+        loss = step()
+        result.peak_extra_mib = (_rss_kib("VmHWM") - base) / 1024
+    result.loss = float(loss)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            sync()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    result.repeats = repeats
+    result.time_median_s = statistics.median(times) if times else None
+    result.time_min_s, result.time_max_s = (min(times), max(times)) if times else (None, None)
+    return result
+
+
+def measure(path_name: str, n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",
+            ignore_frac: float = 0.25, repeats: int = 3, timeout: float = 1800) -> Measurement:
+    """Measures in a fresh Python process; a failure is returned as `error`, not raised."""
+    args = json.dumps([path_name, n, h, v, dtype, device, ignore_frac, repeats])
+    env = dict(os.environ, **MALLOC_ENV)
+    env.pop("TRITON_INTERPRET", None)
+    code = "import json,sys; from prefuse.bench.measure import _main; _main(sys.argv[1])"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Measurement(path_name, n, h, v, dtype, device, ignore_frac, error=f"timeout after {timeout}s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return Measurement(path_name, n, h, v, dtype, device, ignore_frac, error=tail[:300])
+    return Measurement(**json.loads(lines[-1]))
+
+
+def _main(args_json: str) -> None:
+    result = measure_here(*json.loads(args_json))
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

@@ -1,0 +1,82 @@
+"""The `prefuse` command. Thin: parses arguments and calls the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefuse", description="Fused-kernel preference alignment.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from prefuse import demo
+
+    p = sub.add_parser("demo", help="the embedded default: a CPU demo that needs no downloads",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(p)
+    p.set_defaults(run=demo.run)
+
+    p = sub.add_parser("bench", help="forward+backward of the head: prefuse vs the materializing path and peers",
+                       description="Measures each path in fresh processes (extra peak memory and time of one "
+                                   "forward+backward of a linear cross-entropy head), paths interleaved round by "
+                                   "round, and prints a table; --json writes the records.")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="NxHxV",
+                   help="token count x hidden size x vocabulary, e.g. 4096x1024x32000 (default: that one)")
+    p.add_argument("--paths", nargs="+", default=None, help="subset of the installed paths")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--ignore_frac", type=float, default=0.25, help="fraction of labels set to -100")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per process, after warm-up")
+    p.add_argument("--quick", action="store_true", help="one small shape, one round, one timed step")
+    p.add_argument("--json", default=None, help="write the records to this file")
+    p.set_defaults(run=_bench)
+
+    p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90/gfx942 and report registers",
+                       description="Compiles each Triton kernel in every launch config for GPU targets (no GPU "
+                                   "needed) and prints registers, spills and errors.")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=lambda a: __import__("prefuse.kernels.compile_report", fromlist=["main"]).main(
+        ["--json"] if a.json else []))
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _bench(args) -> int:
+    from prefuse.bench import report
+
+    shapes = report.QUICK_SHAPES if args.quick else report.DEFAULT_SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
+            assert all(len(s) == 3 for s in shapes)
+        except (ValueError, AssertionError):
+            print(f"--shapes: expected NxHxV like 4096x1024x32000, got {args.shapes}", file=sys.stderr)
+            return 2
+    installed = report.available_paths(args.device)
+    paths = args.paths or installed
+    unknown = [p for p in paths if p not in installed]
+    if unknown:
+        print(f"--paths: {unknown} not available on {args.device}; installed: {installed}", file=sys.stderr)
+        return 2
+    rounds, repeats = (1, 1) if args.quick else (args.rounds, args.repeats)
+    records = report.run(paths, shapes, dtype=args.dtype, device=args.device, ignore_frac=args.ignore_frac,
+                         rounds=rounds, repeats=repeats)
+    print(report.format_table(records))
+    if args.json:
+        report.save(records, args.json, "prefuse " + " ".join(sys.argv[1:]))
+    return 1 if any(r["errors"] for r in records) else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
