@@ -17,18 +17,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=demo.run)
 
     p = sub.add_parser("bench", help="forward+backward of the head: prefuse vs the materializing path and peers",
-                       description="Measures each path in fresh processes (extra peak memory and time of one "
-                                   "forward+backward of a linear cross-entropy head), paths interleaved round by "
-                                   "round, and prints a table; --json writes the records.")
+                       description="Extra peak memory (a fresh process per path) and time (one fresh process, "
+                                   "the paths taking turns) of one forward+backward of a linear cross-entropy head; "
+                                   "prints a table, --json writes the records.")
     p.add_argument("--shapes", nargs="+", default=None, metavar="NxHxV",
                    help="token count x hidden size x vocabulary, e.g. 4096x1024x32000 (default: that one)")
     p.add_argument("--paths", nargs="+", default=None, help="subset of the installed paths")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--ignore_frac", type=float, default=0.25, help="fraction of labels set to -100")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per process, after warm-up")
-    p.add_argument("--quick", action="store_true", help="one small shape, one round, one timed step")
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per path (the paths take turns)")
+    p.add_argument("--quick", action="store_true", help="one small shape, two rounds")
     p.add_argument("--json", default=None, help="write the records to this file")
     p.set_defaults(run=_bench)
 
@@ -64,9 +63,8 @@ def _bench(args) -> int:
     if unknown:
         print(f"--paths: {unknown} not available on {args.device}; installed: {installed}", file=sys.stderr)
         return 2
-    rounds, repeats = (1, 1) if args.quick else (args.rounds, args.repeats)
     records = report.run(paths, shapes, dtype=args.dtype, device=args.device, ignore_frac=args.ignore_frac,
-                         rounds=rounds, repeats=repeats)
+                         rounds=2 if args.quick else args.rounds)
     print(report.format_table(records))
     if args.json:
         report.save(records, args.json, "prefuse " + " ".join(sys.argv[1:]))

@@ -16,9 +16,9 @@ def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
     seen = []
     original = fused_head.chunk_logits
 
-    def spy(hidden_chunk, weight, bias, out=None):
+    def spy(hidden_chunk, weight, bias, out=None, columns=False):
         seen.append(hidden_chunk.shape[0])
-        return original(hidden_chunk, weight, bias, out=out)
+        return original(hidden_chunk, weight, bias, out=out, columns=columns)
 
     monkeypatch.setattr(fused_head, "chunk_logits", spy)
     hidden, weight, labels, _ = make_inputs(100, 8, 50, ignore_frac=0.4)

@@ -1,5 +1,6 @@
-"""One measurement = one (path, shape) in a fresh process: warm-up, then the extra peak memory of one
-forward+backward step, then the wall time of several steps (median and spread).
+"""Memory: one (path, shape) in a fresh process: warm-up, then the extra peak memory of one forward+backward step.
+Time: one fresh process per shape runs every path, interleaved step by step for several rounds after warm-up, so
+that the machine's drift (several percent over minutes on a shared CPU) falls on all paths alike.
 
 Peak memory on CUDA is `torch.cuda.max_memory_allocated` above the inputs. On the CPU it is the process's resident
 high-water mark (VmHWM) above the resident size before the step, with the high-water mark reset after warm-up
@@ -101,26 +102,57 @@ def measure_here(path_name: str, n: int, h: int, v: int, dtype: str, device: str
 def measure(path_name: str, n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",
             ignore_frac: float = 0.25, repeats: int = 3, timeout: float = 1800) -> Measurement:
     """Measures in a fresh Python process; a failure is returned as `error`, not raised."""
-    args = json.dumps([path_name, n, h, v, dtype, device, ignore_frac, repeats])
+    out = _run_fresh("measure_here", [path_name, n, h, v, dtype, device, ignore_frac, repeats], timeout)
+    if "error" in out and "path" not in out:
+        return Measurement(path_name, n, h, v, dtype, device, ignore_frac, error=out["error"])
+    return Measurement(**out)
+
+
+def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,
+                          rounds: int) -> dict[str, list[float]]:
+    """Seconds per forward+backward step of each path, `rounds` steps each, the paths taking turns."""
+    from prefuse.bench.paths import PATHS, make_inputs
+
+    hidden, weight, labels = make_inputs(n, h, v, getattr(torch, dtype), device, ignore_frac)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    steps = {p: PATHS[p].make(hidden, weight, labels) for p in paths}
+    for p in paths:
+        for _ in range(PATHS[p].warmup):
+            steps[p]()
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for _ in range(rounds):
+        for p in paths:
+            sync()
+            t0 = time.perf_counter()
+            steps[p]()
+            sync()
+            times[p].append(time.perf_counter() - t0)
+    return times
+
+
+def time_interleaved(paths: list[str], n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",
+                     ignore_frac: float = 0.25, rounds: int = 5, timeout: float = 3600) -> dict:
+    """Runs `time_interleaved_here` in a fresh process; returns {path: [seconds, ...]} or {"error": text}."""
+    return _run_fresh("time_interleaved_here", [paths, n, h, v, dtype, device, ignore_frac, rounds], timeout)
+
+
+def _run_fresh(function: str, args: list, timeout: float):
     env = dict(os.environ, **MALLOC_ENV)
     env.pop("TRITON_INTERPRET", None)
-    code = "import json,sys; from prefuse.bench.measure import _main; _main(sys.argv[1])"
+    code = "import sys; from prefuse.bench.measure import _main; _main(sys.argv[1], sys.argv[2])"
     try:
-        proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env,
-                              timeout=timeout)
+        proc = subprocess.run([sys.executable, "-c", code, function, json.dumps(args)], capture_output=True,
+                              text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return Measurement(path_name, n, h, v, dtype, device, ignore_frac, error=f"timeout after {timeout}s")
+        return {"error": f"timeout after {timeout}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return Measurement(path_name, n, h, v, dtype, device, ignore_frac, error=tail[:300])
-    return Measurement(**json.loads(lines[-1]))
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])
 
 
-def _main(args_json: str) -> None:
-    result = measure_here(*json.loads(args_json))
-    print(json.dumps(asdict(result)))
+def _main(function: str, args_json: str) -> None:
+    result = globals()[function](*json.loads(args_json))
+    print(json.dumps(asdict(result) if isinstance(result, Measurement) else result))
 
 
-if __name__ == "__main__":
-    _main(sys.argv[1])

@@ -1,5 +1,5 @@
-"""Side-by-side runs of the head paths: every (shape, path) measured in fresh processes, paths interleaved round by
-round so that machine noise falls on all of them alike; a table and a JSON file come out."""
+"""Side-by-side runs of the head paths at each shape: extra peak memory from a fresh process per path, time from one
+fresh process where the paths take turns; a table and a JSON file come out."""
 from __future__ import annotations
 
 import json
@@ -21,28 +21,30 @@ def available_paths(device: str) -> list[str]:
 
 
 def run(paths: list[str], shapes: list[tuple[int, int, int]], *, dtype: str = "float32", device: str = "cpu",
-        ignore_frac: float = 0.25, rounds: int = 3, repeats: int = 3, log=print) -> list[dict]:
-    """For each shape: `rounds` rounds, each measuring every path once in a fresh process (`repeats` timed steps
-    after warm-up). Returns one record per (shape, path): median time over all timed steps' medians, its spread,
-    and the median extra peak memory."""
+        ignore_frac: float = 0.25, rounds: int = 5, log=print) -> list[dict]:
+    """For each shape: the extra peak memory of every path (fresh process each), then the time of every path from
+    one fresh process where the paths take turns for `rounds` steps. One record per (shape, path)."""
+    from prefuse.bench.measure import time_interleaved
+
     records = []
     for n, h, v in shapes:
-        per_path: dict[str, list[Measurement]] = {p: [] for p in paths}
-        for r in range(rounds):
-            for p in paths:
-                m = measure(p, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac, repeats=repeats)
-                per_path[p].append(m)
-                status = m.error or f"{m.peak_extra_mib:.0f} MiB, {m.time_median_s:.3f} s"
-                log(f"  round {r + 1}/{rounds}  N={n} H={h} V={v}  {p:28s} {status}")
-        for p, ms in per_path.items():
-            ok = [m for m in ms if not m.error]
+        memory = {}
+        for p in paths:
+            m = measure(p, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac, repeats=0)
+            memory[p] = m
+            log(f"  N={n} H={h} V={v}  {p:28s} " + (m.error or f"extra peak {m.peak_extra_mib:.0f} MiB"))
+        ok = [p for p in paths if not memory[p].error]
+        times = time_interleaved(ok, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac,
+                                 rounds=rounds) if ok else {}
+        for p in paths:
             rec = {"path": p, "n": n, "h": h, "v": v, "dtype": dtype, "device": device, "ignore_frac": ignore_frac,
-                   "rounds": len(ok), "errors": [m.error for m in ms if m.error]}
-            if ok:
-                times = [m.time_median_s for m in ok]
-                rec.update(time_median_s=statistics.median(times), time_min_s=min(m.time_min_s for m in ok),
-                           time_max_s=max(m.time_max_s for m in ok),
-                           peak_extra_mib=statistics.median(m.peak_extra_mib for m in ok), loss=ok[0].loss)
+                   "errors": [e for e in (memory[p].error, times.get("error")) if e]}
+            if not memory[p].error:
+                rec.update(peak_extra_mib=memory[p].peak_extra_mib, loss=memory[p].loss)
+            if p in times:
+                rec.update(rounds=len(times[p]), time_median_s=statistics.median(times[p]),
+                           time_min_s=min(times[p]), time_max_s=max(times[p]))
+                log(f"  N={n} H={h} V={v}  {p:28s} median {rec['time_median_s']:.3f} s over {len(times[p])} steps")
             records.append(rec)
     return records
 
@@ -59,7 +61,7 @@ def format_table(records: list[dict], baseline: str = "materialized") -> str:
     for rec in records:
         base = next((r for r in records if r["path"] == baseline and (r["n"], r["h"], r["v"]) ==
                      (rec["n"], rec["h"], rec["v"]) and "time_median_s" in r), None)
-        if "time_median_s" not in rec:
+        if "time_median_s" not in rec or "peak_extra_mib" not in rec:
             lines.append(f"| {rec['n']} | {rec['h']} | {rec['v']} | {rec['path']} | error: "
                          f"{rec['errors'][0][:60]} | | | | |")
             continue

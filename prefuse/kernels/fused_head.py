@@ -43,6 +43,11 @@ class HeadConfig:
             return triton_ops
         return torch_ops
 
+    @property
+    def columns(self) -> bool:
+        """The torch backend works on [V, m] chunks (faster matmuls on the CPU); Triton kernels on [m, V]."""
+        return self.backend == "torch"
+
     def op_kwargs(self) -> dict:
         kw = {"inv_temperature": self.inv_temperature, "softcap": self.softcap}
         if self.backend == "triton" and self.block_v is not None:
@@ -55,19 +60,27 @@ def chunk_slices(n_rows: int, rows_per_chunk: int) -> list[slice]:
 
 
 def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype, into `out` [>= m, V] when
-    given (one scratch buffer reused by every chunk: no allocator churn or page faults per chunk)."""
-    if out is not None:
-        out = out[: hidden_chunk.shape[0]]
+                 out: torch.Tensor | None = None, columns: bool = False) -> torch.Tensor:
+    """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype.
+
+    out: a scratch buffer of at least m * V elements reused by every chunk (no allocator churn or page faults per
+    chunk). columns: compute weight @ hidden_chunk.T into a [V, m] buffer and return its transposed view (the
+    torch backend's layout, see torch_ops)."""
+    m, vocab = hidden_chunk.shape[0], weight.shape[0]
+    if columns:
+        target = None if out is None else out.view(-1)[: m * vocab].view(vocab, m)
+        if bias is None:
+            return torch.mm(weight, hidden_chunk.t(), out=target).t()
+        return torch.addmm(bias[:, None], weight, hidden_chunk.t(), out=target).t()
+    target = None if out is None else out.view(-1)[: m * vocab].view(m, vocab)
     if bias is None:
-        return torch.mm(hidden_chunk, weight.t(), out=out)
-    return torch.addmm(bias, hidden_chunk, weight.t(), out=out)
+        return torch.mm(hidden_chunk, weight.t(), out=target)
+    return torch.addmm(bias, hidden_chunk, weight.t(), out=target)
 
 
 def logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
-    """The scratch buffer [min(M, rows_per_chunk), V] that chunk_logits writes into."""
-    return torch.empty(min(hidden.shape[0], rows_per_chunk), weight.shape[0], dtype=hidden.dtype,
+    """The scratch buffer of min(M, rows_per_chunk) * V elements that chunk_logits writes into."""
+    return torch.empty(min(hidden.shape[0], rows_per_chunk) * weight.shape[0], dtype=hidden.dtype,
                        device=hidden.device)
 
 
@@ -130,7 +143,7 @@ class FusedLogprobs(torch.autograd.Function):
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else None
         buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
         for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
-            logits = chunk_logits(hidden[rows], weight, bias, out=buffer)
+            logits = chunk_logits(hidden[rows], weight, bias, out=buffer, columns=cfg.columns)
             lp, ls, ml = cfg.ops.logits_forward(logits, labels[rows], with_mean_logp=cfg.with_mean_logp,
                                                 **cfg.op_kwargs())
             logp[rows], lse[rows] = lp, ls
@@ -155,7 +168,7 @@ class FusedLogprobs(torch.autograd.Function):
         buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
         for rows in chunk_slices(hidden.shape[0], cfg.rows_per_chunk):
             h = hidden[rows]
-            logits = chunk_logits(h, weight, bias, out=buffer)
+            logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
             grad = cfg.ops.logits_grad_(logits, labels[rows], lse[rows], coef_t[rows],
                                         None if coef_u is None else coef_u[rows], **cfg.op_kwargs())
             acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)
@@ -173,7 +186,9 @@ class FusedHeadInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, cfg: HeadConfig, coef_fn: CoefFn, needs_grad):
+    def forward(ctx, hidden, weight, bias, labels, cfg: HeadConfig, coef_fn: CoefFn, needs_grad, chunks=None):
+        """chunks: row slices to process (default: rows_per_chunk each); callers whose coefficients need whole
+        groups of rows (the pairs of a preference loss) pass slices aligned to the groups."""
         n_rows = hidden.shape[0]
         need_h, need_w, need_b = needs_grad
         acc = _GradAccumulator(hidden, weight, bias, need_h, need_w, need_b and bias is not None,
@@ -181,10 +196,11 @@ class FusedHeadInForward(torch.autograd.Function):
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else logp.new_empty(0)
         objective = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
-        for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
+        chunks = chunk_slices(n_rows, cfg.rows_per_chunk) if chunks is None else chunks
+        buffer = logits_buffer(hidden, weight, max((c.stop - c.start for c in chunks), default=1))
+        for rows in chunks:
             h = hidden[rows]
-            logits = chunk_logits(h, weight, bias, out=buffer)
+            logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
             terms = []
 
             def chunk_coefs(lp, ml, rows=rows):
@@ -211,4 +227,4 @@ class FusedHeadInForward(torch.autograd.Function):
         acc: _GradAccumulator = ctx.acc
         grad_hidden, grad_weight, grad_bias = acc.results(scale=grad_objective)
         ctx.acc = None  # release the buffers as soon as they are handed over
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None

@@ -5,6 +5,11 @@ A chunk is `logits [m, V]`: the matmul output `hidden_chunk @ weight.T (+ bias)`
 driver's scratch buffer: these functions may overwrite it (float32 chunks are transformed in place, which keeps the
 peak at one chunk). Work is done in float32 whatever the compute dtype.
 
+Layout: `logits` may be row-major (vocabulary contiguous) or the transposed view of a [V, m] buffer (tokens
+contiguous). The torch backend uses the second: on the CPU, `weight @ hidden.T` and the gradient matmuls that read
+a [V, m] buffer run about 8% faster than their row-major counterparts (bench/). Each function works on the
+contiguous buffer behind the view, reducing over its vocabulary dimension `vdim`.
+
 The logit transform, applied in this order (Gemma-2 caps the logits before any sampling temperature):
     z = softcap * tanh(x / softcap)   (when softcap is given)
     z = z / temperature
@@ -14,51 +19,78 @@ from __future__ import annotations
 import torch
 
 
-# Row blocks of about this many bytes stay in a core's L2 cache across the several elementwise passes of a softmax.
-ROW_BLOCK_BYTES = 1 << 20
+# Blocks of about this many bytes stay in a core's L2 cache across the several elementwise passes of a softmax.
+BLOCK_BYTES = 1 << 20
 
 
-def _row_blocks(n_rows: int, vocab: int) -> list[slice]:
-    step = max(1, ROW_BLOCK_BYTES // (4 * vocab))
-    return [slice(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+def _buffer(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The contiguous buffer behind z [m, V] and its vocabulary dimension (1: [m, V]; 0: [V, m])."""
+    if z.is_contiguous():
+        return z, 1
+    if z.t().is_contiguous():
+        return z.t(), 0
+    return z.contiguous(), 1
+
+
+def _blocks(buf: torch.Tensor) -> list[slice]:
+    """Slices along dim 0 of buf, about BLOCK_BYTES each."""
+    step = max(1, BLOCK_BYTES // (4 * buf.shape[1]))
+    return [slice(s, min(s + step, buf.shape[0])) for s in range(0, buf.shape[0], step)]
 
 
 def _transform(logits: torch.Tensor, inv_temperature: float, softcap: float | None, keep_tanh: bool = False):
-    """z [m, V] float32 (the input itself when float32, transformed in place), and tanh(x / softcap) when capped
-    and `keep_tanh` (the backward's chain rule needs it)."""
-    z = logits.float()
+    """(buf, vdim, tanh): the float32 logits after the transform as a contiguous buffer (the input's own memory
+    when float32), and tanh(x / softcap) when capped and `keep_tanh` (the backward's chain rule needs it)."""
+    buf, vdim = _buffer(logits.float())
     tanh = None
     if softcap is not None:
-        z.div_(softcap).tanh_()
-        tanh = z.clone() if keep_tanh else None
-        z.mul_(softcap)
+        buf.div_(softcap).tanh_()
+        tanh = buf.clone() if keep_tanh else None
+        buf.mul_(softcap)
     if inv_temperature != 1.0:
-        z.mul_(inv_temperature)
-    return z, tanh
+        buf.mul_(inv_temperature)
+    return buf, vdim, tanh
 
 
-def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrites z [m, V] with exp(z - rowmax); returns rowmax [m] and the row sums of the exponentials [m]."""
-    row_max = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
-    sum_exp = torch.empty_like(row_max)
-    for rows in _row_blocks(z.shape[0], z.shape[1]):
-        block = z[rows]
-        torch.amax(block, dim=-1, out=row_max[rows])
-        block.sub_(row_max[rows, None]).exp_()
-        torch.sum(block, dim=-1, out=sum_exp[rows])
+def _per_token(values: torch.Tensor, vdim: int) -> torch.Tensor:
+    """values [m] shaped to broadcast against the buffer."""
+    return values.unsqueeze(vdim)
+
+
+def _gather(buf: torch.Tensor, vdim: int, labels: torch.Tensor) -> torch.Tensor:
+    return buf.gather(vdim, labels.unsqueeze(vdim)).squeeze(vdim)
+
+
+def _exp_shifted_(buf: torch.Tensor, vdim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrites buf with exp(z - max_v z); returns the per-token max [m] and sum of the exponentials [m]."""
+    if vdim == 1:  # token rows: each block of rows is finished while it is in cache
+        row_max = torch.empty(buf.shape[0], dtype=torch.float32, device=buf.device)
+        sum_exp = torch.empty_like(row_max)
+        for rows in _blocks(buf):
+            block = buf[rows]
+            torch.amax(block, dim=1, out=row_max[rows])
+            block.sub_(row_max[rows, None]).exp_()
+            torch.sum(block, dim=1, out=sum_exp[rows])
+        return row_max, sum_exp
+    row_max = buf.amax(dim=0)  # vocabulary rows: the max needs a full pass first, then blocks accumulate the sum
+    sum_exp = torch.zeros_like(row_max)
+    for rows in _blocks(buf):
+        block = buf[rows]
+        block.sub_(row_max).exp_()
+        sum_exp.add_(block.sum(dim=0))
     return row_max, sum_exp
 
 
-def _finish_grad_(grad, labels, coef_target, coef_uniform, tanh, inv_temperature):
-    """grad holds -(A + B) * softmax; adds A * onehot + B / V and applies the transform's chain rule."""
-    grad.scatter_add_(1, labels[:, None], coef_target[:, None])
+def _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temperature):
+    """buf holds -(A + B) * softmax; adds A * onehot + B / V and applies the transform's chain rule."""
+    buf.scatter_add_(vdim, labels.unsqueeze(vdim), coef_target.unsqueeze(vdim))
     if coef_uniform is not None:
-        grad.add_((coef_uniform / grad.shape[1])[:, None])
+        buf.add_(_per_token(coef_uniform / buf.shape[vdim], vdim))
     if tanh is not None:
-        grad.mul_(tanh.square_().neg_().add_(1.0))  # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2
+        buf.mul_(tanh.square_().neg_().add_(1.0))  # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2
     if inv_temperature != 1.0:
-        grad.mul_(inv_temperature)
-    return grad
+        buf.mul_(inv_temperature)
+    return buf if vdim == 1 else buf.t()
 
 
 def logits_forward(
@@ -74,10 +106,10 @@ def logits_forward(
     logits [m, V] (consumed), labels [m] int64 in [0, V).
     Returns logp [m], lse [m], mean_logp [m] or None; all float32.
     """
-    z, _ = _transform(logits, inv_temperature, softcap)
-    target = z.gather(1, labels[:, None]).squeeze(1)
-    mean_z = z.mean(dim=-1) if with_mean_logp else None
-    row_max, sum_exp = _exp_shifted_(z)
+    buf, vdim, _ = _transform(logits, inv_temperature, softcap)
+    target = _gather(buf, vdim, labels)
+    mean_z = buf.mean(dim=vdim) if with_mean_logp else None
+    row_max, sum_exp = _exp_shifted_(buf, vdim)
     lse = row_max + sum_exp.log()
     return target - lse, lse, (mean_z - lse if with_mean_logp else None)
 
@@ -96,13 +128,17 @@ def logits_grad_(
 
     dz = A * onehot(label) + B / V - (A + B) * softmax(z), then through temperature and softcap.
     logits [m, V] is consumed (overwritten when float32); lse, coef_target (A), coef_uniform (B) [m] float32.
-    Returns grad_logits [m, V] float32 (may alias `logits`).
+    Returns grad_logits [m, V] float32, in the layout of `logits` (may alias it).
     """
-    z, tanh = _transform(logits, inv_temperature, softcap, keep_tanh=True)
+    buf, vdim, tanh = _transform(logits, inv_temperature, softcap, keep_tanh=True)
     total = coef_target if coef_uniform is None else coef_target + coef_uniform
-    for rows in _row_blocks(z.shape[0], z.shape[1]):
-        z[rows].sub_(lse[rows, None]).exp_().mul_(-total[rows, None])
-    return _finish_grad_(z, labels, coef_target, coef_uniform, tanh, inv_temperature)
+    shift, scale = _per_token(lse, vdim), _per_token(-total, vdim)
+    for rows in _blocks(buf):
+        if vdim == 1:
+            buf[rows].sub_(shift[rows]).exp_().mul_(scale[rows])
+        else:
+            buf[rows].sub_(shift).exp_().mul_(scale)
+    return _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temperature)
 
 
 def logits_forward_grad_(
@@ -119,17 +155,18 @@ def logits_forward_grad_(
     `coef_fn(logp [m], mean_logp [m] | None) -> (coef_target [m], coef_uniform [m] | None)` gives the upstream
     coefficients once the chunk's log-probs are known. Returns logp, lse, mean_logp, grad_logits [m, V] float32.
     """
-    z, tanh = _transform(logits, inv_temperature, softcap, keep_tanh=True)
-    target = z.gather(1, labels[:, None]).squeeze(1)
-    mean_z = z.mean(dim=-1) if with_mean_logp else None
-    row_max, sum_exp = _exp_shifted_(z)
+    buf, vdim, tanh = _transform(logits, inv_temperature, softcap, keep_tanh=True)
+    target = _gather(buf, vdim, labels)
+    mean_z = buf.mean(dim=vdim) if with_mean_logp else None
+    row_max, sum_exp = _exp_shifted_(buf, vdim)
     lse = row_max + sum_exp.log()
     logp = target - lse
     mean_logp = mean_z - lse if with_mean_logp else None
     coef_target, coef_uniform = coef_fn(logp, mean_logp)
     total = coef_target if coef_uniform is None else coef_target + coef_uniform
-    grad = z.mul_((-total / sum_exp)[:, None])
-    return logp, lse, mean_logp, _finish_grad_(grad, labels, coef_target, coef_uniform, tanh, inv_temperature)
+    buf.mul_(_per_token(-total / sum_exp, vdim))
+    grad = _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temperature)
+    return logp, lse, mean_logp, grad
 
 
 @torch.no_grad()
@@ -142,7 +179,7 @@ def logits_stats(
     top_k: int = 10,
 ) -> dict[str, torch.Tensor]:
     """Monitoring statistics per row of logits [m, V]; see `prefuse.kernels.stats.TokenStats` for the fields."""
-    z, _ = _transform(logits, inv_temperature, softcap)
+    z, _, _ = _transform(logits.contiguous(), inv_temperature, softcap)
     lse = torch.logsumexp(z, dim=-1)
     logp_all = z.sub_(lse[:, None])  # log-softmax, in place
     entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
