@@ -13,6 +13,7 @@ Two modes, chosen from the objective and the chunk budget (overridable with `mod
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,6 +25,20 @@ from prefuse.kernels.fused_head import FusedHeadInForward
 from prefuse.kernels.plan import MODES, make_plan
 from prefuse.kernels.rows import select_labeled_rows
 from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
+
+
+@dataclass
+class PairLayout:
+    """The labeled rows regrouped pair by pair for the in-forward mode.
+
+    hidden [M, H] and labels [M]: the rows, pair 0's chosen then rejected tokens, then pair 1's, ...;
+    sequence [M]: each row's sequence index in [0, 2B); chunks: row slices of whole pairs within the budget."""
+
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    sequence: torch.Tensor
+    chunks: list[slice]
+    plan: object
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -95,23 +110,23 @@ class PreferenceLoss(torch.nn.Module):
                                                    ref_bias, weight, bias, labels, batch, head)
         needs = _needs_grad(hidden, weight, bias)
         grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
-        chunks, rows = None, None
+        layout = None
         if any(needs) and self.mode != "recompute" and self.separable and not grad_inputs:
-            rows, chunks = self._pair_chunks(hidden, weight, labels, batch)
-        if chunks is None and any(needs) and self.mode == "in_forward":
+            layout = self._pair_layout(hidden, weight, labels, batch)
+        if layout is None and any(needs) and self.mode == "in_forward":
             raise ValueError(
                 f"mode: 'in_forward' needs separable objectives (got {self.names}, separable={self.separable}), "
                 f"extra inputs without gradient, and every pair within one chunk and the gradient buffers within "
                 f"grad_budget_bytes; use mode='auto' to fall back to recompute")
-        if chunks is None:
+        if layout is None:
             self.last_mode = "recompute" if any(needs) else "forward_only"
             token_logps = linear_logprobs(hidden, weight, labels, bias=bias,
                                           accumulate_fp32=self.accumulate_fp32, **head)
             seq = token_logps.sum(-1)
             return self._objective(seq[:batch], seq[batch:], ref_chosen, ref_rejected, counts, inputs)
         self.last_mode = "in_forward"
-        return self._in_forward(rows, chunks, hidden, weight, bias, batch, counts, ref_chosen, ref_rejected,
-                                inputs, needs)
+        return self._in_forward(layout, hidden, weight, bias, batch, counts, ref_chosen, ref_rejected, inputs,
+                                needs)
 
     def _reference(self, ref_chosen, ref_rejected, ref_hidden, ref_weight, ref_bias, weight, bias, labels, batch,
                    head):
@@ -131,9 +146,9 @@ class PreferenceLoss(torch.nn.Module):
                                   bias=None if ref_bias is None else ref_bias.detach(), **head).sum(-1)
         return seq[:batch], seq[batch:]
 
-    def _pair_chunks(self, hidden, weight, labels, batch):
+    def _pair_layout(self, hidden, weight, labels, batch) -> PairLayout | None:
         """Labeled rows ordered pair by pair (chosen then rejected), and chunks of whole pairs within the chunk
-        budget; (None, None) when a pair alone exceeds it or the gradient buffers exceed the grad budget."""
+        budget; None when a pair alone exceeds it or the gradient buffers exceed the grad budget."""
         rows = select_labeled_rows(hidden, labels, self.ignore_index)
         n_rows = rows.n_rows
         plan = make_plan(n_rows=n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
@@ -141,7 +156,7 @@ class PreferenceLoss(torch.nn.Module):
                          chunk_size=self.chunk_size, chunk_budget_bytes=self.chunk_budget_bytes,
                          grad_budget_bytes=self.grad_budget_bytes)
         if plan.mode != "in_forward" or n_rows == 0:
-            return None, None
+            return None
         seq_len = labels.shape[1]
         flat_index = rows.index if rows.index is not None else torch.arange(n_rows, device=labels.device)
         sequence = torch.div(flat_index, seq_len, rounding_mode="floor")
@@ -151,21 +166,18 @@ class PreferenceLoss(torch.nn.Module):
         chunks, start, size = [], 0, 0
         for count in pair_rows:
             if count > plan.rows_per_chunk:
-                return None, None
+                return None
             if size + count > plan.rows_per_chunk:
                 chunks.append(slice(start, start + size))
                 start, size = start + size, 0
             size += count
         if size:
             chunks.append(slice(start, start + size))
-        rows.hidden, rows.labels = rows.hidden[order], rows.labels[order]
-        rows.sequence = sequence[order]
-        rows.plan = plan
-        return rows, chunks
+        return PairLayout(rows.hidden[order], rows.labels[order], sequence[order], chunks, plan)
 
-    def _in_forward(self, rows, chunks, hidden, weight, bias, batch, counts, ref_chosen, ref_rejected, inputs,
-                    needs):
-        sequence = rows.sequence
+    def _in_forward(self, layout: PairLayout, hidden, weight, bias, batch, counts, ref_chosen, ref_rejected,
+                    inputs, needs):
+        sequence = layout.sequence
         n_seq = 2 * batch
 
         def per_pair(value, pairs):
@@ -192,10 +204,10 @@ class PreferenceLoss(torch.nn.Module):
             seq_grad[pairs], seq_grad[pairs + batch] = g_chosen.float(), g_rejected.float()
             return seq_grad[seq_ids], None
 
-        cfg = _config(rows.plan, resolve_backend(self.backend, hidden.device), self.temperature, self.softcap,
+        cfg = _config(layout.plan, resolve_backend(self.backend, hidden.device), self.temperature, self.softcap,
                       False, self.accumulate_fp32, None)
-        surrogate, token_logps, _ = FusedHeadInForward.apply(rows.hidden, weight, bias, rows.labels, cfg, coef_fn,
-                                                             needs, chunks)
+        surrogate, token_logps, _ = FusedHeadInForward.apply(layout.hidden, weight, bias, layout.labels, cfg,
+                                                             coef_fn, needs, layout.chunks)
         seq = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add_(0, sequence, token_logps)
         with torch.no_grad():
             loss, metrics = self._objective(seq[:batch], seq[batch:], ref_chosen, ref_rejected, counts, inputs)

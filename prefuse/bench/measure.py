@@ -53,15 +53,22 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+def _shape(task: str, n: int, h: int, v: int, batch: int) -> tuple:
+    """head: (N, H, V); preference: (B, T, H, V) with N = 2 * B * T tokens."""
+    return (n, h, v) if task == "head" else (batch, n // (2 * batch), h, v)
+
+
 def measure_here(path_name: str, n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,
-                 repeats: int) -> Measurement:
+                 repeats: int, batch: int = 1) -> Measurement:
     """Runs in the current process (call it in a fresh one)."""
-    from prefuse.bench.paths import PATHS, make_inputs
+    from prefuse.bench.paths import PATHS, make_task_inputs
 
     result = Measurement(path_name, n, h, v, dtype, device, ignore_frac)
     path = PATHS[path_name]
-    hidden, weight, labels = make_inputs(n, h, v, getattr(torch, dtype), device, ignore_frac)
-    step = path.make(hidden, weight, labels)
+    inputs = make_task_inputs(path.task, _shape(path.task, n, h, v, batch), getattr(torch, dtype), device,
+                              ignore_frac)
+    hidden, weight = inputs[0], inputs[1]
+    step = path.make(*inputs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(path.warmup):
         step()
@@ -100,22 +107,27 @@ def measure_here(path_name: str, n: int, h: int, v: int, dtype: str, device: str
 
 
 def measure(path_name: str, n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",
-            ignore_frac: float = 0.25, repeats: int = 3, timeout: float = 1800) -> Measurement:
-    """Measures in a fresh Python process; a failure is returned as `error`, not raised."""
-    out = _run_fresh("measure_here", [path_name, n, h, v, dtype, device, ignore_frac, repeats], timeout)
+            ignore_frac: float = 0.25, repeats: int = 3, batch: int = 1, timeout: float = 1800) -> Measurement:
+    """Measures in a fresh Python process; a failure is returned as `error`, not raised. n is the token count
+    (2 * batch * T for a preference path)."""
+    out = _run_fresh("measure_here", [path_name, n, h, v, dtype, device, ignore_frac, repeats, batch], timeout)
     if "error" in out and "path" not in out:
         return Measurement(path_name, n, h, v, dtype, device, ignore_frac, error=out["error"])
     return Measurement(**out)
 
 
 def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,
-                          rounds: int) -> dict[str, list[float]]:
+                          rounds: int, batch: int = 1) -> dict[str, list[float]]:
     """Seconds per forward+backward step of each path, `rounds` steps each, the paths taking turns."""
-    from prefuse.bench.paths import PATHS, make_inputs
+    from prefuse.bench.paths import PATHS, make_task_inputs
 
-    hidden, weight, labels = make_inputs(n, h, v, getattr(torch, dtype), device, ignore_frac)
+    tasks = {PATHS[p].task for p in paths}
+    if len(tasks) != 1:
+        raise ValueError(f"paths: {paths} mix tasks {tasks}; time one task at a time")
+    task = tasks.pop()
+    inputs = make_task_inputs(task, _shape(task, n, h, v, batch), getattr(torch, dtype), device, ignore_frac)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    steps = {p: PATHS[p].make(hidden, weight, labels) for p in paths}
+    steps = {p: PATHS[p].make(*inputs) for p in paths}
     for p in paths:
         for _ in range(PATHS[p].warmup):
             steps[p]()
@@ -131,9 +143,10 @@ def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, 
 
 
 def time_interleaved(paths: list[str], n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",
-                     ignore_frac: float = 0.25, rounds: int = 5, timeout: float = 3600) -> dict:
+                     ignore_frac: float = 0.25, rounds: int = 5, batch: int = 1, timeout: float = 3600) -> dict:
     """Runs `time_interleaved_here` in a fresh process; returns {path: [seconds, ...]} or {"error": text}."""
-    return _run_fresh("time_interleaved_here", [paths, n, h, v, dtype, device, ignore_frac, rounds], timeout)
+    return _run_fresh("time_interleaved_here", [paths, n, h, v, dtype, device, ignore_frac, rounds, batch],
+                      timeout)
 
 
 def _run_fresh(function: str, args: list, timeout: float):

@@ -1,7 +1,9 @@
-"""Benchmark paths: each builds a forward+backward step of a linear cross-entropy head at a shape.
+"""Benchmark paths: each builds a forward+backward step at a shape.
 
-A path is a function `make(hidden [N, H], weight [V, H], labels [N]) -> step()`; `step()` runs forward and
-backward and returns the loss. Peers are included only when their package imports (`available()`).
+Two tasks. "head": a linear cross-entropy head, `make(hidden [N, H], weight [V, H], labels [N]) -> step`, shape
+(N, H, V). "preference": a DPO loss (sigmoid, beta 0.1) with a reference model's hidden states,
+`make(hidden [2B, T, H], weight [V, H], labels [2B, T], ref_hidden [2B, T, H]) -> step`, shape (B, T, H, V).
+`step()` runs forward and backward and returns the loss. Peers are included only when their package imports.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class Path:
     devices: tuple[str, ...] = ("cpu", "cuda")
     requires: str | None = None  # module that must import
     warmup: int = 1  # compiled peers need their first call to compile
+    task: str = "head"
 
     def available(self, device: str) -> bool:
         if device not in self.devices:
@@ -83,6 +86,71 @@ def _liger(hidden, weight, labels):
 
 PATHS["liger_fused_linear_cross_entropy"] = Path("liger_fused_linear_cross_entropy", _liger, devices=("cuda",),
                                                  requires="liger_kernel")
+
+
+def _preference_step(loss_fn, hidden, weight):
+    def step():
+        hidden.grad = weight.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+def prefuse_preference(hidden, weight, labels, ref_hidden):
+    from prefuse.preference import PreferenceLoss
+
+    loss_fn = PreferenceLoss("sigmoid", beta=0.1)
+    return _preference_step(lambda: loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)[0], hidden, weight)
+
+
+def materialized_preference(hidden, weight, labels, ref_hidden):
+    """Full logits of policy and reference, log_softmax, gather, sum, DPO."""
+    def seq_logps(h):
+        logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+        keep = labels != -100
+        tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (tok * keep).sum(-1)
+
+    def loss():
+        batch = labels.shape[0] // 2
+        seq = seq_logps(hidden)
+        with torch.no_grad():
+            ref = seq_logps(ref_hidden)
+        return -F.logsigmoid(0.1 * ((seq[:batch] - ref[:batch]) - (seq[batch:] - ref[batch:]))).mean()
+    return _preference_step(loss, hidden, weight)
+
+
+def liger_dpo(hidden, weight, labels, ref_hidden):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    loss_fn = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True)
+
+    def loss():
+        out = loss_fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=weight.detach())
+        return out[0] if isinstance(out, tuple) else out
+    return _preference_step(loss, hidden, weight)
+
+
+PATHS.update({p.name: p for p in [
+    Path("prefuse_preference", prefuse_preference, task="preference"),
+    Path("materialized_preference", materialized_preference, task="preference"),
+    Path("liger_dpo", liger_dpo, requires="liger_kernel", task="preference", warmup=2),
+]})
+
+
+def make_task_inputs(task: str, shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int = 0):
+    """The inputs of a path of `task` at `shape` (see the module docstring)."""
+    if task == "head":
+        return make_inputs(*shape, dtype, device, ignore_frac, seed)
+    batch, length, h, v = shape
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * batch, length, h, generator=gen).to(dtype=dtype, device=device).requires_grad_()
+    ref_hidden = torch.randn(2 * batch, length, h, generator=gen).to(dtype=dtype, device=device)
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(dtype=dtype, device=device).requires_grad_()
+    labels = torch.randint(0, v, (2 * batch, length), generator=gen)
+    labels[:, : int(length * ignore_frac)] = -100  # the prompt
+    return hidden, weight, labels.to(device), ref_hidden
 
 
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, ignore_frac: float, seed: int = 0):
