@@ -31,10 +31,10 @@ from prefuse.kernels.validate import check_head_inputs, check_transform, resolve
 class PairLayout:
     """The labeled rows regrouped pair by pair for the in-forward mode.
 
-    hidden [M, H] and labels [M]: the rows, pair 0's chosen then rejected tokens, then pair 1's, ...;
-    sequence [M]: each row's sequence index in [0, 2B); chunks: row slices of whole pairs within the budget."""
+    index [M] (rows of the flattened hidden [2B * T, H]) and labels [M]: pair 0's chosen then rejected tokens,
+    then pair 1's, ...; sequence [M]: each row's sequence index in [0, 2B); chunks: slices of whole pairs."""
 
-    hidden: torch.Tensor
+    index: torch.Tensor
     labels: torch.Tensor
     sequence: torch.Tensor
     chunks: list[slice]
@@ -173,7 +173,7 @@ class PreferenceLoss(torch.nn.Module):
             size += count
         if size:
             chunks.append(slice(start, start + size))
-        return PairLayout(rows.hidden[order], rows.labels[order], sequence[order], chunks, plan)
+        return PairLayout(flat_index[order], rows.labels[order], sequence[order], chunks, plan)
 
     def _in_forward(self, layout: PairLayout, hidden, weight, bias, batch, counts, ref_chosen, ref_rejected,
                     inputs, needs):
@@ -206,8 +206,9 @@ class PreferenceLoss(torch.nn.Module):
 
         cfg = _config(layout.plan, resolve_backend(self.backend, hidden.device), self.temperature, self.softcap,
                       False, self.accumulate_fp32, None)
-        surrogate, token_logps, _ = FusedHeadInForward.apply(layout.hidden, weight, bias, layout.labels, cfg,
-                                                             coef_fn, needs, layout.chunks)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        surrogate, token_logps, _ = FusedHeadInForward.apply(flat_hidden, weight, bias, layout.labels,
+                                                             layout.index, cfg, coef_fn, needs, layout.chunks)
         seq = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add_(0, sequence, token_logps)
         with torch.no_grad():
             loss, metrics = self._objective(seq[:batch], seq[batch:], ref_chosen, ref_rejected, counts, inputs)

@@ -68,7 +68,7 @@ def linear_logprobs(
                      device=hidden.device, needs_grad=any(needs), upstream_known=False, mode="recompute",
                      chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes)
     cfg = _config(plan, backend, temperature, softcap, False, accumulate_fp32, block_v)
-    logp = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, cfg)
+    logp = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg)
     return rows.scatter(logp)
 
 
@@ -131,10 +131,11 @@ def linear_cross_entropy(
             coef_t = torch.full_like(logp, -(1.0 - smoothing) * scale)
             return coef_t, (torch.full_like(logp, -smoothing * scale) if smoothing > 0 else None)
 
-        loss, _, _ = FusedHeadInForward.apply(rows.hidden, weight, bias, rows.labels, cfg, coefs, needs)
+        loss, _, _ = FusedHeadInForward.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg, coefs,
+                                              needs)
         return loss
 
-    out = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, cfg)
+    out = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg)
     token_loss = -(1.0 - smoothing) * out[0] - smoothing * out[1] if smoothing > 0 else -out
     if reduction == "none":
         return rows.scatter(token_loss)

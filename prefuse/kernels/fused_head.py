@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from prefuse.kernels import torch_ops
+from prefuse.kernels.rows import gather_rows
 
 CoefFn = Callable[[slice, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
 
@@ -78,20 +79,24 @@ def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return torch.addmm(bias, hidden_chunk, weight.t(), out=target)
 
 
-def logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
-    """The scratch buffer of min(M, rows_per_chunk) * V elements that chunk_logits writes into."""
-    return torch.empty(min(hidden.shape[0], rows_per_chunk) * weight.shape[0], dtype=hidden.dtype,
-                       device=hidden.device)
+def logits_buffer(labels: torch.Tensor, weight: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
+    """The scratch buffer of min(M, rows_per_chunk) * V elements (labels [M]) that chunk_logits writes into."""
+    return torch.empty(min(labels.shape[0], rows_per_chunk) * weight.shape[0], dtype=weight.dtype,
+                       device=weight.device)
 
 
 class _GradAccumulator:
-    """Gradient buffers for hidden [M, H], weight [V, H] and bias [V]; one weight buffer for all chunks."""
+    """Gradient buffers for hidden [N, H], weight [V, H] and bias [V]; one weight buffer for all chunks.
+    With a row index, only the kept rows of grad_hidden are written (the others are zero)."""
 
-    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias, accumulate_fp32):
+    def __init__(self, hidden, index, weight, bias, need_hidden, need_weight, need_bias, accumulate_fp32):
         acc = torch.float32 if accumulate_fp32 and weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.weight_dtype = weight.dtype
         self.weight = weight
-        self.grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        self.index = index
+        self.grad_hidden = None
+        if need_hidden:
+            self.grad_hidden = torch.empty_like(hidden) if index is None else torch.zeros_like(hidden)
         # allocated, not zeroed: the first chunk writes it (saves a pass over V x H)
         self.grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         self.first = True
@@ -100,7 +105,10 @@ class _GradAccumulator:
     def add(self, rows: slice, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
         """grad_logits [m, V] in the compute dtype, hidden_chunk [m, H]."""
         if self.grad_hidden is not None:
-            torch.mm(grad_logits, self.weight, out=self.grad_hidden[rows])
+            if self.index is None:
+                torch.mm(grad_logits, self.weight, out=self.grad_hidden[rows])
+            else:
+                self.grad_hidden.index_copy_(0, self.index[rows], grad_logits @ self.weight)
         if self.grad_weight is not None:
             if self.grad_weight.dtype == grad_logits.dtype:
                 if self.first:
@@ -133,24 +141,25 @@ def _compute_dtype_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class FusedLogprobs(torch.autograd.Function):
-    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] -> logp [M] float32 (, mean_logp [M])."""
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [M], index [M] | None (the kept rows of hidden; None:
+    all N) -> logp [M] float32 (, mean_logp [M])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, cfg: HeadConfig):
-        n_rows = hidden.shape[0]
+    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig):
+        n_rows = labels.shape[0]
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else None
-        buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
+        buffer = logits_buffer(labels, weight, cfg.rows_per_chunk)
         for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
-            logits = chunk_logits(hidden[rows], weight, bias, out=buffer, columns=cfg.columns)
+            logits = chunk_logits(gather_rows(hidden, index, rows), weight, bias, out=buffer, columns=cfg.columns)
             lp, ls, ml = cfg.ops.logits_forward(logits, labels[rows], with_mean_logp=cfg.with_mean_logp,
                                                 **cfg.op_kwargs())
             logp[rows], lse[rows] = lp, ls
             if ml is not None:
                 mean_logp[rows] = ml
             del logits
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, index, lse)
         ctx.cfg = cfg
         if mean_logp is None:
             return logp
@@ -158,23 +167,23 @@ class FusedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_mean_logp=None):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, index, lse = ctx.saved_tensors
         cfg: HeadConfig = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = _GradAccumulator(hidden, weight, bias, need_h, need_w, need_b and bias is not None,
+        acc = _GradAccumulator(hidden, index, weight, bias, need_h, need_w, need_b and bias is not None,
                                cfg.accumulate_fp32)
         coef_t = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         coef_u = None if grad_mean_logp is None else grad_mean_logp.float().contiguous()
-        buffer = logits_buffer(hidden, weight, cfg.rows_per_chunk)
-        for rows in chunk_slices(hidden.shape[0], cfg.rows_per_chunk):
-            h = hidden[rows]
+        buffer = logits_buffer(labels, weight, cfg.rows_per_chunk)
+        for rows in chunk_slices(labels.shape[0], cfg.rows_per_chunk):
+            h = gather_rows(hidden, index, rows)
             logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
             grad = cfg.ops.logits_grad_(logits, labels[rows], lse[rows], coef_t[rows],
                                         None if coef_u is None else coef_u[rows], **cfg.op_kwargs())
             acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)
             del logits, grad
         grad_hidden, grad_weight, grad_bias = acc.results()
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 class FusedHeadInForward(torch.autograd.Function):
@@ -186,20 +195,22 @@ class FusedHeadInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, cfg: HeadConfig, coef_fn: CoefFn, needs_grad, chunks=None):
-        """chunks: row slices to process (default: rows_per_chunk each); callers whose coefficients need whole
-        groups of rows (the pairs of a preference loss) pass slices aligned to the groups."""
-        n_rows = hidden.shape[0]
+    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, coef_fn: CoefFn, needs_grad,
+                chunks=None):
+        """hidden [N, H], labels [M] and index [M] | None as in FusedLogprobs. chunks: slices of the M rows to
+        process (default: rows_per_chunk each); callers whose coefficients need whole groups of rows (the pairs
+        of a preference loss) pass slices aligned to the groups."""
+        n_rows = labels.shape[0]
         need_h, need_w, need_b = needs_grad
-        acc = _GradAccumulator(hidden, weight, bias, need_h, need_w, need_b and bias is not None,
+        acc = _GradAccumulator(hidden, index, weight, bias, need_h, need_w, need_b and bias is not None,
                                cfg.accumulate_fp32)
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else logp.new_empty(0)
         objective = torch.zeros((), dtype=torch.float64, device=hidden.device)
         chunks = chunk_slices(n_rows, cfg.rows_per_chunk) if chunks is None else chunks
-        buffer = logits_buffer(hidden, weight, max((c.stop - c.start for c in chunks), default=1))
+        buffer = logits_buffer(labels, weight, max((c.stop - c.start for c in chunks), default=1))
         for rows in chunks:
-            h = hidden[rows]
+            h = gather_rows(hidden, index, rows)
             logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
             terms = []
 
@@ -227,4 +238,4 @@ class FusedHeadInForward(torch.autograd.Function):
         acc: _GradAccumulator = ctx.acc
         grad_hidden, grad_weight, grad_bias = acc.results(scale=grad_objective)
         ctx.acc = None  # release the buffers as soon as they are handed over
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None

@@ -8,8 +8,9 @@ import torch
 
 @dataclass
 class LabeledRows:
-    """The rows of hidden that carry a label. hidden [M, H], labels [M] int64, index [M] into the N flat rows
-    (None when every row is kept, so no copy is made)."""
+    """The rows of hidden that carry a label, without copying them: hidden [N, H] (the caller's rows, flattened),
+    labels [M] int64 of the kept rows, index [M] of the kept rows among the N (None when every row is kept).
+    The head gathers each chunk's rows itself, so no [M, H] copy is held from forward to backward."""
 
     hidden: torch.Tensor
     labels: torch.Tensor | None
@@ -19,7 +20,7 @@ class LabeledRows:
 
     @property
     def n_rows(self) -> int:
-        return self.hidden.shape[0]
+        return self.n_total if self.index is None else self.index.shape[0]
 
     def scatter(self, values: torch.Tensor, fill=0) -> torch.Tensor:
         """values [M] -> [*shape], `fill` at ignored positions; differentiable with respect to values."""
@@ -34,13 +35,18 @@ def select_labeled_rows(hidden: torch.Tensor, labels: torch.Tensor | None, ignor
     shape = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     if labels is None:
-        return LabeledRows(flat.contiguous(), None, None, flat.shape[0], shape)
+        return LabeledRows(flat, None, None, flat.shape[0], shape)
     flat_labels = labels.reshape(-1).long()
     keep = flat_labels != ignore_index
     if bool(keep.all()):
-        return LabeledRows(flat.contiguous(), flat_labels.contiguous(), None, flat.shape[0], shape)
+        return LabeledRows(flat, flat_labels.contiguous(), None, flat.shape[0], shape)
     index = keep.nonzero().squeeze(1)
-    return LabeledRows(flat.index_select(0, index), flat_labels.index_select(0, index), index, flat.shape[0], shape)
+    return LabeledRows(flat, flat_labels.index_select(0, index), index, flat.shape[0], shape)
+
+
+def gather_rows(hidden: torch.Tensor, index: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    """hidden [N, H] -> the chunk `rows` of the kept rows [m, H] (a view when every row is kept)."""
+    return hidden[rows] if index is None else hidden.index_select(0, index[rows])
 
 
 def zero_connected(*tensors: torch.Tensor | None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from prefuse.kernels.fused_head import chunk_logits, chunk_slices
 from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, rows_for_budget
-from prefuse.kernels.rows import select_labeled_rows
+from prefuse.kernels.rows import gather_rows, select_labeled_rows
 from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
 
 
@@ -84,7 +84,7 @@ def linear_token_stats(
         extra = {}
     parts: dict[str, list[torch.Tensor]] = {}
     for sl in chunk_slices(rows.n_rows, rows_per_chunk):
-        logits = chunk_logits(rows.hidden[sl], weight, bias)
+        logits = chunk_logits(gather_rows(rows.hidden, rows.index, sl), weight, bias)
         chunk = ops.logits_stats(logits, None if rows.labels is None else rows.labels[sl],
                                  inv_temperature=1.0 / temperature, softcap=softcap, top_k=top_k, **extra)
         for name, value in chunk.items():
