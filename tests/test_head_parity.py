@@ -231,3 +231,26 @@ def test_triton_default_tile_at_32k_vocab():
     assert_close64(out, ref)
     for g, r in zip(grads(out, [hidden, weight, b]), grads(ref, [hidden, weight, b])):
         assert_close64(g, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_tiles_when_the_budget_is_small(backend):
+    """A 64 KB budget leaves 16 whole-vocabulary rows; the recompute path takes 64-row chunks over 256-wide
+    vocabulary tiles instead (the last one partial), with logsumexps merged across tiles."""
+    from prefuse.kernels.plan import make_plan
+
+    hidden, weight, labels, b = make_inputs(64, 16, 1000, bias=True, scale=2.0)
+    plan = make_plan(n_rows=int((labels != -100).sum()), hidden_size=16, vocab=1000, dtype=torch.float32,
+                     device=torch.device("cpu"), needs_grad=True, upstream_known=False, chunk_budget_bytes=64000)
+    assert plan.vocab_tile == 256 and plan.mode == "recompute"
+    kw = dict(chunk_budget_bytes=64000, **backend_kwargs(backend))
+    out = prefuse.linear_logprobs(hidden, weight, labels, bias=b, temperature=0.8, softcap=3.0, **kw)
+    ref = logprobs64(hidden, weight, labels, b, temperature=0.8, softcap=3.0)
+    assert_close64(out, ref)
+    for g, r in zip(grads(out, [hidden, weight, b]), grads(ref, [hidden, weight, b])):
+        assert_close64(g, r)
+    loss = prefuse.linear_cross_entropy(hidden, weight, labels, bias=b, reduction="none", label_smoothing=0.1, **kw)
+    ref = cross_entropy64(hidden, weight, labels, b, reduction="none", label_smoothing=0.1)
+    assert_close64(loss, ref)
+    for g, r in zip(grads(loss, [hidden, weight, b]), grads(ref, [hidden, weight, b])):
+        assert_close64(g, r)

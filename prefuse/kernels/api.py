@@ -22,7 +22,8 @@ def _needs_grad(*tensors) -> tuple[bool, bool, bool]:
 
 
 def _config(plan, backend, temperature, softcap, with_mean_logp, accumulate_fp32, block_v) -> HeadConfig:
-    return HeadConfig(rows_per_chunk=plan.rows_per_chunk, backend=backend, inv_temperature=1.0 / temperature,
+    return HeadConfig(rows_per_chunk=plan.rows_per_chunk, backend=backend, vocab_tile=plan.vocab_tile,
+                      inv_temperature=1.0 / temperature,
                       softcap=softcap, with_mean_logp=with_mean_logp, accumulate_fp32=accumulate_fp32,
                       block_v=block_v)
 

@@ -44,8 +44,8 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
                 "MEAN_LOGP": "*fp32", "V": "i32", "inv_temp": "fp32", "softcap": "fp32"}
     if kernel == "grad":
         return {"LOGITS": logits, "stride_row": "i32", "GRAD": logits, "stride_grad_row": "i32", "LABELS": "*i64",
-                "LSE": "*fp32", "COEF_T": "*fp32", "COEF_U": "*fp32", "V": "i32", "inv_temp": "fp32",
-                "softcap": "fp32"}
+                "LSE": "*fp32", "COEF_T": "*fp32", "COEF_U": "*fp32", "V": "i32", "inv_vocab": "fp32",
+                "inv_temp": "fp32", "softcap": "fp32"}
     if kernel == "stats":
         return {"LOGITS": logits, "stride_row": "i32", "LABELS": "*i64", "LSE": "*fp32", "ENTROPY": "*fp32",
                 "TOPK_MASS": "*fp32", "TOPK_ENT": "*fp32", "TOPK_ENT_UNNORM": "*fp32", "LOGP": "*fp32",

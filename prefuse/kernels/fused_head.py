@@ -30,6 +30,7 @@ class HeadConfig:
 
     rows_per_chunk: int
     backend: str = "torch"
+    vocab_tile: int | None = None  # recompute path only: tile the vocabulary of each row chunk
     inv_temperature: float = 1.0
     softcap: float | None = None
     with_mean_logp: bool = False  # also return mean_v logp (label smoothing)
@@ -60,6 +61,15 @@ def chunk_slices(n_rows: int, rows_per_chunk: int) -> list[slice]:
     return [slice(s, min(s + rows_per_chunk, n_rows)) for s in range(0, n_rows, rows_per_chunk)]
 
 
+def vocab_slices(vocab: int, tile: int | None) -> list[slice]:
+    """The vocabulary tiles: one whole-vocabulary slice when `tile` is None."""
+    return [slice(0, vocab)] if tile is None or tile >= vocab else chunk_slices(vocab, tile)
+
+
+def _tile(weight: torch.Tensor, bias: torch.Tensor | None, vocab: slice):
+    return weight[vocab], None if bias is None else bias[vocab]
+
+
 def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  out: torch.Tensor | None = None, columns: bool = False) -> torch.Tensor:
     """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype.
@@ -79,10 +89,32 @@ def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return torch.addmm(bias, hidden_chunk, weight.t(), out=target)
 
 
-def logits_buffer(labels: torch.Tensor, weight: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
-    """The scratch buffer of min(M, rows_per_chunk) * V elements (labels [M]) that chunk_logits writes into."""
-    return torch.empty(min(labels.shape[0], rows_per_chunk) * weight.shape[0], dtype=weight.dtype,
-                       device=weight.device)
+def logits_buffer(labels: torch.Tensor, weight: torch.Tensor, rows_per_chunk: int,
+                  width: int | None = None) -> torch.Tensor:
+    """The scratch buffer of min(M, rows_per_chunk) * width elements (labels [M]; width: the vocabulary tile,
+    default the whole vocabulary) that chunk_logits writes into."""
+    width = weight.shape[0] if width is None else width
+    return torch.empty(min(labels.shape[0], rows_per_chunk) * width, dtype=weight.dtype, device=weight.device)
+
+
+def _tiled_forward(hidden_chunk, labels, weight, bias, tiles, buffer, cfg: HeadConfig):
+    """logp, lse, mean_logp [m] of one row chunk from its vocabulary tiles: the tiles' logsumexps merge with
+    logaddexp; the label's logit comes from the tile that holds it (tile-local labels elsewhere match nothing)."""
+    vocab = weight.shape[0]
+    lse = target = sum_z = None
+    for tile in tiles:
+        w_tile, b_tile = _tile(weight, bias, tile)
+        logits = chunk_logits(hidden_chunk, w_tile, b_tile, out=buffer, columns=cfg.columns)
+        lp, ls, ml = cfg.ops.logits_forward(logits, labels - tile.start, with_mean_logp=cfg.with_mean_logp,
+                                            **cfg.op_kwargs())
+        in_tile = (labels >= tile.start) & (labels < tile.stop)
+        part = torch.where(in_tile, lp + ls, torch.zeros_like(lp))
+        target = part if target is None else target + part
+        lse = ls if lse is None else torch.logaddexp(lse, ls)
+        if ml is not None:
+            part_z = (ml + ls) * (tile.stop - tile.start)
+            sum_z = part_z if sum_z is None else sum_z + part_z
+    return target - lse, lse, (None if sum_z is None else sum_z / vocab - lse)
 
 
 class _GradAccumulator:
@@ -102,24 +134,31 @@ class _GradAccumulator:
         self.first = True
         self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
 
-    def add(self, rows: slice, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
-        """grad_logits [m, V] in the compute dtype, hidden_chunk [m, H]."""
+    def add(self, rows: slice, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor,
+            vocab: slice = slice(None)) -> None:
+        """grad_logits [m, Vt] in the compute dtype for the rows `rows` and the vocabulary tile `vocab` (the whole
+        vocabulary by default), hidden_chunk [m, H]. Row chunks visit the tiles in the same order, so the first
+        row chunk writes each tile of grad_weight and the first tile writes each row chunk of grad_hidden."""
+        first_rows, first_tile = rows.start == 0, vocab.start in (None, 0)
+        weight = self.weight[vocab]
         if self.grad_hidden is not None:
             if self.index is None:
-                torch.mm(grad_logits, self.weight, out=self.grad_hidden[rows])
+                out = self.grad_hidden[rows]
+                torch.mm(grad_logits, weight, out=out) if first_tile else out.addmm_(grad_logits, weight)
+            elif first_tile:
+                self.grad_hidden.index_copy_(0, self.index[rows], grad_logits @ weight)
             else:
-                self.grad_hidden.index_copy_(0, self.index[rows], grad_logits @ self.weight)
+                self.grad_hidden.index_add_(0, self.index[rows], grad_logits @ weight)
         if self.grad_weight is not None:
-            if self.grad_weight.dtype == grad_logits.dtype:
-                if self.first:
-                    torch.mm(grad_logits.t(), hidden_chunk, out=self.grad_weight)
-                else:
-                    self.grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+            out = self.grad_weight[vocab]
+            if out.dtype == grad_logits.dtype:
+                torch.mm(grad_logits.t(), hidden_chunk, out=out) if first_rows else out.addmm_(grad_logits.t(),
+                                                                                                 hidden_chunk)
             else:  # low-precision product per chunk, summed in float32 across chunks
                 product = grad_logits.t() @ hidden_chunk
-                self.grad_weight.copy_(product) if self.first else self.grad_weight.add_(product)
+                out.copy_(product) if first_rows else out.add_(product)
         if self.grad_bias is not None:
-            self.grad_bias.add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
+            self.grad_bias[vocab].add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
         self.first = False
 
     def results(self, scale: torch.Tensor | None = None):
@@ -150,15 +189,20 @@ class FusedLogprobs(torch.autograd.Function):
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else None
-        buffer = logits_buffer(labels, weight, cfg.rows_per_chunk)
+        vocab = weight.shape[0]
+        tiles = vocab_slices(vocab, cfg.vocab_tile)
+        buffer = logits_buffer(labels, weight, cfg.rows_per_chunk, tiles[0].stop - tiles[0].start)
         for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
-            logits = chunk_logits(gather_rows(hidden, index, rows), weight, bias, out=buffer, columns=cfg.columns)
-            lp, ls, ml = cfg.ops.logits_forward(logits, labels[rows], with_mean_logp=cfg.with_mean_logp,
-                                                **cfg.op_kwargs())
+            h, lab = gather_rows(hidden, index, rows), labels[rows]
+            if len(tiles) == 1:
+                logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
+                lp, ls, ml = cfg.ops.logits_forward(logits, lab, with_mean_logp=cfg.with_mean_logp,
+                                                    **cfg.op_kwargs())
+            else:
+                lp, ls, ml = _tiled_forward(h, lab, weight, bias, tiles, buffer, cfg)
             logp[rows], lse[rows] = lp, ls
             if ml is not None:
                 mean_logp[rows] = ml
-            del logits
         ctx.save_for_backward(hidden, weight, bias, labels, index, lse)
         ctx.cfg = cfg
         if mean_logp is None:
@@ -174,14 +218,18 @@ class FusedLogprobs(torch.autograd.Function):
                                cfg.accumulate_fp32)
         coef_t = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         coef_u = None if grad_mean_logp is None else grad_mean_logp.float().contiguous()
-        buffer = logits_buffer(labels, weight, cfg.rows_per_chunk)
+        tiles = vocab_slices(weight.shape[0], cfg.vocab_tile)
+        buffer = logits_buffer(labels, weight, cfg.rows_per_chunk, tiles[0].stop - tiles[0].start)
         for rows in chunk_slices(labels.shape[0], cfg.rows_per_chunk):
             h = gather_rows(hidden, index, rows)
-            logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
-            grad = cfg.ops.logits_grad_(logits, labels[rows], lse[rows], coef_t[rows],
-                                        None if coef_u is None else coef_u[rows], **cfg.op_kwargs())
-            acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)
-            del logits, grad
+            for vocab in tiles:
+                w_tile, b_tile = _tile(weight, bias, vocab)
+                logits = chunk_logits(h, w_tile, b_tile, out=buffer, columns=cfg.columns)
+                grad = cfg.ops.logits_grad_(logits, labels[rows] - vocab.start, lse[rows], coef_t[rows],
+                                            None if coef_u is None else coef_u[rows], vocab_size=weight.shape[0],
+                                            **cfg.op_kwargs())
+                acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h, vocab)
+                del logits, grad
         grad_hidden, grad_weight, grad_bias = acc.results()
         return grad_hidden, grad_weight, grad_bias, None, None, None
 

@@ -2,8 +2,10 @@
 
 Per chunk of m rows the head holds one logits buffer [m, V] in the compute dtype, reused by every chunk; float32
 chunks are worked on in place, bf16/fp16 chunks add a float32 working copy: V * itemsize (+ 4 * V) bytes per row.
-The default budget (96 MiB) was picked on the CPU at N=4096, H=1024, V=32000 fp32 (bench/): 784 rows per chunk is
-where the matmuls reach their full speed; larger chunks only add memory. The in-forward
+The in-forward mode needs whole-vocabulary rows: its default budget (96 MiB) was picked on the CPU at N=4096,
+H=1024, V=32000 fp32 (bench/), where 784 rows per chunk reach the matmuls' full speed. The recompute and
+forward-only paths tile the vocabulary (512 rows x budget-sized tiles), so their default is 8 MiB: as fast on the
+CPU (bench/) and a tenth of the memory. The in-forward
 gradient mode also holds grad_hidden [M, H] and a float32 grad_weight [V, H] from forward to backward; it is taken
 when the upstream gradient is known in forward and those buffers fit in `grad_budget_bytes`.
 """
@@ -14,15 +16,24 @@ from dataclasses import dataclass
 import torch
 
 MiB = 1 << 20
-DEFAULT_CHUNK_BUDGET_BYTES = 96 * MiB
+DEFAULT_CHUNK_BUDGET_BYTES = 96 * MiB  # in-forward mode: whole-vocabulary rows
+RECOMPUTE_CHUNK_BUDGET_BYTES = 8 * MiB  # recompute and forward-only: vocabulary tiles keep the matmuls wide
 CPU_GRAD_BUDGET_BYTES = 4096 * MiB
 MODES = ("auto", "recompute", "in_forward")
+
+
+# When a budget leaves fewer rows than this for whole-vocabulary chunks, the recompute path tiles the vocabulary
+# instead of shrinking the rows further: small row counts make the weight-gradient matmul re-read grad_weight
+# [V, H] once per chunk, tiles keep the matmuls wide while the buffer stays within the budget.
+TILE_ROWS = 512
+MIN_VOCAB_TILE = 256
 
 
 @dataclass(frozen=True)
 class Plan:
     rows_per_chunk: int
     mode: str  # "recompute" | "in_forward" | "forward_only"
+    vocab_tile: int | None = None  # None: whole-vocabulary chunks (the in-forward mode needs them)
 
 
 def rows_for_budget(vocab: int, itemsize: int, chunk_budget_bytes: int) -> int:
@@ -54,14 +65,22 @@ def make_plan(
     grad_budget_bytes: int | None = None,
 ) -> Plan:
     itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = chunk_size or rows_for_budget(vocab, itemsize, chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES)
+    chunk_budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES
+    rows = chunk_size or rows_for_budget(vocab, itemsize, chunk_budget)
     rows = max(1, min(rows, max(n_rows, 1)))
-    if not needs_grad:
-        return Plan(rows, "forward_only")
-    if mode == "recompute" or not upstream_known:
-        return Plan(rows, "recompute")
-    if mode == "in_forward":
-        return Plan(rows, "in_forward")
-    held = n_rows * hidden_size * itemsize + vocab * hidden_size * 4
-    budget = default_grad_budget(device) if grad_budget_bytes is None else grad_budget_bytes
-    return Plan(rows, "in_forward" if held <= budget else "recompute")
+    if needs_grad and mode != "recompute" and upstream_known:
+        held = n_rows * hidden_size * itemsize + vocab * hidden_size * 4
+        budget = default_grad_budget(device) if grad_budget_bytes is None else grad_budget_bytes
+        if mode == "in_forward" or held <= budget:
+            return Plan(rows, "in_forward")
+    kind = "recompute" if needs_grad else "forward_only"
+    if chunk_budget_bytes is None:
+        chunk_budget = RECOMPUTE_CHUNK_BUDGET_BYTES
+        rows = chunk_size or max(1, min(rows_for_budget(vocab, itemsize, chunk_budget), max(n_rows, 1)))
+    if chunk_size is None and rows < min(TILE_ROWS, n_rows):
+        tile_rows = min(TILE_ROWS, n_rows)
+        tile = rows_for_budget(tile_rows, itemsize, chunk_budget)  # the same formula, over columns
+        tile = max(MIN_VOCAB_TILE, tile - tile % MIN_VOCAB_TILE)
+        if tile < vocab:
+            return Plan(tile_rows, kind, vocab_tile=tile)
+    return Plan(rows, kind)

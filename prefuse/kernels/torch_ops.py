@@ -81,11 +81,18 @@ def _exp_shifted_(buf: torch.Tensor, vdim: int) -> tuple[torch.Tensor, torch.Ten
     return row_max, sum_exp
 
 
-def _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temperature):
-    """buf holds -(A + B) * softmax; adds A * onehot + B / V and applies the transform's chain rule."""
-    buf.scatter_add_(vdim, labels.unsqueeze(vdim), coef_target.unsqueeze(vdim))
+def _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temperature, vocab_size=None):
+    """buf holds -(A + B) * softmax; adds A * onehot + B / V and applies the transform's chain rule.
+    For a vocabulary tile, labels are tile-local (outside [0, width): no onehot term) and V is `vocab_size`."""
+    width = buf.shape[vdim]
+    in_tile = (labels >= 0) & (labels < width)
+    if bool(in_tile.all()):
+        buf.scatter_add_(vdim, labels.unsqueeze(vdim), coef_target.unsqueeze(vdim))
+    else:
+        src = torch.where(in_tile, coef_target, torch.zeros_like(coef_target))
+        buf.scatter_add_(vdim, labels.clamp(0, width - 1).unsqueeze(vdim), src.unsqueeze(vdim))
     if coef_uniform is not None:
-        buf.add_(_per_token(coef_uniform / buf.shape[vdim], vdim))
+        buf.add_(_per_token(coef_uniform / (vocab_size or width), vdim))
     if tanh is not None:
         buf.mul_(tanh.square_().neg_().add_(1.0))  # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2
     if inv_temperature != 1.0:
@@ -105,9 +112,14 @@ def logits_forward(
 
     logits [m, V] (consumed), labels [m] int64 in [0, V).
     Returns logp [m], lse [m], mean_logp [m] or None; all float32.
+    On a vocabulary tile with tile-local labels, a label outside the tile contributes a target logit of 0.
     """
     buf, vdim, _ = _transform(logits, inv_temperature, softcap)
-    target = _gather(buf, vdim, labels)
+    width = buf.shape[vdim]
+    in_tile = (labels >= 0) & (labels < width)
+    target = _gather(buf, vdim, labels.clamp(0, width - 1))
+    if not bool(in_tile.all()):
+        target = torch.where(in_tile, target, torch.zeros_like(target))
     mean_z = buf.mean(dim=vdim) if with_mean_logp else None
     row_max, sum_exp = _exp_shifted_(buf, vdim)
     lse = row_max + sum_exp.log()
@@ -123,12 +135,14 @@ def logits_grad_(
     *,
     inv_temperature: float = 1.0,
     softcap: float | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Gradient with respect to the raw logits of  sum_i A_i * logp_i + B_i * mean_logp_i.
 
     dz = A * onehot(label) + B / V - (A + B) * softmax(z), then through temperature and softcap.
     logits [m, V] is consumed (overwritten when float32); lse, coef_target (A), coef_uniform (B) [m] float32.
     Returns grad_logits [m, V] float32, in the layout of `logits` (may alias it).
+    A vocabulary tile [m, Vt] works the same with tile-local labels, the full row's lse and `vocab_size` = V.
     """
     buf, vdim, tanh = _transform(logits, inv_temperature, softcap, keep_tanh=True)
     total = coef_target if coef_uniform is None else coef_target + coef_uniform
@@ -138,7 +152,7 @@ def logits_grad_(
             buf[rows].sub_(shift[rows]).exp_().mul_(scale[rows])
         else:
             buf[rows].sub_(shift).exp_().mul_(scale)
-    return _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temperature)
+    return _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temperature, vocab_size)
 
 
 def logits_forward_grad_(

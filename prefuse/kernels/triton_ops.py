@@ -82,11 +82,12 @@ def _logits_forward_kernel(
 @triton.jit
 def _logits_grad_kernel(
     LOGITS, stride_row, GRAD, stride_grad_row, LABELS, LSE, COEF_T, COEF_U,
-    V, inv_temp, softcap,
+    V, inv_vocab, inv_temp, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """grad [m, V] of sum_i A_i logp_i + B_i mean_logp_i w.r.t. the raw logits; GRAD may alias LOGITS (each
-    element is read before the same program writes it)."""
+    element is read before the same program writes it). On a vocabulary tile V is the tile's width, labels are
+    tile-local and inv_vocab is 1 / (the whole vocabulary)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_row
     grad_ptr = GRAD + row * stride_grad_row
@@ -106,7 +107,7 @@ def _logits_grad_kernel(
         z = x * inv_temp
         grad = -(coef_t + coef_u) * tl.exp(z - lse) + tl.where(cols == label, coef_t, 0.0)
         if HAS_UNIFORM:
-            grad += coef_u / V
+            grad += coef_u * inv_vocab
         if HAS_SOFTCAP:
             grad = grad * (1.0 - t * t)
         grad = grad * inv_temp
@@ -211,7 +212,7 @@ def logits_forward(logits, labels, *, inv_temperature=1.0, softcap=None, with_me
 
 
 def logits_grad_(logits, labels, lse, coef_target, coef_uniform=None, *, inv_temperature=1.0, softcap=None,
-                 block_v=None):
+                 vocab_size=None, block_v=None):
     """Writes the gradient into `logits` (its dtype) and returns it."""
     m, vocab = logits.shape
     if m == 0:
@@ -220,7 +221,7 @@ def logits_grad_(logits, labels, lse, coef_target, coef_uniform=None, *, inv_tem
     _logits_grad_kernel[(m,)](
         logits, logits.stride(0), logits, logits.stride(0), labels, lse, coef_target,
         coef_target if coef_uniform is None else coef_uniform,
-        vocab, float(inv_temperature), _softcap_arg(softcap),
+        vocab, 1.0 / (vocab_size or vocab), float(inv_temperature), _softcap_arg(softcap),
         HAS_SOFTCAP=softcap is not None, HAS_UNIFORM=coef_uniform is not None, BLOCK_V=tile, num_warps=warps,
     )
     return logits

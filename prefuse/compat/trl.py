@@ -1,0 +1,174 @@
+"""TRL's `DPOTrainer` with prefuse computing its loss: `PrefuseDPOTrainer` is a drop-in subclass.
+
+    from prefuse.compat.trl import PrefuseDPOTrainer
+    trainer = PrefuseDPOTrainer(model=model, args=DPOConfig(loss_type="sigmoid", ...), train_dataset=pairs,
+                                processing_class=tokenizer, peft_config=LoraConfig(...))
+    trainer.train()
+
+The policy and the reference run only their decoders: `model(..., prefuse_hidden_states=True)` returns the last
+hidden states, and `PreferenceLoss` takes them through the lm_head chunk by chunk (no [tokens x vocab] logits).
+The call goes through the model's own forward, so PEFT, DDP and accelerate wrappers stay in the path. The
+reference is TRL's: the disabled (or "ref") adapter under PEFT, `ref_model` when given, or precomputed log-probs.
+
+Supported: every loss_type of TRL 1.16's DPO (one or several, with loss_weights), beta, label_smoothing,
+discopop_tau, f_divergence_type, f_alpha_divergence_coef, precompute_ref_log_probs. Logged: TRL's metric names
+(rewards/*, logps/*, logits/*, entropy, mean_token_accuracy, num_tokens); the token statistics take one extra
+forward-only pass of the fused head. Not supported (a ValueError says so): ld_alpha and use_weighting (they need
+per-token extras the loss does not compute), a router aux loss (MoE), vision inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from prefuse.algorithms import get_objective
+from prefuse.kernels import linear_logprobs, linear_token_stats
+from prefuse.preference import PreferenceLoss
+
+IGNORE_INDEX = -100
+NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+HIDDEN_FLAG = "prefuse_hidden_states"
+
+
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def add_hidden_states_forward(causal_lm: torch.nn.Module) -> None:
+    """Let `model(..., prefuse_hidden_states=True)` return the decoder's last hidden states [N, T, H], skipping the
+    lm_head. Patched on the causal LM itself so that calls through PEFT, DDP or accelerate wrappers reach it; any
+    forward patched before (TRL's fused head) serves the calls without the flag. Idempotent."""
+    if getattr(causal_lm, "_prefuse_hidden_forward", False):
+        return
+    inner_forward = causal_lm.forward
+
+    @functools.wraps(inner_forward)
+    def forward(*args, prefuse_hidden_states=False, **kwargs):
+        if not prefuse_hidden_states:
+            return inner_forward(*args, **kwargs)
+        # PEFT passes labels=None, return_dict=None, ...: the decoder needs none of them
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "labels"}
+        return causal_lm.base_model(*args, **kwargs).last_hidden_state
+
+    causal_lm.forward = forward
+    causal_lm._prefuse_hidden_forward = True
+
+
+def next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """labels [N, T]: labels[:, t] is input_ids[:, t + 1] where that token is a completion token (the hidden state
+    at t predicts it), IGNORE_INDEX elsewhere and at the last position."""
+    labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+class PrefuseDPOTrainer(DPOTrainer):
+    """`trl.DPOTrainer` whose loss and metrics come from prefuse's `PreferenceLoss` on hidden states."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.ld_alpha is not None or self.use_weighting:
+            raise ValueError("ld_alpha / use_weighting: not supported by PrefuseDPOTrainer (they need per-token "
+                             "extras that PreferenceLoss does not compute); use trl.DPOTrainer for them")
+        if self.aux_loss_enabled:
+            raise ValueError("router_aux_loss_coef: the MoE router aux loss is not supported by PrefuseDPOTrainer")
+        if self._is_vision_dataset:
+            raise ValueError("vision inputs are not supported by PrefuseDPOTrainer")
+        trl_options = {"label_smoothing": self.args.label_smoothing, "discopop_tau": self.args.discopop_tau,
+                       "f_divergence_type": self.args.f_divergence_type,
+                       "f_alpha_divergence_coef": self.args.f_alpha_divergence_coef}
+        accepted = set().union(*(get_objective(name).hparams for name in self.loss_types))
+        self.preference_loss = PreferenceLoss(self.loss_types, beta=self.beta, loss_weights=self.loss_weights,
+                                              **{k: v for k, v in trl_options.items() if k in accepted})
+
+    # -- the decoders ---------------------------------------------------------------------------------------------
+
+    def _hidden_states(self, model, model_kwargs, seq_len):
+        """The last hidden states [N, T, H] of `model` (policy or reference), without its lm_head."""
+        add_hidden_states_forward(causal_lm_of(self.accelerator.unwrap_model(model)))
+        hidden = model(**model_kwargs, **{HIDDEN_FLAG: True})
+        return hidden[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
+
+    def _reference_context(self):
+        """TRL's reference under PEFT: the "ref" adapter when loaded, else the adapters disabled."""
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def _reference_hidden_states(self, model_kwargs, seq_len):
+        """-> (hidden [N, T, H], lm_head) of the reference, without gradient."""
+        reference = self.model; self._reference_context = contextlib.nullcontext
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self._reference_context():
+            hidden = self._hidden_states(reference, model_kwargs, seq_len)
+        return hidden, causal_lm_of(self.accelerator.unwrap_model(reference)).get_output_embeddings()
+
+    @staticmethod
+    def _model_inputs(inputs):
+        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        return model_kwargs, next_token_labels(inputs["input_ids"], inputs["completion_mask"])
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-prob sums (chosen [B], rejected [B]) for precompute_ref_log_probs, through prefuse's head."""
+        model_kwargs, labels = self._model_inputs(inputs)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self._reference_context():
+            hidden = self._hidden_states(model, model_kwargs, labels.shape[1])
+            head = causal_lm_of(self.accelerator.unwrap_model(model)).get_output_embeddings()
+            logps = linear_logprobs(hidden, head.weight, labels, bias=head.bias).sum(-1)
+        return logps.chunk(2, dim=0)
+
+    # -- the loss -------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs, labels = self._model_inputs(inputs)
+        hidden = self._hidden_states(model, model_kwargs, labels.shape[1])
+        lm_head = causal_lm_of(self.accelerator.unwrap_model(model)).get_output_embeddings()
+        if self.precompute_ref_logps:
+            reference = {"ref_chosen_logps": inputs["ref_chosen_logps"],
+                         "ref_rejected_logps": inputs["ref_rejected_logps"]}
+        else:
+            ref_hidden, ref_head = self._reference_hidden_states(model_kwargs, labels.shape[1])
+            reference = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias}
+        loss, metrics = self.preference_loss(hidden, lm_head.weight, labels, bias=lm_head.bias, **reference)
+        self._log_metrics(mode, metrics, hidden.detach(), lm_head, labels, inputs)
+        if return_outputs:  # TRL's deprecated path for compute_metrics, which wants logits: one plain forward
+            with torch.no_grad():
+                return loss, model(**model_kwargs)
+        return loss
+
+    def _log_metrics(self, mode, metrics, hidden, lm_head, labels, inputs):
+        """TRL's metrics: the loss's (rewards/*, logps/*), then entropy, logits/* and mean_token_accuracy from one
+        forward-only pass of the fused head, and the token count."""
+        gather = self.accelerator.gather_for_metrics
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(gather(value.reshape(1)).mean().item())
+        with torch.no_grad():
+            stats = linear_token_stats(hidden, lm_head.weight, labels, bias=lm_head.bias, top_k=1)
+            # a token's mean logit over the vocabulary, without logits: (h . sum_v w_v + sum_v b_v) / V
+            column_sum = lm_head.weight.float().sum(0)
+            bias_sum = 0.0 if lm_head.bias is None else lm_head.bias.float().sum()
+            mean_logits = (hidden.float() @ column_sum + bias_sum) / lm_head.weight.shape[0]
+        mask = labels != IGNORE_INDEX
+        pairs = labels.shape[0] // 2
+        sums = {
+            "entropy": (stats.entropy[mask].sum(), mask.sum()),
+            "logits/chosen": (mean_logits[:pairs][mask[:pairs]].sum(), mask[:pairs].sum()),
+            "logits/rejected": (mean_logits[pairs:][mask[pairs:]].sum(), mask[pairs:].sum()),
+            "mean_token_accuracy": (stats.label_is_argmax[:pairs][mask[:pairs]].sum(), mask[:pairs].sum()),
+        }
+        for name, (total, count) in sums.items():  # token-weighted over all processes, as TRL
+            total, count = gather(total.float().reshape(1)).sum(), gather(count.reshape(1)).sum()
+            self._metrics[mode][name].append((total / count).item() if count > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum().reshape(1)).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
