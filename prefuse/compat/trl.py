@@ -104,7 +104,7 @@ class PrefuseDPOTrainer(DPOTrainer):
 
     def _reference_hidden_states(self, model_kwargs, seq_len):
         """-> (hidden [N, T, H], lm_head) of the reference, without gradient."""
-        reference = self.model; self._reference_context = contextlib.nullcontext
+        reference = self.ref_model if self.ref_model is not None else self.model
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             hidden = self._hidden_states(reference, model_kwargs, seq_len)
