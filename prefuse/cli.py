@@ -20,8 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Extra peak memory (a fresh process per path) and time (one fresh process, "
                                    "the paths taking turns) of one forward+backward of a linear cross-entropy head; "
                                    "prints a table, --json writes the records.")
-    p.add_argument("--shapes", nargs="+", default=None, metavar="NxHxV",
-                   help="token count x hidden size x vocabulary, e.g. 4096x1024x32000 (default: that one)")
+    p.add_argument("--task", default="head", choices=["head", "preference"],
+                   help="head: linear cross-entropy; preference: DPO with a reference model's hidden states")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
+                   help="head: NxHxV (tokens x hidden x vocabulary, default 4096x1024x32000); preference: BxTxHxV "
+                        "(pairs x sequence length x hidden x vocabulary, default 1x2048x1024x32000 4x512x1024x32000)")
     p.add_argument("--paths", nargs="+", default=None, help="subset of the installed paths")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -49,15 +52,18 @@ def _cuda() -> bool:
 def _bench(args) -> int:
     from prefuse.bench import report
 
-    shapes = report.QUICK_SHAPES if args.quick else report.DEFAULT_SHAPES
+    shapes = (report.QUICK_SHAPES if args.quick else report.DEFAULT_SHAPES)[args.task]
     if args.shapes:
+        dims = 3 if args.task == "head" else 4
         try:
             shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
-            assert all(len(s) == 3 for s in shapes)
+            assert all(len(s) == dims for s in shapes)
         except (ValueError, AssertionError):
-            print(f"--shapes: expected NxHxV like 4096x1024x32000, got {args.shapes}", file=sys.stderr)
+            example = "4096x1024x32000" if dims == 3 else "1x2048x1024x32000"
+            print(f"--shapes: expected {dims} numbers like {example} for --task {args.task}, got {args.shapes}",
+                  file=sys.stderr)
             return 2
-    installed = report.available_paths(args.device)
+    installed = report.available_paths(args.device, args.task)
     paths = args.paths or installed
     unknown = [p for p in paths if p not in installed]
     if unknown:

@@ -12,39 +12,44 @@ import torch
 from prefuse.bench.measure import Measurement, measure
 from prefuse.bench.paths import PATHS
 
-DEFAULT_SHAPES = [(4096, 1024, 32000)]
-QUICK_SHAPES = [(512, 128, 4096)]
+# head shapes are (N, H, V); preference shapes (B, T, H, V)
+DEFAULT_SHAPES = {"head": [(4096, 1024, 32000)], "preference": [(1, 2048, 1024, 32000), (4, 512, 1024, 32000)]}
+QUICK_SHAPES = {"head": [(512, 128, 4096)], "preference": [(2, 128, 128, 4096)]}
 
 
-def available_paths(device: str) -> list[str]:
-    return [name for name, path in PATHS.items() if path.available(device)]
+def available_paths(device: str, task: str = "head") -> list[str]:
+    return [name for name, path in PATHS.items() if path.available(device) and path.task == task]
 
 
-def run(paths: list[str], shapes: list[tuple[int, int, int]], *, dtype: str = "float32", device: str = "cpu",
+def run(paths: list[str], shapes: list[tuple[int, ...]], *, dtype: str = "float32", device: str = "cpu",
         ignore_frac: float = 0.25, rounds: int = 5, log=print) -> list[dict]:
     """For each shape: the extra peak memory of every path (fresh process each), then the time of every path from
     one fresh process where the paths take turns for `rounds` steps. One record per (shape, path)."""
     from prefuse.bench.measure import time_interleaved
 
     records = []
-    for n, h, v in shapes:
+    for shape in shapes:
+        batch = shape[0] if len(shape) == 4 else 1
+        n, h, v = (2 * shape[0] * shape[1], *shape[2:]) if len(shape) == 4 else shape
+        label = "x".join(map(str, shape))
         memory = {}
         for p in paths:
-            m = measure(p, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac, repeats=0)
+            m = measure(p, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac, repeats=0, batch=batch)
             memory[p] = m
-            log(f"  N={n} H={h} V={v}  {p:28s} " + (m.error or f"extra peak {m.peak_extra_mib:.0f} MiB"))
+            log(f"  {label}  {p:28s} " + (m.error or f"extra peak {m.peak_extra_mib:.0f} MiB"))
         ok = [p for p in paths if not memory[p].error]
         times = time_interleaved(ok, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac,
-                                 rounds=rounds) if ok else {}
+                                 rounds=rounds, batch=batch) if ok else {}
         for p in paths:
-            rec = {"path": p, "n": n, "h": h, "v": v, "dtype": dtype, "device": device, "ignore_frac": ignore_frac,
+            rec = {"path": p, "shape": label, "n": n, "h": h, "v": v, "batch": batch, "dtype": dtype,
+                   "device": device, "ignore_frac": ignore_frac,
                    "errors": [e for e in (memory[p].error, times.get("error")) if e]}
             if not memory[p].error:
                 rec.update(peak_extra_mib=memory[p].peak_extra_mib, loss=memory[p].loss)
             if p in times:
                 rec.update(rounds=len(times[p]), time_median_s=statistics.median(times[p]),
                            time_min_s=min(times[p]), time_max_s=max(times[p]))
-                log(f"  N={n} H={h} V={v}  {p:28s} median {rec['time_median_s']:.3f} s over {len(times[p])} steps")
+                log(f"  {label}  {p:28s} median {rec['time_median_s']:.3f} s over {len(times[p])} steps")
             records.append(rec)
     return records
 
@@ -55,20 +60,20 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def format_table(records: list[dict], baseline: str = "materialized") -> str:
-    lines = ["| N | H | V | path | extra peak MiB | time s (median) | spread s | x materialized time | "
-             "x materialized memory |", "|---|---|---|---|---|---|---|---|---|"]
+def format_table(records: list[dict]) -> str:
+    """Markdown table; ratios are against the materializing path of the same shape when it was measured."""
+    lines = ["| shape | path | extra peak MiB | time s (median) | spread s | x materialized time | "
+             "x materialized memory |", "|---|---|---|---|---|---|---|"]
     for rec in records:
-        base = next((r for r in records if r["path"] == baseline and (r["n"], r["h"], r["v"]) ==
-                     (rec["n"], rec["h"], rec["v"]) and "time_median_s" in r), None)
+        base = next((r for r in records if r["path"].startswith("materialized") and r["shape"] == rec["shape"]
+                     and "time_median_s" in r and "peak_extra_mib" in r), None)
         if "time_median_s" not in rec or "peak_extra_mib" not in rec:
-            lines.append(f"| {rec['n']} | {rec['h']} | {rec['v']} | {rec['path']} | error: "
-                         f"{rec['errors'][0][:60]} | | | | |")
+            lines.append(f"| {rec['shape']} | {rec['path']} | error: {rec['errors'][0][:60]} | | | | |")
             continue
         tr = f"{rec['time_median_s'] / base['time_median_s']:.2f}" if base else ""
         mr = f"{rec['peak_extra_mib'] / base['peak_extra_mib']:.2f}" if base else ""
-        lines.append(f"| {rec['n']} | {rec['h']} | {rec['v']} | {rec['path']} | {rec['peak_extra_mib']:.0f} | "
-                     f"{rec['time_median_s']:.3f} | {rec['time_min_s']:.3f}-{rec['time_max_s']:.3f} | {tr} | {mr} |")
+        lines.append(f"| {rec['shape']} | {rec['path']} | {rec['peak_extra_mib']:.0f} | {rec['time_median_s']:.3f} "
+                     f"| {rec['time_min_s']:.3f}-{rec['time_max_s']:.3f} | {tr} | {mr} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,29 @@
+"""`prefuse bench --quick` runs every installed path and writes sane numbers to its JSON."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from prefuse.bench.report import available_paths
+
+
+@pytest.mark.parametrize("task", ["head", "preference"])
+def test_bench_quick_writes_every_installed_path(task, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "prefuse", "bench", "--quick", "--task", task, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    records = {r["path"]: r for r in data["records"]}
+    assert set(records) == set(available_paths("cpu", task))
+    losses = []
+    for path, rec in records.items():
+        assert not rec["errors"], (path, rec["errors"])
+        assert 0 < rec["time_min_s"] <= rec["time_median_s"] <= rec["time_max_s"] < 60, path
+        assert 0 <= rec["peak_extra_mib"] < 1024, path
+        losses.append(rec["loss"])
+    # every path computes the same loss on the same inputs
+    assert max(losses) - min(losses) <= 1e-3 * max(1.0, abs(losses[0]))
+    assert data["command"].startswith("prefuse bench")
+    assert "| shape | path |" in proc.stdout
