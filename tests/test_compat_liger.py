@@ -26,6 +26,15 @@ CLASSES = ["LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss", "LigerFusedLine
            "LigerFusedLinearORPOLoss", "LigerFusedLinearKTOLoss"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the shapes are tiny: a second thread only adds contention on a busy 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_inputs(dtype, ignore_index=-100, rows=2 * B):
     """Random head inputs: hidden [rows, T, H], weight [V, H], bias [V], labels [rows, T] with a 2-token prompt
     ignored everywhere and padding on some rows; the reference is a perturbed copy of the policy."""

@@ -40,10 +40,8 @@ __all__ = [
 
 @dataclass
 class SequenceLogps:
-    """The head's output for a batch of sequences: token_logps [N, T] (float32, 0 at ignored labels), their sums [N]
-    and the labeled-token counts [N]."""
+    """Per-sequence sums [N] (float32) of the head's per-token log-probs and the labeled-token counts [N]."""
 
-    token_logps: torch.Tensor
     sums: torch.Tensor
     counts: torch.Tensor
 
@@ -55,19 +53,18 @@ class SequenceLogps:
 def sequence_logps(hidden, weight, labels, bias, ignore_index, head_options) -> SequenceLogps:
     """hidden [N, T, H], weight [V, H], labels [N, T] -> SequenceLogps, through prefuse's fused head."""
     token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, **head_options)
-    return SequenceLogps(token_logps, token_logps.sum(-1), (labels != ignore_index).sum(-1))
+    return SequenceLogps(token_logps.sum(-1), (labels != ignore_index).sum(-1))
 
 
 @torch.no_grad()
-def logits_sum(hidden, weight, bias) -> torch.Tensor:
-    """Sum of every logit of hidden [N, T, H] @ weight.T + bias (all positions, labeled or not), without logits.
-
-    The sum is linear: sum_t sum_v (h_t . w_v + b_v) = (sum_t h_t) . (sum_v w_v) + N*T * sum_v b_v. -> 0-d float32
+def row_logits_sums(hidden, weight, bias) -> torch.Tensor:
+    """Sum of every logit of each row of hidden [N, T, H] @ weight.T + bias (all positions, labeled or not), without
+    logits: the sum is linear, sum_t sum_v (h_t . w_v + b_v) = (sum_t h_t) . (sum_v w_v) + T * sum_v b_v. -> [N] fp64
     """
-    total = hidden.double().sum((0, 1)) @ weight.double().sum(0)
+    sums = hidden.sum(1, dtype=torch.float64) @ weight.sum(0, dtype=torch.float64)
     if bias is not None:
-        total = total + hidden.shape[0] * hidden.shape[1] * bias.double().sum()
-    return total.float()
+        sums = sums + hidden.shape[1] * bias.sum(dtype=torch.float64)
+    return sums
 
 
 def reference_logps(use_ref_model, ref_input, ref_weight, ref_bias, weight, bias, labels, ignore_index,
@@ -95,9 +92,8 @@ def paired_outputs(loss, logps, hidden, weight, bias, nll, rewards, *extra):
     rejected_logits_mean, nll_loss, chosen_rewards [B], rejected_rewards [B], *extra)); logps and rewards [2B]."""
     n_pairs = hidden.shape[0] // 2
     # Liger divides each side's logits sum by pairs x positions x vocabulary
-    denominator = n_pairs * hidden.shape[1] * weight.shape[0]
-    chosen_logits_mean = logits_sum(hidden[:n_pairs], weight, bias) / denominator
-    rejected_logits_mean = logits_sum(hidden[n_pairs:], weight, bias) / denominator
+    row_sums = row_logits_sums(hidden, weight, bias) / (n_pairs * hidden.shape[1] * weight.shape[0])
+    chosen_logits_mean, rejected_logits_mean = row_sums[:n_pairs].sum().float(), row_sums[n_pairs:].sum().float()
     logps, rewards = logps.detach(), rewards.detach()
     aux = (logps[:n_pairs], logps[n_pairs:], chosen_logits_mean, rejected_logits_mean, nll.detach(),
            rewards[:n_pairs], rewards[n_pairs:], *(t.detach() for t in extra))
@@ -295,12 +291,11 @@ class LigerFusedLinearKTOLoss(torch.nn.Module):
                               self.ignore_index, self.head_options, logps, self.average_log_prob)
         # KTO with a given reference point kl is unpaired APO-zero on the log-ratios shifted by kl: prefuse's
         # `kto` objective computes its own point (clamped at 0) from KL completions, Liger takes it as given
-        shifted_ref = ref if kl is None else ref + kl.detach().to(ref.dtype)
+        shifted_ref = ref if kl is None else ref + torch.as_tensor(kl).detach().to(ref)
         loss, _ = objective_loss("apo_zero_unpaired", policy_logps=logps, ref_logps=shifted_ref, labels=desirable,
                                  beta=self.beta)
         rewards = (self.beta * (logps - ref)).detach()
-        logps = logps.detach()
-        aux = (logps[desirable].sum(), logps[~desirable].sum(),
-               logits_sum(_input[desirable], lin_weight, bias), logits_sum(_input[~desirable], lin_weight, bias),
-               rewards[desirable].sum(), rewards[~desirable].sum())
+        logps, logits_sums = logps.detach(), row_logits_sums(_input, lin_weight, bias)
+        aux = tuple(value[side].sum().float() for value in (logps, logits_sums, rewards)
+                    for side in (desirable, ~desirable))
         return loss, aux

@@ -90,10 +90,13 @@ class PrefuseDPOTrainer(DPOTrainer):
     # -- the decoders ---------------------------------------------------------------------------------------------
 
     def _hidden_states(self, model, model_kwargs, seq_len):
-        """The last hidden states [N, T, H] of `model` (policy or reference), without its lm_head."""
-        add_hidden_states_forward(causal_lm_of(self.accelerator.unwrap_model(model)))
+        """The last hidden states [N, T, H] of `model` (policy or reference), without its lm_head, in the dtype of
+        its lm_head weight (under mixed precision the decoder may end in another one)."""
+        causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
+        add_hidden_states_forward(causal_lm)
         hidden = model(**model_kwargs, **{HIDDEN_FLAG: True})
-        return hidden[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
+        # prompt-learning PEFT prepends virtual tokens
+        return hidden[:, -seq_len:].to(causal_lm.get_output_embeddings().weight.dtype)
 
     def _reference_context(self):
         """TRL's reference under PEFT: the "ref" adapter when loaded, else the adapters disabled."""
