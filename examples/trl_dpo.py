@@ -91,15 +91,16 @@ def dpo_config(cfg: Config, **overrides) -> DPOConfig:
     return DPOConfig(**{**options, **overrides})
 
 
-def make_trainer(cfg: Config, trainer_class=PrefuseDPOTrainer, model=None, tokenizer=None, pairs=None, **overrides):
-    """A DPO trainer on LoRA adapters of a tiny model (the reference: the adapters disabled)."""
+def make_trainer(cfg: Config, trainer_class=PrefuseDPOTrainer, model=None, tokenizer=None, pairs=None, ref_model=None,
+                 **overrides):
+    """A DPO trainer on LoRA adapters of a tiny model; the reference: `ref_model`, or the adapters disabled."""
     pairs = load_pairs(cfg) if pairs is None else pairs
     tokenizer = train_tokenizer(pairs, cfg.vocab_size) if tokenizer is None else tokenizer
     model = build_model(tokenizer, cfg) if model is None else model
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=["q_proj", "v_proj"],
                       lora_dropout=0.0, task_type="CAUSAL_LM")
-    return trainer_class(model=model, args=dpo_config(cfg, **overrides), train_dataset=Dataset.from_list(pairs),
-                         processing_class=tokenizer, peft_config=lora)
+    return trainer_class(model=model, ref_model=ref_model, args=dpo_config(cfg, **overrides),
+                         train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, peft_config=lora)
 
 
 def parse_args(argv: list[str] | None) -> Config:

@@ -1,10 +1,10 @@
 """examples/trl_dpo.py and prefuse.compat.trl.PrefuseDPOTrainer against TRL's own DPOTrainer.
 
-Same model, same data, same batch: the loss, the LoRA gradients and every logged metric equal TRL's within float32
-tolerance. The log-prob sums span ~-480 here, so their float32 rounding (~3e-5) reaches the loss as ~3e-6:
-loss and metrics within 1e-5 * max(1, |value|), rewards/* (beta times a difference of two such sums) within
-1e-5 * max(1, |value|, beta * |logps/chosen|), gradients within 1e-4 of the largest |gradient| (measured: 4e-6,
-2e-5 * beta, 6e-6).
+Same model, same data, same batch, in float32 (bf16=False): the loss, the LoRA gradients and every logged metric
+equal TRL's within float32 tolerance. The log-prob sums span ~-480 here, so their float32 rounding (~3e-5) reaches
+the loss as ~3e-6: loss and metrics within 1e-5 * max(1, |value|), rewards/* (beta times a difference of two such
+sums) within 1e-5 * max(1, |value|, beta * |logps/chosen|), gradients within 1e-4 of the largest |gradient|
+(measured: 4e-6, 2e-5 * beta, 6e-6). Under TRL's default bf16 mixed precision, see the training-step test.
 """
 import importlib.util
 import sys
@@ -58,13 +58,19 @@ def close(got, want, scale=1.0):
     return abs(got - want) <= TOLERANCE * max(1.0, abs(want), scale)
 
 
-def twin_trainers(example, data, tmp_path, **overrides):
-    """PrefuseDPOTrainer and trl.DPOTrainer on identical models whose adapters are moved off zero (so the policy
-    differs from the reference), and one batch from the shared data."""
+def twin_trainers(example, data, tmp_path, separate_reference=False, **overrides):
+    """PrefuseDPOTrainer and trl.DPOTrainer (float32 unless overridden) on identical models whose adapters are moved
+    off zero (so the policy differs from the reference), and one batch from the shared data. The reference: the
+    adapters disabled, or with `separate_reference` another model (another initialization)."""
     pairs, tokenizer = data
     cfg = example.Config(output_dir=str(tmp_path))
-    ours, theirs = (example.make_trainer(cfg, cls, model=example.build_model(tokenizer, cfg), tokenizer=tokenizer,
-                                         pairs=pairs, **overrides) for cls in (PrefuseDPOTrainer, trl.DPOTrainer))
+    reference_cfg = example.Config(seed=cfg.seed + 1)
+    overrides = {"bf16": False, **overrides}
+    ours, theirs = (
+        example.make_trainer(cfg, cls, model=example.build_model(tokenizer, cfg), tokenizer=tokenizer, pairs=pairs,
+                             ref_model=example.build_model(tokenizer, reference_cfg) if separate_reference else None,
+                             **overrides)
+        for cls in (PrefuseDPOTrainer, trl.DPOTrainer))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in ours.model.named_parameters():
@@ -77,12 +83,13 @@ def twin_trainers(example, data, tmp_path, **overrides):
 
 @pytest.mark.parametrize("overrides", [
     dict(),
+    dict(separate_reference=True),
     dict(loss_type="ipo", beta=0.5),
     dict(loss_type="robust", label_smoothing=0.1),
     dict(loss_type=["sigmoid", "sft"], loss_weights=[0.7, 0.3]),
     dict(loss_type="aot"),
     dict(precompute_ref_log_probs=True),
-], ids=["sigmoid", "ipo", "robust", "sigmoid+sft", "aot", "precomputed_reference"])
+], ids=["sigmoid", "separate_reference_model", "ipo", "robust", "sigmoid+sft", "aot", "precomputed_reference"])
 def test_step0_loss_gradients_and_metrics_equal_trl(example, data, tmp_path, overrides):
     ours, theirs, batch = twin_trainers(example, data, tmp_path, **overrides)
     ours_loss = ours.compute_loss(ours.model, batch)
@@ -115,6 +122,35 @@ def test_reference_log_probs_equal_trl(example, data, tmp_path):
                          theirs.compute_ref_log_probs(theirs.model, batch)):
         assert got.shape == want.shape
         assert (got - want).abs().max() <= TOLERANCE * want.abs().max()
+
+
+@pytest.mark.parametrize("separate_reference", [False, True], ids=["adapters_disabled", "separate_reference_model"])
+def test_training_steps_match_trl_under_default_mixed_precision(example, data, tmp_path, separate_reference):
+    """TRL's default bf16=True: the decoders (policy and reference) run under accelerate's autocast as TRL's do
+    (TRL's head then computes in bf16, prefuse's in the float32 of the lm_head weight), and two real training steps
+    log the same values within bf16 tolerance (measured: loss 2e-4, margins 3e-4, relative logps 5e-6, grad_norm
+    6e-4)."""
+    ours, theirs, _ = twin_trainers(example, data, tmp_path, separate_reference, bf16=True, max_steps=2)
+    autocast_seen = {"policy decoder": [], "reference model": []}
+
+    def record(key):
+        return lambda module, args: autocast_seen[key].append(torch.is_autocast_enabled("cpu"))
+    ours.model.get_base_model().model.layers[0].mlp.register_forward_pre_hook(record("policy decoder"))
+    if separate_reference:
+        ours.ref_model.model.layers[0].mlp.register_forward_pre_hook(record("reference model"))
+    ours.train()
+    theirs.train()
+    calls = autocast_seen["policy decoder"] + autocast_seen["reference model"]
+    assert all(calls), autocast_seen
+    # policy and reference passes of both steps (gradient checkpointing adds recomputations of the policy)
+    assert len(calls) >= 4 and len(autocast_seen["reference model"]) == (2 if separate_reference else 0)
+    ours_steps, theirs_steps = ([entry for entry in t.state.log_history if "loss" in entry] for t in (ours, theirs))
+    assert len(ours_steps) == len(theirs_steps) == 2
+    for got, want in zip(ours_steps, theirs_steps):
+        assert abs(got["loss"] - want["loss"]) < 2e-3, (got["loss"], want["loss"])
+        assert abs(got["rewards/margins"] - want["rewards/margins"]) < 2e-3
+        assert abs(got["logps/chosen"] - want["logps/chosen"]) < 1e-4 * abs(want["logps/chosen"])
+        assert abs(got["grad_norm"] - want["grad_norm"]) < 2e-3 * want["grad_norm"]
 
 
 TRL_METRICS = {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",

@@ -15,6 +15,10 @@ discopop_tau, f_divergence_type, f_alpha_divergence_coef, precompute_ref_log_pro
 (rewards/*, logps/*, logits/*, entropy, mean_token_accuracy, num_tokens); the token statistics take one extra
 forward-only pass of the fused head. Not supported (a ValueError says so): ld_alpha and use_weighting (they need
 per-token extras the loss does not compute), a router aux loss (MoE), vision inputs.
+
+Mixed precision (TRL's default bf16=True): the decoders run under accelerate's autocast, as in TRL; the fused head
+then computes in the lm_head weight's dtype (float32 weights: a float32 head, where TRL's runs in bf16 under
+autocast), so the two agree to bf16 accuracy, and exactly to float32 accuracy with bf16=False.
 """
 from __future__ import annotations
 
@@ -91,10 +95,12 @@ class PrefuseDPOTrainer(DPOTrainer):
 
     def _hidden_states(self, model, model_kwargs, seq_len):
         """The last hidden states [N, T, H] of `model` (policy or reference), without its lm_head, in the dtype of
-        its lm_head weight (under mixed precision the decoder may end in another one)."""
+        its lm_head weight. The flag is handled outside accelerate's forward wrapper, so its autocast (bf16/fp16
+        mixed precision) is entered here, as TRL does for its reference pass."""
         causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
         add_hidden_states_forward(causal_lm)
-        hidden = model(**model_kwargs, **{HIDDEN_FLAG: True})
+        with self.accelerator.autocast():
+            hidden = model(**model_kwargs, **{HIDDEN_FLAG: True})
         # prompt-learning PEFT prepends virtual tokens
         return hidden[:, -seq_len:].to(causal_lm.get_output_embeddings().weight.dtype)
 
