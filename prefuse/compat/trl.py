@@ -8,8 +8,8 @@
 The policy and the reference run only their decoders: `model(..., prefuse_hidden_states=True)` returns the last
 hidden states, and `PreferenceLoss` takes them through the lm_head chunk by chunk (no [tokens x vocab] logits).
 The call goes through the model's own forward, so PEFT and DDP wrappers stay in the path (the tests run one
-process; DDP, FSDP and DeepSpeed are not exercised). The
-reference is TRL's: the disabled (or "ref") adapter under PEFT, `ref_model` when given, or precomputed log-probs.
+process; DDP, FSDP and DeepSpeed are not exercised). The reference is TRL's: the disabled (or "ref") adapter under
+PEFT, `ref_model` when given, or precomputed log-probs.
 
 Supported: every loss_type of TRL 1.16's DPO (one or several, with loss_weights), beta, label_smoothing,
 discopop_tau, f_divergence_type, f_alpha_divergence_coef, precompute_ref_log_probs. Logged: TRL's metric names
