@@ -21,7 +21,7 @@ import torch
 from prefuse.algorithms import get_objective, objective_loss
 from prefuse.kernels import linear_logprobs
 from prefuse.kernels.api import _config, _needs_grad
-from prefuse.kernels.fused_head import FusedHeadInForward
+from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs
 from prefuse.kernels.plan import MODES, make_plan
 from prefuse.kernels.rows import select_labeled_rows
 from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
@@ -106,8 +106,6 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"ref_hidden / ref_*_logps: {self.names} use no reference model; drop them")
         head = dict(ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
                     backend=self.backend, chunk_size=self.chunk_size, chunk_budget_bytes=self.chunk_budget_bytes)
-        ref_chosen, ref_rejected = self._reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
-                                                   ref_bias, weight, bias, labels, batch, head)
         needs = _needs_grad(hidden, weight, bias)
         grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
         layout = None
@@ -118,6 +116,10 @@ class PreferenceLoss(torch.nn.Module):
                 f"mode: 'in_forward' needs separable objectives (got {self.names}, separable={self.separable}), "
                 f"extra inputs without gradient, and every pair within one chunk and the gradient buffers within "
                 f"grad_budget_bytes; use mode='auto' to fall back to recompute")
+        # the reference goes through the same rows, chunks and reductions as the policy, so that a policy equal
+        # to its reference gives rewards of exactly 0
+        ref_chosen, ref_rejected = self._reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
+                                                   ref_bias, weight, bias, labels, batch, head, layout)
         if layout is None:
             self.last_mode = "recompute" if any(needs) else "forward_only"
             token_logps = linear_logprobs(hidden, weight, labels, bias=bias,
@@ -129,7 +131,7 @@ class PreferenceLoss(torch.nn.Module):
                                 needs)
 
     def _reference(self, ref_chosen, ref_rejected, ref_hidden, ref_weight, ref_bias, weight, bias, labels, batch,
-                   head):
+                   head, layout: PairLayout | None):
         if ref_hidden is None:
             if (ref_chosen is None) != (ref_rejected is None):
                 raise ValueError("ref_chosen_logps and ref_rejected_logps: pass both or neither")
@@ -141,10 +143,27 @@ class PreferenceLoss(torch.nn.Module):
                              f"{tuple(labels.shape)}")
         if ref_weight is None:
             ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+        ref_bias = None if ref_bias is None else ref_bias.detach()
         with torch.no_grad():
-            seq = linear_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
-                                  bias=None if ref_bias is None else ref_bias.detach(), **head).sum(-1)
+            if layout is None:
+                seq = linear_logprobs(ref_hidden.detach(), ref_weight.detach(), labels, bias=ref_bias,
+                                      **head).sum(-1)
+            else:
+                flat = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+                token_logps = FusedLogprobs.apply(flat, ref_weight.detach(), ref_bias, layout.labels, layout.index,
+                                                  self._head_config(layout, hidden=ref_hidden), layout.chunks)
+                seq = self._sequence_sums(layout, token_logps, 2 * batch)
         return seq[:batch], seq[batch:]
+
+    def _head_config(self, layout: PairLayout, hidden: torch.Tensor):
+        return _config(layout.plan, resolve_backend(self.backend, hidden.device), self.temperature, self.softcap,
+                       False, self.accumulate_fp32, None)
+
+    @staticmethod
+    def _sequence_sums(layout: PairLayout, token_logps: torch.Tensor, n_seq: int) -> torch.Tensor:
+        """token_logps [M] in the layout's row order -> per-sequence sums [2B]."""
+        return torch.zeros(n_seq, dtype=torch.float32, device=token_logps.device).index_add_(
+            0, layout.sequence, token_logps)
 
     def _pair_layout(self, hidden, weight, labels, batch) -> PairLayout | None:
         """Labeled rows ordered pair by pair (chosen then rejected), and chunks of whole pairs within the chunk
@@ -204,12 +223,11 @@ class PreferenceLoss(torch.nn.Module):
             seq_grad[pairs], seq_grad[pairs + batch] = g_chosen.float(), g_rejected.float()
             return seq_grad[seq_ids], None
 
-        cfg = _config(layout.plan, resolve_backend(self.backend, hidden.device), self.temperature, self.softcap,
-                      False, self.accumulate_fp32, None)
+        cfg = self._head_config(layout, hidden)
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         surrogate, token_logps, _ = FusedHeadInForward.apply(flat_hidden, weight, bias, layout.labels,
                                                              layout.index, cfg, coef_fn, needs, layout.chunks)
-        seq = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add_(0, sequence, token_logps)
+        seq = self._sequence_sums(layout, token_logps, n_seq)
         with torch.no_grad():
             loss, metrics = self._objective(seq[:batch], seq[batch:], ref_chosen, ref_rejected, counts, inputs)
         # value of the objective, gradient formed in forward (the surrogate's gradient is the objective's)

@@ -178,3 +178,14 @@ def test_bad_arguments_raise_clear_errors():
         PreferenceLoss("simpo")(hidden, weight, labels, ref_hidden=ref_hidden)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         PreferenceLoss("sigmoid")(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("mode", ["in_forward", "recompute"])
+def test_policy_equal_to_reference_gives_exactly_zero_rewards(mode):
+    """The reference runs through the same rows, chunks and reductions as the policy (step 0 of LoRA training)."""
+    hidden, weight, labels, _ = make_batch(pairs=3, dtype=torch.float32)
+    loss_fn = PreferenceLoss("sigmoid", mode=mode, chunk_size=None if mode == "recompute" else 40)
+    loss, metrics = loss_fn(hidden, weight, labels, ref_hidden=hidden.detach().clone())
+    assert loss_fn.last_mode == mode
+    assert metrics["rewards/chosen"] == 0 and metrics["rewards/rejected"] == 0
+    assert metrics["rewards/accuracies"] == 0 and metrics["rewards/margins"] == 0

@@ -184,15 +184,19 @@ class FusedLogprobs(torch.autograd.Function):
     all N) -> logp [M] float32 (, mean_logp [M])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig):
+    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None):
+        """chunks: slices of the M rows (default: rows_per_chunk each); a caller that needs results bitwise equal
+        to another pass over the same rows (a reference beside its policy) passes that pass's chunks."""
         n_rows = labels.shape[0]
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
         mean_logp = torch.empty_like(logp) if cfg.with_mean_logp else None
         vocab = weight.shape[0]
         tiles = vocab_slices(vocab, cfg.vocab_tile)
-        buffer = logits_buffer(labels, weight, cfg.rows_per_chunk, tiles[0].stop - tiles[0].start)
-        for rows in chunk_slices(n_rows, cfg.rows_per_chunk):
+        chunks = chunk_slices(n_rows, cfg.rows_per_chunk) if chunks is None else chunks
+        longest = max((c.stop - c.start for c in chunks), default=1)
+        buffer = logits_buffer(labels, weight, longest, tiles[0].stop - tiles[0].start)
+        for rows in chunks:
             h, lab = gather_rows(hidden, index, rows), labels[rows]
             if len(tiles) == 1:
                 logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
@@ -231,7 +235,7 @@ class FusedLogprobs(torch.autograd.Function):
                 acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h, vocab)
                 del logits, grad
         grad_hidden, grad_weight, grad_bias = acc.results()
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 class FusedHeadInForward(torch.autograd.Function):
