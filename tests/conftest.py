@@ -14,3 +14,28 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def chunk_rows(monkeypatch):
+    """Records the row count of every logits chunk the fused head computes (a spy on fused_head.chunk_logits)."""
+    from prefuse.kernels import fused_head
+
+    seen: list[int] = []
+    original = fused_head.chunk_logits
+
+    def spy(hidden_chunk, weight, bias, out=None, columns=False):
+        seen.append(hidden_chunk.shape[0])
+        return original(hidden_chunk, weight, bias, out=out, columns=columns)
+
+    monkeypatch.setattr(fused_head, "chunk_logits", spy)
+    return seen
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: a second thread only adds contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,13 +26,7 @@ CLASSES = ["LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss", "LigerFusedLine
            "LigerFusedLinearORPOLoss", "LigerFusedLinearKTOLoss"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the shapes are tiny: a second thread only adds contention on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(dtype, ignore_index=-100, rows=2 * B):

@@ -8,19 +8,11 @@ import pytest
 import torch
 
 import prefuse
-from prefuse.kernels import fused_head
 from tests.reference import make_inputs
 
 
-def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
-    seen = []
-    original = fused_head.chunk_logits
-
-    def spy(hidden_chunk, weight, bias, out=None, columns=False):
-        seen.append(hidden_chunk.shape[0])
-        return original(hidden_chunk, weight, bias, out=out, columns=columns)
-
-    monkeypatch.setattr(fused_head, "chunk_logits", spy)
+def test_ignored_rows_are_dropped_before_the_matmul(chunk_rows):
+    seen = chunk_rows
     hidden, weight, labels, _ = make_inputs(100, 8, 50, ignore_frac=0.4)
     kept = int((labels != -100).sum())
     loss = prefuse.linear_cross_entropy(hidden, weight, labels, mode="recompute", chunk_size=16)

@@ -31,13 +31,7 @@ def load_example():
     return module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 threads on a busy 2-core machine make the tiny matmuls ~100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

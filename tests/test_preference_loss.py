@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import prefuse
-from prefuse.kernels import fused_head
 from prefuse.preference import PreferenceLoss
 
 BACKENDS = [pytest.param("torch"), pytest.param("triton", marks=pytest.mark.interpreter)]
@@ -96,16 +95,9 @@ def test_precomputed_reference_log_probs_and_bias(mode):
         assert close(g, w)
 
 
-def test_in_forward_chunks_hold_whole_pairs_and_skip_the_recompute(monkeypatch):
+def test_in_forward_chunks_hold_whole_pairs_and_skip_the_recompute(chunk_rows):
     hidden, weight, labels, ref_hidden = make_batch(pairs=4, length=8)
-    calls = []
-    original = fused_head.chunk_logits
-
-    def spy(hidden_chunk, weight, bias, out=None, columns=False):
-        calls.append(hidden_chunk.shape[0])
-        return original(hidden_chunk, weight, bias, out=out, columns=columns)
-
-    monkeypatch.setattr(fused_head, "chunk_logits", spy)
+    calls = chunk_rows
     loss_fn = PreferenceLoss("sigmoid", mode="in_forward", chunk_size=20)
     loss, _ = loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)
     ref_rows = int((labels != -100).sum())

@@ -88,20 +88,11 @@ PATHS["liger_fused_linear_cross_entropy"] = Path("liger_fused_linear_cross_entro
                                                  requires="liger_kernel")
 
 
-def _preference_step(loss_fn, hidden, weight):
-    def step():
-        hidden.grad = weight.grad = None
-        loss = loss_fn()
-        loss.backward()
-        return loss.detach()
-    return step
-
-
 def prefuse_preference(hidden, weight, labels, ref_hidden):
     from prefuse.preference import PreferenceLoss
 
     loss_fn = PreferenceLoss("sigmoid", beta=0.1)
-    return _preference_step(lambda: loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)[0], hidden, weight)
+    return _step(lambda: loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)[0], hidden, weight)
 
 
 def materialized_preference(hidden, weight, labels, ref_hidden):
@@ -118,7 +109,7 @@ def materialized_preference(hidden, weight, labels, ref_hidden):
         with torch.no_grad():
             ref = seq_logps(ref_hidden)
         return -F.logsigmoid(0.1 * ((seq[:batch] - ref[:batch]) - (seq[batch:] - ref[batch:]))).mean()
-    return _preference_step(loss, hidden, weight)
+    return _step(loss, hidden, weight)
 
 
 def liger_dpo(hidden, weight, labels, ref_hidden):
@@ -129,7 +120,7 @@ def liger_dpo(hidden, weight, labels, ref_hidden):
     def loss():
         out = loss_fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=weight.detach())
         return out[0] if isinstance(out, tuple) else out
-    return _preference_step(loss, hidden, weight)
+    return _step(loss, hidden, weight)
 
 
 PATHS.update({p.name: p for p in [
