@@ -1,0 +1,1 @@
+"""prefuse.engine: the training engine (data, model, loop, checkpoints)."""
