@@ -61,3 +61,19 @@ def test_stats_have_no_gradient_and_k_equal_v_is_full_mass():
     mask = stats.mask
     assert torch.allclose(stats.topk_mass[mask], torch.ones(int(mask.sum())), atol=1e-6)
     assert torch.allclose(stats.topk_entropy[mask], stats.entropy[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_from_the_log_prob_pass(backend):
+    """linear_logprobs(return_stats=True) reads the statistics from the forward's own chunks; the log-probs and
+    their gradients are unchanged."""
+    hidden, weight, labels, b = make_inputs(20, 16, 300, bias=True, scale=3.0)
+    logp, stats = prefuse.linear_logprobs(hidden, weight, labels, bias=b, softcap=4.0, return_stats=True,
+                                          top_k=5, chunk_size=6, **kw(backend))
+    plain = prefuse.linear_logprobs(hidden, weight, labels, bias=b, softcap=4.0, chunk_size=6, **kw(backend))
+    assert torch.equal(logp, plain)
+    mask = labels != -100
+    check(stats, token_stats64(hidden, weight, labels, b, softcap=4.0, top_k=5), mask)
+    g1 = torch.autograd.grad(logp.sum(), [hidden, weight])
+    g2 = torch.autograd.grad(plain.sum(), [hidden, weight])
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))

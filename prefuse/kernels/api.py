@@ -6,11 +6,14 @@ memory for the head is O(rows_per_chunk x V + N x H), never O(N x V).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs, HeadConfig
 from prefuse.kernels.plan import MODES, make_plan
 from prefuse.kernels.rows import select_labeled_rows, zero_connected
+from prefuse.kernels.stats import TokenStats, assemble_stats
 from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -43,7 +46,9 @@ def linear_logprobs(
     accumulate_fp32: bool = True,
     check_finite: bool = False,
     block_v: int | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+    top_k: int = 10,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Per-token log-probability of `labels` under softmax(transform(hidden @ weight.T + bias)).
 
     hidden [..., H] (fp32, bf16, fp16 or fp64), weight [V, H] and bias [V] of the same dtype, labels [...] integer.
@@ -56,21 +61,30 @@ def linear_logprobs(
     (triton on CUDA tensors). chunk_size (rows per chunk) or chunk_budget_bytes (default 64 MiB) bound the logits
     held at once. accumulate_fp32: sum the weight gradient over chunks in float32 for bf16/fp16 inputs.
     check_finite: raise a ValueError when hidden holds NaN or Inf. block_v: Triton vocabulary tile override.
+    return_stats: also return the TokenStats of every labeled position (entropy, top-k mass with `top_k`, ...),
+    read from the same logits chunks in forward (no gradient; the chunks then span the whole vocabulary).
     """
     check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_finite=check_finite)
     check_transform(temperature, softcap)
     backend = resolve_backend(backend, hidden.device)
     rows = select_labeled_rows(hidden, labels, ignore_index)
     needs = _needs_grad(hidden, weight, bias)
+    if return_stats and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
     if rows.n_rows == 0:
-        return torch.zeros(rows.shape, dtype=torch.float32, device=hidden.device) + zero_connected(
+        logp = torch.zeros(rows.shape, dtype=torch.float32, device=hidden.device) + zero_connected(
             hidden, weight, bias)
+        return (logp, assemble_stats([], rows, with_labels=True)) if return_stats else logp
     plan = make_plan(n_rows=rows.n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
                      device=hidden.device, needs_grad=any(needs), upstream_known=False, mode="recompute",
-                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes)
+                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes, whole_vocab_rows=return_stats)
     cfg = _config(plan, backend, temperature, softcap, False, accumulate_fp32, block_v)
-    logp = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg)
-    return rows.scatter(logp)
+    if not return_stats:
+        return rows.scatter(FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg))
+    chunks: list = []
+    cfg = replace(cfg, stats_top_k=top_k)
+    logp = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg, None, chunks)
+    return rows.scatter(logp), assemble_stats(chunks, rows, with_labels=True)
 
 
 def linear_cross_entropy(

@@ -36,6 +36,7 @@ class HeadConfig:
     with_mean_logp: bool = False  # also return mean_v logp (label smoothing)
     accumulate_fp32: bool = True  # weight/bias gradients summed over chunks in float32
     block_v: int | None = None
+    stats_top_k: int | None = None  # also compute per-token statistics from the forward's chunks
 
     @property
     def ops(self):
@@ -184,9 +185,11 @@ class FusedLogprobs(torch.autograd.Function):
     all N) -> logp [M] float32 (, mean_logp [M])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None):
+    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None):
         """chunks: slices of the M rows (default: rows_per_chunk each); a caller that needs results bitwise equal
-        to another pass over the same rows (a reference beside its policy) passes that pass's chunks."""
+        to another pass over the same rows (a reference beside its policy) passes that pass's chunks.
+        stats_sink: a list that receives each chunk's statistics (dicts of [m] tensors, see TokenStats) when
+        cfg.stats_top_k is set; they are read from the same logits chunks (whole-vocabulary rows only)."""
         n_rows = labels.shape[0]
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -200,6 +203,9 @@ class FusedLogprobs(torch.autograd.Function):
             h, lab = gather_rows(hidden, index, rows), labels[rows]
             if len(tiles) == 1:
                 logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
+                if cfg.stats_top_k is not None:
+                    stats_sink.append(cfg.ops.logits_stats(logits, lab, top_k=cfg.stats_top_k,
+                                                           **cfg.op_kwargs()))
                 lp, ls, ml = cfg.ops.logits_forward(logits, lab, with_mean_logp=cfg.with_mean_logp,
                                                     **cfg.op_kwargs())
             else:
@@ -235,7 +241,7 @@ class FusedLogprobs(torch.autograd.Function):
                 acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h, vocab)
                 del logits, grad
         grad_hidden, grad_weight, grad_bias = acc.results()
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 class FusedHeadInForward(torch.autograd.Function):

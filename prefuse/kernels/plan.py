@@ -63,7 +63,9 @@ def make_plan(
     chunk_size: int | None = None,
     chunk_budget_bytes: int | None = None,
     grad_budget_bytes: int | None = None,
+    whole_vocab_rows: bool = False,
 ) -> Plan:
+    """whole_vocab_rows: never tile the vocabulary (per-token statistics need whole rows)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     chunk_budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES
     rows = chunk_size or rows_for_budget(vocab, itemsize, chunk_budget)
@@ -74,6 +76,8 @@ def make_plan(
         if mode == "in_forward" or held <= budget:
             return Plan(rows, "in_forward")
     kind = "recompute" if needs_grad else "forward_only"
+    if whole_vocab_rows:
+        return Plan(rows, kind)
     if chunk_budget_bytes is None:
         chunk_budget = RECOMPUTE_CHUNK_BUDGET_BYTES
         rows = chunk_size or max(1, min(rows_for_budget(vocab, itemsize, chunk_budget), max(n_rows, 1)))

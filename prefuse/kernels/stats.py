@@ -13,7 +13,7 @@ import torch
 
 from prefuse.kernels.fused_head import chunk_logits, chunk_slices
 from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, rows_for_budget
-from prefuse.kernels.rows import gather_rows, select_labeled_rows
+from prefuse.kernels.rows import LabeledRows, gather_rows, select_labeled_rows
 from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
 
 
@@ -82,20 +82,24 @@ def linear_token_stats(
     else:
         from prefuse.kernels import torch_ops as ops
         extra = {}
-    parts: dict[str, list[torch.Tensor]] = {}
+    chunks = []
     for sl in chunk_slices(rows.n_rows, rows_per_chunk):
         logits = chunk_logits(gather_rows(rows.hidden, rows.index, sl), weight, bias)
-        chunk = ops.logits_stats(logits, None if rows.labels is None else rows.labels[sl],
-                                 inv_temperature=1.0 / temperature, softcap=softcap, top_k=top_k, **extra)
-        for name, value in chunk.items():
-            parts.setdefault(name, []).append(value)
+        chunks.append(ops.logits_stats(logits, None if rows.labels is None else rows.labels[sl],
+                                       inv_temperature=1.0 / temperature, softcap=softcap, top_k=top_k, **extra))
+    return assemble_stats(chunks, rows, with_labels=labels is not None)
+
+
+def assemble_stats(chunks: list[dict[str, torch.Tensor]], rows: LabeledRows, with_labels: bool) -> TokenStats:
+    """Per-chunk statistics of the kept rows (in order) -> TokenStats shaped like the caller's labels."""
     names = ["logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized"]
-    if labels is not None:
+    if with_labels:
         names += ["logprobs", "label_is_argmax"]
+    device = rows.hidden.device
     result = {}
     for name in names:
         dtype = torch.bool if name == "label_is_argmax" else torch.float32
-        flat = torch.cat(parts[name]) if parts else torch.empty(0, dtype=dtype, device=hidden.device)
+        flat = torch.cat([c[name] for c in chunks]) if chunks else torch.empty(0, dtype=dtype, device=device)
         result[name] = rows.scatter(flat.to(dtype), fill=False if dtype == torch.bool else 0.0)
-    mask = rows.scatter(torch.ones(rows.n_rows, dtype=torch.bool, device=hidden.device), fill=False)
+    mask = rows.scatter(torch.ones(rows.n_rows, dtype=torch.bool, device=device), fill=False)
     return TokenStats(mask=mask, **result)

@@ -192,8 +192,12 @@ def logits_stats(
     softcap: float | None = None,
     top_k: int = 10,
 ) -> dict[str, torch.Tensor]:
-    """Monitoring statistics per row of logits [m, V]; see `prefuse.kernels.stats.TokenStats` for the fields."""
-    z, _, _ = _transform(logits.contiguous(), inv_temperature, softcap)
+    """Monitoring statistics per row of logits [m, V]; see `prefuse.kernels.stats.TokenStats` for the fields.
+    Reads `logits` without changing it (the same chunk may go on to the log-prob pass)."""
+    z = logits.contiguous().float()
+    if z.data_ptr() == logits.data_ptr():
+        z = z.clone()
+    z, _, _ = _transform(z, inv_temperature, softcap)
     lse = torch.logsumexp(z, dim=-1)
     logp_all = z.sub_(lse[:, None])  # log-softmax, in place
     entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
