@@ -44,7 +44,7 @@ def load_records(path: str | Path, split: str = "train", cache_dir: str | None =
         dataset = _load_saved(path, split)
         return dataset.add_column(WHERE_COLUMN, [f"{path}:{i}" for i in range(1, len(dataset) + 1)])
     builder = _builder_for(path)
-    json_lines = builder == "json" and path.suffix != ".json" and ".json" not in path.suffixes[-1:]
+    json_lines = ".jsonl" in path.suffixes
     try:
         dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
     except Exception as error:  # Arrow's schema errors come as several types; the line scan says which row

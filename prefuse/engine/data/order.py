@@ -1,0 +1,63 @@
+"""A deterministic, resumable order of batches.
+
+The permutation of an epoch depends only on (seed, epoch), so a run restored from `state_dict()` (a few ints) sees
+exactly the batches the interrupted run would have seen next.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sized
+
+import torch
+
+
+class PairBatches:
+    """Batches of example indices: `for indices in PairBatches(len(examples), batch_size=8, seed=0): ...`.
+
+    Each epoch is a fresh permutation (`shuffle=False`: the data's order) cut into batches of `batch_size`; the last
+    short batch is kept unless `drop_last`. Iterating yields the rest of the current epoch; once it has been served in
+    full, the next `iter()` starts the next epoch. `state_dict()` taken after receiving k batches of an epoch restores
+    to the batch k + 1."""
+
+    def __init__(self, examples: int | Sized, batch_size: int, seed: int = 0, epoch: int = 0,
+                 drop_last: bool = False, shuffle: bool = True):
+        self.num_examples = examples if isinstance(examples, int) else len(examples)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size, self.seed, self.drop_last, self.shuffle = batch_size, seed, drop_last, shuffle
+        self.epoch, self.position = epoch, 0  # position: batches of this epoch already handed out
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.num_examples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The example indices of `epoch` in the order they are served."""
+        if not self.shuffle:
+            return list(range(self.num_examples))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.position >= len(self):  # the current epoch was served in full: start the next one
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self.epoch_order(self.epoch)
+        while self.position < len(self):
+            start = self.position * self.batch_size
+            self.position += 1  # counted before the yield: a state taken now resumes after this batch
+            yield order[start:start + self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_examples": self.num_examples, "batch_size": self.batch_size, "drop_last": int(self.drop_last),
+                "shuffle": int(self.shuffle)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at `state`; the seed, data size and batching must match, or the order would silently differ."""
+        for key in ("seed", "num_examples", "batch_size", "drop_last", "shuffle"):
+            mine = int(getattr(self, key))
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"cannot resume: saved {key}={state[key]} but this run has {key}={mine}")
+        if not 0 <= int(state["position"]) <= len(self):
+            raise ValueError(f"cannot resume: position {state['position']} outside 0..{len(self)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

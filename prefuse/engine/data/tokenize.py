@@ -1,0 +1,176 @@
+"""Rows -> token ids: prompt ids and completion ids per example, truncated by a fixed policy.
+
+Text of the standard formats: the prompt is tokenized with the tokenizer's own special tokens (e.g. its BOS), each
+completion without them. Conversational formats go through the tokenizer's chat template: the prompt messages are
+rendered with `add_generation_prompt=True`, the completion is what rendering prompt + completion adds after that
+(tokenized without special tokens, since the template writes them). The tokenizer's EOS ends every completion: it is
+appended unless the completion already ends with it (trailing whitespace a template writes after its EOS is cut).
+
+Truncation policy, in this order:
+1. `max_prompt_length`: the prompt keeps its last `max_prompt_length` tokens (cut from the left: the text nearest
+   the response survives; a leading BOS is cut with the rest).
+2. `max_length` (prompt + completion): a prompt that leaves no room for one completion token is cut from the left
+   to `max_length - 1` tokens; then each completion keeps its first `max_length - len(prompt)` tokens (cut from the
+   right; a response cut short loses its EOS, since it did not end there). Chosen and rejected share the prompt.
+With `truncation=False` nothing is cut: a row over either limit is a bad row (kind `too_long`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+from prefuse.engine.data.errors import BadRow, RowProblem, SkippedRows
+from prefuse.engine.data.formats import UNPAIRED_FORMATS, RowIssue, RowParts, detect_format, split_row
+from prefuse.engine.data.loading import WHERE_COLUMN, row_problem
+
+
+@dataclass
+class TokenizedData:
+    """examples: per example `prompt_ids` and `chosen_ids` / `rejected_ids` (paired formats) or `completion_ids`
+    and `label` (unpaired), lists of ints, plus `where` (`<file>:<row>`); skipped: the rows left out."""
+
+    format: str
+    examples: list[dict[str, Any]]
+    skipped: SkippedRows = field(default_factory=SkippedRows)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: int | None = None,
+                         max_prompt_length: int | None = None, truncation: bool = True, skip_bad_rows: bool = False,
+                         fmt: str | None = None, source: str = "dataset") -> TokenizedData:
+    """Tokenize every row of `dataset` (format detected unless `fmt` is given) with a `transformers` tokenizer.
+
+    A bad row raises BadRow (a DataError) with `<file>:<row>: field '<name>': <what>` for the first bad row in
+    the data's order; with `skip_bad_rows=True` bad rows are left out and tallied in `.skipped`. `source` names
+    rows of a dataset that did not come from `load_records` (`<source>:<1-based row>`)."""
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a prompt token and a response token), got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
+    fmt = fmt or detect_format(dataset)
+    names = ["completion"] if fmt in UNPAIRED_FORMATS else ["chosen", "rejected"]
+    bad: dict[int, tuple[str, RowProblem]] = {}
+    wheres, parts = {}, {}
+    for index, row in enumerate(dataset):
+        wheres[index] = row.get(WHERE_COLUMN) or f"{source}:{index + 1}"
+        problem = row_problem(row)
+        if problem is None:
+            try:
+                parts[index] = split_row(row, fmt)
+            except RowIssue as issue:
+                problem = issue.problem
+        if problem is not None:
+            bad[index] = (wheres[index], problem)
+
+    if fmt.startswith("conversational"):
+        texts = _render_chat(tokenizer, parts, names, bad, wheres)
+    else:
+        texts = {i: (p.prompt, [p.completions[n] for n in names]) for i, p in parts.items()}
+    ids = _tokenize_texts(tokenizer, texts, prompt_special_tokens=not fmt.startswith("conversational"))
+
+    examples = []
+    for index, (prompt_ids, completion_ids) in ids.items():
+        try:
+            prompt_ids, completion_ids = truncate(prompt_ids, completion_ids, names, max_length, max_prompt_length,
+                                                  truncation)
+        except RowIssue as issue:
+            bad[index] = (wheres[index], issue.problem)
+            continue
+        example = {"prompt_ids": prompt_ids, **{f"{n}_ids": c for n, c in zip(names, completion_ids)}}
+        if fmt in UNPAIRED_FORMATS:
+            example["label"] = parts[index].label
+        example["where"] = wheres[index]
+        examples.append((index, example))
+
+    skipped = SkippedRows()
+    for index in sorted(bad):
+        if not skip_bad_rows:
+            raise BadRow(*bad[index])
+        skipped.add(*bad[index])
+    examples.sort(key=lambda pair: pair[0])
+    return TokenizedData(fmt, [example for _, example in examples], skipped)
+
+
+def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: dict, wheres: dict) -> dict:
+    """{index: (prompt text, [completion texts])} through the chat template; rows it rejects go to `bad`."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational data needs a tokenizer with a chat template")
+    eos = tokenizer.eos_token
+    texts = {}
+    for index, row in parts.items():
+        try:
+            prompt_text = _apply(tokenizer, row.prompt, add_generation_prompt=True)
+        except Exception as error:  # templates signal bad conversations with any exception (raise_exception)
+            bad[index] = (wheres[index], RowProblem("chat_template", "prompt", f"chat template: {error}"))
+            continue
+        completions = []
+        for name in names:
+            try:
+                full_text = _apply(tokenizer, row.prompt + row.completions[name], add_generation_prompt=False)
+            except Exception as error:
+                bad[index] = (wheres[index], RowProblem("chat_template", name, f"chat template: {error}"))
+                break
+            if not full_text.startswith(prompt_text):
+                bad[index] = (wheres[index], RowProblem(
+                    "chat_template", name, "the chat template does not render the prompt as a prefix of the "
+                    "prompt followed by this response"))
+                break
+            completion = full_text[len(prompt_text):]
+            if eos and completion.rstrip().endswith(eos):
+                completion = completion.rstrip()
+            completions.append(completion)
+        else:
+            texts[index] = (prompt_text, completions)
+    return texts
+
+
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _tokenize_texts(tokenizer, texts: dict, prompt_special_tokens: bool) -> dict:
+    """{index: (prompt ids, [completion ids, each ending with EOS])}, tokenized in batches."""
+    indices = list(texts)
+    if not indices:
+        return {}
+    prompts = tokenizer([texts[i][0] for i in indices], add_special_tokens=prompt_special_tokens)["input_ids"]
+    width = len(texts[indices[0]][1])
+    flat = [text for i in indices for text in texts[i][1]]
+    completions = tokenizer(flat, add_special_tokens=False)["input_ids"]
+    eos_id = tokenizer.eos_token_id
+    out = {}
+    for k, index in enumerate(indices):
+        pieces = []
+        for ids in completions[k * width:(k + 1) * width]:
+            ids = list(ids)
+            if eos_id is not None and (not ids or ids[-1] != eos_id):
+                ids.append(eos_id)
+            pieces.append(ids)
+        out[index] = (list(prompts[k]), pieces)
+    return out
+
+
+def truncate(prompt_ids: list[int], completion_ids: list[list[int]], names: list[str], max_length: int | None,
+             max_prompt_length: int | None, truncation: bool) -> tuple[list[int], list[list[int]]]:
+    """Apply the module's truncation policy to one example; raises RowIssue (too_long) when truncation is off."""
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        if not truncation:
+            raise RowIssue("too_long", "prompt", f"{len(prompt_ids)} tokens, over max_prompt_length="
+                                                 f"{max_prompt_length}")
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    if max_length is None:
+        return prompt_ids, completion_ids
+    if not truncation:
+        for name, ids in zip(names, completion_ids):
+            if len(prompt_ids) + len(ids) > max_length:
+                raise RowIssue("too_long", name, f"{len(prompt_ids) + len(ids)} tokens with the prompt, over "
+                                                 f"max_length={max_length}")
+        return prompt_ids, completion_ids
+    if len(prompt_ids) > max_length - 1:
+        prompt_ids = prompt_ids[-(max_length - 1):]
+    room = max_length - len(prompt_ids)
+    return prompt_ids, [ids[:room] for ids in completion_ids]
