@@ -20,8 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Extra peak memory (a fresh process per path) and time (one fresh process, "
                                    "the paths taking turns) of one forward+backward of a linear cross-entropy head; "
                                    "prints a table, --json writes the records.")
-    p.add_argument("--task", default="head", choices=["head", "preference"],
-                   help="head: linear cross-entropy; preference: DPO with a reference model's hidden states")
+    p.add_argument("--task", default="head", choices=["head", "logprobs", "preference"],
+                   help="head: linear cross-entropy; logprobs: per-token log-probs (backward of their sum); "
+                        "preference: DPO with a reference model's hidden states")
+    p.add_argument("--grid", action="store_true", help="the grid of shapes over V in {32000, 128256, 151936} "
+                                                       "and two token counts, instead of the default shapes")
+    p.add_argument("--plot", default=None, help="write PNG plots of memory and time against V and tokens here")
     p.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
                    help="head: NxHxV (tokens x hidden x vocabulary, default 4096x1024x32000); preference: BxTxHxV "
                         "(pairs x sequence length x hidden x vocabulary, default 1x2048x1024x32000 4x512x1024x32000)")
@@ -52,9 +56,10 @@ def _cuda() -> bool:
 def _bench(args) -> int:
     from prefuse.bench import report
 
-    shapes = (report.QUICK_SHAPES if args.quick else report.DEFAULT_SHAPES)[args.task]
+    shapes = (report.QUICK_SHAPES if args.quick else report.GRID_SHAPES if args.grid
+              else report.DEFAULT_SHAPES)[args.task]
     if args.shapes:
-        dims = 3 if args.task == "head" else 4
+        dims = 4 if args.task == "preference" else 3
         try:
             shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
             assert all(len(s) == dims for s in shapes)
@@ -74,6 +79,10 @@ def _bench(args) -> int:
     print(report.format_table(records))
     if args.json:
         report.save(records, args.json, "prefuse " + " ".join(sys.argv[1:]))
+    if args.plot:
+        from prefuse.bench.plots import plot_records
+
+        print("plots:", ", ".join(plot_records(records, args.plot)))
     return 1 if any(r["errors"] for r in records) else 0
 
 

@@ -8,7 +8,7 @@ import pytest
 from prefuse.bench.report import available_paths
 
 
-@pytest.mark.parametrize("task", ["head", "preference"])
+@pytest.mark.parametrize("task", ["head", "logprobs", "preference"])
 def test_bench_quick_writes_every_installed_path(task, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "prefuse", "bench", "--quick", "--task", task, "--json", str(out)],
@@ -27,3 +27,15 @@ def test_bench_quick_writes_every_installed_path(task, tmp_path):
     assert max(losses) - min(losses) <= 1e-3 * max(1.0, abs(losses[0]))
     assert data["command"].startswith("prefuse bench")
     assert "| shape | path |" in proc.stdout
+
+
+def test_plots_cover_vocabulary_and_tokens(tmp_path):
+    from prefuse.bench.plots import plot_records
+
+    records = [{"path": p, "n": n, "v": v, "peak_extra_mib": n * v / 1e5 * k, "time_median_s": n * v / 1e7 * k}
+               for k, p in ((1, "prefuse_torch"), (4, "materialized")) for n in (1024, 4096) for v in (32000, 128256)]
+    written = plot_records(records, str(tmp_path / "bench"))
+    assert sorted(written) == sorted([str(tmp_path / "bench_vs_tokens.png"), str(tmp_path / "bench_vs_vocab.png")])
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -55,7 +55,7 @@ def _reset_peak() -> None:
 
 def _shape(task: str, n: int, h: int, v: int, batch: int) -> tuple:
     """head: (N, H, V); preference: (B, T, H, V) with N = 2 * B * T tokens."""
-    return (n, h, v) if task == "head" else (batch, n // (2 * batch), h, v)
+    return (batch, n // (2 * batch), h, v) if task == "preference" else (n, h, v)
 
 
 def measure_here(path_name: str, n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,

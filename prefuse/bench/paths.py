@@ -1,7 +1,8 @@
 """Benchmark paths: each builds a forward+backward step at a shape.
 
-Two tasks. "head": a linear cross-entropy head, `make(hidden [N, H], weight [V, H], labels [N]) -> step`, shape
-(N, H, V). "preference": a DPO loss (sigmoid, beta 0.1) with a reference model's hidden states,
+Three tasks. "head": a linear cross-entropy head, `make(hidden [N, H], weight [V, H], labels [N]) -> step`, shape
+(N, H, V). "logprobs": per-token log-probs of the same inputs, backward of their sum (the shape of every
+preference objective's head), shape (N, H, V). "preference": a DPO loss (sigmoid, beta 0.1) with a reference model's hidden states,
 `make(hidden [2B, T, H], weight [V, H], labels [2B, T], ref_hidden [2B, T, H]) -> step`, shape (B, T, H, V).
 `step()` runs forward and backward and returns the loss. Peers are included only when their package imports.
 """
@@ -123,7 +124,34 @@ def liger_dpo(hidden, weight, labels, ref_hidden):
     return _step(loss, hidden, weight)
 
 
+def prefuse_logprobs(hidden, weight, labels):
+    return _step(lambda: prefuse.linear_logprobs(hidden, weight, labels, backend="torch").sum(), hidden, weight)
+
+
+def materialized_logprobs(hidden, weight, labels):
+    def loss():
+        logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+        keep = labels != -100
+        return (logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * keep).sum()
+    return _step(loss, hidden, weight)
+
+
+def trl_chunked_logprob(hidden, weight, labels):
+    """TRL 1.16's fused log-prob head, called as its trainers call it: valid rows only, 32768-wide vocab tiles."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    keep = labels != -100
+
+    def loss():
+        out = ChunkedLogProbFunction.apply(hidden[keep], weight, None, labels[keep], 1.0, 32768, None, 1.0, ())
+        return out[0].sum()
+    return _step(loss, hidden, weight)
+
+
 PATHS.update({p.name: p for p in [
+    Path("prefuse_logprobs", prefuse_logprobs, task="logprobs"),
+    Path("materialized_logprobs", materialized_logprobs, task="logprobs"),
+    Path("trl_chunked_logprob", trl_chunked_logprob, requires="trl", task="logprobs"),
     Path("prefuse_preference", prefuse_preference, task="preference"),
     Path("materialized_preference", materialized_preference, task="preference"),
     Path("liger_dpo", liger_dpo, requires="liger_kernel", task="preference", warmup=2),
@@ -132,7 +160,7 @@ PATHS.update({p.name: p for p in [
 
 def make_task_inputs(task: str, shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int = 0):
     """The inputs of a path of `task` at `shape` (see the module docstring)."""
-    if task == "head":
+    if task in ("head", "logprobs"):
         return make_inputs(*shape, dtype, device, ignore_frac, seed)
     batch, length, h, v = shape
     gen = torch.Generator().manual_seed(seed)

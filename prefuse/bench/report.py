@@ -12,9 +12,19 @@ import torch
 from prefuse.bench.measure import Measurement, measure
 from prefuse.bench.paths import PATHS
 
-# head shapes are (N, H, V); preference shapes (B, T, H, V)
-DEFAULT_SHAPES = {"head": [(4096, 1024, 32000)], "preference": [(1, 2048, 1024, 32000), (4, 512, 1024, 32000)]}
-QUICK_SHAPES = {"head": [(512, 128, 4096)], "preference": [(2, 128, 128, 4096)]}
+# head and logprobs shapes are (N, H, V); preference shapes (B, T, H, V)
+DEFAULT_SHAPES = {
+    "head": [(4096, 1024, 32000)],
+    "logprobs": [(4096, 1024, 32000)],
+    "preference": [(1, 2048, 1024, 32000), (4, 512, 1024, 32000)],
+}
+# the grid over vocabulary sizes and token counts (`--grid`): Llama-2, Llama-3 and Qwen2 vocabularies
+GRID_SHAPES = {
+    "head": [(n, 1024, v) for v in (32000, 128256, 151936) for n in (1024, 4096)],
+    "logprobs": [(n, 1024, v) for v in (32000, 128256, 151936) for n in (1024, 4096)],
+    "preference": [(b, t, 1024, v) for v in (32000, 128256, 151936) for b, t in ((1, 512), (1, 2048))],
+}
+QUICK_SHAPES = {"head": [(512, 128, 4096)], "logprobs": [(512, 128, 4096)], "preference": [(2, 128, 128, 4096)]}
 
 
 def available_paths(device: str, task: str = "head") -> list[str]:
