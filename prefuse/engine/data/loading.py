@@ -51,12 +51,26 @@ def load_records(path: str | Path, split: str = "train", cache_dir: str | None =
         if not json_lines:
             raise DataError(f"{path}: cannot be read: {error}") from error
         return _load_json_lines_by_hand(path)
+    if json_lines and any(_holds_mixed_types(dataset.features.get(c)) for c in PREFERENCE_COLUMNS):
+        return _load_json_lines_by_hand(path)  # a type differs between rows: say which row
     rows = range(1, len(dataset) + 1)
     if json_lines:
         rows = _nonblank_line_numbers(path)
         if len(rows) != len(dataset):  # the reader skipped something else than blank lines: number rows instead
             rows = range(1, len(dataset) + 1)
     return dataset.add_column(WHERE_COLUMN, [f"{path}:{i}" for i in rows])
+
+
+def _holds_mixed_types(feature: Any) -> bool:
+    """datasets keeps JSON values whose types differ between rows as a `Json` feature (raw Python values), at the
+    top of a column or inside its lists and structs."""
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return _holds_mixed_types(feature.feature)
+    if isinstance(feature, dict):
+        return any(_holds_mixed_types(inner) for inner in feature.values())
+    return False
 
 
 def _load_saved(path: Path, split: str) -> datasets.Dataset:
