@@ -184,14 +184,15 @@ CRASHING_WRITER = textwrap.dedent("""
                 pause()
         return paused_write
 
-    checkpoint._write_json = pause_after(checkpoint._write_json)
-    checkpoint._write_safetensors = pause_after(checkpoint._write_safetensors)
-    move_into_place = checkpoint._move_into_place
+    files = checkpoint.files
+    files.write_json = pause_after(files.write_json)
+    files.write_safetensors = pause_after(files.write_safetensors)
+    move_into_place = files.move_into_place
     def paused_move(*args):
-        if pause_at == "before_rename":
+        if pause_at == "before_rename":  # every file written and fsynced
             pause()
         move_into_place(*args)
-    checkpoint._move_into_place = paused_move
+    files.move_into_place = paused_move
     checkpoint.save_checkpoint(output_dir, 2, model=model, optimizer=optimizer, trainer_state={"step": 2})
     print("NOT KILLED", flush=True)
 """)
