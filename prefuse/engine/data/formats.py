@@ -5,7 +5,8 @@
 | `standard`                | prompt, chosen, rejected                 | strings                                  |
 | `standard_implicit`       | chosen, rejected                         | strings; the shared prefix is the prompt |
 | `conversational`          | prompt, chosen, rejected                 | lists of {"role", "content"} messages    |
-| `conversational_implicit` | chosen, rejected                         | whole conversations; all messages but the last assistant turn are the prompt |
+| `conversational_implicit` | chosen, rejected                         | whole conversations; the prompt is all   |
+|                           |                                          | messages but the last (assistant) turn   |
 | `unpaired`                | prompt, completion, label                | strings, label a bool (KTO)              |
 | `conversational_unpaired` | prompt, completion, label                | messages, label a bool                   |
 """
