@@ -311,3 +311,41 @@ def test_state_that_cannot_be_stored_fails_before_writing(tmp_path):
     with pytest.raises(TypeError, match=r"trainer_state.callback: cannot store a function"):
         save_checkpoint(tmp_path, 1, model=small_model(), trainer_state={"callback": lambda: None})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trainer_state_comes_back_as_it_was(tmp_path):
+    trainer_state = {"step": 3, "epoch": 0.25, "order": (4, 1, 3), "seen_by_rank": {0: 12, 1: 11}, "best": None,
+                     "sample_ids": np.arange(4, dtype=np.int64),
+                     "generator": torch.Generator().manual_seed(5).get_state(),
+                     "metrics": [{"loss": 0.1 + 0.2, "lr": float("inf")}]}
+    model = small_model()
+    save_checkpoint(tmp_path, 3, model=model, trainer_state=trainer_state, rng=False)
+    state = load_checkpoint("latest", output_dir=tmp_path, model=model, restore_rng=False)
+    assert state.keys() == trainer_state.keys()
+    assert state["order"] == (4, 1, 3) and state["seen_by_rank"] == {0: 12, 1: 11} and state["best"] is None
+    assert state["sample_ids"].dtype == np.int64 and state["sample_ids"].tolist() == [0, 1, 2, 3]
+    assert torch.equal(state["generator"], trainer_state["generator"])
+    assert state["metrics"] == trainer_state["metrics"] and state["step"] == 3 and state["epoch"] == 0.25
+
+
+def test_peft_model_with_two_adapters_saves_both_in_peft_layout(tmp_path):
+    def two_adapter_model(seed):
+        torch.manual_seed(0)
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+        return model
+
+    saved = two_adapter_model(1)
+    path = save_checkpoint(tmp_path, 1, model=saved, trainer_state={})
+    assert (path / "second" / "adapter_model.safetensors").is_file()
+    loaded = two_adapter_model(2)
+    load_checkpoint(path, model=loaded)
+    assert_same_tensors(saved.state_dict(), loaded.state_dict())
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
+    by_peft = peft.PeftModel.from_pretrained(base, str(path))  # the adapter files are peft's own
+    by_peft.load_adapter(str(path / "second"), adapter_name="second")
+    assert_same_tensors(saved.state_dict(), by_peft.state_dict())
