@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timed steps per path (the paths take turns)")
     p.add_argument("--quick", action="store_true", help="one small shape, two rounds")
     p.add_argument("--json", default=None, help="write the records to this file")
+    p.add_argument("--static", action="store_true",
+                   help="no measurement: compile every Triton kernel for sm_80/sm_90 (registers, spills, shared "
+                        "memory) and print the bytes, FLOPs and H100 roofline time of a head step at --shapes")
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90/gfx942 and report registers",
@@ -53,6 +56,26 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _bench_static(args, shapes) -> int:
+    import json
+
+    from prefuse.bench import roofline
+    from prefuse.kernels.compile_report import compile_all
+
+    if args.task == "preference":
+        shapes = [(2 * b * t, h, v) for b, t, h, v in shapes]
+    results = compile_all(amd=False)
+    kernels = roofline.kernel_table(results)
+    dtype = "bfloat16" if args.dtype == "float32" and not args.shapes else args.dtype
+    steps = roofline.roofline(shapes, dtype=dtype)
+    print(roofline.format_report(kernels, steps))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "prefuse " + " ".join(sys.argv[1:]), "kernels": kernels, "steps": steps}, f,
+                      indent=1)
+    return 1 if any(k["errors"] or k["spill_bytes"] for k in kernels) else 0
+
+
 def _bench(args) -> int:
     from prefuse.bench import report
 
@@ -68,6 +91,8 @@ def _bench(args) -> int:
             print(f"--shapes: expected {dims} numbers like {example} for --task {args.task}, got {args.shapes}",
                   file=sys.stderr)
             return 2
+    if args.static:
+        return _bench_static(args, shapes)
     installed = report.available_paths(args.device, args.task)
     paths = args.paths or installed
     unknown = [p for p in paths if p not in installed]

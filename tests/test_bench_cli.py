@@ -39,3 +39,24 @@ def test_plots_cover_vocabulary_and_tokens(tmp_path):
     for path in written:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.compile
+def test_static_report_covers_every_kernel_and_the_roofline(tmp_path):
+    """`prefuse bench --static`: compiler facts for each kernel config on sm_80/sm_90, and the H100 roofline."""
+    import os
+
+    out = tmp_path / "static.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "prefuse", "bench", "--static", "--shapes", "4096x4096x128256",
+                           "--dtype", "bfloat16", "--json", str(out)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    kernels = {(k["kernel"], k["target"]) for k in data["kernels"]}
+    assert kernels == {(k, t) for k in ("forward", "grad", "stats") for t in ("sm_80", "sm_90")}
+    assert all(k["registers"] > 0 and k["spill_bytes"] == 0 and k["errors"] == 0 for k in data["kernels"])
+    steps = {s["mode"]: s for s in data["steps"]}
+    # three matmuls of 2*N*H*V FLOPs each at 989 TFLOPS bound the in-forward step from below
+    matmul_ms = 3 * 2 * 4096 * 4096 * 128256 / 989e12 * 1e3
+    assert matmul_ms <= steps["in_forward"]["step_roofline_ms"] < steps["recompute"]["step_roofline_ms"]
