@@ -1,6 +1,6 @@
 """prefuse.engine: the training engine (data, model, loop, checkpoints)."""
 
-from prefuse.engine.data import (  # noqa: E402
+from prefuse.engine.data import (
     BadRow,
     DataError,
     PairBatches,
@@ -12,4 +12,10 @@ from prefuse.engine.data import (  # noqa: E402
     load_preference_data,
     load_records,
     tokenize_preferences,
+)
+from prefuse.engine.checkpoint import (  # noqa: E402
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
 )
