@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory) and print the bytes, FLOPs and H100 roofline time of a head step at --shapes")
     p.set_defaults(run=_bench)
 
+    p = sub.add_parser("train", help="preference training of a local causal LM on a local preference file",
+                       description="Single-process preference training (DPO family, KTO, ...) with the fused head. "
+                                   "Flags take TRL's names; --config run.yaml takes the same keys (flags given "
+                                   "here override it). Writes metrics.jsonl and checkpoint-<step>/ to --output_dir.")
+    _train_arguments(p)
+    p.set_defaults(run=_train)
+
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90/gfx942 and report registers",
                        description="Compiles each Triton kernel in every launch config for GPU targets (no GPU "
                                    "needed) and prints registers, spills and errors.")
@@ -48,6 +55,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: __import__("prefuse.kernels.compile_report", fromlist=["main"]).main(
         ["--json"] if a.json else []))
     return parser
+
+
+_TRAIN_HELP = {
+    "model_name_or_path": "local directory written by save_pretrained (model and tokenizer)",
+    "ref_model_name_or_path": "reference model directory (default: the policy's; with LoRA: adapters disabled)",
+    "dataset_name": "local .jsonl/.json/.parquet file or save_to_disk folder in a TRL format",
+    "output_dir": "where metrics.jsonl, checkpoints and cached reference log-probs go",
+    "loss_type": "objective name(s); several are summed with --loss_weights (see prefuse.list_objectives())",
+    "eval_split": "held-out data: a file, or a split of a saved dataset folder",
+    "eval_fraction": "held-out data: this fraction of the training examples",
+    "resume_from_checkpoint": "'latest' (in --output_dir) or a checkpoint directory",
+    "objective_args": "objective hyper-parameters as key=value (each also has its own flag below)",
+    "save_steps": "checkpoint every N steps (0: only at the end)",
+    "report_to": "auto: TensorBoard when installed; none; tensorboard",
+    "precompute_ref_log_probs": "compute the reference's sums once and cache them in --output_dir",
+    "lora_target_modules": "module names for LoRA (default: peft's for the architecture)",
+}
+
+
+def _flag_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _flag_value(text: str):
+    """An objective hyper-parameter: a number, a bool or a string, as YAML reads it."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+    import typing
+
+    from prefuse.engine.config import TrainConfig, objective_hparam_names
+
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (the flags' names as keys)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        hint = str(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{_TRAIN_HELP.get(f.name, '')} (default: {default!r})".strip())
+        if f.name == "objective_args":
+            kwargs.update(nargs="+", metavar="KEY=VALUE")
+        elif "bool" in hint:
+            kwargs.update(type=_flag_bool, nargs="?", const=True, metavar="BOOL")
+        elif "list[float]" in hint:
+            kwargs.update(type=float, nargs="+")
+        elif "list[str]" in hint:
+            kwargs.update(nargs="+")
+        elif "int" in hint and "float" not in hint:
+            kwargs.update(type=int)
+        elif "float" in hint:
+            kwargs.update(type=float)
+        p.add_argument(f"--{f.name}", **kwargs)
+    group = p.add_argument_group("objective hyper-parameters", "passed to the objective(s) of --loss_type; "
+                                 "each objective accepts only its own (an error lists them)")
+    for name in objective_hparam_names():
+        group.add_argument(f"--{name}", type=_flag_value, default=argparse.SUPPRESS, dest=f"hparam:{name}",
+                           metavar=name.upper())
+
+
+def _train_config(args: argparse.Namespace):
+    from prefuse.engine.config import TrainConfig
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    values = {}
+    if "config" in given:
+        values = TrainConfig.from_yaml(given.pop("config")).to_dict()
+    objective_args = dict(values.pop("objective_args", {}) or {})
+    for item in given.pop("objective_args", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"objective_args: expected key=value, got {item!r}")
+        objective_args[key] = _flag_value(value)
+    for key in [k for k in given if k.startswith("hparam:")]:
+        objective_args[key.split(":", 1)[1]] = given.pop(key)
+    values.update(given)
+    values["objective_args"] = objective_args
+    return TrainConfig.from_dict(values)
+
+
+def _train(args) -> int:
+    try:
+        cfg = _train_config(args)
+        from prefuse.engine.loop import train
+
+        train(cfg)
+    except (ValueError, OSError, ImportError) as error:  # DataError is a ValueError
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"prefuse train: error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _cuda() -> bool:

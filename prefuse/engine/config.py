@@ -1,0 +1,227 @@
+"""`TrainConfig`: every setting of `prefuse train`, named as TRL / transformers name them.
+
+    cfg = TrainConfig(model_name_or_path="tiny", dataset_name="pairs.jsonl", output_dir="out", loss_type="sigmoid")
+    cfg = TrainConfig.from_dict(yaml.safe_load(open("run.yaml")))   # the same keys as the command-line flags
+    cfg.validate()                                                  # ValueError: one line naming the field
+
+Objective hyper-parameters (`simpo_gamma`, `label_smoothing`, `desirable_weight`, ...) go in `objective_args`; the
+CLI also takes each as its own flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefuse.algorithms import get_objective
+from prefuse.algorithms.registry import OBJECTIVES
+
+# What the offline loop computes for an objective: the sums of a pair's two sequences (policy and reference) and
+# their token counts, or for unpaired data each completion's sums, its label and KTO's mismatched (KL) completions.
+PAIRED_STATS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                          "chosen_lengths", "rejected_lengths"})
+UNPAIRED_STATS = frozenset({"policy_logps", "ref_logps", "labels", "policy_kl_logps", "ref_kl_logps"})
+TORCH_DTYPES = ("float32", "bfloat16", "float16", "auto")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+def objective_hparam_names() -> list[str]:
+    """Every hyper-parameter some registered objective accepts (the CLI offers each as a flag)."""
+    return sorted(set().union(*(spec.hparams for spec in OBJECTIVES.values())) - {"loss_type"})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model_name_or_path: str = ""
+    ref_model_name_or_path: str | None = None
+    torch_dtype: str = "float32"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    # data
+    dataset_name: str = ""
+    eval_split: str | None = None       # a split of a saved dataset folder, or a file of its own
+    eval_fraction: float = 0.0          # or hold out this fraction of the training examples
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    truncation: bool = True
+    skip_bad_rows: bool = False
+    # objective
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    objective_args: dict[str, Any] = field(default_factory=dict)
+    precompute_ref_log_probs: bool = False
+    # optimization
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    bf16: bool = False
+    seed: int = 42
+    # run
+    output_dir: str = ""
+    logging_steps: int = 10
+    save_steps: int = 500               # 0: no periodic checkpoints
+    save_total_limit: int | None = None
+    eval_steps: int | None = None       # default: logging_steps, when there is an eval set
+    resume_from_checkpoint: str | None = None   # "latest" or a checkpoint directory
+    report_to: str = "auto"             # "auto": TensorBoard when installed; "none"; "tensorboard"
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """From a YAML/JSON mapping with the flags' names; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        hparams = set(objective_hparam_names())
+        values = dict(values)
+        objective_args = dict(values.pop("objective_args", None) or {})
+        for key in list(values):
+            if key not in names and key in hparams:  # `simpo_gamma: 0.5` at the top level of a YAML file
+                objective_args[key] = values.pop(key)
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; see `prefuse train --help` for the accepted names")
+        cfg = cls(**values, objective_args=objective_args)
+        if isinstance(cfg.loss_type, str):
+            cfg.loss_type = [cfg.loss_type]
+        if isinstance(cfg.lora_target_modules, str):
+            cfg.lora_target_modules = [cfg.lora_target_modules]
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config: no such file: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {path} must hold a mapping of settings, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def objective(self) -> str | list[str]:
+        """The objective as PreferenceLoss and objective_loss take it: a name, or a list of names."""
+        return self.loss_type[0] if len(self.loss_type) == 1 else list(self.loss_type)
+
+    @property
+    def unpaired(self) -> bool:
+        """True when the objective learns from unpaired, labeled completions (KTO)."""
+        return bool(get_objective(self.loss_type[0]).requires & {"labels"})
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(get_objective(n).requires & {"ref_chosen_logps", "ref_logps"} for n in self.loss_type)
+
+    def model_config(self):
+        from prefuse.engine.model import ModelConfig
+
+        return ModelConfig(model_name_or_path=self.model_name_or_path,
+                           ref_model_name_or_path=self.ref_model_name_or_path, torch_dtype=self.torch_dtype,
+                           attn_implementation=self.attn_implementation, use_peft=self.use_peft, lora_r=self.lora_r,
+                           lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                           lora_target_modules=None if self.lora_target_modules is None
+                           else tuple(self.lora_target_modules),
+                           gradient_checkpointing=self.gradient_checkpointing)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError with one line naming the first bad field; return self."""
+        for name in ("model_name_or_path", "dataset_name", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required")
+        for name in ("model_name_or_path", "ref_model_name_or_path"):
+            path = getattr(self, name)
+            if path and not Path(path).exists() and _looks_local(path):
+                raise ValueError(f"{name}: no such model directory: {path}")
+        if not Path(self.dataset_name).exists():
+            raise ValueError(f"dataset_name: no such file or directory: {self.dataset_name}")
+        self._validate_objective()
+        _check(self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
+        _check(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
+               f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
+        _check(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
+        _check(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        _check(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "lora_r"):
+            _check(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
+               "set max_steps > 0 or num_train_epochs > 0")
+        _check(self.save_steps >= 0, "save_steps", f"must be >= 0 (0: never), got {self.save_steps}")
+        _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+               f"must be >= 1, got {self.save_total_limit}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _check(not (self.eval_split and self.eval_fraction), "eval_split",
+               "give eval_split or eval_fraction, not both")
+        _check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", f"must be >= 1, got {self.eval_steps}")
+        _check(self.eval_steps is None or bool(self.eval_split or self.eval_fraction), "eval_steps",
+               "needs a held-out set: set eval_split or eval_fraction")
+        _check(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
+        _check(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
+               f"must be >= 1, got {self.max_prompt_length}")
+        if self.eval_split and not Path(self.eval_split).exists():
+            _check(Path(self.dataset_name).is_dir(), "eval_split",
+                   f"{self.eval_split!r} is not a file, and dataset_name is a single file with no other splits")
+        if self.resume_from_checkpoint not in (None, "latest"):
+            _check(Path(self.resume_from_checkpoint).is_dir()
+                   or (Path(self.output_dir) / self.resume_from_checkpoint).is_dir(),
+                   "resume_from_checkpoint", f"no such checkpoint directory: {self.resume_from_checkpoint}")
+        return self
+
+    def _validate_objective(self) -> None:
+        _check(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
+        try:
+            specs = [get_objective(n) for n in self.loss_type]
+        except ValueError as error:
+            raise ValueError(f"loss_type: {error}") from None
+        kinds = {bool(spec.requires & {"labels"}) for spec in specs}
+        _check(len(kinds) == 1, "loss_type", f"{self.loss_type} mixes paired and unpaired objectives")
+        stats = UNPAIRED_STATS if kinds == {True} else PAIRED_STATS
+        for spec in specs:
+            missing = sorted(spec.requires - stats)
+            _check(not missing, "loss_type", f"{spec.name!r} needs input(s) {missing} that the offline loop does "
+                                              f"not compute (it computes {sorted(stats)})")
+        _check(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
+               f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
+        accepted = set().union(*(spec.hparams for spec in specs))
+        unknown = sorted(set(self.objective_args) - accepted)
+        _check(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
+                                              f"{sorted(accepted) or 'none'}")
+        if kinds == {True}:
+            _check(self.per_device_train_batch_size >= 2 or "kto" not in self.loss_type,
+                   "per_device_train_batch_size", "kto needs at least 2 examples per batch (its KL term pairs "
+                                                  "each prompt with another example's completion)")
+            _check(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
+                   "supported for paired objectives only")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def _looks_local(path: str) -> bool:
+    """A path that cannot be a Hub id ("org/name"): absolute, relative with ./ or ../, or with more than one /."""
+    return path.startswith(("/", "./", "../", "~", ".")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
