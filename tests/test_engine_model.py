@@ -25,8 +25,10 @@ CONFIGS = {
     # a small cap so that it changes the log-probs of a randomly initialised model
     "gemma2": lambda: transformers.Gemma2Config(**SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
                                                 final_logit_softcapping=0.5, tie_word_embeddings=True),
+    "phi": lambda: transformers.PhiConfig(**SMALL),  # an lm_head with a bias
 }
-CAUSAL_LMS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+CAUSAL_LMS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "phi": "PhiForCausalLM"}
 
 
 @pytest.fixture(autouse=True)
@@ -39,11 +41,16 @@ def _one_thread_offline(monkeypatch, tmp_path):
     torch.set_num_threads(threads)
 
 
-def save_tiny(tmp_path, kind: str = "llama", seed: int = 0, name: str | None = None) -> str:
+def save_tiny(tmp_path, kind: str = "llama", seed: int = 0, **config_overrides) -> str:
     """A randomly initialised tiny causal LM written by save_pretrained (safetensors); returns its directory."""
     torch.manual_seed(seed)
-    model = getattr(transformers, CAUSAL_LMS[kind])(CONFIGS[kind]())
-    path = tmp_path / (name or f"{kind}_{seed}")
+    config = CONFIGS[kind]()
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    model = getattr(transformers, CAUSAL_LMS[kind])(config)
+    if model.get_output_embeddings().bias is not None:  # initialised to zeros: make it count
+        torch.nn.init.normal_(model.get_output_embeddings().bias, std=1.0)
+    path = tmp_path / f"{kind}_{seed}_{len(list(tmp_path.iterdir()))}"
     model.save_pretrained(path)
     return str(path)
 
@@ -68,7 +75,7 @@ def logits_logps(model, batch) -> torch.Tensor:
     return (token_logps * mask).sum(-1)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "phi"])
 def test_sequence_logps_equal_the_logits_path(tmp_path, kind):
     models = load_models(ModelConfig(save_tiny(tmp_path, kind)), need_reference=False)
     batch = pair_batch()
@@ -119,7 +126,7 @@ def test_decoder_hidden_states_never_call_lm_head(tmp_path, use_peft):
 
 
 def test_lora_reference_is_the_base_model_exactly(tmp_path):
-    path = save_tiny(tmp_path, "llama")
+    path = save_tiny(tmp_path, "llama", attention_dropout=0.5)  # a reference pass in train mode would differ
     models = load_models(ModelConfig(path, use_peft=True, lora_r=4))
     policy, batch = models.policy, pair_batch()
     assert isinstance(policy, peft.PeftModel) and models.reference is None
@@ -216,3 +223,5 @@ def test_missing_or_unusable_directories_are_one_line_errors(tmp_path):
         load_models(ModelConfig(save_tiny(tmp_path, "llama"), attn_implementation="flash_attention_2"))
     with pytest.raises(ValueError, match="torch_dtype"):
         load_models(ModelConfig(save_tiny(tmp_path, "llama"), torch_dtype="float64"))
+    with pytest.raises(ValueError, match="leave lm_head out of lora_target_modules"):
+        load_models(ModelConfig(save_tiny(tmp_path, "llama"), use_peft=True, lora_target_modules=("q_proj", "lm_head")))
