@@ -9,7 +9,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefuse", description="Fused-kernel preference alignment.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from prefuse import demo
+    from prefuse.engine import demo
 
     p = sub.add_parser("demo", help="the embedded default: a CPU demo that needs no downloads",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
