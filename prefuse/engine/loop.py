@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from prefuse.algorithms import get_objective, objective_loss
 from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -173,6 +174,8 @@ def train(cfg: TrainConfig) -> dict:
           f"objective {cfg.loss_type}; {sum(p.numel() for p in params):,} trainable parameters", flush=True)
     last = {}
     policy.train()
+    # a progress bar on a terminal (disable=None: off when stderr is not a TTY, as in CI); the log lines stay
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=None, dynamic_ncols=True)
     while step < total_steps:
         started = time.perf_counter()
         micro_batches = [next_batch() for _ in range(accum)]
@@ -195,27 +198,32 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         step_metrics["grad_norm"] = float(grad_norm)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_metrics['loss']:.4f}",
+                        margin=f"{step_metrics.get('rewards/margins', float('nan')):+.3f}")
         log.add(step_metrics, tokens=tokens, seconds=time.perf_counter() - started)
 
         scores = evaluate() if eval_data is not None and (step % eval_steps == 0 or step == total_steps) else {}
         record = {}
         if step % cfg.logging_steps == 0 or step == total_steps:
             record = log.flush(step, epoch=_epoch(batches), extra=scores)
-            print(f"step {step}/{total_steps}  loss {record['loss']:.4f}  margin "
-                  f"{record.get('rewards/margins', float('nan')):+.4f}  acc {record.get('rewards/accuracies', 0):.2f}"
-                  f"  lr {record['learning_rate']:.2e}  {record['tokens_per_second']:.0f} tok/s", flush=True)
+            bar.write(f"step {step}/{total_steps}  loss {record['loss']:.4f}  margin "
+                      f"{record.get('rewards/margins', float('nan')):+.4f}  acc "
+                      f"{record.get('rewards/accuracies', 0):.2f}  lr {record['learning_rate']:.2e}  "
+                      f"{record['tokens_per_second']:.0f} tok/s")
         elif scores:
             record = {"step": step, **scores}
             log.write(record)
         if scores:
-            print(f"step {step}/{total_steps}  eval_loss {scores['eval_loss']:.4f}  eval margin "
-                  f"{scores.get('eval_rewards/margins', float('nan')):+.4f}", flush=True)
+            bar.write(f"step {step}/{total_steps}  eval_loss {scores['eval_loss']:.4f}  eval margin "
+                      f"{scores.get('eval_rewards/margins', float('nan')):+.4f}")
         last = record or last
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
             save_checkpoint(out, step, model=policy, optimizer=optimizer, scheduler=scheduler,
                             save_total_limit=cfg.save_total_limit,
                             trainer_state={"step": step, "epoch": _epoch(batches), "batches": batches.state_dict(),
                                            "window": log.window_state(), "total_steps": total_steps})
+    bar.close()
     log.close()
     return last
 
