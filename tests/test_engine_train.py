@@ -225,3 +225,18 @@ def test_config_yaml_takes_the_flag_names(files, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1, 2, 3]
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert saved["objective_args"] == {"simpo_gamma": 0.3} and saved["loss_type"] == ["simpo"]
+
+
+def test_bf16_gradient_checkpointing_mixed_objectives_and_tensorboard(files, tmp_path):
+    """bf16 autocast, gradient checkpointing, an MPO-style weighted objective list, and TensorBoard event files."""
+    pytest.importorskip("tensorboard")
+    argv = args(files, tmp_path, loss_type="sigmoid sft", loss_weights="1.0 0.5", learning_rate=3e-2,
+                per_device_train_batch_size=8, max_steps=3, logging_steps=1, save_steps=0, use_peft="true",
+                lora_r=8, lora_dropout=0.0, bf16="true", gradient_checkpointing="true")
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    assert main(argv) == 0
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert {"loss/sigmoid", "loss/sft"} <= records[0].keys()
+    assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
