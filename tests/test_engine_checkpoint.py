@@ -24,14 +24,7 @@ CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
               vocab_size=128, tie_word_embeddings=True, attention_dropout=0.1)  # dropout: the torch RNG matters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
 
 def build(kind: str, init_seed: int):

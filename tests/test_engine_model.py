@@ -31,14 +31,7 @@ CAUSAL_LMS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma2"
               "phi": "PhiForCausalLM"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
 
 def save_tiny(tmp_path, kind: str = "llama", seed: int = 0, **config_overrides) -> str:

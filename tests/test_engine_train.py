@@ -22,14 +22,7 @@ METRICS = ["step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accura
            "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mib"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
 
 @pytest.fixture(scope="module")
