@@ -1,44 +1,125 @@
-"""`PreferenceLoss`: the fused preference loss that other trainers drop in.
+"""`PreferenceLoss`: the fused preference loss over sequence roles, the one that other trainers drop in.
 
-hidden states -> fused head -> per-token log-probs -> per-sequence sums -> objective -> (loss, metrics), without
-the [2B, T, V] logits of the policy or the reference.
+    loss, metrics = PreferenceLoss("sigmoid", beta=0.1)(hidden, lm_head.weight, labels, ref_hidden=ref_hidden)
+    loss, metrics = PreferenceLoss("selm", alpha=1e-3)(hidden, weight, labels, ref_hidden=ref_hidden,
+                                                      roles={"chosen": c, "rejected": r, "sample": s})
+
+hidden [S, T, H] -> fused head (every row once, no [S, T, V] logits) -> per-token log-probs -> for each role the
+objective declares (`prefuse.algorithms.roles`): sums, counts and token-level values under the policy and, without
+gradient, the reference -> objective -> (loss, metrics).
 
 Two modes, chosen from the objective and the chunk budget (overridable with `mode`):
-- "in_forward": when every objective is separable (pair i's loss depends only on pair i) and each pair fits in a
-  chunk, rows are grouped by pair, and as soon as a chunk's log-probs are known the objective's gradient with
-  respect to them is taken on that chunk's pairs and the head's gradients are formed in the same pass (one matmul
-  fewer). The value and metrics come from the objective on the whole batch, on the detached sums.
+- "in_forward": when every objective is separable by example (example i's loss depends only on its own
+  sequences), the rows are grouped example by example (`kernels.group_rows`), and as soon as a chunk's log-probs
+  are known the objective's gradient with respect to them is taken on that chunk's examples and the head's
+  gradients are formed in the same pass (one matmul fewer). The value and metrics come from the objective on the
+  whole batch.
 - "recompute": per-token log-probs with a recomputing backward, then the objective under autograd. Works for every
   objective (batch-level ones such as KTO's KL point, `aot`'s sorting) and for extra inputs that carry gradients.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from prefuse.algorithms import get_objective, objective_loss
-from prefuse.kernels import linear_logprobs
-from prefuse.kernels.api import _config, _needs_grad
-from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs
-from prefuse.kernels.plan import MODES, make_plan
-from prefuse.kernels.rows import select_labeled_rows
-from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
+from prefuse.algorithms.roles import RoleInput, input_name, role_inputs
+from prefuse.kernels import RowGroups, group_rows, grouped_logprobs
+from prefuse.kernels.plan import MODES
+from prefuse.kernels.validate import check_head_inputs, check_transform
+
+
+def default_roles(n_sequences: int, device=None) -> dict[str, torch.Tensor]:
+    """The first half of the rows is `chosen`, the second `rejected`: {"chosen": [0, B), "rejected": [B, 2B)}."""
+    if n_sequences % 2:
+        raise ValueError(f"hidden: without roles, expected [2B, T, H] (chosen rows, then rejected), got "
+                         f"{n_sequences} rows")
+    half = n_sequences // 2
+    return {"chosen": torch.arange(half, device=device), "rejected": torch.arange(half, 2 * half, device=device)}
 
 
 @dataclass
-class PairLayout:
-    """The labeled rows regrouped pair by pair for the in-forward mode.
+class RoleBatch:
+    """The roles of one call: index per role (rows of hidden, [B] or [P, k]), the number of examples B when every
+    role shares its leading size (else None), and each sequence's example [S] (-1 for unread sequences) when no
+    sequence belongs to two examples (else None: the call cannot be grouped)."""
 
-    index [M] (rows of the flattened hidden [2B * T, H]) and labels [M]: pair 0's chosen then rejected tokens,
-    then pair 1's, ...; sequence [M]: each row's sequence index in [0, 2B); chunks: slices of whole pairs."""
+    index: dict[str, torch.Tensor]
+    n_examples: int | None
+    sequence_example: torch.Tensor | None
+    sequence_read: torch.Tensor  # [S] bool
 
-    index: torch.Tensor
-    labels: torch.Tensor
-    sequence: torch.Tensor
-    chunks: list[slice]
-    plan: object
+
+def _role_batch(roles: Mapping[str, torch.Tensor], n_seq: int, device) -> RoleBatch:
+    index = {}
+    for role, value in roles.items():
+        value = torch.as_tensor(value, device=device)
+        if value.dtype not in (torch.int64, torch.int32) or value.dim() < 1:
+            raise ValueError(f"roles[{role!r}]: expected an integer tensor of row indices [B] or [P, k], got "
+                             f"{value.dtype} {tuple(value.shape)}")
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= n_seq):
+            raise ValueError(f"roles[{role!r}]: row indices must lie in [0, {n_seq}) (the rows of hidden)")
+        index[role] = value.long()
+    sizes = {value.shape[0] for value in index.values()}
+    n_examples = sizes.pop() if len(sizes) == 1 else None
+    read = torch.zeros(n_seq, dtype=torch.bool, device=device)
+    for value in index.values():
+        read[value.reshape(-1)] = True
+    example = None
+    if n_examples is not None:
+        pairs = torch.cat([torch.stack([value.reshape(-1), torch.arange(n_examples, device=device).view(
+            -1, *([1] * (value.dim() - 1))).expand_as(value).reshape(-1)]) for value in index.values()], 1)
+        sequences, owners = pairs.unique(dim=1)
+        if sequences.unique().numel() == sequences.numel():  # else a sequence read by two examples couples them
+            example = torch.full((n_seq,), -1, dtype=torch.long, device=device)
+            example[sequences] = owners
+    return RoleBatch(index, n_examples, example, read)
+
+
+class RoleStatistics:
+    """Role statistics from per-row log-probs: `values(logp, source, examples)` -> {input name: tensor}.
+
+    rows: the RowGroups of the call; labels [S, T]; stats: the RoleInputs to produce (those of roles present)."""
+
+    def __init__(self, rows: RowGroups, labels: torch.Tensor, roles: RoleBatch, stats: list[RoleInput],
+                 ignore_index: int):
+        self.rows, self.roles, self.stats = rows, roles, stats
+        self.mask = labels != ignore_index  # [S, T]
+        self.counts = self.mask.sum(-1)     # [S]
+
+    def values(self, logp: torch.Tensor, source: str, examples: slice = slice(None),
+               rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """logp [m]: the log-probs of `rows` (a slice of the call's rows) under `source` ("policy" or "ref");
+        differentiable with respect to logp. examples: the examples whose statistics to return."""
+        n_seq, seq_len = self.rows.shape
+        wanted = [s for s in self.stats if s.source == source]
+        out: dict[str, torch.Tensor] = {}
+        if not wanted:
+            return out
+        sums = tokens = None
+        if any(s.stat == "logps" for s in wanted):
+            sums = torch.zeros(n_seq, dtype=torch.float32, device=logp.device).index_add(
+                0, self.rows.sequence[rows], logp)
+        if any(s.stat == "token_logps" for s in wanted):
+            tokens = torch.zeros(n_seq * seq_len, dtype=torch.float32, device=logp.device).index_put(
+                (self.rows.index[rows],), logp).view(n_seq, seq_len)
+        for stat in wanted:
+            index = self.roles.index[stat.role][examples]
+            out[stat.name] = sums[index] if stat.stat == "logps" else tokens[index]
+        return out
+
+    def shapes(self, examples: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """The lengths and token masks of the roles (no source)."""
+        out = {}
+        for stat in self.stats:
+            index = self.roles.index[stat.role][examples]
+            if stat.stat == "lengths":
+                out[stat.name] = self.counts[index]
+            elif stat.stat == "token_mask":
+                out[stat.name] = self.mask[index]
+        return out
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -61,7 +142,7 @@ class PreferenceLoss(torch.nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {MODES}")
         check_transform(temperature, softcap)
-        accepted = set().union(*(spec.hparams for spec in self.specs)) | set().union(*(s.inputs for s in self.specs))
+        accepted = set().union(*(spec.hparams for spec in self.specs))
         unknown = sorted(set(hparams) - accepted)
         if unknown:
             raise ValueError(f"unknown hyper-parameter(s) {unknown} for {self.names}; accepted: "
@@ -72,163 +153,137 @@ class PreferenceLoss(torch.nn.Module):
         self.chunk_size, self.chunk_budget_bytes, self.grad_budget_bytes = (chunk_size, chunk_budget_bytes,
                                                                             grad_budget_bytes)
         self.accumulate_fp32 = accumulate_fp32
+        self.role_inputs = role_inputs(self.specs)
+        self.inputs = set().union(*(spec.inputs for spec in self.specs))
         self.last_mode: str | None = None  # the mode the latest forward used
 
     @property
     def separable(self) -> bool:
         return all(spec.separable for spec in self.specs)
 
-    def _objective(self, chosen, rejected, ref_chosen, ref_rejected, counts, inputs):
-        batch = chosen.shape[0]
-        return objective_loss(
-            self.names if len(self.names) > 1 else self.names[0], policy_chosen_logps=chosen,
-            policy_rejected_logps=rejected, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-            chosen_lengths=counts[:batch], rejected_lengths=counts[batch:], beta=self.beta,
-            loss_weights=self.loss_weights, **self.hparams, **inputs)
+    @property
+    def roles(self) -> list[str]:
+        """The roles the objectives read (required or optional)."""
+        return sorted({s.role for s in self.role_inputs})
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                bias: torch.Tensor | None = None, ref_chosen_logps: torch.Tensor | None = None,
-                ref_rejected_logps: torch.Tensor | None = None, ref_hidden: torch.Tensor | None = None,
-                ref_weight: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None, **inputs):
-        """hidden [2B, T, H]: the policy's last hidden states, chosen rows first, then rejected; weight [V, H] and
-        bias [V]: the lm_head; labels [2B, T] with ignore_index on prompt and padding.
-        The reference: ref_chosen_logps and ref_rejected_logps [B] (precomputed sums), or ref_hidden [2B, T, H]
-        with ref_weight / ref_bias (default: the policy's head), run through the fused head without gradient.
-        Other keyword tensors are the objectives' extra inputs, [B] per pair (or as the objective documents).
-        Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them)."""
-        if hidden.dim() != 3 or hidden.shape[0] % 2:
-            raise ValueError(f"hidden: expected [2B, T, H] (chosen rows, then rejected), got {tuple(hidden.shape)}")
+    @property
+    def reads_reference(self) -> bool:
+        return any(s.source == "ref" for s in self.role_inputs)
+
+    def _objective(self, inputs: dict) -> tuple[torch.Tensor, dict]:
+        return objective_loss(self.names if len(self.names) > 1 else self.names[0], beta=self.beta,
+                              loss_weights=self.loss_weights, **self.hparams, **inputs)
+
+    def _check_inputs(self, roles: RoleBatch, inputs: dict, has_ref_hidden: bool) -> list[RoleInput]:
+        """The role statistics to compute; ValueError for an unknown input or role, or a required one missing."""
+        unknown = sorted(set(inputs) - self.inputs)
+        if unknown:
+            raise ValueError(f"unknown input(s) {unknown} for {self.names}; accepted: "
+                             + "; ".join(spec.accepts() for spec in self.specs))
+        unread = sorted(set(roles.index) - set(self.roles))
+        if unread:
+            raise ValueError(f"roles: {unread} not read by {self.names}; they read the roles {self.roles}")
+        wanted = []
+        for stat in self.role_inputs:
+            if stat.name in inputs:  # given by the caller (precomputed reference, another adapter's sums)
+                continue
+            if stat.role in roles.index and (stat.source != "ref" or has_ref_hidden):
+                wanted.append(stat)
+            elif stat.required:
+                how = (f"roles={{{stat.role!r}: row indices}}" if stat.role not in roles.index
+                       else "ref_hidden (the reference's hidden states)")
+                raise ValueError(f"{stat.name}: {self.names} need it; pass {how} or {stat.name}=...")
+        return wanted
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, /, *,
+                roles: Mapping[str, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
+                ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
+                ref_bias: torch.Tensor | None = None, **inputs):
+        """hidden [S, T, H]: the policy's last hidden states; weight [V, H] and bias [V]: the lm_head; labels
+        [S, T] with ignore_index on prompt and padding. roles: {role: row indices into hidden, [B] (or [P, k] for
+        k samples per prompt)}; default: the first half of the rows `chosen`, the second `rejected`.
+        The reference: ref_hidden [S, T, H] with ref_weight / ref_bias (default: the policy's head), through the
+        fused head without gradient, or precomputed `ref_<role>_logps`. Other keyword tensors are the objectives'
+        inputs, passed through (preference_probs, advantages, rewards, use_offline, ...; [B] per example).
+        hidden, weight and labels are positional: a `labels=` keyword is the objective's input of that name (KTO's
+        desirable flags [B]). Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them)."""
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden: expected [S, T, H], got {tuple(hidden.shape)}")
         check_head_inputs(hidden, weight, labels, bias, ignore_index=self.ignore_index)
-        batch = hidden.shape[0] // 2
-        counts = (labels != self.ignore_index).sum(-1)
-        has_ref = ref_hidden is not None or ref_chosen_logps is not None or ref_rejected_logps is not None
-        if has_ref and not any("ref_chosen_logps" in spec.inputs for spec in self.specs):
-            raise ValueError(f"ref_hidden / ref_*_logps: {self.names} use no reference model; drop them")
-        head = dict(ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
-                    backend=self.backend, chunk_size=self.chunk_size, chunk_budget_bytes=self.chunk_budget_bytes)
-        needs = _needs_grad(hidden, weight, bias)
-        grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
-        layout = None
-        if any(needs) and self.mode != "recompute" and self.separable and not grad_inputs:
-            layout = self._pair_layout(hidden, weight, labels, batch)
-        if layout is None and any(needs) and self.mode == "in_forward":
-            raise ValueError(
-                f"mode: 'in_forward' needs separable objectives (got {self.names}, separable={self.separable}), "
-                f"extra inputs without gradient, and every pair within one chunk and the gradient buffers within "
-                f"grad_budget_bytes; use mode='auto' to fall back to recompute")
-        # the reference goes through the same rows, chunks and reductions as the policy, so that a policy equal
-        # to its reference gives rewards of exactly 0
-        ref_chosen, ref_rejected = self._reference(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
-                                                   ref_bias, weight, bias, labels, batch, head, layout)
-        if layout is None:
-            self.last_mode = "recompute" if any(needs) else "forward_only"
-            token_logps = linear_logprobs(hidden, weight, labels, bias=bias,
-                                          accumulate_fp32=self.accumulate_fp32, **head)
-            seq = token_logps.sum(-1)
-            return self._objective(seq[:batch], seq[batch:], ref_chosen, ref_rejected, counts, inputs)
-        self.last_mode = "in_forward"
-        return self._in_forward(layout, hidden, weight, bias, batch, counts, ref_chosen, ref_rejected, inputs,
-                                needs)
-
-    def _reference(self, ref_chosen, ref_rejected, ref_hidden, ref_weight, ref_bias, weight, bias, labels, batch,
-                   head, layout: PairLayout | None):
-        if ref_hidden is None:
-            if (ref_chosen is None) != (ref_rejected is None):
-                raise ValueError("ref_chosen_logps and ref_rejected_logps: pass both or neither")
-            return ref_chosen, ref_rejected
-        if ref_chosen is not None or ref_rejected is not None:
-            raise ValueError("ref_hidden: pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
-        if ref_hidden.shape[:2] != labels.shape:
+        if ref_hidden is not None and ref_hidden.shape[:2] != labels.shape:
             raise ValueError(f"ref_hidden: leading shape {tuple(ref_hidden.shape[:2])} must equal labels' "
                              f"{tuple(labels.shape)}")
-        if ref_weight is None:
-            ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
-        ref_bias = None if ref_bias is None else ref_bias.detach()
+        given_ref = [k for k in inputs if k.startswith("ref_") and k.endswith("logps")]
+        if (ref_hidden is not None or given_ref) and not self.reads_reference:
+            raise ValueError(f"ref_hidden / ref_*_logps: {self.names} use no reference model; drop them")
+        if ref_hidden is not None and given_ref:
+            raise ValueError(f"ref_hidden: pass either ref_hidden or precomputed {given_ref}, not both")
+        role_batch = _role_batch(default_roles(hidden.shape[0], hidden.device) if roles is None else roles,
+                                 hidden.shape[0], hidden.device)
+        wanted = self._check_inputs(role_batch, inputs, ref_hidden is not None)
+
+        on = torch.is_grad_enabled()
+        needs_grad = any(on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+        grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
+        groupable = self.separable and not grad_inputs and role_batch.sequence_example is not None
+        if needs_grad and self.mode == "in_forward" and not groupable:
+            raise ValueError(
+                f"mode: 'in_forward' needs separable objectives (got {self.names}, separable={self.separable}), "
+                f"extra inputs without gradient and no sequence shared by two examples; use mode='auto'")
+        sequence_group = (role_batch.sequence_example if groupable
+                          else torch.where(role_batch.sequence_read, 0, -1))
+        rows = group_rows(labels, sequence_group, vocab=weight.shape[0], hidden_size=hidden.shape[-1],
+                          dtype=hidden.dtype, needs_grad=needs_grad, grouped=groupable,
+                          ignore_index=self.ignore_index, mode=self.mode, chunk_size=self.chunk_size,
+                          chunk_budget_bytes=self.chunk_budget_bytes, grad_budget_bytes=self.grad_budget_bytes)
+        stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
+        head = dict(temperature=self.temperature, softcap=self.softcap, backend=self.backend,
+                    accumulate_fp32=self.accumulate_fp32)
+        fixed = {**inputs, **stats.shapes()}
+        if ref_hidden is not None and any(s.source == "ref" for s in wanted):
+            # the reference goes through the same rows, chunks and reductions as the policy, so that a policy
+            # equal to its reference gives rewards of exactly 0
+            ref_weight, ref_bias = (weight, bias if ref_bias is None else ref_bias) if ref_weight is None else (
+                ref_weight, ref_bias)
+            with torch.no_grad():
+                ref_logp = grouped_logprobs(ref_hidden.detach(), ref_weight.detach(), rows,
+                                            bias=None if ref_bias is None else ref_bias.detach(), **head)
+            fixed.update(stats.values(ref_logp, "ref"))
+
+        if not (needs_grad and rows.in_forward):
+            self.last_mode = "recompute" if needs_grad else "forward_only"
+            logp = grouped_logprobs(hidden, weight, rows, bias=bias, **head)
+            return self._objective({**fixed, **stats.values(logp, "policy")})
+        self.last_mode = "in_forward"
+        coef_fn = self._chunk_gradient(rows, stats, fixed, role_batch.n_examples)
+        surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, **head)
         with torch.no_grad():
-            if layout is None:
-                seq = linear_logprobs(ref_hidden.detach(), ref_weight.detach(), labels, bias=ref_bias,
-                                      **head).sum(-1)
-            else:
-                flat = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
-                token_logps = FusedLogprobs.apply(flat, ref_weight.detach(), ref_bias, layout.labels, layout.index,
-                                                  self._head_config(layout, hidden=ref_hidden), layout.chunks)
-                seq = self._sequence_sums(layout, token_logps, 2 * batch)
-        return seq[:batch], seq[batch:]
+            loss, metrics = self._objective({**fixed, **stats.values(logp, "policy")})
+        # the value of the objective; its gradient is the one formed in forward (the surrogate's)
+        return loss.detach().float() + (surrogate - surrogate.detach()), metrics
 
-    def _head_config(self, layout: PairLayout, hidden: torch.Tensor):
-        return _config(layout.plan, resolve_backend(self.backend, hidden.device), self.temperature, self.softcap,
-                       False, self.accumulate_fp32, None)
+    def _chunk_gradient(self, rows: RowGroups, stats: RoleStatistics, fixed: dict, n_examples: int):
+        """coef_fn for grouped_logprobs: the batch loss's gradient with respect to one chunk's log-probs, from the
+        objective on the chunk's own examples (their share of the batch mean)."""
 
-    @staticmethod
-    def _sequence_sums(layout: PairLayout, token_logps: torch.Tensor, n_seq: int) -> torch.Tensor:
-        """token_logps [M] in the layout's row order -> per-sequence sums [2B]."""
-        return torch.zeros(n_seq, dtype=torch.float32, device=token_logps.device).index_add_(
-            0, layout.sequence, token_logps)
-
-    def _pair_layout(self, hidden, weight, labels, batch) -> PairLayout | None:
-        """Labeled rows ordered pair by pair (chosen then rejected), and chunks of whole pairs within the chunk
-        budget; None when a pair alone exceeds it or the gradient buffers exceed the grad budget."""
-        rows = select_labeled_rows(hidden, labels, self.ignore_index)
-        n_rows = rows.n_rows
-        plan = make_plan(n_rows=n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
-                         device=hidden.device, needs_grad=True, upstream_known=True, mode=self.mode,
-                         chunk_size=self.chunk_size, chunk_budget_bytes=self.chunk_budget_bytes,
-                         grad_budget_bytes=self.grad_budget_bytes)
-        if plan.mode != "in_forward" or n_rows == 0:
-            return None
-        seq_len = labels.shape[1]
-        flat_index = rows.index if rows.index is not None else torch.arange(n_rows, device=labels.device)
-        sequence = torch.div(flat_index, seq_len, rounding_mode="floor")
-        pair = sequence % batch
-        order = torch.sort(pair, stable=True).indices  # pair by pair; chosen rows precede rejected ones
-        pair_rows = torch.bincount(pair, minlength=batch).tolist()
-        chunks, start, size = [], 0, 0
-        for count in pair_rows:
-            if count > plan.rows_per_chunk:
-                return None
-            if size + count > plan.rows_per_chunk:
-                chunks.append(slice(start, start + size))
-                start, size = start + size, 0
-            size += count
-        if size:
-            chunks.append(slice(start, start + size))
-        return PairLayout(flat_index[order], rows.labels[order], sequence[order], chunks, plan)
-
-    def _in_forward(self, layout: PairLayout, hidden, weight, bias, batch, counts, ref_chosen, ref_rejected,
-                    inputs, needs):
-        sequence = layout.sequence
-        n_seq = 2 * batch
-
-        def per_pair(value, pairs):
-            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
-                return value[pairs]
+        def per_example(value, examples: slice):
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n_examples:
+                return value[examples]
             return value
 
-        def coef_fn(chunk, logp, _mean_logp):
-            seq_ids = sequence[chunk]
-            first, last = int(seq_ids.min()) % batch, int(seq_ids.max()) % batch
-            pairs = torch.arange(first, last + 1, device=logp.device)
-            local = torch.zeros(n_seq, dtype=torch.float32, device=logp.device).index_add_(0, seq_ids, logp)
+        def coef_fn(chunk: slice, logp: torch.Tensor) -> torch.Tensor:
+            groups = rows.group[chunk]
+            examples = slice(int(groups[0]), int(groups[-1]) + 1)  # whole examples, in order
             with torch.enable_grad():
-                chosen = local[pairs].clone().requires_grad_()
-                rejected = local[pairs + batch].clone().requires_grad_()
-                loss, _ = self._objective(
-                    chosen, rejected, None if ref_chosen is None else ref_chosen[pairs],
-                    None if ref_rejected is None else ref_rejected[pairs],
-                    torch.cat([counts[pairs], counts[pairs + batch]]),
-                    {k: per_pair(v, pairs) for k, v in inputs.items()})
-                # the batch loss is the mean over all pairs; this chunk's pairs carry len(pairs) / B of it
-                g_chosen, g_rejected = torch.autograd.grad(loss * (len(pairs) / batch), [chosen, rejected])
-            seq_grad = torch.zeros(n_seq, dtype=torch.float32, device=logp.device)
-            seq_grad[pairs], seq_grad[pairs + batch] = g_chosen.float(), g_rejected.float()
-            return seq_grad[seq_ids], None
+                local = logp.detach().clone().requires_grad_()
+                inputs = {k: per_example(v, examples) for k, v in fixed.items()}
+                inputs.update(stats.values(local, "policy", examples, chunk))
+                loss, _ = self._objective(inputs)
+                share = (examples.stop - examples.start) / n_examples
+                (grad,) = torch.autograd.grad(loss * share, [local], allow_unused=True)
+            return torch.zeros_like(logp) if grad is None else grad.float()
 
-        cfg = self._head_config(layout, hidden)
-        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-        surrogate, token_logps, _ = FusedHeadInForward.apply(flat_hidden, weight, bias, layout.labels,
-                                                             layout.index, cfg, coef_fn, needs, layout.chunks)
-        seq = self._sequence_sums(layout, token_logps, n_seq)
-        with torch.no_grad():
-            loss, metrics = self._objective(seq[:batch], seq[batch:], ref_chosen, ref_rejected, counts, inputs)
-        # value of the objective, gradient formed in forward (the surrogate's gradient is the objective's)
-        return loss.detach().float() + (surrogate - surrogate.detach()), metrics
+        return coef_fn
+
+
+__all__ = ["PreferenceLoss", "default_roles", "RoleStatistics"]

@@ -1,0 +1,148 @@
+"""The fused head over groups of sequences: rows grouped so that a caller can form gradients in forward.
+
+    rows = group_rows(labels [S, T], sequence_group [S], vocab=V, hidden_size=H, dtype=..., needs_grad=True)
+    logp = grouped_logprobs(hidden [S, T, H], weight [V, H], rows)                  # [M], recompute backward
+    surrogate, logp = grouped_logprobs(hidden, weight, rows, coef_fn=coef_fn)       # in-forward gradient
+
+A group is a set of sequences whose loss depends only on their own log-probs (one example of a preference loss:
+its chosen, rejected, sampled, ... responses). `group_rows` keeps the labeled rows of the sequences that belong
+to a group (`sequence_group[s] >= 0`), orders them group by group, and, when grouping is asked for and fits, cuts
+them into chunks of whole groups within the chunk budget: then `coef_fn(chunk, logp_chunk) -> coef [m]` (the
+loss's gradient with respect to each row's log-prob, computed from the chunk's own groups) is called as soon as a
+chunk's log-probs are known and the head's gradients are formed in the same pass (one matmul fewer). Otherwise
+the plan is the recompute path. Passing the same `rows` for a second head (a reference) runs the same rows, chunks
+and reductions: equal inputs give bitwise equal log-probs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs, HeadConfig
+from prefuse.kernels.plan import MODES, Plan, make_plan
+from prefuse.kernels.rows import zero_connected
+from prefuse.kernels.validate import check_transform, resolve_backend
+
+GroupCoefFn = Callable[[slice, torch.Tensor], torch.Tensor]
+
+__all__ = ["RowGroups", "group_rows", "grouped_logprobs", "GroupCoefFn"]
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """The labeled rows a grouped call reads, in group order (M of them).
+
+    index [M]: each row's position in the flattened [S * T]; labels [M]; sequence [M]: its sequence in [0, S);
+    group [M]: its group; chunks: slices of whole groups (in-forward plan) or None (the plan's own chunks);
+    shape: (S, T)."""
+
+    index: torch.Tensor
+    labels: torch.Tensor
+    sequence: torch.Tensor
+    group: torch.Tensor
+    chunks: list[slice] | None
+    plan: Plan
+    shape: tuple[int, int]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def in_forward(self) -> bool:
+        return self.plan.mode == "in_forward"
+
+
+def _whole_group_chunks(group: torch.Tensor, rows_per_chunk: int) -> list[slice] | None:
+    """Slices of consecutive whole groups of sorted `group` [M], each within rows_per_chunk; None when one group
+    alone is larger."""
+    _, counts = torch.unique_consecutive(group, return_counts=True)
+    chunks, start, size = [], 0, 0
+    for count in counts.tolist():
+        if count > rows_per_chunk:
+            return None
+        if size + count > rows_per_chunk:
+            chunks.append(slice(start, start + size))
+            start, size = start + size, 0
+        size += count
+    if size:
+        chunks.append(slice(start, start + size))
+    return chunks
+
+
+def group_rows(labels: torch.Tensor, sequence_group: torch.Tensor, *, vocab: int, hidden_size: int,
+               dtype: torch.dtype, needs_grad: bool, grouped: bool = True, ignore_index: int = -100,
+               mode: str = "auto", chunk_size: int | None = None, chunk_budget_bytes: int | None = None,
+               grad_budget_bytes: int | None = None) -> RowGroups:
+    """labels [S, T]; sequence_group [S] int64: each sequence's group, -1 for a sequence nobody reads (its rows are
+    dropped before any matmul). grouped: take the in-forward plan when `mode` and the budgets allow it (the
+    caller's loss is separable by group); mode "in_forward" insists on it (ValueError when a group is larger than
+    a chunk). Other arguments as in `linear_cross_entropy`."""
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+    if labels.dim() != 2 or sequence_group.shape != labels.shape[:1]:
+        raise ValueError(f"sequence_group: expected [S] for labels [S, T], got {tuple(sequence_group.shape)} and "
+                         f"{tuple(labels.shape)}")
+    n_seq, seq_len = labels.shape
+    groups = sequence_group.to(labels.device).long()
+    flat_labels = labels.reshape(-1).long()
+    keep = (flat_labels != ignore_index) & (groups[:, None] >= 0).expand(n_seq, seq_len).reshape(-1)
+    index = keep.nonzero().squeeze(1)
+    row_group = groups.repeat_interleave(seq_len)[index]
+    order = torch.sort(row_group, stable=True).indices  # group by group; within a group in sequence order
+    index, row_group = index[order], row_group[order]
+    n_rows = int(index.shape[0])
+    device = labels.device
+    want = grouped and needs_grad and mode != "recompute" and n_rows > 0
+    plan = make_plan(n_rows=n_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype, device=device,
+                     needs_grad=needs_grad, upstream_known=want, mode=mode if want else "recompute",
+                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes,
+                     grad_budget_bytes=grad_budget_bytes)
+    chunks = _whole_group_chunks(row_group, plan.rows_per_chunk) if plan.mode == "in_forward" else None
+    if plan.mode == "in_forward" and chunks is None:
+        if mode == "in_forward":
+            raise ValueError(f"mode: 'in_forward' needs every group within one chunk of {plan.rows_per_chunk} "
+                             f"rows; raise chunk_size / chunk_budget_bytes or use mode='auto'")
+        plan = make_plan(n_rows=n_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype, device=device,
+                         needs_grad=needs_grad, upstream_known=False, mode="recompute", chunk_size=chunk_size,
+                         chunk_budget_bytes=chunk_budget_bytes)
+    return RowGroups(index=index, labels=flat_labels[index], sequence=torch.div(index, seq_len, rounding_mode="floor"),
+                     group=row_group, chunks=chunks, plan=plan, shape=(n_seq, seq_len))
+
+
+def _head_config(rows: RowGroups, device, backend, temperature, softcap, accumulate_fp32) -> HeadConfig:
+    return HeadConfig(rows_per_chunk=rows.plan.rows_per_chunk, backend=resolve_backend(backend, device),
+                      vocab_tile=rows.plan.vocab_tile, inv_temperature=1.0 / temperature, softcap=softcap,
+                      accumulate_fp32=accumulate_fp32)
+
+
+def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups, *,
+                     bias: torch.Tensor | None = None, coef_fn: GroupCoefFn | None = None,
+                     temperature: float = 1.0, softcap: float | None = None, backend: str = "auto",
+                     accumulate_fp32: bool = True):
+    """Per-row log-probs [M] float32 of `rows` (in their order) under softmax(transform(hidden @ weight.T + bias)).
+
+    hidden [S, T, H] (or [S * T, H]), weight [V, H], bias [V]. Without coef_fn: logp [M], differentiable with a
+    recomputing backward. With coef_fn (rows.in_forward must hold): (surrogate 0-d, logp [M] without gradient),
+    where the surrogate's value is sum_i coef_i * logp_i and its gradient, formed in forward, is the caller's loss
+    gradient; add `surrogate - surrogate.detach()` to the loss value to route it."""
+    check_transform(temperature, softcap)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if flat.shape[0] != rows.shape[0] * rows.shape[1]:
+        raise ValueError(f"hidden: {tuple(hidden.shape)} does not hold the {rows.shape[0]} x {rows.shape[1]} "
+                         f"positions of the rows' labels")
+    cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
+    if coef_fn is None:
+        if rows.n_rows == 0:
+            return torch.zeros(0, dtype=torch.float32, device=hidden.device) + zero_connected(flat, weight, bias)
+        return FusedLogprobs.apply(flat, weight, bias, rows.labels, rows.index, cfg, rows.chunks)
+    if not rows.in_forward:
+        raise ValueError("coef_fn: the rows' plan is not in_forward (build them with group_rows(grouped=True))")
+    on = torch.is_grad_enabled()
+    needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias))
+    surrogate, logp, _ = FusedHeadInForward.apply(flat, weight, bias, rows.labels, rows.index, cfg,
+                                                  lambda chunk, lp, _mean: (coef_fn(chunk, lp), None), needs,
+                                                  rows.chunks)
+    return surrogate, logp
