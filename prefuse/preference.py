@@ -198,7 +198,7 @@ class PreferenceLoss(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, /, *,
                 roles: Mapping[str, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
                 ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
-                ref_bias: torch.Tensor | None = None, **inputs):
+                ref_bias: torch.Tensor | None = None, return_inputs: bool = False, **inputs):
         """hidden [S, T, H]: the policy's last hidden states; weight [V, H] and bias [V]: the lm_head; labels
         [S, T] with ignore_index on prompt and padding. roles: {role: row indices into hidden, [B] (or [P, k] for
         k samples per prompt)}; default: the first half of the rows `chosen`, the second `rejected`.
@@ -206,7 +206,8 @@ class PreferenceLoss(torch.nn.Module):
         fused head without gradient, or precomputed `ref_<role>_logps`. Other keyword tensors are the objectives'
         inputs, passed through (preference_probs, advantages, rewards, use_offline, ...; [B] per example).
         hidden, weight and labels are positional: a `labels=` keyword is the objective's input of that name (KTO's
-        desirable flags [B]). Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them)."""
+        desirable flags [B]). Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them), and with
+        return_inputs also the objective's inputs (detached: policy_chosen_logps [B], chosen_lengths, ...)."""
         if hidden.dim() != 3:
             raise ValueError(f"hidden: expected [S, T, H], got {tuple(hidden.shape)}")
         check_head_inputs(hidden, weight, labels, bias, ignore_index=self.ignore_index)
@@ -253,14 +254,21 @@ class PreferenceLoss(torch.nn.Module):
         if not (needs_grad and rows.in_forward):
             self.last_mode = "recompute" if needs_grad else "forward_only"
             logp = grouped_logprobs(hidden, weight, rows, bias=bias, **head)
-            return self._objective({**fixed, **stats.values(logp, "policy")})
-        self.last_mode = "in_forward"
-        coef_fn = self._chunk_gradient(rows, stats, fixed, role_batch.n_examples)
-        surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, **head)
-        with torch.no_grad():
-            loss, metrics = self._objective({**fixed, **stats.values(logp, "policy")})
-        # the value of the objective; its gradient is the one formed in forward (the surrogate's)
-        return loss.detach().float() + (surrogate - surrogate.detach()), metrics
+            objective_inputs = {**fixed, **stats.values(logp, "policy")}
+            loss, metrics = self._objective(objective_inputs)
+        else:
+            self.last_mode = "in_forward"
+            coef_fn = self._chunk_gradient(rows, stats, fixed, role_batch.n_examples)
+            surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, **head)
+            objective_inputs = {**fixed, **stats.values(logp, "policy")}
+            with torch.no_grad():
+                loss, metrics = self._objective(objective_inputs)
+            # the value of the objective; its gradient is the one formed in forward (the surrogate's)
+            loss = loss.detach().float() + (surrogate - surrogate.detach())
+        if return_inputs:
+            detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in objective_inputs.items()}
+            return loss, metrics, detached
+        return loss, metrics
 
     def _chunk_gradient(self, rows: RowGroups, stats: RoleStatistics, fixed: dict, n_examples: int):
         """coef_fn for grouped_logprobs: the batch loss's gradient with respect to one chunk's log-probs, from the
