@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     _train_arguments(p)
     p.set_defaults(run=_train)
 
+    p = sub.add_parser("objectives", help="every objective: its roles and inputs, the data columns that feed it "
+                                          "offline, its hyper-parameters",
+                       description="Lists the registered objectives. Roles are the sequences an objective scores "
+                                   "(chosen, rejected, sample, completion, kl, ...); `data` says which dataset "
+                                   "columns give them to `prefuse train`, or which flag will run an objective that "
+                                   "offline data cannot feed.")
+    p.add_argument("names", nargs="*", help="only these objectives")
+    p.add_argument("--json", action="store_true", help="one JSON object per objective")
+    p.set_defaults(run=_objectives)
+
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90/gfx942 and report registers",
                        description="Compiles each Triton kernel in every launch config for GPU targets (no GPU "
                                    "needed) and prints registers, spills and errors.")
@@ -97,6 +107,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     from prefuse.engine.config import TrainConfig, objective_hparam_names
 
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (the flags' names as keys)")
+    p.add_argument("--list_objectives", action="store_true", default=argparse.SUPPRESS,
+                   help="print every objective with its inputs, data columns and hyper-parameters, and exit")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         hint = str(hints[f.name])
@@ -142,7 +154,29 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def _objectives(args) -> int:
+    import json
+
+    from prefuse.engine.objectives import describe, format_objectives
+
+    try:
+        names = [describe(n)["name"] for n in args.names] or None
+    except ValueError as error:
+        print(f"prefuse objectives: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        from prefuse.algorithms import list_objectives
+
+        for name in names or list_objectives():
+            print(json.dumps(describe(name)))
+    else:
+        print(format_objectives(names))
+    return 0
+
+
 def _train(args) -> int:
+    if getattr(args, "list_objectives", False):
+        return _objectives(argparse.Namespace(names=[], json=False))
     try:
         cfg = _train_config(args)
         from prefuse.engine.loop import train

@@ -189,7 +189,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(files, tmp_path):
 @pytest.mark.parametrize("change, expected", [
     (dict(dataset_name="/nonexistent/pairs.jsonl"), "dataset_name: no such file"),
     (dict(model_name_or_path="/nonexistent/model"), "model_name_or_path"),
-    (dict(loss_type="kto"), "needs unpaired data"),
+    (dict(loss_type="xpo"), "'xpo' does not run on offline data: its y_r is sampled from the reference"),
+    (dict(loss_type="wbc"), "columns 'score_chosen', 'score_rejected' are missing; needed by loss_type wbc"),
+    (dict(loss_type="selm"), "column 'reference_response' is missing"),
     (dict(loss_type="no_such_objective"), "loss_type"),
     (dict(loss_type="sigmoid", simpo_gamma="0.5"), "simpo_gamma"),
 ])

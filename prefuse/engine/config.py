@@ -17,12 +17,8 @@ from typing import Any
 
 from prefuse.algorithms import get_objective
 from prefuse.algorithms.registry import OBJECTIVES
+from prefuse.engine.objectives import objective_needs
 
-# What the offline loop computes for an objective: the sums of a pair's two sequences (policy and reference) and
-# their token counts, or for unpaired data each completion's sums, its label and KTO's mismatched (KL) completions.
-PAIRED_STATS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-                          "chosen_lengths", "rejected_lengths"})
-UNPAIRED_STATS = frozenset({"policy_logps", "ref_logps", "labels", "policy_kl_logps", "ref_kl_logps"})
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "auto")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
@@ -123,15 +119,6 @@ class TrainConfig:
         """The objective as PreferenceLoss and objective_loss take it: a name, or a list of names."""
         return self.loss_type[0] if len(self.loss_type) == 1 else list(self.loss_type)
 
-    @property
-    def unpaired(self) -> bool:
-        """True when the objective learns from unpaired, labeled completions (KTO)."""
-        return bool(get_objective(self.loss_type[0]).requires & {"labels"})
-
-    @property
-    def needs_reference(self) -> bool:
-        return any(get_objective(n).requires & {"ref_chosen_logps", "ref_logps"} for n in self.loss_type)
-
     def model_config(self):
         from prefuse.engine.model import ModelConfig
 
@@ -192,29 +179,19 @@ class TrainConfig:
 
     def _validate_objective(self) -> None:
         _check(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
-        try:
-            specs = [get_objective(n) for n in self.loss_type]
-        except ValueError as error:
-            raise ValueError(f"loss_type: {error}") from None
-        kinds = {bool(spec.requires & {"labels"}) for spec in specs}
-        _check(len(kinds) == 1, "loss_type", f"{self.loss_type} mixes paired and unpaired objectives")
-        stats = UNPAIRED_STATS if kinds == {True} else PAIRED_STATS
-        for spec in specs:
-            missing = sorted(spec.requires - stats)
-            _check(not missing, "loss_type", f"{spec.name!r} needs input(s) {missing} that the offline loop does "
-                                              f"not compute (it computes {sorted(stats)})")
+        needs = objective_needs(self.loss_type)  # ValueError "loss_type: ..." for one offline data cannot feed
+        specs = [get_objective(n) for n in self.loss_type]
         _check(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
                f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
         accepted = set().union(*(spec.hparams for spec in specs))
         unknown = sorted(set(self.objective_args) - accepted)
         _check(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
                                               f"{sorted(accepted) or 'none'}")
-        if kinds == {True}:
-            _check(self.per_device_train_batch_size >= 2 or "kto" not in self.loss_type,
-                   "per_device_train_batch_size", "kto needs at least 2 examples per batch (its KL term pairs "
-                                                  "each prompt with another example's completion)")
-            _check(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
-                   "supported for paired objectives only")
+        _check(self.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
+               "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
+               "completion)")
+        _check(not (self.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
+               "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

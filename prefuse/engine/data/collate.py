@@ -11,6 +11,12 @@ import torch
 IGNORE_INDEX = -100
 
 
+def labeled_tokens(n_prompt: int, n_completion: int) -> int:
+    """How many labels `_pad_sequences` sets for a prompt + completion: every completion token, except after an
+    empty prompt the first one (no position before it predicts it). Zero means the example teaches nothing."""
+    return max(n_completion - (n_prompt == 0), 0)
+
+
 def _pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
                    pad_to_multiple_of: int | None) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, labels [N, T] for N sequences prompt + completion."""
@@ -54,3 +60,12 @@ def collate_unpaired(examples: Sequence[dict[str, Any]], pad_token_id: int,
                            pad_token_id, pad_to_multiple_of)
     batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
     return batch
+
+
+def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_token_id: int,
+                      pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """N (prompt, response) token lists -> `input_ids`, `attention_mask`, `labels` [N, T], right-padded; the
+    sequences of any roles, in the order given."""
+    if not prompts:
+        raise ValueError("collate_sequences needs at least one sequence")
+    return _pad_sequences(list(prompts), list(responses), pad_token_id, pad_to_multiple_of)

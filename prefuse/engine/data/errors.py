@@ -16,7 +16,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class RowProblem:
     """What is wrong with one row. kind groups problems for the skip tally: missing, empty, wrong_type,
-    malformed_messages, prompt_mismatch, chat_template, too_long, invalid_json."""
+    malformed_messages, prompt_mismatch, chat_template, too_long, invalid_json, out_of_range."""
 
     kind: str
     field: str | None

@@ -108,7 +108,8 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_text(value: Any, field: str, response: bool) -> str:
+def check_text(value: Any, field: str, response: bool) -> str:
+    """`value` as a prompt or response text; raises RowIssue."""
     if value is None:
         raise RowIssue("missing", field, "missing")
     if not isinstance(value, str):
@@ -133,7 +134,8 @@ def message_list_problem(value: Any) -> str | None:
     return None
 
 
-def _check_messages(value: Any, field: str, response: bool) -> list[dict]:
+def check_messages(value: Any, field: str, response: bool) -> list[dict]:
+    """`value` as prompt or response messages (a response ends with a non-empty assistant turn); raises RowIssue."""
     if value is None:
         raise RowIssue("missing", field, "missing")
     problem = message_list_problem(value)
@@ -174,7 +176,7 @@ def _shared_text_prompt(chosen: str, rejected: str) -> int:
 def split_row(row: dict[str, Any], fmt: str) -> RowParts:
     """Check one row of format `fmt` and split it into prompt and completions; raises RowIssue."""
     conversational = fmt.startswith("conversational")
-    check = _check_messages if conversational else _check_text
+    check = check_messages if conversational else check_text
     if fmt in UNPAIRED_FORMATS:
         prompt = check(row.get("prompt"), "prompt", response=False)
         completion = check(row.get("completion"), "completion", response=True)

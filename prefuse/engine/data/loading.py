@@ -4,7 +4,9 @@ Every dataset returned carries a `__where__` column, `<path>:<row>`, so a bad ro
 selections) is reported where the user can find it: the line number in a JSON-lines file (blank lines count), the
 1-based row elsewhere. When Arrow cannot hold a JSON-lines file as it is (a line that is not JSON, a field whose
 type differs from the other rows'), the file is read line by line, the offending values are set to null and the
-row carries its problem in a `__problem__` column; tokenization then raises it or skips the row.
+row carries its problem in a `__problem__` column; tokenization then raises it or skips the row. A file with no
+JSON object on any line (CSV, say), or a .json file that does not parse, is not data with a few bad rows: it raises
+`<file>:<line>: not valid JSON (<reason>)` at once.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from typing import Any
 
 import datasets
 
+from prefuse.engine.data.columns import EXTRA_COLUMNS
 from prefuse.engine.data.errors import DataError, RowProblem
 from prefuse.engine.data.formats import message_list_problem
 
 WHERE_COLUMN = "__where__"
 PROBLEM_COLUMN = "__problem__"
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
+CHECKED_COLUMNS = PREFERENCE_COLUMNS + EXTRA_COLUMNS  # columns whose per-row type problems are reported
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -48,10 +52,12 @@ def load_records(path: str | Path, split: str = "train", cache_dir: str | None =
     try:
         dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
     except Exception as error:  # Arrow's schema errors come as several types; the line scan says which row
-        if not json_lines:
-            raise DataError(f"{path}: cannot be read: {error}") from error
-        return _load_json_lines_by_hand(path)
-    if json_lines and any(_holds_mixed_types(dataset.features.get(c)) for c in PREFERENCE_COLUMNS):
+        if json_lines or (builder == "json" and _holds_json_lines(path)):
+            return _load_json_lines_by_hand(path)
+        if builder == "json":
+            _raise_if_not_json(path)
+        raise DataError(f"{path}: cannot be read: {error}") from error
+    if json_lines and any(_holds_mixed_types(dataset.features.get(c)) for c in CHECKED_COLUMNS):
         return _load_json_lines_by_hand(path)  # a type differs between rows: say which row
     rows = range(1, len(dataset) + 1)
     if json_lines:
@@ -85,6 +91,41 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     return saved
 
 
+def _holds_json_lines(path: Path) -> bool:
+    """Whether a .json file is JSON lines (datasets reads both): its first non-blank line is a JSON object."""
+    with _open_bytes(path) as lines:
+        first = next((line for line in lines if line.strip()), b"")
+    try:
+        return isinstance(json.loads(first), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def _raise_if_not_json(path: Path) -> None:
+    """DataError `<file>:<line>: not valid JSON (...)` where a whole-document .json file stops parsing."""
+    with _open_bytes(path) as f:
+        content = f.read()
+    try:
+        json.loads(content.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = content[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: {_json_error_text(error)}") from None
+
+
+def _json_error_text(error: json.JSONDecodeError) -> str:
+    return f"not valid JSON ({error.msg} at column {error.colno})"
+
+
+def _open_bytes(path: Path):
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
 def _open_text(path: Path):
     if path.suffix == ".gz":
         import gzip
@@ -101,27 +142,41 @@ def _nonblank_line_numbers(path: Path) -> list[int]:
 def _value_kind(value: Any) -> str:
     if isinstance(value, list) and value and message_list_problem(value) is None:
         return "messages"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"  # JSON writes 9 and 9.5 alike; Arrow holds both as float64
     return type(value).__name__
 
 
-_EXPECTED = {"str": "a string", "messages": "a list of {'role', 'content'} messages", "bool": "a bool"}
+_EXPECTED = {"str": "a string", "messages": "a list of {'role', 'content'} messages", "bool": "a bool",
+             "number": "a number"}
+
+
+def _parse_json_line(line: bytes) -> tuple[dict, str | None]:
+    """(the row, None) or ({}, why the line is not a JSON object)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return {}, "not valid JSON (not UTF-8 text)"
+    except json.JSONDecodeError as error:
+        return {}, _json_error_text(error)
+    if not isinstance(row, dict):
+        return {}, f"not a JSON object but {type(row).__name__}"
+    return row, None
 
 
 def _load_json_lines_by_hand(path: Path) -> datasets.Dataset:
     """Parse line by line; null the values whose type differs from the column's usual one and record why."""
     rows, wheres, problems = [], [], []
-    with _open_text(path) as lines:
+    with _open_bytes(path) as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                problem = None if isinstance(row, dict) else f"not a JSON object but {type(row).__name__}"
-            except json.JSONDecodeError as error:
-                row, problem = {}, f"not valid JSON ({error.msg} at column {error.colno})"
-            rows.append(row if problem is None else {})
+            row, problem = _parse_json_line(line)
+            rows.append(row)
             wheres.append(f"{path}:{number}")
             problems.append(None if problem is None else RowProblem("invalid_json", None, problem))
+    if rows and all(problems):  # no line is a JSON object: the file is not JSON lines at all
+        raise DataError(problems[0].message(wheres[0]))
     kinds: dict[str, Counter] = {}
     for row in rows:
         for key, value in row.items():
@@ -133,7 +188,7 @@ def _load_json_lines_by_hand(path: Path) -> datasets.Dataset:
             if value is None or _value_kind(value) == usual[key]:
                 continue
             row[key] = None  # so Arrow can hold the column; the problem goes with the row
-            if key in PREFERENCE_COLUMNS and problems[i] is None:
+            if key in CHECKED_COLUMNS and problems[i] is None:
                 problems[i] = _type_problem(key, value, usual[key])
     for row, where, problem in zip(rows, wheres, problems):
         row[WHERE_COLUMN] = where

@@ -11,17 +11,24 @@ Truncation policy, in this order:
    the response survives; a leading BOS is cut with the rest).
 2. `max_length` (prompt + completion): a prompt that leaves no room for one completion token is cut from the left
    to `max_length - 1` tokens; then each completion keeps its first `max_length - len(prompt)` tokens (cut from the
-   right; a response cut short loses its EOS, since it did not end there). Chosen and rejected share the prompt.
+   right; a response cut short loses its EOS, since it did not end there). Chosen and rejected share the prompt,
+   and so does a `reference_response`, tokenized and cut as they are.
 With `truncation=False` nothing is cut: a row over either limit is a bad row (kind `too_long`).
+
+A tight `max_length` leaves each response its first few tokens, and chosen and rejected often begin alike: such a
+pair is token-identical and teaches nothing (margin 0 whatever the weights). `TokenizedData` counts these and the
+responses left without a labeled token (`empty`, `identical`, `truncation_report()`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import datasets
 
-from prefuse.engine.data.errors import BadRow, RowProblem, SkippedRows
+from prefuse.engine.data.collate import labeled_tokens
+from prefuse.engine.data.columns import REFERENCE_COLUMN, carried_columns, check_required, read_numbers, read_reference
+from prefuse.engine.data.errors import BadRow, DataError, RowProblem, SkippedRows
 from prefuse.engine.data.formats import UNPAIRED_FORMATS, RowIssue, RowParts, detect_format, split_row
 from prefuse.engine.data.loading import WHERE_COLUMN, row_problem
 
@@ -29,38 +36,115 @@ from prefuse.engine.data.loading import WHERE_COLUMN, row_problem
 @dataclass
 class TokenizedData:
     """examples: per example `prompt_ids` and `chosen_ids` / `rejected_ids` (paired formats) or `completion_ids`
-    and `label` (unpaired), lists of ints, plus `where` (`<file>:<row>`); skipped: the rows left out."""
+    and `label` (unpaired), lists of ints, the carried extra columns (`columns.py`: `reference_ids`,
+    `score_chosen`, `reward`, ...), and `where` (`<file>:<row>`); skipped: the rows left out; max_length /
+    max_prompt_length: the limits the examples were cut to (None: not cut), for `truncation_report`."""
 
     format: str
     examples: list[dict[str, Any]]
     skipped: SkippedRows = field(default_factory=SkippedRows)
+    max_length: int | None = None
+    max_prompt_length: int | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    # Counted from the examples, not stored, so a subset built from `examples` counts right.
+    @property
+    def empty(self) -> int:
+        """Examples with a response (chosen, rejected or completion) left without a labeled token."""
+        keys = _response_keys(self.format)
+        return sum(_has_empty_response(e, keys) for e in self.examples)
+
+    @property
+    def identical(self) -> int:
+        """Pairs (not counted in `empty`) whose chosen and rejected ids are the same: their margin is 0 whatever
+        the weights, so they give no gradient. Truncation makes them: responses cut to their first tokens often
+        agree there."""
+        if self.format in UNPAIRED_FORMATS:
+            return 0
+        keys = _response_keys(self.format)
+        return sum(e["chosen_ids"] == e["rejected_ids"] and not _has_empty_response(e, keys) for e in self.examples)
+
+    @property
+    def unlearnable(self) -> int:
+        """Examples with no response token left to learn from: `empty + identical`."""
+        return self.empty + self.identical
+
+    def truncation_report(self) -> str:
+        """One line, e.g. `249 of 994 pairs have no response tokens left after truncation (max_length 4): 249 with
+        chosen and rejected token-identical, 0 with an empty response`."""
+        paired = self.format not in UNPAIRED_FORMATS
+        line = f"{self.unlearnable} of {len(self)} {'pairs' if paired else 'examples'} have no response tokens left"
+        limits = [f"{name} {value}" for name, value in (("max_length", self.max_length),
+                                                        ("max_prompt_length", self.max_prompt_length))
+                  if value is not None]
+        if limits:
+            line += f" after truncation ({', '.join(limits)})"
+        if paired:
+            line += f": {self.identical} with chosen and rejected token-identical, {self.empty} with an empty response"
+        return line
+
+
+def _response_keys(fmt: str) -> tuple[str, ...]:
+    return ("completion_ids",) if fmt in UNPAIRED_FORMATS else ("chosen_ids", "rejected_ids")
+
+
+def _has_empty_response(example: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    return any(labeled_tokens(len(example["prompt_ids"]), len(example[k])) == 0 for k in keys)
+
+
+def check_response_tokens_left(data: TokenizedData, source: str) -> None:
+    """Raise DataError when examples remain but none has a response token to learn from: training on them would
+    run at a constant loss (log 2 for DPO) with a margin of 0, silently."""
+    if data.examples and data.unlearnable == len(data):
+        raise DataError(f"{source}: {data.truncation_report()}; nothing to learn from: raise --max_length or lower "
+                        "--max_prompt_length")
+
+
+def _ids_key(name: str) -> str:
+    return "reference_ids" if name == REFERENCE_COLUMN else f"{name}_ids"
+
+
+def _read_row(row: dict[str, Any], fmt: str, carried: list[str]) -> tuple[RowParts, dict[str, float]]:
+    """split_row, plus the carried number columns; a reference response joins the completions, to be tokenized and
+    truncated as they are. Raises RowIssue."""
+    parts = split_row(row, fmt)
+    numbers = read_numbers(row, carried)
+    if REFERENCE_COLUMN in carried:
+        parts.completions[REFERENCE_COLUMN] = read_reference(row, fmt, parts.prompt)
+    return parts, numbers
+
 
 def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: int | None = None,
                          max_prompt_length: int | None = None, truncation: bool = True, skip_bad_rows: bool = False,
-                         fmt: str | None = None, source: str = "dataset") -> TokenizedData:
+                         fmt: str | None = None, source: str = "dataset", require: Iterable[str] = (),
+                         require_hint: str = "") -> TokenizedData:
     """Tokenize every row of `dataset` (format detected unless `fmt` is given) with a `transformers` tokenizer.
 
     A bad row raises BadRow (a DataError) with `<file>:<row>: field '<name>': <what>` for the first bad row in
     the data's order; with `skip_bad_rows=True` bad rows are left out and tallied in `.skipped`. `source` names
-    rows of a dataset that did not come from `load_records` (`<source>:<1-based row>`)."""
+    rows of a dataset that did not come from `load_records` (`<source>:<1-based row>`). The extra columns of
+    `columns.py` the dataset has are carried into every example; those in `require` must be there, else DataError
+    `<source>: column 'x' is missing; <require_hint>`."""
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2 (a prompt token and a response token), got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     fmt = fmt or detect_format(dataset)
+    check_required(dataset.column_names, fmt, require, require_hint, source)
+    carried = carried_columns(dataset.column_names, fmt)
     names = ["completion"] if fmt in UNPAIRED_FORMATS else ["chosen", "rejected"]
+    if REFERENCE_COLUMN in carried:
+        names.append(REFERENCE_COLUMN)
     bad: dict[int, tuple[str, RowProblem]] = {}
-    wheres, parts = {}, {}
+    wheres, parts, numbers = {}, {}, {}
     for index, row in enumerate(dataset):
         wheres[index] = row.get(WHERE_COLUMN) or f"{source}:{index + 1}"
         problem = row_problem(row)
         if problem is None:
             try:
-                parts[index] = split_row(row, fmt)
+                parts[index], numbers[index] = _read_row(row, fmt, carried)
             except RowIssue as issue:
                 problem = issue.problem
         if problem is not None:
@@ -80,9 +164,10 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
         except RowIssue as issue:
             bad[index] = (wheres[index], issue.problem)
             continue
-        example = {"prompt_ids": prompt_ids, **{f"{n}_ids": c for n, c in zip(names, completion_ids)}}
+        example = {"prompt_ids": prompt_ids, **{_ids_key(n): c for n, c in zip(names, completion_ids)}}
         if fmt in UNPAIRED_FORMATS:
             example["label"] = parts[index].label
+        example.update(numbers[index])
         example["where"] = wheres[index]
         examples.append((index, example))
 
@@ -92,7 +177,8 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
             raise BadRow(*bad[index])
         skipped.add(*bad[index])
     examples.sort(key=lambda pair: pair[0])
-    return TokenizedData(fmt, [example for _, example in examples], skipped)
+    limits = (max_length, max_prompt_length) if truncation else (None, None)
+    return TokenizedData(fmt, [example for _, example in examples], skipped, *limits)
 
 
 def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: dict, wheres: dict) -> dict:

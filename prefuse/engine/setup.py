@@ -1,0 +1,152 @@
+"""Everything a training run is made of, built from its TrainConfig: `build_run(cfg) -> Run`.
+
+    seed -> what the objective needs -> models -> data -> batch source -> step -> (reference cache) ->
+    optimizer and schedule -> resume -> log
+
+The loop (`engine/loop.py`) then only drives a Run; nothing here trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from prefuse.engine.config import TrainConfig
+from prefuse.engine.data import DataError, TokenizedData, load_preference_data, pairs_to_completions
+from prefuse.engine.data.formats import UNPAIRED_FORMATS
+from prefuse.engine.metrics import MetricsLog
+from prefuse.engine.model import load_models
+from prefuse.engine.objectives import ObjectiveNeeds, objective_needs
+from prefuse.engine.reference_cache import ReferenceCache, cache_path
+from prefuse.engine.sources import OfflineSource, batches
+from prefuse.engine.step import Step
+from prefuse.heads import head_of
+from prefuse.preference import PreferenceLoss
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    needs: ObjectiveNeeds
+    policy: torch.nn.Module
+    step: Step
+    source: OfflineSource
+    eval_data: TokenizedData | None
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    log: MetricsLog
+    total_steps: int
+    start_step: int
+    pad_id: int
+    references: dict  # split -> ReferenceCache (precomputed reference log-probs)
+
+    def eval_batches(self):
+        return batches(self.eval_data, self.needs, batch_size=self.cfg.per_device_eval_batch_size,
+                       pad_id=self.pad_id, max_length=self.cfg.max_length, baseline=self.source.baseline)
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    cfg.validate()
+    needs = objective_needs(cfg.loss_type)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+
+    models = load_models(cfg.model_config(), device=device, need_reference=needs.reference)
+    tokenizer = models.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"model_name_or_path: {cfg.model_name_or_path} has no tokenizer files")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss_fn = PreferenceLoss(cfg.objective, beta=cfg.beta, loss_weights=cfg.loss_weights,
+                             softcap=head_of(models.policy).softcap, **cfg.objective_args)
+    step = Step(models, loss_fn, needs, bf16=cfg.bf16)
+
+    train_data, eval_data = load_data(cfg, tokenizer, needs)
+    print(f"data: {len(train_data)} training examples ({train_data.format})"
+          + (f", {len(eval_data)} held out" if eval_data is not None else "")
+          + (f", {train_data.skipped.count} bad rows skipped" if train_data.skipped.count else ""), flush=True)
+    if train_data.unlearnable:
+        print(f"data: {train_data.truncation_report()}", flush=True)
+    source = OfflineSource(train_data, needs, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
+                           pad_id=pad_id, max_length=cfg.max_length)
+    total_steps = (cfg.max_steps if cfg.max_steps > 0
+                   else math.ceil(cfg.num_train_epochs * source.batches_per_epoch / cfg.gradient_accumulation_steps))
+
+    references = {}
+    if cfg.precompute_ref_log_probs and needs.reference:
+        parts = (cfg.dataset_name, cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.torch_dtype, cfg.bf16,
+                 needs.roles)
+        for split, data in (("train", train_data), ("eval", eval_data)):
+            if data is not None:
+                walk = batches(data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
+                               max_length=cfg.max_length, baseline=source.baseline)
+                references[split] = ReferenceCache.load_or_build(cache_path(out, split, parts, data.examples),
+                                                                 len(data), walk, step.reference_sums, device)
+        models.reference = None  # the cache replaces it
+
+    from transformers import get_scheduler
+
+    params = [p for p in models.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    start_step, window = 0, None
+    if cfg.resume_from_checkpoint:
+        path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+        state = load_checkpoint(path, model=models.policy, optimizer=optimizer, scheduler=scheduler, output_dir=out)
+        start_step, window = int(state["step"]), state.get("window")
+        source.load_state_dict(state["batches"])
+        print(f"resumed from {path} at step {start_step}", flush=True)
+    log = MetricsLog(out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to,
+                     window=window)
+    return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
+               total_steps, start_step, pad_id, references)
+
+
+def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[TokenizedData, TokenizedData | None]:
+    """The training examples and the held-out ones (eval_split, or eval_fraction of the file, drawn by the seed),
+    as the objective reads them: pairs, or completions (scored pairs become two completions each)."""
+    options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                   skip_bad_rows=cfg.skip_bad_rows)
+
+    def load(path, **extra):
+        from prefuse.engine.data import detect_format, load_records
+
+        kind = "completions" if detect_format(load_records(path, **extra)) in UNPAIRED_FORMATS else "pairs"
+        if needs.data == "pairs" and kind == "completions":
+            raise DataError(f"{path}: loss_type {cfg.loss_type} learns from pairs (prompt, chosen, rejected); "
+                            f"this file holds unpaired completions")
+        hint = (f"needed by loss_type {' '.join(cfg.loss_type)} (`prefuse objectives` lists the columns each "
+                f"objective reads)")
+        data = load_preference_data(path, tokenizer, needs="unpaired" if kind == "completions" else "pairs",
+                                    require=needs.columns(kind), require_hint=hint, **options, **extra)
+        return pairs_to_completions(data) if needs.data == "completions" and kind == "pairs" else data
+
+    data = load(cfg.dataset_name)
+    eval_data = None
+    if cfg.eval_split:
+        eval_data = (load(cfg.eval_split) if Path(cfg.eval_split).exists()
+                     else load(cfg.dataset_name, split=cfg.eval_split))
+    elif cfg.eval_fraction:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = max(1, round(cfg.eval_fraction * len(data)))
+        eval_data = TokenizedData(data.format, [data.examples[i] for i in sorted(order[:n_eval])])
+        data = TokenizedData(data.format, [data.examples[i] for i in sorted(order[n_eval:])], data.skipped)
+    if len(data) == 0:
+        raise DataError(f"dataset_name: {cfg.dataset_name} leaves no training examples")
+    if eval_data is not None and len(eval_data) == 0:
+        raise DataError("eval_split: the held-out set is empty")
+    return data, eval_data

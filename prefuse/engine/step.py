@@ -1,0 +1,58 @@
+"""The training step: which forward passes a batch needs, then the fused loss over the batch's roles.
+
+    step = Step(models, loss_fn, needs, bf16=False)
+    loss, metrics = step(batch)                     # policy decoder -> (reference) -> PreferenceLoss
+    loss, metrics = step(batch, reference=cache)    # the reference's sums from a ReferenceCache instead
+
+The policy's decoder runs on every sequence of the batch; the reference's (the separate model, or the policy with
+its LoRA adapters disabled) only when the objective reads reference log-probs and no cache holds them. Neither
+calls an lm_head: the last hidden states go through the fused head.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from prefuse.algorithms.roles import input_name
+from prefuse.engine.model import Models, decoder_hidden_states, reference_hidden_states
+from prefuse.engine.objectives import ObjectiveNeeds
+from prefuse.engine.sources import Batch
+from prefuse.heads import head_of, reference_logps
+from prefuse.preference import PreferenceLoss
+
+
+class Step:
+    """(loss, metrics) of one Batch under the policy; the loss is the mean over the batch's examples."""
+
+    def __init__(self, models: Models, loss_fn: PreferenceLoss, needs: ObjectiveNeeds, *, bf16: bool = False):
+        self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
+        self.head = head_of(models.policy)
+        self.ref_head = head_of(models.reference) if models.reference is not None else self.head
+
+    def autocast(self, device: torch.device):
+        """bf16 autocast around the decoders only; the fused head accumulates in float32 itself."""
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def __call__(self, batch: Batch, reference=None) -> tuple[torch.Tensor, dict]:
+        with self.autocast(batch.input_ids.device):
+            hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask)
+        ref = {}
+        if self.needs.reference and reference is not None:
+            ref = reference.lookup(batch)
+        elif self.needs.reference:
+            ref = dict(ref_hidden=self.reference_hidden(batch), ref_weight=self.ref_head.weight.detach(),
+                       ref_bias=None if self.ref_head.bias is None else self.ref_head.bias.detach())
+        return self.loss_fn(hidden.to(self.head.weight.dtype), self.head.weight, batch.labels, roles=batch.roles,
+                            bias=self.head.bias, **ref, **batch.inputs)
+
+    def reference_hidden(self, batch: Batch) -> torch.Tensor:
+        """The reference's last hidden states [S, T, H], without gradient and in eval mode."""
+        with self.autocast(batch.input_ids.device):
+            hidden = reference_hidden_states(self.models, batch.input_ids, batch.attention_mask)
+        return hidden.to(self.ref_head.weight.dtype)
+
+    def reference_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """{ref_<role>_logps: [B]} of the batch's roles, without gradient (what a ReferenceCache stores)."""
+        sums = reference_logps(self.reference_hidden(batch), self.ref_head, batch.labels)
+        return {input_name(role, "logps", "ref"): sums[rows] for role, rows in batch.roles.items()}
