@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from prefuse.kernels import linear_logprobs
+from prefuse import heads
+from prefuse.heads import causal_lm_of, head_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -39,14 +40,6 @@ class ModelConfig:
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] | None = None
     gradient_checkpointing: bool = False
-
-
-@dataclass
-class HeadSpec:
-    """What the fused head needs from a model."""
-    weight: torch.Tensor          # [V, H], the output embedding (tied or not)
-    bias: torch.Tensor | None     # [V]
-    softcap: float | None         # Gemma-2's config.final_logit_softcapping
 
 
 @dataclass
@@ -152,11 +145,6 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
 
 # -- hidden states and the head -----------------------------------------------------------------------------------
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside a PeftModel (LoRA layers sit inside it), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states [B, T, H] (after its final norm) for input_ids, attention_mask [B, T].
@@ -164,20 +152,8 @@ def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
     Runs only the decoder (`get_decoder()`): the lm_head is never called, so no [B, T, V] logits exist. Works for a
     causal LM and a PeftModel with LoRA (its layers are inside the decoder), with gradient checkpointing too.
     """
-    decoder = _causal_lm(model).get_decoder()
+    decoder = causal_lm_of(model).get_decoder()
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
-def head_of(model: torch.nn.Module) -> HeadSpec:
-    """The output embedding and logit transform of a causal LM (or of the one inside a PeftModel)."""
-    causal_lm = _causal_lm(model)
-    head = causal_lm.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        # e.g. LoRA on lm_head: the fused head would silently skip the adapter's update
-        raise ValueError(f"the output embedding is a {type(head).__name__}, not a plain Linear; the fused head "
-                         f"needs one: leave lm_head out of lora_target_modules")
-    config = causal_lm.config.get_text_config()
-    return HeadSpec(weight=head.weight, bias=head.bias, softcap=getattr(config, "final_logit_softcapping", None))
 
 
 @contextlib.contextmanager
@@ -208,9 +184,5 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
                    labels: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-prob sums [B] (float32, differentiable) and label counts [B] of `labels` [B, T] in the
     next-token layout (module docstring), through the fused head: no [B, T, V] logits."""
-    head = head_of(model)
-    # under autocast the decoder may return another dtype than the head's weight
-    hidden = decoder_hidden_states(model, input_ids, attention_mask).to(head.weight.dtype)
-    token_logps = linear_logprobs(hidden, head.weight, labels, bias=head.bias, softcap=head.softcap,
-                                  ignore_index=ignore_index)
-    return token_logps.sum(-1), (labels != ignore_index).sum(-1)
+    hidden = decoder_hidden_states(model, input_ids, attention_mask)
+    return heads.sequence_logps(hidden, head_of(model), labels, ignore_index=ignore_index)
