@@ -239,3 +239,69 @@ def test_liger_rejects_ipo_that_prefuse_adds():
     with pytest.raises(ValueError):
         liger.LigerFusedLinearDPOLoss(loss_type="ipo")
     assert compat.LigerFusedLinearDPOLoss(loss_type="ipo").loss_type == "ipo"
+
+
+def labeled_rows(labels, ignore_index=-100):
+    return int((labels != ignore_index).sum())
+
+
+@pytest.mark.parametrize("settings", [dict(beta=0.1), dict(beta=0.2, compute_nll_loss=True, alpha=0.5)],
+                         ids=["sigmoid", "sigmoid+nll"])
+def test_dpo_takes_the_in_forward_mode_with_liger_gradients(settings, chunk_rows):
+    """The DPO class goes through PreferenceLoss's in-forward mode: the head's logits are formed once for the
+    policy's rows and once for the reference's (no recompute in backward: 2 x the labeled rows, where the recompute
+    mode takes 3 x), and the loss, outputs and gradients still equal Liger's. The NLL term keeps the mode."""
+    inputs = make_inputs(torch.float64)
+    rows = labeled_rows(inputs["labels"])
+
+    def modes_and_rows(**head_options):
+        module = compat.LigerFusedLinearDPOLoss(**settings, **head_options)
+        chunk_rows.clear()
+        result = run(module, paired_call_with_reference, inputs, with_bias=True)
+        return module.preference_loss.last_mode, sum(chunk_rows), result
+
+    mode, seen, (loss, aux, grads) = modes_and_rows()
+    assert (mode, seen) == ("in_forward", 2 * rows)
+    recompute_mode, recompute_seen, _ = modes_and_rows(mode="recompute")
+    assert (recompute_mode, recompute_seen) == ("recompute", 3 * rows)
+
+    want_loss, want_aux, want_grads = run(liger.LigerFusedLinearDPOLoss(**settings, compiled=False),
+                                          paired_call_with_reference, inputs, with_bias=True)
+    assert_same(loss, want_loss, TOLERANCE, "loss")
+    for index, (got, want) in enumerate(zip(aux, want_aux)):
+        assert_same(got, want, TOLERANCE, f"aux output {index}")
+    for what, got, want in zip(("grad input", "grad weight", "grad bias"), grads, want_grads):
+        assert (got - want).abs().max() <= GRAD_TOLERANCE * want.abs().max(), what
+
+
+@pytest.mark.parametrize("name, settings, mode", [
+    ("LigerFusedLinearDPOLoss", dict(loss_type="apo_zero", use_ref_model=False), "in_forward"),
+    ("LigerFusedLinearDPOLoss", dict(average_log_prob=True), "in_forward"),  # as sigmoid_norm
+    ("LigerFusedLinearDPOLoss", dict(loss_type="ipo", average_log_prob=True), "in_forward"),
+    ("LigerFusedLinearDPOLoss", dict(loss_type="robust", average_log_prob=True), "fallback"),
+    ("LigerFusedLinearSimPOLoss", dict(), "in_forward"),
+    ("LigerFusedLinearCPOLoss", dict(), "recompute"),  # cpo is registered non-separable
+    ("LigerFusedLinearORPOLoss", dict(), "recompute"),  # so is orpo
+    ("LigerFusedLinearKTOLoss", dict(use_ref_model=True), "in_forward"),
+    ("LigerFusedLinearKTOLoss", dict(average_log_prob=True), "fallback"),
+], ids=lambda value: value if isinstance(value, str) else "-".join(f"{k}={v}" for k, v in value.items()))
+def test_mode_each_class_takes(name, settings, mode):
+    """The mode of each mapping (see the module docstring): in-forward wherever the objectives are separable, the
+    per-token-mean fallback only for average_log_prob with a loss type no registered objective averages."""
+    module = getattr(compat, name)(**settings)
+    rows = len(PREFERENCE_LABELS) if name == "LigerFusedLinearKTOLoss" else 2 * B
+    inputs = make_inputs(torch.float32, rows=rows)
+    module.preference_loss.last_mode = None
+
+    def call(module, hidden, weight, bias, inputs):
+        if name == "LigerFusedLinearKTOLoss":
+            return module(hidden, weight, inputs["labels"], bias, PREFERENCE_LABELS, inputs["ref_hidden"])
+        if settings.get("use_ref_model", True) and name == "LigerFusedLinearDPOLoss":
+            return module(weight, hidden, inputs["labels"], bias, inputs["ref_hidden"])
+        return module(weight, hidden, inputs["labels"], bias)
+    loss, _, grads = run(module, call, inputs, with_bias=True)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    taken = "fallback" if getattr(module, "fallback", False) else module.preference_loss.last_mode
+    assert taken == mode
+    if mode == "fallback":
+        assert module.preference_loss.last_mode is None  # the fallback does not run PreferenceLoss

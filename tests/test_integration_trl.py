@@ -184,3 +184,35 @@ def test_unsupported_options_are_refused(example, data, tmp_path):
     with pytest.raises(ValueError, match="ld_alpha"):
         example.make_trainer(cfg, model=example.build_model(tokenizer, cfg), tokenizer=tokenizer, pairs=pairs,
                              ld_alpha=0.5)
+
+
+def test_gemma2_final_logit_softcap_equals_trl(example, data, tmp_path, monkeypatch):
+    """The head comes from prefuse.heads.head_of, softcap included: on a tiny Gemma-2 whose final-logit cap bites
+    (cap 2, logits of a few units), loss and gradients still equal TRL's (whose logits apply the cap)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def build_gemma2(tokenizer, cfg):
+        torch.manual_seed(cfg.seed)
+        config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                              intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.layers,
+                              num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, head_dim=16,
+                              max_position_embeddings=256, final_logit_softcapping=2.0,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")
+        return Gemma2ForCausalLM(config)
+
+    monkeypatch.setattr(example, "build_model", build_gemma2)
+    ours, theirs, batch = twin_trainers(example, data, tmp_path)
+    assert ours.preference_loss.softcap == 2.0
+    ours_loss, theirs_loss = ours.compute_loss(ours.model, batch), theirs.compute_loss(theirs.model, batch)
+    assert close(ours_loss.item(), theirs_loss.item()), (ours_loss.item(), theirs_loss.item())
+    ours_loss.backward()
+    theirs_loss.backward()
+    theirs_params = dict(theirs.model.named_parameters())
+    for name, param in ours.model.named_parameters():
+        if param.requires_grad:
+            want = theirs_params[name].grad
+            assert (param.grad - want).abs().max() <= GRAD_TOLERANCE * want.abs().max(), name
+    for name in ("logps/chosen", "rewards/margins", "entropy", "mean_token_accuracy"):
+        assert close(ours._metrics["train"][name][-1], theirs._metrics["train"][name][-1],
+                     theirs.beta * abs(theirs._metrics["train"]["logps/chosen"][-1])), name

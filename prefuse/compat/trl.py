@@ -15,7 +15,9 @@ Supported: every loss_type of TRL 1.16's DPO (one or several, with loss_weights)
 discopop_tau, f_divergence_type, f_alpha_divergence_coef, precompute_ref_log_probs. Logged: TRL's metric names
 (rewards/*, logps/*, logits/*, entropy, mean_token_accuracy, num_tokens); the token statistics take one extra
 forward-only pass of the fused head. Not supported (a ValueError says so): ld_alpha and use_weighting (they need
-per-token extras the loss does not compute), a router aux loss (MoE), vision inputs.
+per-token extras the loss does not compute), a router aux loss (MoE), vision inputs, an lm_head that is not a
+plain Linear (LoRA on lm_head: the fused head would skip the adapter). The head comes from `prefuse.heads.head_of`,
+Gemma-2's final-logit softcap included (TRL's logits apply it); only logits/* then average the uncapped logits.
 
 Mixed precision (TRL's default bf16=True): the decoders run under accelerate's autocast, as in TRL; the fused head
 then computes in the lm_head weight's dtype (float32 weights: a float32 head, where TRL's runs in bf16 under
@@ -33,17 +35,13 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from prefuse.algorithms import get_objective
-from prefuse.kernels import linear_logprobs, linear_token_stats
+from prefuse.heads import causal_lm_of, head_of, mean_logit, reference_logps
+from prefuse.kernels import linear_token_stats
 from prefuse.preference import PreferenceLoss
 
 IGNORE_INDEX = -100
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 HIDDEN_FLAG = "prefuse_hidden_states"
-
-
-def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if is_peft_model(model) else model
 
 
 def add_hidden_states_forward(causal_lm: torch.nn.Module) -> None:
@@ -89,7 +87,10 @@ class PrefuseDPOTrainer(DPOTrainer):
                        "f_divergence_type": self.args.f_divergence_type,
                        "f_alpha_divergence_coef": self.args.f_alpha_divergence_coef}
         accepted = set().union(*(get_objective(name).hparams for name in self.loss_types))
+        # head_of refuses an lm_head that is not a plain Linear (LoRA on it) before any step; its softcap is
+        # Gemma-2's final-logit cap, which the model's own logits (TRL's) apply
         self.preference_loss = PreferenceLoss(self.loss_types, beta=self.beta, loss_weights=self.loss_weights,
+                                              softcap=head_of(self.model).softcap,
                                               **{k: v for k, v in trl_options.items() if k in accepted})
 
     # -- the decoders ---------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class PrefuseDPOTrainer(DPOTrainer):
         with self.accelerator.autocast():
             hidden = model(**model_kwargs, **{HIDDEN_FLAG: True})
         # prompt-learning PEFT prepends virtual tokens
-        return hidden[:, -seq_len:].to(causal_lm.get_output_embeddings().weight.dtype)
+        return hidden[:, -seq_len:].to(head_of(causal_lm).weight.dtype)
 
     def _reference_context(self):
         """TRL's reference under PEFT: the "ref" adapter when loaded, else the adapters disabled."""
@@ -113,12 +114,12 @@ class PrefuseDPOTrainer(DPOTrainer):
         return contextlib.nullcontext()
 
     def _reference_hidden_states(self, model_kwargs, seq_len):
-        """-> (hidden [N, T, H], lm_head) of the reference, without gradient."""
+        """-> (hidden [N, T, H], Head) of the reference, without gradient."""
         reference = self.ref_model if self.ref_model is not None else self.model
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             hidden = self._hidden_states(reference, model_kwargs, seq_len)
-        return hidden, causal_lm_of(self.accelerator.unwrap_model(reference)).get_output_embeddings()
+        return hidden, head_of(self.accelerator.unwrap_model(reference))
 
     @staticmethod
     def _model_inputs(inputs):
@@ -132,8 +133,7 @@ class PrefuseDPOTrainer(DPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             hidden = self._hidden_states(model, model_kwargs, labels.shape[1])
-            head = causal_lm_of(self.accelerator.unwrap_model(model)).get_output_embeddings()
-            logps = linear_logprobs(hidden, head.weight, labels, bias=head.bias).sum(-1)
+            logps = reference_logps(hidden, head_of(self.accelerator.unwrap_model(model)), labels)
         return logps.chunk(2, dim=0)
 
     # -- the loss -------------------------------------------------------------------------------------------------
@@ -142,32 +142,30 @@ class PrefuseDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         model_kwargs, labels = self._model_inputs(inputs)
         hidden = self._hidden_states(model, model_kwargs, labels.shape[1])
-        lm_head = causal_lm_of(self.accelerator.unwrap_model(model)).get_output_embeddings()
+        head = head_of(self.accelerator.unwrap_model(model))
         if self.precompute_ref_logps:
             reference = {"ref_chosen_logps": inputs["ref_chosen_logps"],
                          "ref_rejected_logps": inputs["ref_rejected_logps"]}
         else:
             ref_hidden, ref_head = self._reference_hidden_states(model_kwargs, labels.shape[1])
             reference = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias}
-        loss, metrics = self.preference_loss(hidden, lm_head.weight, labels, bias=lm_head.bias, **reference)
-        self._log_metrics(mode, metrics, hidden.detach(), lm_head, labels, inputs)
+        loss, metrics = self.preference_loss(hidden, head.weight, labels, bias=head.bias, **reference)
+        self._log_metrics(mode, metrics, hidden.detach(), head, labels, inputs)
         if return_outputs:  # TRL's deprecated path for compute_metrics, which wants logits: one plain forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _log_metrics(self, mode, metrics, hidden, lm_head, labels, inputs):
+    def _log_metrics(self, mode, metrics, hidden, head, labels, inputs):
         """TRL's metrics: the loss's (rewards/*, logps/*), then entropy, logits/* and mean_token_accuracy from one
         forward-only pass of the fused head, and the token count."""
         gather = self.accelerator.gather_for_metrics
         for name, value in metrics.items():
             self._metrics[mode][name].append(gather(value.reshape(1)).mean().item())
         with torch.no_grad():
-            stats = linear_token_stats(hidden, lm_head.weight, labels, bias=lm_head.bias, top_k=1)
-            # a token's mean logit over the vocabulary, without logits: (h . sum_v w_v + sum_v b_v) / V
-            column_sum = lm_head.weight.float().sum(0)
-            bias_sum = 0.0 if lm_head.bias is None else lm_head.bias.float().sum()
-            mean_logits = (hidden.float() @ column_sum + bias_sum) / lm_head.weight.shape[0]
+            stats = linear_token_stats(hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, top_k=1)
+            # a token's mean logit over the vocabulary, without logits (of the uncapped logits under a softcap)
+            mean_logits = mean_logit(hidden, head.weight, head.bias)
         mask = labels != IGNORE_INDEX
         pairs = labels.shape[0] // 2
         sums = {
