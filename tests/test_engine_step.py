@@ -1,0 +1,115 @@
+"""The batch builder and the training step against independent computations: the rows of every role hold the
+right tokens, and the step's loss equals the objective on sums from the model's own logits (policy with LoRA,
+reference with the adapters disabled)."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import prefuse  # noqa: E402
+from prefuse.engine.data import IGNORE_INDEX, load_preference_data  # noqa: E402
+from prefuse.engine.model import ModelConfig, load_models  # noqa: E402
+from prefuse.engine.objectives import objective_needs  # noqa: E402
+from prefuse.engine.sources import OfflineSource, build_batch  # noqa: E402
+from prefuse.engine.step import Step  # noqa: E402
+from prefuse.preference import PreferenceLoss  # noqa: E402
+from tests.tokenizer_fixture import DATA_DIR, build_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("step")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(4)]
+    for i, row in enumerate(rows):
+        row["reference_response"] = rows[(i + 1) % 4]["chosen"][:60]
+        row["preference_prob"] = 0.2 + 0.2 * i
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_preference_data(root / "pairs.jsonl", tokenizer, max_length=40, max_prompt_length=16)
+    return root, tokenizer, data
+
+
+def response_of(batch, row):
+    """The tokens the labels of one row name, in order."""
+    labels = batch.labels[row]
+    return labels[labels != IGNORE_INDEX].tolist()
+
+
+def test_every_role_row_holds_its_response(setup):
+    _, _, data = setup
+    needs = objective_needs(["selm"])
+    batch = build_batch(data.examples[:3], [0, 1, 2], needs, pad_id=0)
+    assert set(batch.roles) == {"chosen", "rejected", "sample"}
+    for i, example in enumerate(data.examples[:3]):
+        for role, key in (("chosen", "chosen_ids"), ("rejected", "rejected_ids"), ("sample", "reference_ids")):
+            row = int(batch.roles[role][i])
+            assert batch.input_ids[row, :len(example["prompt_ids"])].tolist() == example["prompt_ids"]
+            assert response_of(batch, row) == example[key], (role, i)
+    kto = objective_needs(["kto"])
+    completions = [{"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"], "label": i % 2 == 0}
+                   for i, e in enumerate(data.examples[:3])]
+    batch = build_batch(completions, [0, 1, 2], kto, pad_id=0)
+    for i in range(3):  # KTO's mismatched pairs: each prompt with the previous example's completion
+        assert response_of(batch, int(batch.roles["kl"][i])) == completions[i - 1]["completion_ids"]
+        assert response_of(batch, int(batch.roles["completion"][i])) == completions[i]["completion_ids"]
+    assert batch.inputs["labels"].tolist() == [True, False, True]
+
+
+def test_pass_through_inputs_follow_the_examples(setup):
+    _, _, data = setup
+    source = OfflineSource(data, objective_needs(["online_ipo"]), batch_size=4, seed=3, pad_id=0)
+    batch = source.next_batch()
+    assert batch.index.tolist() != [0, 1, 2, 3]  # shuffled: the values must follow their examples
+    assert batch.inputs["preference_probs"].tolist() == pytest.approx([0.2 + 0.2 * i for i in batch.index.tolist()])
+
+
+def logits_sums(model, batch):
+    """Per-row log-prob sums of the labels, from the model's own logits (the lm_head is called here)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = torch.log_softmax(logits, -1)
+    keep = batch.labels != IGNORE_INDEX
+    picked = logp.gather(-1, torch.where(keep, batch.labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, picked, torch.zeros_like(picked)).sum(-1)
+
+
+@pytest.mark.parametrize("loss_type", ["selm", "online_ipo", "sigmoid"])
+def test_step_equals_the_objective_on_the_models_own_logits(setup, loss_type):
+    root, _, data = setup
+    models = load_models(ModelConfig(str(root / "model"), use_peft=True, lora_r=4, lora_dropout=0.0))
+    with torch.no_grad():  # move the adapters away from zero so that policy and reference differ
+        for name, p in models.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    needs = objective_needs([loss_type])
+    step = Step(models, PreferenceLoss(loss_type, beta=0.3), needs)
+    batch = build_batch(data.examples, list(range(len(data))), needs, pad_id=0)
+    models.policy.eval()  # no dropout: the two computations see the same network
+    loss, metrics = step(batch)
+    policy = logits_sums(models.policy, batch)
+    with torch.no_grad(), models.policy.disable_adapter():
+        ref = logits_sums(models.policy, batch)
+    inputs = {}
+    for role, rows in batch.roles.items():
+        inputs[f"policy_{role}_logps"], inputs[f"ref_{role}_logps"] = policy[rows], ref[rows]
+    spec = prefuse.get_objective(loss_type)
+    inputs = {k: v for k, v in inputs.items() if k in spec.inputs}
+    expected, expected_metrics = prefuse.objective_loss(loss_type, beta=0.3, **inputs, **batch.inputs)
+    assert abs(float(loss.detach()) - float(expected.detach())) < 1e-5 * (1 + abs(float(expected)))
+    assert abs(float(metrics["rewards/margins"]) - float(expected_metrics["rewards/margins"])) < 1e-4
+    lora = [p for n, p in models.policy.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, lora)
+    want = torch.autograd.grad(expected, lora)
+    for g, w in zip(got, want):  # float32 both ways: agreement to 1e-3 of the gradient's scale
+        assert (g - w).abs().max() <= 1e-3 * w.abs().max() and w.abs().max() > 0
