@@ -211,6 +211,24 @@ def test_bad_input_exits_nonzero_with_one_line(files, tmp_path, capsys, change, 
     assert expected in errors[0], errors[0]
 
 
+def test_truncation_that_leaves_nothing_to_learn_is_counted_or_refused(files, tmp_path, capsys):
+    # --max_length 4 cuts most pairs to one identical token: they are counted, the rest train
+    assert main(args(files, tmp_path / "some", max_steps=1, save_steps=0, max_length=4)) == 0
+    out = capsys.readouterr().out
+    assert "data: 10 of 16 pairs have no response tokens left after truncation (max_length 4, max_prompt_length 64): " \
+           "10 with chosen and rejected token-identical, 0 with an empty response" in out
+    # pairs that agree on their first tokens, cut before they differ: nothing to learn, refused in one line
+    same_start = tmp_path / "same_start.jsonl"
+    same_start.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": " The answer is yes, surely.",
+                                              "rejected": " The answer is no, never."}) + "\n" for i in range(4)))
+    argv = args(files, tmp_path / "none", max_steps=1, save_steps=0, max_length=6)
+    argv[argv.index("--dataset_name") + 1] = str(same_start)
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "4 of 4 pairs have no response tokens left after truncation (max_length 6" in err[0]
+    assert "raise --max_length" in err[0]
+
+
 def test_config_yaml_takes_the_flag_names(files, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: {files['model']}\ndataset_name: {files['standard']}\n"
