@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 import prefuse  # noqa: E402
 from prefuse.cli import main  # noqa: E402
 from prefuse.engine.objectives import NOT_OFFLINE, objective_needs  # noqa: E402
-from tests.tokenizer_fixture import DATA_DIR, build_tokenizer  # noqa: E402
+from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 SOURCE = "ultrafeedback_binarized_sample_train"
@@ -35,12 +35,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("objectives")
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model = save_tiny_llama(root / "model", tokenizer)
     pairs, meta = lines(f"{SOURCE}.jsonl", 12), lines(f"{SOURCE}.meta.jsonl", 12)
     rows = []
     for pair, info in zip(pairs, meta):

@@ -16,7 +16,7 @@ from prefuse.engine.objectives import objective_needs  # noqa: E402
 from prefuse.engine.sources import OfflineSource, build_batch  # noqa: E402
 from prefuse.engine.step import Step  # noqa: E402
 from prefuse.preference import PreferenceLoss  # noqa: E402
-from tests.tokenizer_fixture import DATA_DIR, build_tokenizer  # noqa: E402
+from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
@@ -26,11 +26,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("step")
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tokenizer)
     with open(DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl", encoding="utf-8") as f:
         rows = [json.loads(next(f)) for _ in range(4)]
     for i, row in enumerate(rows):

@@ -47,3 +47,16 @@ def build_tokenizer(vocab_size: int = 500) -> PreTrainedTokenizerFast:
                                                              special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    chat_template=CHAT_TEMPLATE, padding_side="right")
+
+
+def save_tiny_llama(path, tokenizer, **config):
+    """A randomly initialized 2-layer Llama (hidden 32) for `tokenizer`, saved with it under `path`; returns it."""
+    import transformers
+
+    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config}))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
