@@ -109,3 +109,35 @@ def test_step_equals_the_objective_on_the_models_own_logits(setup, loss_type):
     want = torch.autograd.grad(expected, lora)
     for g, w in zip(got, want):  # float32 both ways: agreement to 1e-3 of the gradient's scale
         assert (g - w).abs().max() <= 1e-3 * w.abs().max() and w.abs().max() > 0
+
+
+def test_a_batch_source_plugs_into_the_loop(setup, tmp_path):
+    """The loop takes batches from any BatchSource: one that serves the same batch each step trains on it."""
+    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.loop import train
+
+    root, _, data = setup
+    needs = objective_needs(["sigmoid"])
+
+    class SameBatch:
+        batches_per_epoch, epoch, served = 1, 0.0, 0
+
+        def next_batch(self):
+            self.served += 1
+            return build_batch(data.examples[:2], [0, 1], needs, pad_id=0)
+
+        def state_dict(self):
+            return {"served": self.served}
+
+        def load_state_dict(self, state):
+            self.served = state["served"]
+
+    source = SameBatch()
+    cfg = TrainConfig(model_name_or_path=str(root / "model"), dataset_name=str(root / "pairs.jsonl"),
+                      output_dir=str(tmp_path), loss_type=["sigmoid"], max_steps=4, logging_steps=1, save_steps=0,
+                      learning_rate=5e-2, use_peft=True, lora_r=4, lora_dropout=0.0, report_to="none",
+                      max_length=40)
+    last = train(cfg, source=source)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert source.served == 4 and last["step"] == 4
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]

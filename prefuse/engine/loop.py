@@ -19,11 +19,13 @@ from prefuse.engine.checkpoint import save_checkpoint
 from prefuse.engine.config import TrainConfig
 from prefuse.engine.metrics import peak_memory_mib
 from prefuse.engine.setup import Run, build_run
+from prefuse.engine.sources import BatchSource
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; return the last logged metrics (and eval metrics) as a dict of floats."""
-    run = build_run(cfg)
+def train(cfg: TrainConfig, source: BatchSource | None = None) -> dict:
+    """Train as `cfg` says; return the last logged metrics (and eval metrics) as a dict of floats. source: where
+    the training batches come from instead of dataset_name's examples (any BatchSource)."""
+    run = build_run(cfg, source)
     cfg, step, last = run.cfg, run.start_step, {}
     eval_steps = cfg.eval_steps or cfg.logging_steps
     print(f"training {run.total_steps} steps of {cfg.gradient_accumulation_steps} x "

@@ -24,7 +24,7 @@ from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import load_models
 from prefuse.engine.objectives import ObjectiveNeeds, objective_needs
 from prefuse.engine.reference_cache import ReferenceCache, cache_path
-from prefuse.engine.sources import OfflineSource, batches
+from prefuse.engine.sources import BatchSource, OfflineSource, batches
 from prefuse.engine.step import Step
 from prefuse.heads import head_of
 from prefuse.preference import PreferenceLoss
@@ -38,7 +38,7 @@ class Run:
     needs: ObjectiveNeeds
     policy: torch.nn.Module
     step: Step
-    source: OfflineSource
+    source: BatchSource
     eval_data: TokenizedData | None
     params: list
     optimizer: torch.optim.Optimizer
@@ -48,13 +48,16 @@ class Run:
     start_step: int
     pad_id: int
     references: dict  # split -> ReferenceCache (precomputed reference log-probs)
+    baseline: float   # the training set's mean reward (advantages without an `advantage` column)
 
     def eval_batches(self):
         return batches(self.eval_data, self.needs, batch_size=self.cfg.per_device_eval_batch_size,
-                       pad_id=self.pad_id, max_length=self.cfg.max_length, baseline=self.source.baseline)
+                       pad_id=self.pad_id, max_length=self.cfg.max_length, baseline=self.baseline)
 
 
-def build_run(cfg: TrainConfig) -> Run:
+def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
+    """The run `cfg` describes; `source` replaces the offline batches of dataset_name (an online source, a test's),
+    which then still gives the held-out set and the tokenizer's data checks."""
     cfg.validate()
     needs = objective_needs(cfg.loss_type)
     out = Path(cfg.output_dir)
@@ -80,8 +83,9 @@ def build_run(cfg: TrainConfig) -> Run:
           + (f", {train_data.skipped.count} bad rows skipped" if train_data.skipped.count else ""), flush=True)
     if train_data.unlearnable:
         print(f"data: {train_data.truncation_report()}", flush=True)
-    source = OfflineSource(train_data, needs, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
-                           pad_id=pad_id, max_length=cfg.max_length)
+    offline = OfflineSource(train_data, needs, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
+                            pad_id=pad_id, max_length=cfg.max_length)
+    source = offline if source is None else source
     total_steps = (cfg.max_steps if cfg.max_steps > 0
                    else math.ceil(cfg.num_train_epochs * source.batches_per_epoch / cfg.gradient_accumulation_steps))
 
@@ -92,7 +96,7 @@ def build_run(cfg: TrainConfig) -> Run:
         for split, data in (("train", train_data), ("eval", eval_data)):
             if data is not None:
                 walk = batches(data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
-                               max_length=cfg.max_length, baseline=source.baseline)
+                               max_length=cfg.max_length, baseline=offline.baseline)
                 references[split] = ReferenceCache.load_or_build(cache_path(out, split, parts, data.examples),
                                                                  len(data), walk, step.reference_sums, device)
         models.reference = None  # the cache replaces it
@@ -113,7 +117,7 @@ def build_run(cfg: TrainConfig) -> Run:
     log = MetricsLog(out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to,
                      window=window)
     return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
-               total_steps, start_step, pad_id, references)
+               total_steps, start_step, pad_id, references, offline.baseline)
 
 
 def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[TokenizedData, TokenizedData | None]:
