@@ -25,7 +25,8 @@ from typing import Mapping, Sequence
 import torch
 
 from prefuse.algorithms import get_objective, objective_loss
-from prefuse.algorithms.roles import RoleInput, input_name, role_inputs
+from prefuse.algorithms.common import verbose_token_mask
+from prefuse.algorithms.roles import PARTNER, RoleInput, role_inputs
 from prefuse.kernels import RowGroups, group_rows, grouped_logprobs
 from prefuse.kernels.plan import MODES
 from prefuse.kernels.validate import check_head_inputs, check_transform
@@ -102,13 +103,25 @@ class RoleStatistics:
         if any(s.stat == "logps" for s in wanted):
             sums = torch.zeros(n_seq, dtype=torch.float32, device=logp.device).index_add(
                 0, self.rows.sequence[rows], logp)
-        if any(s.stat == "token_logps" for s in wanted):
+        if any(s.stat in ("token_logps", "verbose_logps") for s in wanted):
             tokens = torch.zeros(n_seq * seq_len, dtype=torch.float32, device=logp.device).index_put(
                 (self.rows.index[rows],), logp).view(n_seq, seq_len)
         for stat in wanted:
             index = self.roles.index[stat.role][examples]
-            out[stat.name] = sums[index] if stat.stat == "logps" else tokens[index]
+            if stat.stat == "verbose_logps":
+                out[stat.name] = self.verbose_sums(tokens, stat.role, examples)
+            else:
+                out[stat.name] = sums[index] if stat.stat == "logps" else tokens[index]
         return out
+
+    def verbose_sums(self, tokens: torch.Tensor, role: str, examples: slice) -> torch.Tensor:
+        """LD-DPO: the sum of a role's token log-probs past its pair's shared length min(len, partner's len).
+        tokens [S, T] -> [B]."""
+        index = self.roles.index[role][examples]
+        shared = torch.minimum(self.counts[index], self.counts[self.roles.index[PARTNER[role]][examples]])
+        verbose = verbose_token_mask(self.mask[index], shared)
+        picked = tokens[index]
+        return torch.where(verbose, picked, torch.zeros_like(picked)).sum(-1)
 
     def shapes(self, examples: slice = slice(None)) -> dict[str, torch.Tensor]:
         """The lengths and token masks of the roles (no source)."""
@@ -187,7 +200,8 @@ class PreferenceLoss(torch.nn.Module):
         for stat in self.role_inputs:
             if stat.name in inputs:  # given by the caller (precomputed reference, another adapter's sums)
                 continue
-            if stat.role in roles.index and (stat.source != "ref" or has_ref_hidden):
+            present = stat.role in roles.index and (stat.stat != "verbose_logps" or PARTNER[stat.role] in roles.index)
+            if present and (stat.source != "ref" or has_ref_hidden):
                 wanted.append(stat)
             elif stat.required:
                 how = (f"roles={{{stat.role!r}: row indices}}" if stat.role not in roles.index

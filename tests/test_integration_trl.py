@@ -83,7 +83,10 @@ def twin_trainers(example, data, tmp_path, separate_reference=False, **overrides
     dict(loss_type=["sigmoid", "sft"], loss_weights=[0.7, 0.3]),
     dict(loss_type="aot"),
     dict(precompute_ref_log_probs=True),
-], ids=["sigmoid", "separate_reference_model", "ipo", "robust", "sigmoid+sft", "aot", "precomputed_reference"])
+    dict(ld_alpha=0.5),
+    dict(loss_type="ipo", ld_alpha=0.3),
+], ids=["sigmoid", "separate_reference_model", "ipo", "robust", "sigmoid+sft", "aot", "precomputed_reference",
+        "ld_dpo", "ld_ipo"])
 def test_step0_loss_gradients_and_metrics_equal_trl(example, data, tmp_path, overrides):
     ours, theirs, batch = twin_trainers(example, data, tmp_path, **overrides)
     ours_loss = ours.compute_loss(ours.model, batch)
@@ -181,9 +184,9 @@ def test_example_trains_and_logs_trl_metrics_without_lm_head(example, tmp_path, 
 def test_unsupported_options_are_refused(example, data, tmp_path):
     pairs, tokenizer = data
     cfg = example.Config(output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="ld_alpha"):
+    with pytest.raises(ValueError, match="use_weighting"):
         example.make_trainer(cfg, model=example.build_model(tokenizer, cfg), tokenizer=tokenizer, pairs=pairs,
-                             ld_alpha=0.5)
+                             use_weighting=True)
 
 
 def test_gemma2_final_logit_softcap_equals_trl(example, data, tmp_path, monkeypatch):

@@ -70,9 +70,23 @@ def plain_inputs(name, hidden, weight, labels, ref_hidden, roles):
               ("policy", "token_logps"): policy, ("ref", "token_logps"): ref, (None, "token_mask"): mask}
     out = {}
     for stat in role_inputs([prefuse.get_objective(name)]):
-        if stat.role in roles:
+        if stat.stat == "verbose_logps":
+            if {"chosen", "rejected"} <= set(roles):
+                out[stat.name] = verbose64(policy if stat.source == "policy" else ref, mask, roles, stat.role)
+        elif stat.role in roles:
             out[stat.name] = tables[(stat.source, stat.stat)][roles[stat.role]]
     return out
+
+
+def verbose64(token_logps, mask, roles, role):
+    """LD-DPO's verbose part, example by example: the response's log-probs after its first min(len_c, len_r)."""
+    partner = "rejected" if role == "chosen" else "chosen"
+    out = []
+    for own, other in zip(roles[role].tolist(), roles[partner].tolist()):
+        shared = min(int(mask[own].sum()), int(mask[other].sum()))
+        values = token_logps[own][mask[own]]  # the response's tokens in order
+        out.append(values[shared:].sum())
+    return torch.stack(out)
 
 
 def close(got, want, rel=2e-5):
@@ -132,6 +146,14 @@ def test_sequence_level_options_of_token_objectives(name, hparams, mode):
     if mode == "in_forward" and not prefuse.get_objective(name).separable:
         pytest.skip("not separable")
     check_against_plain(name, "torch", mode, hparams)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["in_forward", "recompute"])
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "apo_zero"])
+def test_ld_dpo_verbose_sums(name, mode, backend):
+    """ld_alpha: the part of each response past the pair's shared length, from the role's token log-probs."""
+    check_against_plain(name, backend, mode, {"ld_alpha": 0.3})
 
 
 @pytest.mark.parametrize("mode", ["in_forward", "recompute"])

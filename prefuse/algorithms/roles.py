@@ -6,8 +6,10 @@
 
 Roles are chosen, rejected, sample, online_chosen, chosen_given_rejected, kl, ... The role "completion" (one
 unpaired response per example) is written without its name: policy_logps, ref_logps, policy_token_logps,
-ref_token_logps, token_mask. Every other input (preference_probs, advantages, labels, slow_*_logps, LD-DPO's
-*_verbose_logps, WPO's *_log_sum_sq_probs, ...) is not a role statistic: callers pass it through.
+ref_token_logps, token_mask. LD-DPO's policy_<role>_verbose_logps / ref_<role>_verbose_logps (chosen and rejected:
+the part of a sum past the pair's shared length min(len_chosen, len_rejected)) are statistics of a role and its
+partner. Every other input (preference_probs, advantages, labels, slow_*_logps, WPO's *_log_sum_sq_probs, ...) is
+not a role statistic: callers pass it through.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from typing import Iterable
 from .registry import ObjectiveSpec
 
 COMPLETION = "completion"
-STATS = ("logps", "lengths", "token_logps", "token_mask")
+STATS = ("logps", "lengths", "token_logps", "token_mask", "verbose_logps")
+# LD-DPO's verbose part of a response is measured against the other response of its pair
+PARTNER = {"chosen": "rejected", "rejected": "chosen"}
 SOURCES = ("policy", "ref")
 
-__all__ = ["COMPLETION", "RoleInput", "parse_input", "input_name", "role_inputs", "declared_roles"]
+__all__ = ["COMPLETION", "PARTNER", "RoleInput", "parse_input", "input_name", "role_inputs", "declared_roles"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class RoleInput:
 
 def input_name(role: str, stat: str, source: str | None = None) -> str:
     """The input name of a role statistic: input_name("chosen", "logps", "policy") == "policy_chosen_logps"."""
-    parts = [source] if stat in ("logps", "token_logps") else []
+    parts = [source] if stat in ("logps", "token_logps", "verbose_logps") else []
     if role != COMPLETION:
         parts.append(role)
     elif stat == "lengths":
@@ -60,11 +64,12 @@ def parse_input(name: str, required: bool = True) -> RoleInput | None:
     for source in SOURCES:
         if name.startswith(source + "_"):
             rest = name[len(source) + 1:]
-            for stat in ("token_logps", "logps"):  # "token_logps" first: it also ends with "logps"
+            for stat in ("token_logps", "verbose_logps", "logps"):  # the longer suffixes first
                 role = _role_of(rest, stat)
                 if role is not None:
-                    # LD-DPO's verbose part of a sum is a statistic of the chosen/rejected role, not a role
-                    return None if role.endswith("_verbose") else RoleInput(name, role, stat, source, required)
+                    if stat == "verbose_logps" and role not in PARTNER:
+                        return None
+                    return RoleInput(name, role, stat, source, required)
             return None
     for stat in ("token_mask", "lengths"):
         role = _role_of(name, stat)

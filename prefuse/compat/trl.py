@@ -12,11 +12,13 @@ process; DDP, FSDP and DeepSpeed are not exercised). The reference is TRL's: the
 PEFT, `ref_model` when given, or precomputed log-probs.
 
 Supported: every loss_type of TRL 1.16's DPO (one or several, with loss_weights), beta, label_smoothing,
-discopop_tau, f_divergence_type, f_alpha_divergence_coef, precompute_ref_log_probs. Logged: TRL's metric names
+discopop_tau, f_divergence_type, f_alpha_divergence_coef, ld_alpha (LD-DPO: `PreferenceLoss` forms the verbose
+part of each response from its token log-probs), precompute_ref_log_probs. Logged: TRL's metric names
 (rewards/*, logps/*, logits/*, entropy, mean_token_accuracy, num_tokens); the token statistics take one extra
-forward-only pass of the fused head. Not supported (a ValueError says so): ld_alpha and use_weighting (they need
-per-token extras the loss does not compute), a router aux loss (MoE), vision inputs, an lm_head that is not a
-plain Linear (LoRA on lm_head: the fused head would skip the adapter). The head comes from `prefuse.heads.head_of`,
+forward-only pass of the fused head. Not supported (a ValueError says so): use_weighting (WPO needs log sum_v
+p(v)^2 per token, which the loss does not compute), ld_alpha with precompute_ref_log_probs, a router aux loss
+(MoE), vision inputs, an lm_head that is not a plain Linear (LoRA on lm_head: the fused head would skip the
+adapter). The head comes from `prefuse.heads.head_of`,
 Gemma-2's final-logit softcap included (TRL's logits apply it); only logits/* then average the uncapped logits.
 
 Mixed precision (TRL's default bf16=True): the decoders run under accelerate's autocast, as in TRL; the fused head
@@ -76,14 +78,18 @@ class PrefuseDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.ld_alpha is not None or self.use_weighting:
-            raise ValueError("ld_alpha / use_weighting: not supported by PrefuseDPOTrainer (they need per-token "
-                             "extras that PreferenceLoss does not compute); use trl.DPOTrainer for them")
+        if self.use_weighting:
+            raise ValueError("use_weighting: not supported by PrefuseDPOTrainer (WPO needs log sum_v p(v)^2 per "
+                             "token, which PreferenceLoss does not compute); use trl.DPOTrainer for it")
+        if self.ld_alpha is not None and self.precompute_ref_logps:
+            raise ValueError("ld_alpha: not supported with precompute_ref_log_probs by PrefuseDPOTrainer (the "
+                             "reference's verbose part is not cached); compute the reference on the fly")
         if self.aux_loss_enabled:
             raise ValueError("router_aux_loss_coef: the MoE router aux loss is not supported by PrefuseDPOTrainer")
         if self._is_vision_dataset:
             raise ValueError("vision inputs are not supported by PrefuseDPOTrainer")
         trl_options = {"label_smoothing": self.args.label_smoothing, "discopop_tau": self.args.discopop_tau,
+                       "ld_alpha": self.ld_alpha,
                        "f_divergence_type": self.args.f_divergence_type,
                        "f_alpha_divergence_coef": self.args.f_alpha_divergence_coef}
         accepted = set().union(*(get_objective(name).hparams for name in self.loss_types))
