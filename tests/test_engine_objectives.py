@@ -83,6 +83,14 @@ def test_three_steps_of_every_offline_objective(files, tmp_path, loss_type, caps
         assert "24 training examples" in capsys.readouterr().out  # 12 scored pairs -> 24 completions
 
 
+def test_ld_dpo_runs_and_wpo_is_refused(files, tmp_path, capsys):
+    assert main(train_argv(files, tmp_path / "ld", "sigmoid", ld_alpha=0.5)) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "ld")] == [1, 2, 3]
+    assert main(train_argv(files, tmp_path / "wpo", "sigmoid", use_weighting="true")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "use_weighting: WPO weighting needs" in err[0]
+
+
 def test_rewards_from_an_unpaired_reward_column(files, tmp_path):
     assert main(train_argv(files, tmp_path, "wbc", data="unpaired")) == 0
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]

@@ -187,6 +187,8 @@ class TrainConfig:
         unknown = sorted(set(self.objective_args) - accepted)
         _check(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
                                               f"{sorted(accepted) or 'none'}")
+        _check(not self.objective_args.get("use_weighting"), "use_weighting",
+               "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute yet")
         _check(self.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
                "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
                "completion)")
