@@ -157,7 +157,7 @@ def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
+def eval_mode(model: torch.nn.Module):
     """Eval mode for the duration (no dropout in the reference), then every module's own mode back."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -176,7 +176,7 @@ def reference_hidden_states(models: Models, input_ids: torch.Tensor, attention_m
             return decoder_hidden_states(models.reference, input_ids, attention_mask)
         if not hasattr(models.policy, "disable_adapter"):
             raise ValueError("no reference: load_models(need_reference=True) without LoRA loads one")
-        with models.policy.disable_adapter(), _eval_mode(models.policy):
+        with models.policy.disable_adapter(), eval_mode(models.policy):
             return decoder_hidden_states(models.policy, input_ids, attention_mask)
 
 
