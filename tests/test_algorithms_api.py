@@ -195,6 +195,8 @@ EXTRA_INPUTS = {
     "mixed_dpo": ("use_offline",),
     "nash_md": ("policy_token_logps", "ref_token_logps", "token_mask"),
     "hypo_kl": ("policy_online_token_logps", "ref_online_token_logps", "online_token_mask"),
+    "grpo": ("ref_online_token_logps",),
+    "rloo": ("ref_online_logps",),
 }
 DPO_EXTRA = (
     "chosen_lengths",
@@ -221,7 +223,7 @@ def edge_inputs(name, batch, policy_value, ref_value, length, dtype, same_pair=F
             if "online_token" in key
             else (batch, T)
             if "token" in key
-            else ((batch, K) if "online_logps" in key else (batch,))
+            else ((batch, K) if "online_logps" in key or (key == "rewards" and name in ("grpo", "rloo")) else (batch,))
         )
         if key in BOOL_INPUTS:
             inputs[key] = torch.arange(batch * math.prod(shape[1:])).reshape(shape) % 2 == 0

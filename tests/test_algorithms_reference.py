@@ -63,6 +63,7 @@ def make_inputs(seed: int, batch: int) -> dict[str, torch.Tensor]:
     x["preference_probs"] = uniform(batch)
     x["advantages"] = torch.randn(batch, generator=g, dtype=torch.float64)
     x["rewards"] = uniform(batch, low=-0.2, high=1.0)
+    x["group_rewards"] = uniform(batch, K, low=-0.2, high=1.0)  # `rewards` of the k samples per prompt
 
     x["token_mask"] = uniform(batch, T) < 0.8
     x["policy_token_logps"] = logps(batch, T) / T
@@ -487,6 +488,41 @@ CASES += [
 ]
 
 
+def grpo_reference(x, b, *, grpo_loss_type="dapo", epsilon=0.2):
+    """TRL 1.16's GRPO loss, per sample so that the mean is the batch loss; old policy = the current one."""
+    lp, m, r = x["policy_online_token_logps"], x["online_token_mask"].double(), x["rewards"]
+    adv = ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-4)).unsqueeze(-1)
+    coef_1 = torch.exp(lp - lp.detach())
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if b != 0:
+        d = x["ref_online_token_logps"] - lp
+        per_token = per_token + b * (torch.exp(d) - d - 1)
+    sums = (per_token * m).sum(-1).reshape(-1)
+    if grpo_loss_type == "grpo":
+        return sums / m.sum(-1).reshape(-1).clamp(min=1)
+    return sums * sums.numel() / m.sum()
+
+
+def rloo_reference(x, b, *, epsilon=0.2):
+    """TRL 1.16's RLOO loss per sample: the KL penalty in the reward, leave-one-out baseline, clipped ratio."""
+    lp, r = x["policy_online_logps"], x["rewards"]
+    r = r - b * (lp.detach() - x["ref_online_logps"])
+    k = r.shape[-1]
+    adv = r - (r.sum(-1, keepdim=True) - r) / (k - 1)
+    coef_1 = torch.exp(lp - lp.detach())
+    return (-torch.min(coef_1 * adv, torch.clamp(coef_1, 1 - epsilon, 1 + epsilon) * adv)).reshape(-1)
+
+
+GROUP_OBJECTIVES = ("grpo", "rloo")
+CASES += [
+    ("grpo", {}, ("ref_online_token_logps",), grpo_reference),
+    ("grpo", {"grpo_loss_type": "grpo"}, ("ref_online_token_logps",),
+     lambda x, b: grpo_reference(x, b, grpo_loss_type="grpo")),
+    ("rloo", {}, ("ref_online_logps",), rloo_reference),
+]
+
+
 def _case_id(case):
     name, hp, extra, _ = case
     options = ",".join(f"{k}={v}" for k, v in hp.items())
@@ -505,6 +541,8 @@ def test_objective_matches_reference(case, seed, batch):
     spec = get_objective(name)
     beta = 0.1 if seed != 2 else 0.7
     x = make_inputs(seed, batch)
+    if name in GROUP_OBJECTIVES:
+        x["rewards"] = x["group_rewards"]
     keys = sorted(spec.requires | set(extra))
     ours, theirs = _leaves(x, keys), _leaves(x, x.keys())
 

@@ -15,18 +15,20 @@ from tests.reference import logprobs64
 
 BACKENDS = [pytest.param("torch"), pytest.param("triton", marks=pytest.mark.interpreter)]
 SAMPLES_PER_PROMPT = {"online": 3}  # roles read as k samples per prompt, index [P, k]
-TOKEN_LEVEL = {"alol_seq": {}, "nash_md": {"kl_estimator": "token"},
+TOKEN_LEVEL = {"alol_seq": {}, "grpo": {}, "nash_md": {"kl_estimator": "token"},
                "hypo_kl": {"kl_estimator": "per_token_k3"}, "hypo": {"kl_estimator": "per_token_k3"}}
 N_EXAMPLES, LENGTH, HIDDEN, VOCAB = 3, 8, 16, 150
 
 
 def extras(name, gen):
-    """The non-sequence inputs an objective takes, drawn at random: [B] per example."""
+    """The non-sequence inputs an objective takes, drawn at random: [B] per example ([B, k] for the
+    objectives of k samples per prompt)."""
     spec = prefuse.get_objective(name)
+    per_prompt = any(s.role in SAMPLES_PER_PROMPT for s in role_inputs([spec]))
     values = {
         "preference_probs": torch.rand(N_EXAMPLES, generator=gen, dtype=torch.float64),
         "advantages": torch.randn(N_EXAMPLES, generator=gen, dtype=torch.float64),
-        "rewards": torch.rand(N_EXAMPLES, generator=gen, dtype=torch.float64),
+        "rewards": torch.rand((N_EXAMPLES, 3) if per_prompt else (N_EXAMPLES,), generator=gen, dtype=torch.float64),
         "labels": torch.tensor([True, False, True]),
         "use_offline": torch.tensor([True, False, False]),
         "slow_chosen_logps": -20 * torch.rand(N_EXAMPLES, generator=gen, dtype=torch.float64),

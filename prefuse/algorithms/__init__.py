@@ -17,13 +17,13 @@ Input names (all [B] unless noted; *_logps are SUMS of response-token log-probs,
                                                                    [P, k] samples per prompt for HyPO
     slow_{chosen,rejected}_logps                                   OFS-DPO's slow module
     policy_{answer}_given_{context}_logps, ref_...                 SRPO's revision log-probs
-    advantages, rewards                                            A-LoL and its baselines
+    advantages, rewards                                            A-LoL and its baselines; [P, k] for GRPO, RLOO
     *_token_logps [B, T] (or [P, k, T]), *token_mask               per-token inputs for the options that need them
 `get_objective(name).accepts()` lists what one objective takes.
 """
 
 # Importing the family modules fills the registry.
-from . import alol, dpo, kto, mixed, ofs, online, reference_free, srpo  # noqa: F401
+from . import alol, dpo, kto, mixed, ofs, online, policy_gradient, reference_free, srpo  # noqa: F401
 from .api import objective_loss
 from .registry import ObjectiveSpec, get_objective, list_objectives, register
 

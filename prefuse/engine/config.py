@@ -69,6 +69,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     bf16: bool = False
     seed: int = 42
+    # online: generate -> judge -> update (dataset_name gives the prompts)
+    online: bool = False
+    reward_funcs: list[str] | None = None        # "file.py:name" reward functions (TRL's signature), summed
+    reward_weights: list[float] | None = None
+    reward_model_path: str | None = None         # a Bradley-Terry reward model directory (prefuse train-rm)
+    judge: str | None = None                     # a pairwise preference model directory: P(y > y')
+    max_new_tokens: int = 64
+    num_generations: int = 4                     # samples per prompt of grpo / rloo (pair methods draw 2)
+    temperature: float = 0.9
+    top_p: float = 1.0
+    missing_eos_penalty: float | None = None
+    mixture_coef: float = 0.5                    # the geometric mixture of policy and reference (Nash-MD, IPO-MD)
+    online_sampler: str = "policy"               # "policy" or "mixture" (IPO-MD: both samples from the mixture)
     # run
     output_dir: str = ""
     logging_steps: int = 10
@@ -177,9 +190,41 @@ class TrainConfig:
                    "resume_from_checkpoint", f"no such checkpoint directory: {self.resume_from_checkpoint}")
         return self
 
+    def needs(self):
+        """What the objective needs from the run (engine.objectives / engine.online); ValueError `loss_type: ...`."""
+        if self.online:
+            from prefuse.engine.online import online_needs
+
+            return online_needs(self.loss_type)
+        return objective_needs(self.loss_type)
+
+    def _validate_online(self) -> None:
+        judges = [n for n in ("reward_funcs", "reward_model_path", "judge") if getattr(self, n)]
+        _check(len(judges) == 1, "reward_funcs", f"--online needs one judge: --reward_funcs file.py:name, "
+                                                 f"--reward_model_path DIR or --judge DIR (got {judges or 'none'})")
+        _check(self.reward_weights is None or bool(self.reward_funcs), "reward_weights", "needs --reward_funcs")
+        _check(not (self.eval_split or self.eval_fraction), "eval_split",
+               "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
+        _check(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
+               "online samples are new every step: their reference log-probs cannot be precomputed")
+        _check(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(0 <= self.mixture_coef <= 1, "mixture_coef", f"must be in [0, 1], got {self.mixture_coef}")
+        _check(self.online_sampler in ("policy", "mixture"), "online_sampler", "must be policy or mixture")
+        for path in (self.reward_model_path, self.judge):
+            _check(path is None or Path(path).is_dir(), "reward_model_path" if path == self.reward_model_path
+                   else "judge", f"no such model directory: {path}")
+
     def _validate_objective(self) -> None:
         _check(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
-        needs = objective_needs(self.loss_type)  # ValueError "loss_type: ..." for one offline data cannot feed
+        needs = self.needs()  # ValueError "loss_type: ..." for an objective this kind of run cannot feed
+        if self.online:
+            self._validate_online()
+        else:
+            for name in ("reward_funcs", "reward_model_path", "judge"):
+                _check(not getattr(self, name), name, "judges score samples of online runs: add --online")
         specs = [get_objective(n) for n in self.loss_type]
         _check(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
                f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")

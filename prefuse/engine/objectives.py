@@ -43,9 +43,11 @@ REQUIRED_COLUMNS = {
 
 # objectives whose inputs offline data cannot hold, and what will run them
 NOT_OFFLINE = {
-    "xpo": "its y_r is sampled from the reference during training; `prefuse train --online` (issue 9) will run it",
-    "nash_md": "it samples from the policy and the policy/reference mixture during training; `prefuse train "
-               "--online` (issue 9) will run it",
+    "xpo": "its y_r is sampled from the reference during training; run it with `prefuse train --online`",
+    "nash_md": "it samples from the policy and the policy/reference mixture during training; run it with "
+               "`prefuse train --online`",
+    "grpo": "its k samples per prompt come from the policy during training; run it with `prefuse train --online`",
+    "rloo": "its k samples per prompt come from the policy during training; run it with `prefuse train --online`",
     "hypo": "its k samples per prompt come from the policy during training; `prefuse train --online` (issue 9) "
             "will run it",
     "hypo_kl": "its k samples per prompt come from the policy during training; `prefuse train --online` (issue 9) "

@@ -22,7 +22,9 @@ from prefuse.engine.data import DataError, TokenizedData, load_preference_data, 
 from prefuse.engine.data.formats import UNPAIRED_FORMATS
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import load_models
-from prefuse.engine.objectives import ObjectiveNeeds, objective_needs
+from prefuse.engine.objectives import ObjectiveNeeds
+from prefuse.engine.online import OnlineSource
+from prefuse.engine.rollout import RolloutConfig
 from prefuse.engine.reference_cache import ReferenceCache, cache_path
 from prefuse.engine.sources import BatchSource, OfflineSource, batches
 from prefuse.engine.step import Step
@@ -59,7 +61,7 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     """The run `cfg` describes; `source` replaces the offline batches of dataset_name (an online source, a test's),
     which then still gives the held-out set and the tokenizer's data checks."""
     cfg.validate()
-    needs = objective_needs(cfg.loss_type)
+    needs = cfg.needs()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -68,7 +70,10 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     torch.manual_seed(cfg.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
-    models = load_models(cfg.model_config(), device=device, need_reference=needs.reference)
+    # online methods that sample from the reference or the mixture need it even when their loss does not
+    samples_reference = cfg.online and (needs.reference or "sample" in needs.roles or "nash_md" in cfg.loss_type
+                                        or cfg.online_sampler == "mixture")
+    models = load_models(cfg.model_config(), device=device, need_reference=needs.reference or samples_reference)
     tokenizer = models.tokenizer
     if tokenizer is None:
         raise ValueError(f"model_name_or_path: {cfg.model_name_or_path} has no tokenizer files")
@@ -77,6 +82,12 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
                              softcap=head_of(models.policy).softcap, **cfg.objective_args)
     step = Step(models, loss_fn, needs, bf16=cfg.bf16)
 
+    if cfg.online:
+        online = online_source(cfg, models, tokenizer)
+        source = online if source is None else source
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+            cfg.num_train_epochs * online.batches_per_epoch / cfg.gradient_accumulation_steps)
+        return _finish(cfg, out, device, needs, models, step, source, None, total_steps, pad_id, {}, 0.0)
     train_data, eval_data = load_data(cfg, tokenizer, needs)
     print(f"data: {len(train_data)} training examples ({train_data.format})"
           + (f", {len(eval_data)} held out" if eval_data is not None else "")
@@ -101,6 +112,13 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
                                                                  len(data), walk, step.reference_sums, device)
         models.reference = None  # the cache replaces it
 
+    return _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
+                   offline.baseline)
+
+
+def _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
+            baseline) -> Run:
+    """Optimizer, schedule, resume and log: the same for every kind of run."""
     from transformers import get_scheduler
 
     params = [p for p in models.policy.parameters() if p.requires_grad]
@@ -117,7 +135,25 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     log = MetricsLog(out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to,
                      window=window)
     return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
-               total_steps, start_step, pad_id, references, offline.baseline)
+               total_steps, start_step, pad_id, references, baseline)
+
+
+def online_source(cfg: TrainConfig, models, tokenizer) -> OnlineSource:
+    """The prompts of dataset_name, the judge the flags name and the rollout settings, as a batch source."""
+    from prefuse.engine.data import load_prompts
+    from prefuse.engine.judges import make_judge
+
+    prompts = load_prompts(cfg.dataset_name, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                           skip_bad_rows=cfg.skip_bad_rows)
+    print(f"data: {len(prompts)} prompts ({prompts.format})"
+          + (f", {prompts.skipped.count} bad rows skipped" if prompts.skipped.count else ""), flush=True)
+    judge = make_judge(reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights,
+                       reward_model_path=cfg.reward_model_path, judge=cfg.judge, device=str(models.policy.device))
+    rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            num_generations=cfg.num_generations, mixture_coef=cfg.mixture_coef)
+    return OnlineSource(prompts, cfg.loss_type, models, tokenizer, judge, rollout,
+                        batch_size=cfg.per_device_train_batch_size, seed=cfg.seed, sampler=cfg.online_sampler,
+                        missing_eos_penalty=cfg.missing_eos_penalty)
 
 
 def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[TokenizedData, TokenizedData | None]:

@@ -23,7 +23,8 @@ from prefuse.engine.objectives import ObjectiveNeeds
 class Batch:
     """input_ids, attention_mask, labels [S, T] (labels in the next-token layout, -100 off the responses); roles:
     {role: row indices [B]}; inputs: pass-through objective inputs [B] (rewards, labels, ...); index [B]: the
-    examples' positions in their data set."""
+    examples' positions in their data set (or prompt set); metrics: numbers about how the batch was made (an
+    online source's judge scores), logged with the step's."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -31,6 +32,7 @@ class Batch:
     roles: dict[str, torch.Tensor]
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # what made the batch (rollout scores, ...), logged
 
     @property
     def n_examples(self) -> int:
@@ -44,7 +46,7 @@ class Batch:
         move = {k: v.to(device) for k, v in self.roles.items()}
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), move,
                      {k: v.to(device) for k, v in self.inputs.items()},
-                     None if self.index is None else self.index.to(device))
+                     None if self.index is None else self.index.to(device), self.metrics)
 
 
 class BatchSource(Protocol):

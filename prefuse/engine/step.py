@@ -43,8 +43,13 @@ class Step:
         elif self.needs.reference:
             ref = dict(ref_hidden=self.reference_hidden(batch), ref_weight=self.ref_head.weight.detach(),
                        ref_bias=None if self.ref_head.bias is None else self.ref_head.bias.detach())
-        return self.loss_fn(hidden.to(self.head.weight.dtype), self.head.weight, batch.labels, roles=batch.roles,
-                            bias=self.head.bias, **ref, **batch.inputs)
+        loss, metrics, inputs = self.loss_fn(hidden.to(self.head.weight.dtype), self.head.weight, batch.labels,
+                                             roles=batch.roles, bias=self.head.bias, return_inputs=True, **ref,
+                                             **batch.inputs)
+        if batch.metrics:  # an online batch: how it was made, and TRL's KL and entropy of the sampled responses
+            metrics = {**metrics, **{k: torch.tensor(float(v)) for k, v in batch.metrics.items()},
+                       **sample_statistics(inputs, batch.roles)}
+        return loss, metrics
 
     def reference_hidden(self, batch: Batch) -> torch.Tensor:
         """The reference's last hidden states [S, T, H], without gradient and in eval mode."""
@@ -56,3 +61,23 @@ class Step:
         """{ref_<role>_logps: [B]} of the batch's roles, without gradient (what a ReferenceCache stores)."""
         sums = reference_logps(self.reference_hidden(batch), self.ref_head, batch.labels)
         return {input_name(role, "logps", "ref"): sums[rows] for role, rows in batch.roles.items()}
+
+
+def sample_statistics(inputs: dict, roles: dict) -> dict[str, torch.Tensor]:
+    """TRL's online metrics over the sampled responses of a batch (every role but a reference's `sample`):
+    objective/kl = mean of sum_t (log pi - log pi_ref), objective/entropy = mean of -sum_t log pi."""
+    policy, ref = [], []
+    for role in roles:
+        if role == "sample":
+            continue
+        name = "logps" if role == "completion" else f"{role}_logps"
+        if f"policy_{name}" in inputs:
+            policy.append(inputs[f"policy_{name}"].reshape(-1))
+            if f"ref_{name}" in inputs:
+                ref.append(inputs[f"ref_{name}"].reshape(-1))
+    out = {}
+    if policy:
+        out["objective/entropy"] = -torch.cat(policy).float().mean()
+        if len(ref) == len(policy):
+            out["objective/kl"] = (torch.cat(policy) - torch.cat(ref)).float().mean()
+    return out

@@ -21,9 +21,16 @@ from prefuse.engine.data.collate import IGNORE_INDEX, collate_pairs, collate_seq
 from prefuse.engine.data.columns import EXTRA_COLUMNS
 from prefuse.engine.data.convert import pairs_to_completions
 from prefuse.engine.data.errors import BadRow, DataError, RowProblem, SkippedRows
-from prefuse.engine.data.formats import PAIRED_FORMATS, UNPAIRED_FORMATS, check_format_for, detect_format
+from prefuse.engine.data.formats import (
+    PAIRED_FORMATS,
+    PROMPT_ONLY_FORMATS,
+    UNPAIRED_FORMATS,
+    check_format_for,
+    detect_format,
+)
 from prefuse.engine.data.loading import load_records
 from prefuse.engine.data.order import PairBatches
+from prefuse.engine.data.prompts import PromptData, load_prompts, tokenize_prompts
 from prefuse.engine.data.tokenize import TokenizedData, check_response_tokens_left, tokenize_preferences, truncate
 
 
@@ -49,8 +56,9 @@ def load_preference_data(path: str | Path, tokenizer, *, needs: str = "pairs", s
 
 
 __all__ = [
-    "EXTRA_COLUMNS", "IGNORE_INDEX", "PAIRED_FORMATS", "UNPAIRED_FORMATS", "BadRow", "DataError", "PairBatches",
-    "RowProblem", "SkippedRows", "TokenizedData", "check_format_for", "check_response_tokens_left", "collate_pairs",
-    "collate_sequences", "collate_unpaired", "detect_format", "load_preference_data", "load_records",
-    "pairs_to_completions", "tokenize_preferences", "truncate",
+    "EXTRA_COLUMNS", "IGNORE_INDEX", "PAIRED_FORMATS", "PROMPT_ONLY_FORMATS", "UNPAIRED_FORMATS", "BadRow",
+    "DataError", "PairBatches", "PromptData", "RowProblem", "SkippedRows", "TokenizedData", "check_format_for",
+    "check_response_tokens_left", "collate_pairs", "collate_sequences", "collate_unpaired", "detect_format",
+    "load_preference_data", "load_prompts", "load_records", "pairs_to_completions", "tokenize_preferences",
+    "tokenize_prompts", "truncate",
 ]

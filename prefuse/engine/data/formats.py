@@ -9,6 +9,9 @@
 |                           |                                          | messages but the last (assistant) turn   |
 | `unpaired`                | prompt, completion, label                | strings, label a bool (KTO)              |
 | `conversational_unpaired` | prompt, completion, label                | messages, label a bool                   |
+
+Prompt-only data (`prompt_only`, `conversational_prompt_only`: a `prompt` column, a string or messages, without
+responses) is for online training (prompts.py); offline, `detect_format` refuses it in one line naming the file.
 """
 from __future__ import annotations
 
@@ -21,6 +24,11 @@ from prefuse.engine.data.errors import DataError, RowProblem
 
 PAIRED_FORMATS = ("standard", "standard_implicit", "conversational", "conversational_implicit")
 UNPAIRED_FORMATS = ("unpaired", "conversational_unpaired")
+PROMPT_ONLY_FORMATS = ("prompt_only", "conversational_prompt_only")
+PROMPTS_ONLY = "holds prompts only (a 'prompt' column without responses): train on it with --online"
+# A file with one of these is preference data with a column missing or misnamed (`response` for `completion`, say),
+# not prompts: the "no preference columns" message, which names the columns needed, serves it better.
+_RESPONSE_COLUMNS = ("chosen", "rejected", "completion", "label", "response")
 NEEDED_COLUMNS = {
     "pairs": "'chosen' and 'rejected' (with an optional 'prompt'): the paired preference format",
     "unpaired": "'prompt', 'completion' and 'label' (a bool): the unpaired format",
@@ -40,17 +48,35 @@ def _column_kind(feature: Any) -> str:
     return "other"
 
 
+def holds_prompts_only(column_names) -> bool:
+    """Whether a table with these columns is prompt-only data: a `prompt` column and no response column."""
+    names = set(column_names)
+    return "prompt" in names and not names & set(_RESPONSE_COLUMNS)
+
+
+def _source_of(dataset: datasets.Dataset) -> str | None:
+    """The file the rows of `load_records` came from (their `__where__` is `<file>:<row>`), else None."""
+    from prefuse.engine.data.loading import WHERE_COLUMN  # loading imports this module
+
+    if WHERE_COLUMN not in dataset.column_names or len(dataset) == 0:
+        return None
+    return dataset[0][WHERE_COLUMN].rsplit(":", 1)[0]
+
+
 def detect_format(dataset: datasets.Dataset) -> str:
     """The TRL format of `dataset`, from its column names and types (one of PAIRED_FORMATS or UNPAIRED_FORMATS).
 
     Extra columns are allowed. Raises DataError when the preference columns are missing or mix plain text with
-    message lists."""
+    message lists, and `<file>: holds prompts only (...): train on it with --online` for prompt-only data."""
     features = dataset.features
     names = set(features)
     if {"chosen", "rejected"} <= names:
         response_columns, paired = ["chosen", "rejected"], True
     elif {"prompt", "completion", "label"} <= names:
         response_columns, paired = ["completion"], False
+    elif holds_prompts_only(names):
+        source = _source_of(dataset)
+        raise DataError(f"{source}: {PROMPTS_ONLY}" if source else f"the data {PROMPTS_ONLY}")
     else:
         raise DataError(f"no preference columns: found {sorted(names)}, need {NEEDED_COLUMNS['pairs']}, "
                         f"or {NEEDED_COLUMNS['unpaired']}")
@@ -79,6 +105,8 @@ def check_format_for(fmt: str, needs: str) -> None:
     if needs not in NEEDED_COLUMNS:
         raise ValueError(f"needs must be 'pairs' or 'unpaired', got {needs!r}")
     allowed = PAIRED_FORMATS if needs == "pairs" else UNPAIRED_FORMATS
+    if fmt in PROMPT_ONLY_FORMATS:
+        raise DataError(f"the data {PROMPTS_ONLY}")
     if fmt not in PAIRED_FORMATS + UNPAIRED_FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
     if fmt not in allowed:

@@ -183,15 +183,14 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
 
 def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: dict, wheres: dict) -> dict:
     """{index: (prompt text, [completion texts])} through the chat template; rows it rejects go to `bad`."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational data needs a tokenizer with a chat template")
+    require_chat_template(tokenizer)
     eos = tokenizer.eos_token
     texts = {}
     for index, row in parts.items():
         try:
-            prompt_text = _apply(tokenizer, row.prompt, add_generation_prompt=True)
-        except Exception as error:  # templates signal bad conversations with any exception (raise_exception)
-            bad[index] = (wheres[index], RowProblem("chat_template", "prompt", f"chat template: {error}"))
+            prompt_text = render_chat_prompt(tokenizer, row.prompt)
+        except RowIssue as issue:
+            bad[index] = (wheres[index], issue.problem)
             continue
         completions = []
         for name in names:
@@ -218,12 +217,34 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def require_chat_template(tokenizer) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational data needs a tokenizer with a chat template")
+
+
+def render_chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """Prompt messages as the chat template writes them before a response (`add_generation_prompt=True`); raises
+    RowIssue (chat_template, field 'prompt') when the template rejects them."""
+    try:
+        return _apply(tokenizer, messages, add_generation_prompt=True)
+    except Exception as error:  # templates signal bad conversations with any exception (raise_exception)
+        raise RowIssue("chat_template", "prompt", f"chat template: {error}") from error
+
+
+def tokenize_prompt_texts(tokenizer, texts: list[str], special_tokens: bool) -> list[list[int]]:
+    """Prompt texts -> ids, with the tokenizer's special tokens (its BOS) for plain text and without them for text
+    the chat template rendered (the template writes them)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]]
+
+
 def _tokenize_texts(tokenizer, texts: dict, prompt_special_tokens: bool) -> dict:
     """{index: (prompt ids, [completion ids, each ending with EOS])}, tokenized in batches."""
     indices = list(texts)
     if not indices:
         return {}
-    prompts = tokenizer([texts[i][0] for i in indices], add_special_tokens=prompt_special_tokens)["input_ids"]
+    prompts = tokenize_prompt_texts(tokenizer, [texts[i][0] for i in indices], prompt_special_tokens)
     width = len(texts[indices[0]][1])
     flat = [text for i in indices for text in texts[i][1]]
     completions = tokenizer(flat, add_special_tokens=False)["input_ids"]
@@ -236,7 +257,7 @@ def _tokenize_texts(tokenizer, texts: dict, prompt_special_tokens: bool) -> dict
             if eos_id is not None and (not ids or ids[-1] != eos_id):
                 ids.append(eos_id)
             pieces.append(ids)
-        out[index] = (list(prompts[k]), pieces)
+        out[index] = (prompts[k], pieces)
     return out
 
 

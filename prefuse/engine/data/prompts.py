@@ -1,0 +1,153 @@
+"""Prompts for online training (generate -> judge -> update): file -> prompt token ids, plus what a reward function
+sees of each prompt.
+
+| format                       | columns | values                                                  |
+|------------------------------|---------|---------------------------------------------------------|
+| `prompt_only`                | prompt  | strings                                                 |
+| `conversational_prompt_only` | prompt  | lists of {"role", "content"} messages                   |
+| any format of formats.py     |         | its prompts (an implicit one's shared prefix); its      |
+|                              |         | responses are not read                                  |
+
+Every other column is carried per example (`columns`, TRL style: reward functions receive them as keyword
+columns), but for chosen/rejected/completion/label. Prompts are tokenized as tokenize.py tokenizes them (plain text
+with the tokenizer's special tokens; messages through the chat template with the generation prompt) and cut to
+`max_prompt_length` from the left, by its policy. A bad prompt raises `<file>:<row>: field 'prompt': <what>`, or
+is skipped and tallied with `skip_bad_rows=True`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from prefuse.engine.data.errors import BadRow, DataError, SkippedRows
+from prefuse.engine.data.formats import (
+    PAIRED_FORMATS,
+    PROMPT_ONLY_FORMATS,
+    UNPAIRED_FORMATS,
+    RowIssue,
+    _column_kind,
+    check_messages,
+    check_text,
+    detect_format,
+    split_row,
+)
+from prefuse.engine.data.loading import PROBLEM_COLUMN, WHERE_COLUMN, load_records, row_problem
+from prefuse.engine.data.tokenize import (
+    render_chat_prompt,
+    require_chat_template,
+    tokenize_prompt_texts,
+    truncate,
+)
+
+# the columns an example's `columns` leaves out: the prompt itself, the responses and the loader's own
+NOT_CARRIED = ("prompt", "chosen", "rejected", "completion", "label", WHERE_COLUMN, PROBLEM_COLUMN)
+NO_PROMPT_COLUMN = "no 'prompt' column: online training reads prompts (TRL's prompt-only format: {\"prompt\": ...})"
+
+
+@dataclass
+class PromptData:
+    """examples: per prompt `prompt_ids` (list of int), `prompt` (the text, or the messages, a reward function
+    sees), `columns` (the row's other columns) and `where` (`<file>:<row>`); skipped: the rows left out;
+    max_prompt_length: the limit the prompts were cut to (None: not cut)."""
+
+    format: str
+    examples: list[dict[str, Any]]
+    skipped: SkippedRows = field(default_factory=SkippedRows)
+    max_prompt_length: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_prompts(path: str | Path, tokenizer, *, split: str = "train", max_prompt_length: int | None = None,
+                 skip_bad_rows: bool = False, cache_dir: str | None = None) -> PromptData:
+    """load_records -> tokenize_prompts, in one call; DataError `<file>: no prompts ...` when no prompt is left."""
+    records = load_records(path, split=split, cache_dir=cache_dir)
+    if len(records) == 0:
+        raise DataError(f"{path}: no prompts to train on (no rows)")
+    data = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt_length, skip_bad_rows=skip_bad_rows,
+                            source=str(path))
+    if not data.examples:
+        raise DataError(f"{path}: no prompts to train on (all {data.skipped.count} rows are bad, the first: "
+                        f"{data.skipped.messages[0]})")
+    return data
+
+
+def detect_prompt_format(dataset: datasets.Dataset, source: str = "dataset") -> str:
+    """`prompt_only` or `conversational_prompt_only` from the `prompt` column's type; a paired or unpaired table
+    keeps its own format (detect_format's). Raises DataError `<source>: no 'prompt' column: ...` when there is no
+    prompt to read."""
+    names = set(dataset.column_names)
+    if {"chosen", "rejected"} <= names or {"prompt", "completion", "label"} <= names:
+        return detect_format(dataset)
+    if "prompt" not in names:
+        raise DataError(f"{source}: {NO_PROMPT_COLUMN}")
+    feature = dataset.features["prompt"]
+    kind = _column_kind(feature)
+    if kind == "other":
+        raise DataError(f"{source}: column 'prompt' holds {feature}, expected strings or lists of "
+                        "{'role', 'content'} messages")
+    if kind == "null":
+        raise DataError(f"{source}: column 'prompt' holds no values")
+    return "conversational_prompt_only" if kind == "messages" else "prompt_only"
+
+
+def tokenize_prompts(dataset: datasets.Dataset, tokenizer, *, max_prompt_length: int | None = None,
+                     skip_bad_rows: bool = False, fmt: str | None = None, source: str = "dataset") -> PromptData:
+    """The prompt of every row of `dataset` (format detected unless `fmt` is given), tokenized and cut.
+
+    A bad prompt raises BadRow `<file>:<row>: field 'prompt': <what>` for the first one in the data's order; with
+    `skip_bad_rows=True` bad rows are left out and tallied in `.skipped`. `source` names rows of a dataset that
+    did not come from `load_records` (`<source>:<1-based row>`)."""
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
+    fmt = fmt or detect_prompt_format(dataset, source)
+    conversational = fmt.startswith("conversational")
+    if conversational:
+        require_chat_template(tokenizer)
+    carried = [c for c in dataset.column_names if c not in NOT_CARRIED]
+    skipped = SkippedRows()
+    kept, texts = [], []
+    for index, row in enumerate(dataset):
+        where = row.get(WHERE_COLUMN) or f"{source}:{index + 1}"
+        try:
+            prompt = read_prompt(row, fmt)
+            texts.append(render_chat_prompt(tokenizer, prompt) if conversational else prompt)
+        except RowIssue as issue:
+            if not skip_bad_rows:
+                raise BadRow(where, issue.problem) from None
+            skipped.add(where, issue.problem)
+            continue
+        kept.append({"prompt": prompt, "columns": {c: row[c] for c in carried}, "where": where})
+    examples = []
+    for ids, example in zip(tokenize_prompt_texts(tokenizer, texts, special_tokens=not conversational), kept):
+        prompt_ids = truncate(ids, [], [], None, max_prompt_length, True)[0]
+        examples.append({"prompt_ids": prompt_ids, **example})
+    return PromptData(fmt, examples, skipped, max_prompt_length)
+
+
+def read_prompt(row: dict[str, Any], fmt: str) -> Any:
+    """The row's prompt, checked and not empty: the text, or the messages. Only what the prompt comes from is read:
+    the `prompt` column, or in the implicit formats `chosen` and `rejected`, whose shared start it is. Raises
+    RowIssue."""
+    problem = row_problem(row)
+    implicit = fmt.endswith("_implicit")
+    if problem is not None and problem.field in (None, "prompt", *(("chosen", "rejected") if implicit else ())):
+        raise RowIssue(problem.kind, problem.field, problem.detail)
+    conversational = fmt.startswith("conversational")
+    if implicit:
+        prompt = split_row(row, fmt).prompt
+        shared = "'chosen' and 'rejected' share no " + ("messages before their last" if conversational else
+                                                        "text before their responses")
+    elif fmt in PAIRED_FORMATS + UNPAIRED_FORMATS + PROMPT_ONLY_FORMATS:
+        check = check_messages if conversational else check_text
+        prompt, shared = check(row.get("prompt"), "prompt", response=False), ""
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    if not (prompt if conversational else prompt.strip()):
+        detail = "no messages" if conversational else "empty prompt"
+        raise RowIssue("empty", "prompt", f"{detail} ({shared})" if shared else detail)
+    return prompt

@@ -1,0 +1,226 @@
+"""The online batch source of `prefuse train --online`: prompts -> rollouts -> judge -> a Batch with roles.
+
+    source = OnlineSource(prompts, method, models, tokenizer, judge, rollout, batch_size=8, seed=0)
+    batch = source.next_batch()     # the sequences are prompt + sampled response; roles as the objective reads
+
+How each objective's batch is made (`online_method`), the samples' log-probs then going through the fused head
+like any other role (their logits are never materialized, neither for the policy nor for the reference):
+    judged_pair   the DPO family, SimPO, ...: 2 samples per prompt (the policy's, or the mixture's with
+                  --online_sampler mixture: IPO-MD), the judge's higher score is `chosen` (TRL's OnlineDPOTrainer)
+    soft_pair     online_ipo: 2 samples in drawn order, preference_probs = the judge's P(first > second)
+    xpo           one policy sample and one reference sample (LoRA: adapters disabled), judged into chosen and
+                  rejected; the reference sample is also the role `sample` (XPO's alpha log pi(y_ref) term)
+    selm          a judged pair of policy samples, and y_ref: the reference's greedy response (role `sample`)
+    nash_md       y from the policy and y' from the geometric mixture; the role `completion` is y and
+                  preference_probs = P(y > y')
+    groups        grpo, rloo: num_generations samples per prompt, the role `online` [P, k] and their scores as
+                  rewards [P, k]
+Each batch carries the rollout metrics under TRL's names: `objective/scores` (mean judge score of the policy's
+samples, after the missing-EOS penalty), `val/contain_eos_token`, and `rollout/tokens_per_second`. Generation is
+seeded per batch from (seed, batches served), so a resumed run draws the same samples.
+"""
+from __future__ import annotations
+
+import torch
+
+from prefuse.algorithms import get_objective
+from prefuse.algorithms.roles import role_inputs
+from prefuse.engine.data import PairBatches, collate_sequences
+from prefuse.engine.model import Models
+from prefuse.engine.objectives import ObjectiveNeeds
+from prefuse.engine.rollout import RolloutConfig, Samples, sample_mixture, sample_policy, sample_reference
+from prefuse.engine.sources import Batch
+
+PAIR_ROLES = {"chosen", "rejected"}
+SPECIAL = {"online_ipo": "soft_pair", "xpo": "xpo", "selm": "selm", "nash_md": "nash_md", "grpo": "groups",
+           "rloo": "groups"}
+SAMPLERS = ("policy", "mixture")
+
+
+def online_method(loss_types: list[str]) -> str:
+    """How the batches of `loss_types` are made from rollouts; ValueError (`loss_type: ...`) for an objective
+    that does not run online."""
+    methods = set()
+    for name in loss_types:
+        spec = get_objective(name)
+        if spec.name in SPECIAL:
+            methods.add(SPECIAL[spec.name])
+            continue
+        required = [s for s in role_inputs([spec]) if s.required]
+        others = spec.requires - {s.name for s in role_inputs([spec])}
+        if {s.role for s in required} <= PAIR_ROLES and not others:
+            methods.add("judged_pair")
+        else:
+            raise ValueError(f"loss_type: {spec.name!r} does not run with --online (it reads "
+                             f"{sorted(spec.requires)}); online objectives: the DPO family, simpo, cpo, orpo, "
+                             f"online_ipo, xpo, selm, nash_md, grpo, rloo")
+    if len(methods) != 1:
+        raise ValueError(f"loss_type: {loss_types} build their online batches differently ({sorted(methods)}); "
+                         f"combine objectives of one kind")
+    return methods.pop()
+
+
+def online_needs(loss_types: list[str]) -> ObjectiveNeeds:
+    method = online_method(loss_types)
+    specs = [get_objective(n) for n in loss_types]
+    roles = {"judged_pair": ("chosen", "rejected"), "soft_pair": ("chosen", "rejected"),
+             "xpo": ("chosen", "rejected", "sample"), "selm": ("chosen", "rejected", "sample"),
+             "nash_md": ("completion",), "groups": ("online",)}[method]
+    inputs = {"soft_pair": ("preference_probs",), "nash_md": ("preference_probs",), "groups": ("rewards",)}.get(
+        method, ())
+    reference = any(s.source == "ref" and s.required for s in role_inputs(specs))
+    return ObjectiveNeeds(data="online", roles=roles, inputs=inputs, reference=reference)
+
+
+class OnlineSource:
+    """Batches of prompts -> rollouts -> judge, in a resumable order of the prompts (epoch after epoch)."""
+
+    def __init__(self, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig, *,
+                 batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None):
+        """prompts: PromptData (engine.data.load_prompts); judge: engine.judges.Judge; batch_size: prompts per
+        batch; rollout.num_generations: samples per prompt of grpo / rloo (the pair methods draw 2)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"online_sampler: {sampler!r} is not one of {SAMPLERS}")
+        self.prompts, self.models, self.tokenizer, self.judge = prompts, models, tokenizer, judge
+        self.method, self.needs = online_method(loss_types), online_needs(loss_types)
+        self.rollout, self.sampler, self.penalty, self.seed = rollout.validate(), sampler, missing_eos_penalty, seed
+        self.order = PairBatches(len(prompts), batch_size=batch_size, seed=seed)
+        self.batches_per_epoch = len(self.order)
+        self._iter = iter(self.order)
+        self.served = 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    # -- the BatchSource interface ----------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> float:
+        return self.order.epoch + self.order.position / max(len(self.order), 1)
+
+    def state_dict(self) -> dict:
+        return {**self.order.state_dict(), "served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+        self.served = int(state["served"])
+        self._iter = iter(self.order)
+
+    def next_batch(self) -> Batch:
+        indices = next(self._iter, None)
+        if indices is None:
+            self._iter = iter(self.order)
+            indices = next(self._iter)
+        seed = self.seed * 1_000_003 + self.served
+        self.served += 1
+        examples = [self.prompts.examples[i] for i in indices]
+        return getattr(self, f"_{self.method}")(examples, indices, seed)
+
+    # -- rollouts and the judge -------------------------------------------------------------------------------------
+    def _sample(self, kind: str, prompt_ids, seed: int, k: int, greedy: bool = False) -> Samples:
+        cfg = RolloutConfig(**{**self.rollout.__dict__, "num_generations": k,
+                               **({"temperature": 0.0} if greedy else {})})
+        sampler = {"policy": sample_policy, "reference": sample_reference, "mixture": sample_mixture}[kind]
+        return sampler(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id)
+
+    def _texts(self, samples: Samples) -> list[str]:
+        return self.tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+
+    def _columns(self, examples, repeat: int) -> dict:
+        names = sorted(set().union(*(e.get("columns", {}).keys() for e in examples)))
+        return {n: [e.get("columns", {}).get(n) for e in examples for _ in range(repeat)] for n in names}
+
+    def _scores(self, examples, samples: Samples, repeat: int) -> torch.Tensor:
+        """The judge's scores of samples [N] (N = len(examples) * repeat, grouped by prompt), minus the missing-EOS
+        penalty for samples that did not end."""
+        prompts = [e["prompt"] for e in examples for _ in range(repeat)]
+        scores = self.judge.score(prompts, self._texts(samples), **self._columns(examples, repeat)).float()
+        if self.penalty is not None:
+            scores = scores - self.penalty * (~torch.tensor(samples.contains_eos)).float()
+        return scores
+
+    def _batch(self, examples, indices, responses: dict[str, list[list[int]]], inputs: dict, metrics: dict,
+               shared: dict[str, torch.Tensor] | None = None) -> Batch:
+        """Sequences prompt + response for each role in order (role r's rows [r * B, (r + 1) * B)); `shared` maps
+        a role onto rows of the others (a sample that is also a side of its pair)."""
+        prompts, sequences, roles = [e["prompt_ids"] for e in examples], [], {}
+        for role, completions in responses.items():
+            roles[role] = torch.arange(len(sequences), len(sequences) + len(examples))
+            sequences += list(zip(prompts, completions))
+        roles.update(shared or {})
+        padded = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], self.pad_id)
+        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles, inputs,
+                     torch.tensor(indices, dtype=torch.long), metrics)
+
+    def _rollout_metrics(self, samples: Samples, scores: torch.Tensor) -> dict:
+        return {"objective/scores": float(scores.mean()),
+                "val/contain_eos_token": sum(samples.contains_eos) / len(samples.contains_eos),
+                "rollout/tokens_per_second": samples.tokens_per_second}
+
+    def _judge_pair(self, examples, seed):
+        """2 samples per prompt, the judge's higher score `chosen` -> (chosen, rejected, metrics)."""
+        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, 2)
+        scores = self._scores(examples, samples, 2)
+        first_wins = (scores.view(-1, 2)[:, 0] >= scores.view(-1, 2)[:, 1]).tolist()
+        pairs = [samples.completion_ids[2 * i: 2 * i + 2] for i in range(len(examples))]
+        chosen = [p[0] if win else p[1] for p, win in zip(pairs, first_wins)]
+        rejected = [p[1] if win else p[0] for p, win in zip(pairs, first_wins)]
+        return chosen, rejected, self._rollout_metrics(samples, scores)
+
+    def _judged_pair(self, examples, indices, seed):
+        chosen, rejected, metrics = self._judge_pair(examples, seed)
+        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected}, {}, metrics)
+
+    def _soft_pair(self, examples, indices, seed):
+        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, 2)
+        texts = self._texts(samples)
+        prompts = [e["prompt"] for e in examples]
+        columns = self._columns(examples, 1)
+        probs = self.judge.compare(prompts, texts[0::2], texts[1::2], **columns).float()
+        scores = self._scores(examples, samples, 2)
+        return self._batch(examples, indices, {"chosen": samples.completion_ids[0::2],
+                                               "rejected": samples.completion_ids[1::2]},
+                           {"preference_probs": probs}, self._rollout_metrics(samples, scores))
+
+    def _xpo(self, examples, indices, seed):
+        prompt_ids = [e["prompt_ids"] for e in examples]
+        policy = self._sample("policy", prompt_ids, seed, 1)
+        reference = self._sample("reference", prompt_ids, seed + 1, 1)
+        policy_scores = self._scores(examples, policy, 1)
+        reference_scores = self._scores(examples, reference, 1)
+        policy_wins = (policy_scores >= reference_scores).tolist()
+        chosen = [p if w else r for p, r, w in zip(policy.completion_ids, reference.completion_ids, policy_wins)]
+        rejected = [r if w else p for p, r, w in zip(policy.completion_ids, reference.completion_ids, policy_wins)]
+        n = len(examples)
+        # the reference sample is the rejected row where the policy won, else the chosen row
+        sample_rows = torch.tensor([n + i if w else i for i, w in enumerate(policy_wins)])
+        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected}, {},
+                           self._rollout_metrics(policy, policy_scores), shared={"sample": sample_rows})
+
+    def _selm(self, examples, indices, seed):
+        chosen, rejected, metrics = self._judge_pair(examples, seed)
+        greedy = self._sample("reference", [e["prompt_ids"] for e in examples], seed + 1, 1, greedy=True)
+        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected,
+                                               "sample": greedy.completion_ids}, {}, metrics)
+
+    def _nash_md(self, examples, indices, seed):
+        prompt_ids = [e["prompt_ids"] for e in examples]
+        policy = self._sample("policy", prompt_ids, seed, 1)
+        mixture = self._sample("mixture", prompt_ids, seed + 1, 1)
+        prompts = [e["prompt"] for e in examples]
+        probs = self.judge.compare(prompts, self._texts(policy), self._texts(mixture),
+                                   **self._columns(examples, 1)).float()
+        scores = self._scores(examples, policy, 1)
+        return self._batch(examples, indices, {"completion": policy.completion_ids}, {"preference_probs": probs},
+                           self._rollout_metrics(policy, scores))
+
+    def _groups(self, examples, indices, seed):
+        k = self.rollout.num_generations
+        if k < 2:
+            raise ValueError(f"num_generations: grpo and rloo compare the samples of a prompt; need >= 2, got {k}")
+        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, k)
+        scores = self._scores(examples, samples, k)
+        prompts, sequences = [p for p in samples.prompt_ids], samples.completion_ids
+        padded = collate_sequences(prompts, sequences, self.pad_id)
+        roles = {"online": torch.arange(len(sequences)).view(len(examples), k)}
+        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles,
+                     {"rewards": scores.view(len(examples), k)}, torch.tensor(indices, dtype=torch.long),
+                     self._rollout_metrics(samples, scores))
