@@ -33,8 +33,6 @@ import torch
 
 from prefuse.engine.judges.base import JudgeError, as_scores, bradley_terry, check_rows, doubled, is_conversation
 
-RESERVED = ("prompts", "completions")
-
 
 def _callable_name(fn: Callable) -> str:
     """TRL's `get_callable_name`: partials unwrapped, instances by their class name."""
@@ -124,10 +122,6 @@ class RewardFunctions:
     def per_function(self, prompts: list, completions: list[str], **columns) -> dict[str, torch.Tensor]:
         """{function name: [N] float32 rewards}, NaN where a function returned None."""
         check_rows(prompts, completions, columns)
-        for key in RESERVED:
-            if key in columns:
-                raise JudgeError(f"judge: a column is named {key!r}, which the reward functions' call uses for "
-                                 f"itself (rename the column)")
         if any(is_conversation(p) for p in prompts):  # TRL decodes conversational completions into messages
             completions = [[{"role": "assistant", "content": c}] for c in completions]
         kwargs = {"completion_ids": None, "trainer_state": None, **columns}

@@ -96,20 +96,24 @@ class _Classifier:
 
     @torch.inference_mode()
     def logits(self, rows: list[list[int]]) -> torch.Tensor:
-        """[len(rows)] float32 logits on the CPU."""
-        out = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
-            width = max(len(r) for r in batch)
+        """[len(rows)] float32 logits on the CPU. Each distinct row runs once (a text judged against itself gets
+        exactly equal logits on both sides, not ones that differ by the batch's padding), longest first so that a
+        batch pads little."""
+        unique = list(dict.fromkeys(tuple(r) for r in rows))
+        order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
+        logits = torch.zeros(len(unique), dtype=torch.float32)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            width = len(unique[batch[0]])
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, r in enumerate(batch):
-                input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-                attention_mask[i, :len(r)] = 1
-            logits = self.model(input_ids=input_ids.to(self.device),
-                                attention_mask=attention_mask.to(self.device)).logits
-            out.append(logits[:, 0].float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+            for i, u in enumerate(batch):
+                input_ids[i, :len(unique[u])] = torch.tensor(unique[u], dtype=torch.long)
+                attention_mask[i, :len(unique[u])] = 1
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+            logits[batch] = out.logits[:, 0].float().cpu()
+        position = {row: i for i, row in enumerate(unique)}
+        return logits[[position[tuple(r)] for r in rows]] if rows else logits
 
 
 class RewardModelJudge(_Classifier):
