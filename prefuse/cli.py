@@ -94,9 +94,15 @@ def _flag_bool(text: str) -> bool:
 
 
 def _flag_value(text: str):
-    """An objective hyper-parameter: a number, a bool or a string, as YAML reads it."""
+    """An objective hyper-parameter: a number (1e-4 included, which YAML 1.1 reads as a string), a bool or a
+    string, as YAML reads it."""
     import yaml
 
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
     return yaml.safe_load(text)
 
 

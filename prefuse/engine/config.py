@@ -195,7 +195,7 @@ class TrainConfig:
         if self.online:
             from prefuse.engine.online import online_needs
 
-            return online_needs(self.loss_type)
+            return online_needs(self.loss_type, self.beta)
         return objective_needs(self.loss_type)
 
     def _validate_online(self) -> None:

@@ -165,6 +165,49 @@ def align(models, task: CopyTask, args, curves: dict) -> None:
             print(f"  dpo step {step:4d}  loss {loss.item():.3f}  margin {curves['reward_margin'][-1]:+.3f}")
 
 
+def align_online(models, task: CopyTask, args, curves: dict) -> None:
+    """Online DPO through LoRA: each step samples two answers per prompt from the policy, the rule judge ranks
+    them, and the engine's step trains on the pair (`engine.online.OnlineSource` + `engine.step.Step`)."""
+    from prefuse.engine.judges import RuleJudge
+    from prefuse.engine.online import OnlineSource
+    from prefuse.engine.rollout import RolloutConfig
+    from prefuse.engine.step import Step
+
+    def judged(letters, text):  # the share of positions copied right
+        return task.score(letters, task.tok.convert_tokens_to_ids(text.split())) / task.length
+
+    prompts = [task.prompt() for _ in range(args.online_prompts)]
+    examples = [{"prompt_ids": task.prompt_ids(p), "prompt": p, "columns": {}} for p in prompts]
+    source = OnlineSource(_Prompts(examples), [args.loss_type], models, task.tok, RuleJudge(judged, "copy"),
+                          RolloutConfig(max_new_tokens=task.length + 1, temperature=1.0),
+                          batch_size=args.batch_size, seed=args.seed)
+    step = Step(models, PreferenceLoss(args.loss_type, beta=args.beta), source.needs)
+    params = [p for p in models.policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.dpo_lr)
+    models.policy.train()
+    for number in range(1, args.online_steps + 1):
+        loss, metrics = step(source.next_batch())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for key, name in (("dpo_loss", "loss"), ("online_score", "objective/scores"), ("online_kl", "objective/kl"),
+                          ("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies")):
+            curves[key].append(float(loss if name == "loss" else metrics[name]))
+        if number % max(1, args.online_steps // 5) == 0:
+            print(f"  online step {number:4d}  judged score {curves['online_score'][-1]:.3f}  kl "
+                  f"{curves['online_kl'][-1]:+.3f}")
+
+
+class _Prompts:
+    """The demo's prompts as the online source reads them (`.examples`, len)."""
+
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+
 def plot(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -174,11 +217,17 @@ def plot(curves: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     axes[0].plot(curves["sft_loss"])
     axes[0].set(title="warm-up: cross-entropy", xlabel="step")
-    axes[1].plot(curves["dpo_loss"], label="DPO loss")
-    axes[1].set(title="alignment: DPO loss", xlabel="step")
-    axes[2].plot(curves["reward_margin"], label="reward margin")
-    axes[2].plot(curves["reward_accuracy"], label="reward accuracy")
-    axes[2].set(title="alignment: rewards", xlabel="step")
+    if curves.get("online_score"):
+        axes[1].plot(curves["online_score"], label="judged score of the samples")
+        axes[1].set(title="online: judged score", xlabel="step")
+        axes[2].plot(curves["online_kl"], label="KL(policy || reference)")
+        axes[2].set(title="online: KL to the reference", xlabel="step")
+    else:
+        axes[1].plot(curves["dpo_loss"], label="DPO loss")
+        axes[1].set(title="alignment: DPO loss", xlabel="step")
+        axes[2].plot(curves["reward_margin"], label="reward margin")
+        axes[2].plot(curves["reward_accuracy"], label="reward accuracy")
+        axes[2].set(title="alignment: rewards", xlabel="step")
     axes[2].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -207,6 +256,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval_prompts", type=int, default=200)
     parser.add_argument("--opponent_noise", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--online", action="store_true",
+                        help="align online instead: sample two answers per prompt from the policy, the judge ranks "
+                             "them (online DPO); prints the judged score before and after and plots score and KL")
+    parser.add_argument("--online_steps", type=int, default=150)
+    parser.add_argument("--online_prompts", type=int, default=512, help="training prompts of the online run")
 
 
 def run(args) -> int:
@@ -233,18 +287,31 @@ def run(args) -> int:
     tokenizer.save_pretrained(warmed_dir)
     before = win_rate(warmed.policy, CopyTask(tokenizer, letters, args.length, 7), held_out, args.opponent_noise)
 
-    print(f"2. alignment: {args.dpo_steps} steps of {args.loss_type} through LoRA (r={args.lora_r})")
     models = load_models(ModelConfig(str(warmed_dir), use_peft=True, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                                      lora_dropout=0.0))
-    align(models, task, args, curves)
+    if args.online:
+        print(f"2. online alignment: {args.online_steps} steps of {args.loss_type} through LoRA (r={args.lora_r}) "
+              f"on the policy's own samples, ranked by the judge")
+        curves.update(online_score=[], online_kl=[])
+        align_online(models, task, args, curves)
+        window = max(1, args.online_steps // 10)
+        before["judged_score"] = sum(curves["online_score"][:window]) / window
+        after_score = sum(curves["online_score"][-window:]) / window
+    else:
+        print(f"2. alignment: {args.dpo_steps} steps of {args.loss_type} through LoRA (r={args.lora_r})")
+        align(models, task, args, curves)
     after = win_rate(models.policy, CopyTask(tokenizer, letters, args.length, 7), held_out, args.opponent_noise)
+    if args.online:
+        after["judged_score"] = after_score
     elapsed = time.perf_counter() - start
 
     print(f"\nheld-out prompts: {args.eval_prompts}; opponent: a copy with {args.opponent_noise:.0%} of its letters "
           f"wrong; {elapsed:.0f}s on the CPU\n")
     print(f"{'':18s}{'before':>10s}{'after':>10s}")
-    for key in ("win_rate", "exact_copies", "mean_score"):
+    for key in ("win_rate", "exact_copies", "mean_score") + (("judged_score",) if args.online else ()):
         print(f"  {key:16s}{before[key]:10.3f}{after[key]:10.3f}")
+    if args.online:
+        print(f"  (judged_score: the judge's mean score of the sampled answers, first and last {window} steps)")
     plot(curves, out / "demo_curves.png")
     (out / "demo_results.json").write_text(json.dumps({"before": before, "after": after, "args": vars(args)},
                                                       indent=1, default=str))

@@ -60,7 +60,11 @@ def online_method(loss_types: list[str]) -> str:
     return methods.pop()
 
 
-def online_needs(loss_types: list[str]) -> ObjectiveNeeds:
+# objectives whose reference term is weighted by beta and read only when beta != 0
+REFERENCE_WHEN_BETA = {"grpo", "rloo"}
+
+
+def online_needs(loss_types: list[str], beta: float = 0.1) -> ObjectiveNeeds:
     method = online_method(loss_types)
     specs = [get_objective(n) for n in loss_types]
     roles = {"judged_pair": ("chosen", "rejected"), "soft_pair": ("chosen", "rejected"),
@@ -68,7 +72,8 @@ def online_needs(loss_types: list[str]) -> ObjectiveNeeds:
              "nash_md": ("completion",), "groups": ("online",)}[method]
     inputs = {"soft_pair": ("preference_probs",), "nash_md": ("preference_probs",), "groups": ("rewards",)}.get(
         method, ())
-    reference = any(s.source == "ref" and s.required for s in role_inputs(specs))
+    reference = any(s.source == "ref" and s.required for s in role_inputs(specs)) or (
+        beta != 0 and any(spec.name in REFERENCE_WHEN_BETA for spec in specs))
     return ObjectiveNeeds(data="online", roles=roles, inputs=inputs, reference=reference)
 
 

@@ -1,0 +1,164 @@
+"""`prefuse train --online` end to end on a tiny Llama with a reward-function file: for every online objective the
+mean judged score (`objective/scores`) rises over a short run; the batches' losses equal the objectives on float64
+log-probs of the same samples; bad judges and files fail in one line; a killed run resumes with the same samples."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import prefuse  # noqa: E402
+from prefuse.cli import main  # noqa: E402
+from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
+REPO = Path(__file__).resolve().parents[1]
+
+REWARDS = textwrap.dedent('''
+    def brevity(prompts, completions, **columns):
+        """Shorter answers score higher (the empty answer, EOS first, scores 0)."""
+        return [-len(c) / 8 for c in completions]
+
+    def with_column(prompts, completions, topic, **columns):
+        return [float(len(t)) for t in topic]
+
+    def broken(prompts, completions, **columns):
+        raise RuntimeError("the judge is down")
+
+    def short_list(prompts, completions, **columns):
+        return [0.0]
+''')
+# objective -> extra flags and steps; every one learns "answer briefly" from the judge's scores. The soft-label
+# objectives (online IPO, Nash-MD) and IPO-MD (whose scores are the mixture's samples) move slower.
+ONLINE = {
+    "sigmoid": ([], 40),
+    "ipo": ([], 40),
+    "online_ipo": (["--learning_rate", "3e-3"], 80),
+    "xpo": (["--alpha", "1e-4"], 40),
+    "selm": ([], 40),
+    "nash_md": ([], 80),
+    "grpo": (["--beta", "0.0"], 40),
+    "rloo": ([], 40),
+    "ipo_md": (["--online_sampler", "mixture"], 80),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online")
+    torch.manual_seed(0)
+    save_tiny_llama(root / "model", build_tokenizer())
+    with open(DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl", encoding="utf-8") as f:
+        prompts = [json.loads(next(f))["prompt"][:80] for _ in range(8)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "topic": p[:5]}) + "\n" for p in prompts))
+    (root / "rewards.py").write_text(REWARDS)
+    return {"model": root / "model", "prompts": root / "prompts.jsonl", "rewards": root / "rewards.py"}
+
+
+def online_argv(files, out, loss_type, *flags, steps=40, reward="brevity"):
+    """Full fine-tuning of the tiny model (its lm_head included: a random model's EOS logit must rise), 8 prompts
+    per step, 8 new tokens, temperature 1."""
+    name = "ipo" if loss_type == "ipo_md" else loss_type
+    return ["train", "--online", "--model_name_or_path", str(files["model"]), "--dataset_name", str(files["prompts"]),
+            "--output_dir", str(out), "--loss_type", name, "--reward_funcs", f"{files['rewards']}:{reward}",
+            "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "0", "--per_device_train_batch_size",
+            "8", "--max_new_tokens", "8", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+            "--report_to", "none", "--temperature", "1.0", *flags]
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss_type", list(ONLINE))
+def test_every_online_objective_raises_the_judged_score(files, tmp_path, loss_type, capsys):
+    flags, steps = ONLINE[loss_type]
+    assert main(online_argv(files, tmp_path, loss_type, *flags, steps=steps)) == 0, capsys.readouterr().err
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for record in records:
+        assert {"objective/scores", "val/contain_eos_token", "rollout/tokens_per_second", "loss"} <= record.keys()
+    scores = [r["objective/scores"] for r in records]
+    first, last = sum(scores[:10]) / 10, sum(scores[-10:]) / 10
+    assert last > first + 0.1, (loss_type, scores)
+
+
+def test_trl_online_metric_names(files, tmp_path):
+    assert main(online_argv(files, tmp_path, "sigmoid", steps=2)) == 0
+    record = read_metrics(tmp_path)[-1]
+    assert {"objective/kl", "objective/entropy", "rewards/margins", "rewards/chosen"} <= record.keys()
+    assert record["objective/entropy"] > 0
+
+
+def test_reward_function_columns_reach_the_function(files, tmp_path):
+    assert main(online_argv(files, tmp_path, "sigmoid", steps=1, reward="with_column")) == 0
+    assert read_metrics(tmp_path)[-1]["objective/scores"] == 5.0  # len(topic) of every prompt
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"reward": "brevity", "file": "missing.py"}, "reward_funcs:"),
+    ({"reward": "broken"}, "reward_funcs:"),
+    ({"reward": "short_list"}, "reward_funcs:"),
+    ({"loss_type": "kto"}, "loss_type: 'kto' does not run with --online"),
+])
+def test_bad_online_input_fails_in_one_line_and_keeps_checkpoints(files, tmp_path, capsys, change, expected):
+    argv = online_argv(files, tmp_path, change.get("loss_type", "sigmoid"), steps=2,
+                       reward=change.get("reward", "brevity"))
+    if "file" in change:
+        argv[argv.index("--reward_funcs") + 1] = f"{tmp_path / change['file']}:brevity"
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(err) == 1 and err[0].startswith("prefuse train: error:") and expected in err[0], err
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_prompt_only_file_without_online_is_refused(files, tmp_path, capsys):
+    argv = online_argv(files, tmp_path, "sigmoid", steps=1)
+    argv.remove("--online")
+    for flag in ("--reward_funcs",):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--online" in err and "prompt" in err
+
+
+def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    argv = online_argv(files, full, "sigmoid", steps=6)
+    argv[argv.index("--save_steps") + 1] = "2"
+    assert main(argv) == 0
+    code = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        torch.set_num_threads(1)
+        from prefuse.engine import checkpoint
+        original = checkpoint.save_checkpoint
+        def save_then_die(out, step, **kw):
+            path = original(out, step, **kw)
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return path
+        checkpoint.save_checkpoint = save_then_die
+        import prefuse.engine.loop as loop
+        loop.save_checkpoint = save_then_die
+        from prefuse.cli import main
+        sys.exit(main({json.dumps([a if a != str(full) else str(killed) for a in argv])}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    died = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert died.returncode == -9, died.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, "-m", "prefuse", *[a if a != str(full) else str(killed) for a in argv],
+                              "--resume_from_checkpoint", "latest"], cwd=REPO, env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = read_metrics(full), read_metrics(killed)
+    assert [r["step"] for r in got] == list(range(1, 7))
+    for key in ("loss", "objective/scores", "rewards/margins"):
+        assert [r[key] for r in got] == [r[key] for r in expected], key
