@@ -162,3 +162,84 @@ def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path):
     assert [r["step"] for r in got] == list(range(1, 7))
     for key in ("loss", "objective/scores", "rewards/margins"):
         assert [r[key] for r in got] == [r[key] for r in expected], key
+
+
+def token_logps64(model, batch):
+    """Per-position float64 log-probs [S, T] of the labels from the model's own logits, 0 off the responses."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    logp = torch.log_softmax(logits, -1)
+    keep = batch.labels != -100
+    picked = logp.gather(-1, torch.where(keep, batch.labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, picked, torch.zeros_like(picked))
+
+
+@pytest.mark.parametrize("loss_type", list(ONLINE))
+def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files, tmp_path, loss_type):
+    """The step's loss on an online batch (sampled, judged, built into roles) equals the objective on float64
+    log-probs of the same samples from the models' own logits (policy and reference)."""
+    from prefuse.algorithms.roles import role_inputs
+    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.setup import build_run
+
+    flags, _ = ONLINE[loss_type]
+    name = "ipo" if loss_type == "ipo_md" else loss_type
+    extra = dict(zip([f.lstrip("-") for f in flags[0::2]], flags[1::2]))
+    hparams = {k: float(v) for k, v in extra.items() if k == "alpha"}
+    cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files["prompts"]),
+                      output_dir=str(tmp_path), loss_type=[name], online=True,
+                      reward_funcs=[f"{files['rewards']}:brevity"], per_device_train_batch_size=4, max_new_tokens=6,
+                      temperature=1.0, report_to="none", max_steps=1, objective_args=hparams,
+                      beta=float(extra.get("beta", 0.1)), online_sampler=extra.get("online_sampler", "policy"),
+                      num_generations=3)
+    run = build_run(cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():  # the policy away from its reference, so that both terms matter
+        for p in run.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = run.source.next_batch()
+    run.policy.eval()  # the same network both ways (no dropout)
+    loss, metrics = run.step(batch)
+    reference = run.step.models.reference
+    policy = token_logps64(run.policy, batch)
+    ref = token_logps64(reference, batch) if reference is not None else None
+    mask = batch.labels != -100
+    spec = prefuse.get_objective(name)
+    inputs = {}
+    for stat in role_inputs([spec]):
+        if stat.role not in batch.roles or (stat.source == "ref" and ref is None):
+            continue
+        rows = batch.roles[stat.role]
+        table = {("policy", "logps"): policy.sum(-1), ("ref", "logps"): None if ref is None else ref.sum(-1),
+                 (None, "lengths"): mask.sum(-1),
+                 ("policy", "token_logps"): policy, ("ref", "token_logps"): ref, (None, "token_mask"): mask}
+        if (stat.source, stat.stat) in table:
+            inputs[stat.name] = table[(stat.source, stat.stat)][rows]
+    policy_leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if k.startswith("policy_")}
+    inputs.update(policy_leaves)
+    expected, _ = prefuse.objective_loss(name, beta=cfg.beta, **inputs, **batch.inputs, **hparams)
+    assert abs(float(loss.detach()) - float(expected)) <= 1e-4 * (1 + abs(float(expected))), (float(loss),
+                                                                                             float(expected))
+    # gradients: the step's loss through the fused head equals the float64 objective's, chained through the
+    # same per-row log-probs (compare d loss / d hidden via the policy statistics' gradients)
+    grads = [torch.zeros_like(v) if g is None else g for v, g in zip(policy_leaves.values(), torch.autograd.grad(
+        expected, list(policy_leaves.values()), allow_unused=True))]
+    assert any(g.abs().max() > 0 for g in grads)
+    params = [p for p in run.policy.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params)
+    # the plain path: the objective's gradient w.r.t. each row's log-probs, pushed through the model's logits
+    logits = run.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    logp = torch.log_softmax(logits, -1).gather(-1, torch.where(mask, batch.labels, 0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    upstream = torch.zeros_like(logp)
+    for (key, leaf), grad in zip(policy_leaves.items(), grads):
+        stat = next(s for s in role_inputs([spec]) if s.name == key)
+        rows = batch.roles[stat.role]
+        if stat.stat == "logps":
+            upstream.index_add_(0, rows.reshape(-1), grad.reshape(-1, 1).expand(-1, logp.shape[1]).double()
+                                * mask[rows.reshape(-1)])
+        else:
+            upstream.index_add_(0, rows.reshape(-1), grad.reshape(-1, logp.shape[1]).double())
+    want = torch.autograd.grad((logp * upstream).sum(), params)
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() <= 1e-3 * w.abs().max() + 1e-7
