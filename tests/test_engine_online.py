@@ -34,6 +34,9 @@ REWARDS = textwrap.dedent('''
 
     def short_list(prompts, completions, **columns):
         return [0.0]
+
+    def zero(prompts, completions, **columns):
+        return [0.0] * len(completions)
 ''')
 # objective -> extra flags and steps; every one learns "answer briefly" from the judge's scores. The soft-label
 # objectives (online IPO, Nash-MD) and IPO-MD (whose scores are the mixture's samples) move slower.
@@ -90,11 +93,36 @@ def test_every_online_objective_raises_the_judged_score(files, tmp_path, loss_ty
     assert last > first + 0.1, (loss_type, scores)
 
 
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_iterative_dpo_best_of_n_with_the_previous_iterate_as_reference(files, tmp_path, peft):
+    """RLHF Workflow: 4 samples per prompt, the best against the worst; 2 iterations, the second with the policy
+    after the first as its reference (written as iterate-1/, rewards measured from it: 0 at its first step)."""
+    lora = ["--use_peft", "--lora_r", "8", "--lora_dropout", "0", "--learning_rate", "3e-2"] if peft else []
+    assert main(online_argv(files, tmp_path, "sigmoid", "--pair_samples", "4", "--iterations", "2", *lora,
+                            steps=8)) == 0
+    records = read_metrics(tmp_path)
+    assert (tmp_path / "iterate-1" / "config.json").is_file()
+    assert records[0]["rewards/margins"] == 0  # policy == reference
+    # the second iteration starts at its reference: exactly (a copy) or to rounding (LoRA merged into the weights)
+    assert abs(records[4]["rewards/margins"]) <= (1e-6 if peft else 0)
+    assert records[3]["objective/kl"] != 0 and abs(records[4]["objective/kl"]) < 1e-5
+    iterate = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "iterate-1")
+    assert not any("lora" in name for name, _ in iterate.named_parameters())
+
+
 def test_trl_online_metric_names(files, tmp_path):
     assert main(online_argv(files, tmp_path, "sigmoid", steps=2)) == 0
     record = read_metrics(tmp_path)[-1]
     assert {"objective/kl", "objective/entropy", "rewards/margins", "rewards/chosen"} <= record.keys()
     assert record["objective/entropy"] > 0
+
+
+def test_missing_eos_penalty_lowers_the_scores_of_unfinished_samples(files, tmp_path):
+    assert main(online_argv(files, tmp_path, "sigmoid", "--missing_eos_penalty", "1.5", "--max_new_tokens", "3",
+                            steps=3, reward="zero")) == 0
+    for record in read_metrics(tmp_path):
+        assert record["val/contain_eos_token"] < 1
+        assert record["objective/scores"] == pytest.approx(-1.5 * (1 - record["val/contain_eos_token"]))
 
 
 def test_reward_function_columns_reach_the_function(files, tmp_path):
@@ -130,9 +158,12 @@ def test_prompt_only_file_without_online_is_refused(files, tmp_path, capsys):
     assert "--online" in err and "prompt" in err
 
 
-def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--iterations", "2", "--pair_samples", "3"]], ids=["plain", "iterations"])
+def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path, flags):
+    """Killed after the checkpoint of step 4 (with iterations: inside the second, whose reference is reloaded
+    from iterate-1/), the resumed run logs the uninterrupted run's losses, scores and margins."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    argv = online_argv(files, full, "sigmoid", steps=6)
+    argv = online_argv(files, full, "sigmoid", *flags, steps=6)
     argv[argv.index("--save_steps") + 1] = "2"
     assert main(argv) == 0
     code = textwrap.dedent(f"""

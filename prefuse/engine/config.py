@@ -82,6 +82,8 @@ class TrainConfig:
     missing_eos_penalty: float | None = None
     mixture_coef: float = 0.5                    # the geometric mixture of policy and reference (Nash-MD, IPO-MD)
     online_sampler: str = "policy"               # "policy" or "mixture" (IPO-MD: both samples from the mixture)
+    pair_samples: int = 2                        # judged pairs: 2 (online DPO), n > 2: best vs worst (iterative DPO)
+    iterations: int = 1                          # > 1: the reference becomes the previous iterate each iteration
     # run
     output_dir: str = ""
     logging_steps: int = 10
@@ -207,6 +209,12 @@ class TrainConfig:
                "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
         _check(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
                "online samples are new every step: their reference log-probs cannot be precomputed")
+        _check(self.pair_samples >= 2, "pair_samples", f"must be at least 2, got {self.pair_samples}")
+        _check(self.iterations >= 1, "iterations", f"must be at least 1, got {self.iterations}")
+        _check(self.iterations == 1 or self.needs().reference, "iterations",
+               f"{self.loss_type} read no reference, so there is none to move to the previous iterate")
+        _check(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
+               "needs max_steps >= iterations (the steps are split evenly between the iterations)")
         _check(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")

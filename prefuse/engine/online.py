@@ -81,14 +81,20 @@ class OnlineSource:
     """Batches of prompts -> rollouts -> judge, in a resumable order of the prompts (epoch after epoch)."""
 
     def __init__(self, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig, *,
-                 batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None):
+                 batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None,
+                 pair_samples: int = 2, iterations=None):
         """prompts: PromptData (engine.data.load_prompts); judge: engine.judges.Judge; batch_size: prompts per
-        batch; rollout.num_generations: samples per prompt of grpo / rloo (the pair methods draw 2)."""
+        batch; rollout.num_generations: samples per prompt of grpo / rloo; pair_samples: samples per prompt of the
+        judged-pair methods (2: TRL's online DPO; n > 2: the best against the worst, RLHF Workflow's iterative
+        DPO); iterations: an engine.iterations.Iterations that moves the reference to the previous iterate."""
         if sampler not in SAMPLERS:
             raise ValueError(f"online_sampler: {sampler!r} is not one of {SAMPLERS}")
         self.prompts, self.models, self.tokenizer, self.judge = prompts, models, tokenizer, judge
         self.method, self.needs = online_method(loss_types), online_needs(loss_types)
         self.rollout, self.sampler, self.penalty, self.seed = rollout.validate(), sampler, missing_eos_penalty, seed
+        if pair_samples < 2:
+            raise ValueError(f"pair_samples: a judged pair needs at least 2 samples per prompt, got {pair_samples}")
+        self.pair_samples, self.iterations = pair_samples, iterations
         self.order = PairBatches(len(prompts), batch_size=batch_size, seed=seed)
         self.batches_per_epoch = len(self.order)
         self._iter = iter(self.order)
@@ -108,12 +114,16 @@ class OnlineSource:
         self.order.load_state_dict(state)
         self.served = int(state["served"])
         self._iter = iter(self.order)
+        if self.iterations is not None:
+            self.iterations.restore(self.served)
 
     def next_batch(self) -> Batch:
         indices = next(self._iter, None)
         if indices is None:
             self._iter = iter(self.order)
             indices = next(self._iter)
+        if self.iterations is not None:
+            self.iterations.before_batch(self.served)
         seed = self.seed * 1_000_003 + self.served
         self.served += 1
         examples = [self.prompts.examples[i] for i in indices]
@@ -161,13 +171,16 @@ class OnlineSource:
                 "rollout/tokens_per_second": samples.tokens_per_second}
 
     def _judge_pair(self, examples, seed):
-        """2 samples per prompt, the judge's higher score `chosen` -> (chosen, rejected, metrics)."""
-        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, 2)
-        scores = self._scores(examples, samples, 2)
-        first_wins = (scores.view(-1, 2)[:, 0] >= scores.view(-1, 2)[:, 1]).tolist()
-        pairs = [samples.completion_ids[2 * i: 2 * i + 2] for i in range(len(examples))]
-        chosen = [p[0] if win else p[1] for p, win in zip(pairs, first_wins)]
-        rejected = [p[1] if win else p[0] for p, win in zip(pairs, first_wins)]
+        """pair_samples samples per prompt; the judge's best is `chosen`, its worst `rejected` (the first drawn wins
+        a tie) -> (chosen, rejected, metrics)."""
+        n = self.pair_samples
+        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, n)
+        scores = self._scores(examples, samples, n)
+        grouped = scores.view(-1, n)
+        best, worst = grouped.argmax(-1).tolist(), grouped.argmin(-1).tolist()
+        worst = [w if w != b else (b + 1) % n for b, w in zip(best, worst)]  # all tied: any other sample
+        chosen = [samples.completion_ids[i * n + b] for i, b in enumerate(best)]
+        rejected = [samples.completion_ids[i * n + w] for i, w in enumerate(worst)]
         return chosen, rejected, self._rollout_metrics(samples, scores)
 
     def _judged_pair(self, examples, indices, seed):

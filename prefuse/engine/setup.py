@@ -23,6 +23,7 @@ from prefuse.engine.data.formats import UNPAIRED_FORMATS
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import load_models
 from prefuse.engine.objectives import ObjectiveNeeds
+from prefuse.engine.iterations import Iterations
 from prefuse.engine.online import OnlineSource
 from prefuse.engine.rollout import RolloutConfig
 from prefuse.engine.reference_cache import ReferenceCache, cache_path
@@ -83,7 +84,7 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     step = Step(models, loss_fn, needs, bf16=cfg.bf16)
 
     if cfg.online:
-        online = online_source(cfg, models, tokenizer)
+        online = online_source(cfg, models, tokenizer, out)
         source = online if source is None else source
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
             cfg.num_train_epochs * online.batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -138,7 +139,7 @@ def _finish(cfg, out, device, needs, models, step, source, eval_data, total_step
                total_steps, start_step, pad_id, references, baseline)
 
 
-def online_source(cfg: TrainConfig, models, tokenizer) -> OnlineSource:
+def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSource:
     """The prompts of dataset_name, the judge the flags name and the rollout settings, as a batch source."""
     from prefuse.engine.data import load_prompts
     from prefuse.engine.judges import make_judge
@@ -151,9 +152,14 @@ def online_source(cfg: TrainConfig, models, tokenizer) -> OnlineSource:
                        reward_model_path=cfg.reward_model_path, judge=cfg.judge, device=str(models.policy.device))
     rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             num_generations=cfg.num_generations, mixture_coef=cfg.mixture_coef)
+    iterations = None
+    if cfg.iterations > 1:  # max_steps is set (validated): the steps split evenly between the iterations
+        iterations = Iterations(models, out, math.ceil(cfg.max_steps / cfg.iterations)
+                                * cfg.gradient_accumulation_steps)
     return OnlineSource(prompts, cfg.loss_type, models, tokenizer, judge, rollout,
                         batch_size=cfg.per_device_train_batch_size, seed=cfg.seed, sampler=cfg.online_sampler,
-                        missing_eos_penalty=cfg.missing_eos_penalty)
+                        missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
+                        iterations=iterations)
 
 
 def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[TokenizedData, TokenizedData | None]:

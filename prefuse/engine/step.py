@@ -28,7 +28,12 @@ class Step:
     def __init__(self, models: Models, loss_fn: PreferenceLoss, needs: ObjectiveNeeds, *, bf16: bool = False):
         self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
         self.head = head_of(models.policy)
-        self.ref_head = head_of(models.reference) if models.reference is not None else self.head
+
+    @property
+    def ref_head(self):
+        """The reference's head: its own model's, or the policy's (adapters disabled); read per call, since an
+        online run's iterations replace the reference."""
+        return head_of(self.models.reference) if self.models.reference is not None else self.head
 
     def autocast(self, device: torch.device):
         """bf16 autocast around the decoders only; the fused head accumulates in float32 itself."""
