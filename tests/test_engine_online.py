@@ -59,10 +59,14 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     save_tiny_llama(root / "model", build_tokenizer())
     with open(DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl", encoding="utf-8") as f:
-        prompts = [json.loads(next(f))["prompt"][:80] for _ in range(8)]
+        rows = [json.loads(next(f)) for _ in range(8)]
+    prompts = [r["prompt"][:80] for r in rows]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "topic": p[:5]}) + "\n" for p in prompts))
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"][:80], "chosen": r["chosen"][:60],
+                                                          "rejected": r["rejected"][:60]}) + "\n" for r in rows))
     (root / "rewards.py").write_text(REWARDS)
-    return {"model": root / "model", "prompts": root / "prompts.jsonl", "rewards": root / "rewards.py"}
+    return {"model": root / "model", "prompts": root / "prompts.jsonl", "pairs": root / "pairs.jsonl",
+            "rewards": root / "rewards.py"}
 
 
 def online_argv(files, out, loss_type, *flags, steps=40, reward="brevity"):
@@ -108,6 +112,19 @@ def test_iterative_dpo_best_of_n_with_the_previous_iterate_as_reference(files, t
     assert records[3]["objective/kl"] != 0 and abs(records[4]["objective/kl"]) < 1e-5
     iterate = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "iterate-1")
     assert not any("lora" in name for name, _ in iterate.named_parameters())
+
+
+def test_hypo_offline_pairs_with_the_online_kl_term(files, tmp_path):
+    """HyPO: DPO on the dataset's pairs plus the RLOO KL term on 3 policy samples of each prompt; no judge."""
+    argv = online_argv(files, tmp_path, "hypo", "--num_generations", "3", "--kl_coef", "0.5", steps=10)
+    argv[argv.index("--dataset_name") + 1] = str(files["pairs"])
+    i = argv.index("--reward_funcs")
+    del argv[i:i + 2]
+    assert main(argv) == 0
+    records = read_metrics(tmp_path)
+    assert records[0]["rewards/margins"] == 0 and records[-1]["rewards/margins"] > 0.05
+    assert all("loss/kl" in r and "objective/kl" in r and "val/contain_eos_token" in r for r in records)
+    assert records[-1]["objective/kl"] != 0  # the samples drift from the reference
 
 
 def test_trl_online_metric_names(files, tmp_path):
@@ -205,7 +222,7 @@ def token_logps64(model, batch):
     return torch.where(keep, picked, torch.zeros_like(picked))
 
 
-@pytest.mark.parametrize("loss_type", list(ONLINE))
+@pytest.mark.parametrize("loss_type", list(ONLINE) + ["hypo", "hypo_kl"])
 def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files, tmp_path, loss_type):
     """The step's loss on an online batch (sampled, judged, built into roles) equals the objective on float64
     log-probs of the same samples from the models' own logits (policy and reference)."""
@@ -213,13 +230,16 @@ def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files,
     from prefuse.engine.config import TrainConfig
     from prefuse.engine.setup import build_run
 
-    flags, _ = ONLINE[loss_type]
+    flags, _ = ONLINE.get(loss_type, ([], 0))
     name = "ipo" if loss_type == "ipo_md" else loss_type
+    judgeless = loss_type in ("hypo", "hypo_kl")
     extra = dict(zip([f.lstrip("-") for f in flags[0::2]], flags[1::2]))
     hparams = {k: float(v) for k, v in extra.items() if k == "alpha"}
-    cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files["prompts"]),
+    cfg = TrainConfig(model_name_or_path=str(files["model"]),
+                      dataset_name=str(files["pairs" if loss_type == "hypo" else "prompts"]),
                       output_dir=str(tmp_path), loss_type=[name], online=True,
-                      reward_funcs=[f"{files['rewards']}:brevity"], per_device_train_batch_size=4, max_new_tokens=6,
+                      reward_funcs=None if judgeless else [f"{files['rewards']}:brevity"],
+                      per_device_train_batch_size=4, max_new_tokens=6,
                       temperature=1.0, report_to="none", max_steps=1, objective_args=hparams,
                       beta=float(extra.get("beta", 0.1)), online_sampler=extra.get("online_sampler", "policy"),
                       num_generations=3)

@@ -201,9 +201,15 @@ class TrainConfig:
         return objective_needs(self.loss_type)
 
     def _validate_online(self) -> None:
+        from prefuse.engine.online import JUDGELESS, online_method
+
         judges = [n for n in ("reward_funcs", "reward_model_path", "judge") if getattr(self, n)]
-        _check(len(judges) == 1, "reward_funcs", f"--online needs one judge: --reward_funcs file.py:name, "
-                                                 f"--reward_model_path DIR or --judge DIR (got {judges or 'none'})")
+        if online_method(self.loss_type) in JUDGELESS:
+            _check(not judges, judges[0] if judges else "reward_funcs",
+                   f"{self.loss_type} use no judge (HyPO learns from offline pairs and the samples' KL); drop it")
+        else:
+            _check(len(judges) == 1, "reward_funcs", f"--online needs one judge: --reward_funcs file.py:name, "
+                                                     f"--reward_model_path DIR or --judge DIR (got {judges or 'none'})")
         _check(self.reward_weights is None or bool(self.reward_funcs), "reward_weights", "needs --reward_funcs")
         _check(not (self.eval_split or self.eval_fraction), "eval_split",
                "held-out evaluation is not run with --online; drop eval_split / eval_fraction")

@@ -15,6 +15,9 @@ like any other role (their logits are never materialized, neither for the policy
                   preference_probs = P(y > y')
     groups        grpo, rloo: num_generations samples per prompt, the role `online` [P, k] and their scores as
                   rewards [P, k]
+    hybrid        hypo: an offline pair of the (paired) dataset and num_generations policy samples of its prompt for
+                  the KL term (role `online` [P, k]); no judge
+    samples       hypo_kl: num_generations policy samples per prompt, no judge
 Each batch carries the rollout metrics under TRL's names: `objective/scores` (mean judge score of the policy's
 samples, after the missing-EOS penalty), `val/contain_eos_token`, and `rollout/tokens_per_second`. Generation is
 seeded per batch from (seed, batches served), so a resumed run draws the same samples.
@@ -33,7 +36,8 @@ from prefuse.engine.sources import Batch
 
 PAIR_ROLES = {"chosen", "rejected"}
 SPECIAL = {"online_ipo": "soft_pair", "xpo": "xpo", "selm": "selm", "nash_md": "nash_md", "grpo": "groups",
-           "rloo": "groups"}
+           "rloo": "groups", "hypo": "hybrid", "hypo_kl": "samples"}
+JUDGELESS = ("hybrid", "samples")  # HyPO learns from the offline pairs and the samples' KL: no judge
 SAMPLERS = ("policy", "mixture")
 
 
@@ -53,7 +57,7 @@ def online_method(loss_types: list[str]) -> str:
         else:
             raise ValueError(f"loss_type: {spec.name!r} does not run with --online (it reads "
                              f"{sorted(spec.requires)}); online objectives: the DPO family, simpo, cpo, orpo, "
-                             f"online_ipo, xpo, selm, nash_md, grpo, rloo")
+                             f"online_ipo, xpo, selm, nash_md, grpo, rloo, hypo, hypo_kl")
     if len(methods) != 1:
         raise ValueError(f"loss_type: {loss_types} build their online batches differently ({sorted(methods)}); "
                          f"combine objectives of one kind")
@@ -69,7 +73,8 @@ def online_needs(loss_types: list[str], beta: float = 0.1) -> ObjectiveNeeds:
     specs = [get_objective(n) for n in loss_types]
     roles = {"judged_pair": ("chosen", "rejected"), "soft_pair": ("chosen", "rejected"),
              "xpo": ("chosen", "rejected", "sample"), "selm": ("chosen", "rejected", "sample"),
-             "nash_md": ("completion",), "groups": ("online",)}[method]
+             "nash_md": ("completion",), "groups": ("online",), "hybrid": ("chosen", "rejected", "online"),
+             "samples": ("online",)}[method]
     inputs = {"soft_pair": ("preference_probs",), "nash_md": ("preference_probs",), "groups": ("rewards",)}.get(
         method, ())
     reference = any(s.source == "ref" and s.required for s in role_inputs(specs)) or (
@@ -242,3 +247,31 @@ class OnlineSource:
         return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles,
                      {"rewards": scores.view(len(examples), k)}, torch.tensor(indices, dtype=torch.long),
                      self._rollout_metrics(samples, scores))
+
+    def _generated(self, examples, seed) -> Samples:
+        k = self.rollout.num_generations
+        return self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, k)
+
+    def _sample_metrics(self, samples: Samples) -> dict:
+        return {"val/contain_eos_token": sum(samples.contains_eos) / len(samples.contains_eos),
+                "rollout/tokens_per_second": samples.tokens_per_second}
+
+    def _hybrid(self, examples, indices, seed):
+        samples = self._generated(examples, seed)
+        n, k = len(examples), self.rollout.num_generations
+        prompts = [e["prompt_ids"] for e in examples]
+        padded = collate_sequences(prompts * 2 + samples.prompt_ids,
+                                   [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+                                   + samples.completion_ids, self.pad_id)
+        roles = {"chosen": torch.arange(n), "rejected": torch.arange(n, 2 * n),
+                 "online": torch.arange(2 * n, 2 * n + n * k).view(n, k)}
+        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles, {},
+                     torch.tensor(indices, dtype=torch.long), self._sample_metrics(samples))
+
+    def _samples(self, examples, indices, seed):
+        samples = self._generated(examples, seed)
+        n, k = len(examples), self.rollout.num_generations
+        padded = collate_sequences(samples.prompt_ids, samples.completion_ids, self.pad_id)
+        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"],
+                     {"online": torch.arange(n * k).view(n, k)}, {}, torch.tensor(indices, dtype=torch.long),
+                     self._sample_metrics(samples))

@@ -143,13 +143,21 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
     """The prompts of dataset_name, the judge the flags name and the rollout settings, as a batch source."""
     from prefuse.engine.data import load_prompts
     from prefuse.engine.judges import make_judge
+    from prefuse.engine.online import JUDGELESS, online_method
 
-    prompts = load_prompts(cfg.dataset_name, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                           skip_bad_rows=cfg.skip_bad_rows)
-    print(f"data: {len(prompts)} prompts ({prompts.format})"
+    method = online_method(cfg.loss_type)
+    if method == "hybrid":  # HyPO: the offline pairs themselves, their prompts sampled from
+        prompts = load_preference_data(cfg.dataset_name, tokenizer, max_length=cfg.max_length,
+                                       max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                                       skip_bad_rows=cfg.skip_bad_rows)
+    else:
+        prompts = load_prompts(cfg.dataset_name, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                               skip_bad_rows=cfg.skip_bad_rows)
+    print(f"data: {len(prompts)} {'pairs' if method == 'hybrid' else 'prompts'} ({prompts.format})"
           + (f", {prompts.skipped.count} bad rows skipped" if prompts.skipped.count else ""), flush=True)
-    judge = make_judge(reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights,
-                       reward_model_path=cfg.reward_model_path, judge=cfg.judge, device=str(models.policy.device))
+    judge = None if method in JUDGELESS else make_judge(
+        reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights, reward_model_path=cfg.reward_model_path,
+        judge=cfg.judge, device=str(models.policy.device))
     rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             num_generations=cfg.num_generations, mixture_coef=cfg.mixture_coef)
     iterations = None
