@@ -37,6 +37,16 @@ from prefuse.engine.sources import Batch
 PAIR_ROLES = {"chosen", "rejected"}
 SPECIAL = {"online_ipo": "soft_pair", "xpo": "xpo", "selm": "selm", "nash_md": "nash_md", "grpo": "groups",
            "rloo": "groups", "hypo": "hybrid", "hypo_kl": "samples"}
+ONLINE_DESCRIPTIONS = {
+    "judged_pair": "--online: 2 policy samples per prompt (or --pair_samples n: best vs worst), the judge picks",
+    "soft_pair": "--online: 2 policy samples per prompt, preference_probs = the judge's P(first > second)",
+    "xpo": "--online: a policy sample and a reference sample, judged; the reference sample is also `sample`",
+    "selm": "--online: a judged pair of policy samples and the reference's greedy response as `sample`",
+    "nash_md": "--online: a policy sample against a geometric-mixture sample, preference_probs from the judge",
+    "groups": "--online: --num_generations samples per prompt, their judged scores as rewards",
+    "hybrid": "--online on a paired dataset: its pairs and --num_generations policy samples per prompt; no judge",
+    "samples": "--online: --num_generations policy samples per prompt; no judge",
+}
 JUDGELESS = ("hybrid", "samples")  # HyPO learns from the offline pairs and the samples' KL: no judge
 SAMPLERS = ("policy", "mixture")
 
