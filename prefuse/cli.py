@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     _train_arguments(p)
     p.set_defaults(run=_train)
 
+    p = sub.add_parser("train-rm", help="train a reward model (Bradley-Terry) or a pairwise judge on local pairs",
+                       description="Trains a one-logit sequence classifier from a local causal LM on preference "
+                                   "pairs, as TRL's RewardTrainer (--kind bradley_terry) or PairRM-style (--kind "
+                                   "pairwise). Flags take TRL's names. Writes the model and its tokenizer to "
+                                   "--output_dir (for --reward_model_path / --judge), with metrics.jsonl and "
+                                   "checkpoint-<step>/.")
+    from prefuse.engine.reward_model import RewardModelConfig
+
+    _config_flags(p, RewardModelConfig)
+    p.set_defaults(run=_train_rm)
+
     p = sub.add_parser("objectives", help="every objective: its roles and inputs, the data columns that feed it "
                                           "offline, its hyper-parameters",
                        description="Lists the registered objectives. Roles are the sequences an objective scores "
@@ -191,6 +202,40 @@ def _train(args) -> int:
     except (ValueError, OSError, ImportError) as error:  # DataError is a ValueError
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"prefuse train: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _config_flags(p: argparse.ArgumentParser, config_class) -> None:
+    """A --flag per field of the dataclass `config_class`, typed from its annotation, its help from the field's
+    metadata; an absent flag leaves the field's default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        hint = str(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {default!r})".strip())
+        if "bool" in hint:
+            kwargs.update(type=_flag_bool, nargs="?", const=True, metavar="BOOL")
+        elif "list[str]" in hint:
+            kwargs.update(nargs="+")
+        elif "int" in hint and "float" not in hint:
+            kwargs.update(type=int)
+        elif "float" in hint:
+            kwargs.update(type=float)
+        p.add_argument(f"--{f.name}", **kwargs)
+
+
+def _train_rm(args) -> int:
+    try:
+        from prefuse.engine.reward_model import RewardModelConfig, train_reward_model
+
+        train_reward_model(RewardModelConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
+    except (ValueError, OSError, ImportError) as error:  # DataError is a ValueError
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"prefuse train-rm: error: {message}", file=sys.stderr)
         return 2
     return 0
 

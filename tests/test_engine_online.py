@@ -37,6 +37,9 @@ REWARDS = textwrap.dedent('''
 
     def zero(prompts, completions, **columns):
         return [0.0] * len(completions)
+
+    def abstain(prompts, completions, **columns):
+        return [None] * len(completions)
 ''')
 # objective -> extra flags and steps; every one learns "answer briefly" from the judge's scores. The soft-label
 # objectives (online IPO, Nash-MD) and IPO-MD (whose scores are the mixture's samples) move slower.
@@ -151,6 +154,7 @@ def test_reward_function_columns_reach_the_function(files, tmp_path):
     ({"reward": "brevity", "file": "missing.py"}, "reward_funcs:"),
     ({"reward": "broken"}, "reward_funcs:"),
     ({"reward": "short_list"}, "reward_funcs:"),
+    ({"reward": "abstain"}, "reward_funcs: no reward function scored sample(s)"),
     ({"loss_type": "kto"}, "loss_type: 'kto' does not run with --online"),
 ])
 def test_bad_online_input_fails_in_one_line_and_keeps_checkpoints(files, tmp_path, capsys, change, expected):

@@ -163,6 +163,10 @@ class OnlineSource:
         penalty for samples that did not end."""
         prompts = [e["prompt"] for e in examples for _ in range(repeat)]
         scores = self.judge.score(prompts, self._texts(samples), **self._columns(examples, repeat)).float()
+        unscored = torch.isnan(scores).nonzero().flatten().tolist()
+        if unscored:  # a pair cannot be ranked on NaN, and a NaN reward would reach the loss silently
+            raise ValueError(f"reward_funcs: no reward function scored sample(s) {unscored[:5]} of this batch "
+                             f"(every one returned None); return a number for every completion")
         if self.penalty is not None:
             scores = scores - self.penalty * (~torch.tensor(samples.contains_eos)).float()
         return scores
