@@ -130,6 +130,27 @@ def test_hypo_offline_pairs_with_the_online_kl_term(files, tmp_path):
     assert records[-1]["objective/kl"] != 0  # the samples drift from the reference
 
 
+def test_selm_iterations_on_disjoint_slices_of_the_prompts(files, tmp_path, monkeypatch):
+    """SELM with 2 iterations and iteration slices: the first iteration's prompts are the first half of the file,
+    the second's the second half; the reference moves to the previous iterate."""
+    from prefuse.engine import online
+
+    seen = []
+    original = online.OnlineSource._selm
+
+    def spy(self, examples, indices, seed):
+        seen.append((self.served, list(indices)))
+        return original(self, examples, indices, seed)
+
+    monkeypatch.setattr(online.OnlineSource, "_selm", spy)
+    assert main(online_argv(files, tmp_path, "selm", "--iterations", "2", "--iteration_slices",
+                            "--per_device_train_batch_size", "2", steps=4)) == 0
+    first = {i for served, indices in seen if served <= 2 for i in indices}
+    second = {i for served, indices in seen if served > 2 for i in indices}
+    assert first <= set(range(4)) and second <= set(range(4, 8)) and first and second
+    assert (tmp_path / "iterate-1" / "config.json").is_file()
+
+
 def test_trl_online_metric_names(files, tmp_path):
     assert main(online_argv(files, tmp_path, "sigmoid", steps=2)) == 0
     record = read_metrics(tmp_path)[-1]

@@ -84,6 +84,7 @@ class TrainConfig:
     online_sampler: str = "policy"               # "policy" or "mixture" (IPO-MD: both samples from the mixture)
     pair_samples: int = 2                        # judged pairs: 2 (online DPO), n > 2: best vs worst (iterative DPO)
     iterations: int = 1                          # > 1: the reference becomes the previous iterate each iteration
+    iteration_slices: bool = False               # each iteration its own slice of the prompts (SELM, RLHF Workflow)
     # run
     output_dir: str = ""
     logging_steps: int = 10
@@ -219,6 +220,7 @@ class TrainConfig:
         _check(self.iterations >= 1, "iterations", f"must be at least 1, got {self.iterations}")
         _check(self.iterations == 1 or self.needs().reference, "iterations",
                f"{self.loss_type} read no reference, so there is none to move to the previous iterate")
+        _check(not self.iteration_slices or self.iterations > 1, "iteration_slices", "needs --iterations > 1")
         _check(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
                "needs max_steps >= iterations (the steps are split evenly between the iterations)")
         _check(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")

@@ -18,10 +18,10 @@ from prefuse.engine.model import Models
 
 
 class Iterations:
-    def __init__(self, models: Models, output_dir: str | Path, batches_per_iteration: int):
+    def __init__(self, models: Models, output_dir: str | Path, batches_per_iteration: int, count: int):
         if batches_per_iteration < 1:
             raise ValueError(f"iterations: each iteration needs at least one batch, got {batches_per_iteration}")
-        self.models, self.out, self.every = models, Path(output_dir), batches_per_iteration
+        self.models, self.out, self.every, self.count = models, Path(output_dir), batches_per_iteration, count
 
     def iteration(self, served: int) -> int:
         """The iteration (0-based) that the batch numbered `served` (0-based) belongs to."""

@@ -97,11 +97,13 @@ class OnlineSource:
 
     def __init__(self, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig, *,
                  batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None,
-                 pair_samples: int = 2, iterations=None):
+                 pair_samples: int = 2, iterations=None, iteration_slices: bool = False):
         """prompts: PromptData (engine.data.load_prompts); judge: engine.judges.Judge; batch_size: prompts per
         batch; rollout.num_generations: samples per prompt of grpo / rloo; pair_samples: samples per prompt of the
         judged-pair methods (2: TRL's online DPO; n > 2: the best against the worst, RLHF Workflow's iterative
-        DPO); iterations: an engine.iterations.Iterations that moves the reference to the previous iterate."""
+        DPO); iterations: an engine.iterations.Iterations that moves the reference to the previous iterate;
+        iteration_slices: iteration k draws its prompts from the k-th of as many disjoint, contiguous slices of the
+        prompts as there are iterations (SELM's and RLHF Workflow's fresh prompts per iteration)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"online_sampler: {sampler!r} is not one of {SAMPLERS}")
         self.prompts, self.models, self.tokenizer, self.judge = prompts, models, tokenizer, judge
@@ -110,7 +112,14 @@ class OnlineSource:
         if pair_samples < 2:
             raise ValueError(f"pair_samples: a judged pair needs at least 2 samples per prompt, got {pair_samples}")
         self.pair_samples, self.iterations = pair_samples, iterations
-        self.order = PairBatches(len(prompts), batch_size=batch_size, seed=seed)
+        n_slices = iterations.count if iteration_slices and iterations is not None else 1
+        if n_slices > len(prompts):
+            raise ValueError(f"iteration_slices: {len(prompts)} prompts cannot make {n_slices} slices")
+        bounds = [round(i * len(prompts) / n_slices) for i in range(n_slices + 1)]
+        self.slices = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        self.orders = [PairBatches(len(piece), batch_size=batch_size, seed=seed + k)
+                       for k, piece in enumerate(self.slices)]
+        self.order = self.orders[0]
         self.batches_per_epoch = len(self.order)
         self._iter = iter(self.order)
         self.served = 0
@@ -123,22 +132,30 @@ class OnlineSource:
         return self.order.epoch + self.order.position / max(len(self.order), 1)
 
     def state_dict(self) -> dict:
-        return {**self.order.state_dict(), "served": self.served}
+        state = {**self.order.state_dict(), "served": self.served}
+        if len(self.orders) > 1:
+            state["slice"] = self.orders.index(self.order)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
+        self.order = self.orders[int(state.get("slice", 0))]
+        self.order.load_state_dict({k: v for k, v in state.items() if k not in ("served", "slice")})
         self.served = int(state["served"])
         self._iter = iter(self.order)
         if self.iterations is not None:
             self.iterations.restore(self.served)
 
     def next_batch(self) -> Batch:
+        if self.iterations is not None:
+            self.iterations.before_batch(self.served)
+            piece = self.orders[min(self.iterations.iteration(self.served), len(self.orders) - 1)]
+            if piece is not self.order:  # a new iteration's slice of the prompts
+                self.order, self._iter = piece, iter(piece)
         indices = next(self._iter, None)
         if indices is None:
             self._iter = iter(self.order)
             indices = next(self._iter)
-        if self.iterations is not None:
-            self.iterations.before_batch(self.served)
+        indices = [self.slices[self.orders.index(self.order)][i] for i in indices]
         seed = self.seed * 1_000_003 + self.served
         self.served += 1
         examples = [self.prompts.examples[i] for i in indices]
