@@ -2,6 +2,7 @@
 mean judged score (`objective/scores`) rises over a short run; the batches' losses equal the objectives on float64
 log-probs of the same samples; bad judges and files fail in one line; a killed run resumes with the same samples."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -149,6 +150,25 @@ def test_selm_iterations_on_disjoint_slices_of_the_prompts(files, tmp_path, monk
     second = {i for served, indices in seen if served > 2 for i in indices}
     assert first <= set(range(4)) and second <= set(range(4, 8)) and first and second
     assert (tmp_path / "iterate-1" / "config.json").is_file()
+
+
+def test_a_reward_model_from_train_rm_judges_an_online_run(files, tmp_path):
+    """prefuse train-rm writes a Bradley-Terry model; --reward_model_path makes it the judge of an online run."""
+    rm = tmp_path / "rm"
+    assert main(["train-rm", "--model_name_or_path", str(files["model"]), "--dataset_name", str(files["pairs"]),
+                 "--output_dir", str(rm), "--max_steps", "3", "--per_device_train_batch_size", "4",
+                 "--report_to", "none", "--save_steps", "0"]) == 0
+    argv = online_argv(files, tmp_path / "online", "sigmoid", steps=2)
+    i = argv.index("--reward_funcs")
+    argv[i:i + 2] = ["--reward_model_path", str(rm)]
+    assert main(argv) == 0
+    records = read_metrics(tmp_path / "online")
+    from prefuse.engine.judges import RewardModelJudge
+
+    judge = RewardModelJudge(rm)
+    scores = judge.score(["a", "a"], [" short", " a much longer answer"])
+    assert scores[0] != scores[1]  # the judge distinguishes answers, and the run logged its scores
+    assert all(math.isfinite(r["objective/scores"]) for r in records) and len(records) == 2
 
 
 def test_trl_online_metric_names(files, tmp_path):

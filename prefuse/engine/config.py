@@ -158,37 +158,37 @@ class TrainConfig:
         if not Path(self.dataset_name).exists():
             raise ValueError(f"dataset_name: no such file or directory: {self.dataset_name}")
         self._validate_objective()
-        _check(self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
-        _check(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
+        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
+        check_field(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
                f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
-        _check(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
-        _check(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
-        _check(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
+        check_field(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
+        check_field(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "lora_r"):
-            _check(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        _check(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
+            check_field(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        check_field(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
                "set max_steps > 0 or num_train_epochs > 0")
-        _check(self.save_steps >= 0, "save_steps", f"must be >= 0 (0: never), got {self.save_steps}")
-        _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+        check_field(self.save_steps >= 0, "save_steps", f"must be >= 0 (0: never), got {self.save_steps}")
+        check_field(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                f"must be >= 1, got {self.save_total_limit}")
-        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        _check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        _check(not (self.eval_split and self.eval_fraction), "eval_split",
+        check_field(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check_field(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check_field(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        check_field(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        check_field(not (self.eval_split and self.eval_fraction), "eval_split",
                "give eval_split or eval_fraction, not both")
-        _check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", f"must be >= 1, got {self.eval_steps}")
-        _check(self.eval_steps is None or bool(self.eval_split or self.eval_fraction), "eval_steps",
+        check_field(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", f"must be >= 1, got {self.eval_steps}")
+        check_field(self.eval_steps is None or bool(self.eval_split or self.eval_fraction), "eval_steps",
                "needs a held-out set: set eval_split or eval_fraction")
-        _check(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
-        _check(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
+        check_field(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
+        check_field(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
                f"must be >= 1, got {self.max_prompt_length}")
         if self.eval_split and not Path(self.eval_split).exists():
-            _check(Path(self.dataset_name).is_dir(), "eval_split",
+            check_field(Path(self.dataset_name).is_dir(), "eval_split",
                    f"{self.eval_split!r} is not a file, and dataset_name is a single file with no other splits")
         if self.resume_from_checkpoint not in (None, "latest"):
-            _check(Path(self.resume_from_checkpoint).is_dir()
+            check_field(Path(self.resume_from_checkpoint).is_dir()
                    or (Path(self.output_dir) / self.resume_from_checkpoint).is_dir(),
                    "resume_from_checkpoint", f"no such checkpoint directory: {self.resume_from_checkpoint}")
         return self
@@ -206,58 +206,59 @@ class TrainConfig:
 
         judges = [n for n in ("reward_funcs", "reward_model_path", "judge") if getattr(self, n)]
         if online_method(self.loss_type) in JUDGELESS:
-            _check(not judges, judges[0] if judges else "reward_funcs",
+            check_field(not judges, judges[0] if judges else "reward_funcs",
                    f"{self.loss_type} use no judge (HyPO learns from offline pairs and the samples' KL); drop it")
         else:
-            _check(len(judges) == 1, "reward_funcs", f"--online needs one judge: --reward_funcs file.py:name, "
+            check_field(len(judges) == 1, "reward_funcs", f"--online needs one judge: --reward_funcs file.py:name, "
                                                      f"--reward_model_path DIR or --judge DIR (got {judges or 'none'})")
-        _check(self.reward_weights is None or bool(self.reward_funcs), "reward_weights", "needs --reward_funcs")
-        _check(not (self.eval_split or self.eval_fraction), "eval_split",
+        check_field(self.reward_weights is None or bool(self.reward_funcs), "reward_weights", "needs --reward_funcs")
+        check_field(not (self.eval_split or self.eval_fraction), "eval_split",
                "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
-        _check(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
+        check_field(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
                "online samples are new every step: their reference log-probs cannot be precomputed")
-        _check(self.pair_samples >= 2, "pair_samples", f"must be at least 2, got {self.pair_samples}")
-        _check(self.iterations >= 1, "iterations", f"must be at least 1, got {self.iterations}")
-        _check(self.iterations == 1 or self.needs().reference, "iterations",
+        check_field(self.pair_samples >= 2, "pair_samples", f"must be at least 2, got {self.pair_samples}")
+        check_field(self.iterations >= 1, "iterations", f"must be at least 1, got {self.iterations}")
+        check_field(self.iterations == 1 or self.needs().reference, "iterations",
                f"{self.loss_type} read no reference, so there is none to move to the previous iterate")
-        _check(not self.iteration_slices or self.iterations > 1, "iteration_slices", "needs --iterations > 1")
-        _check(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
+        check_field(not self.iteration_slices or self.iterations > 1, "iteration_slices", "needs --iterations > 1")
+        check_field(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
                "needs max_steps >= iterations (the steps are split evenly between the iterations)")
-        _check(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
-        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(0 <= self.mixture_coef <= 1, "mixture_coef", f"must be in [0, 1], got {self.mixture_coef}")
-        _check(self.online_sampler in ("policy", "mixture"), "online_sampler", "must be policy or mixture")
+        check_field(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")
+        check_field(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        check_field(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check_field(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check_field(0 <= self.mixture_coef <= 1, "mixture_coef", f"must be in [0, 1], got {self.mixture_coef}")
+        check_field(self.online_sampler in ("policy", "mixture"), "online_sampler", "must be policy or mixture")
         for path in (self.reward_model_path, self.judge):
-            _check(path is None or Path(path).is_dir(), "reward_model_path" if path == self.reward_model_path
+            check_field(path is None or Path(path).is_dir(), "reward_model_path" if path == self.reward_model_path
                    else "judge", f"no such model directory: {path}")
 
     def _validate_objective(self) -> None:
-        _check(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
+        check_field(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
         needs = self.needs()  # ValueError "loss_type: ..." for an objective this kind of run cannot feed
         if self.online:
             self._validate_online()
         else:
             for name in ("reward_funcs", "reward_model_path", "judge"):
-                _check(not getattr(self, name), name, "judges score samples of online runs: add --online")
+                check_field(not getattr(self, name), name, "judges score samples of online runs: add --online")
         specs = [get_objective(n) for n in self.loss_type]
-        _check(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
+        check_field(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
                f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
         accepted = set().union(*(spec.hparams for spec in specs))
         unknown = sorted(set(self.objective_args) - accepted)
-        _check(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
+        check_field(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
                                               f"{sorted(accepted) or 'none'}")
-        _check(not self.objective_args.get("use_weighting"), "use_weighting",
+        check_field(not self.objective_args.get("use_weighting"), "use_weighting",
                "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute yet")
-        _check(self.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
+        check_field(self.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
                "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
                "completion)")
-        _check(not (self.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
+        check_field(not (self.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
                "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
 
 
-def _check(ok: bool, name: str, message: str) -> None:
+def check_field(ok: bool, name: str, message: str) -> None:
+    """Raise `ValueError("<name>: <message>")` unless ok: the one-line form of every settings error."""
     if not ok:
         raise ValueError(f"{name}: {message}")
 

@@ -51,7 +51,7 @@ class Models:
 
 # -- loading ------------------------------------------------------------------------------------------------------
 
-def _check_model_dir(path: str, field: str) -> None:
+def check_model_dir(path: str, field: str) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         what = "does not exist" if not os.path.exists(path) else "has no config.json"
         raise ValueError(f"{field}: {path!r} {what}; pass a local directory written by save_pretrained "
@@ -81,7 +81,7 @@ def _load_causal_lm(path: str, cfg: ModelConfig, device) -> torch.nn.Module:
     return model.to(device)
 
 
-def _lora_targets(model: torch.nn.Module, requested: tuple[str, ...] | None) -> list[str] | str:
+def lora_targets(model: torch.nn.Module, requested: tuple[str, ...] | None) -> list[str] | str:
     if requested is not None:
         return list(requested)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
@@ -94,11 +94,11 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=_lora_targets(model, cfg.lora_target_modules))
+                      target_modules=lora_targets(model, cfg.lora_target_modules))
     return get_peft_model(model, lora)
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
@@ -115,11 +115,11 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
     `ref_model_name_or_path or model_name_or_path`. None when `need_reference` is False.
     Local directories only (nothing is downloaded): a missing one, or one without config.json, is a ValueError.
     """
-    _check_model_dir(cfg.model_name_or_path, "model_name_or_path")
+    check_model_dir(cfg.model_name_or_path, "model_name_or_path")
     ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
     separate_reference = need_reference and not (cfg.use_peft and ref_path == cfg.model_name_or_path)
     if separate_reference:
-        _check_model_dir(ref_path, "ref_model_name_or_path")  # fail before the policy's weights are read
+        check_model_dir(ref_path, "ref_model_name_or_path")  # fail before the policy's weights are read
 
     policy = _load_causal_lm(cfg.model_name_or_path, cfg, device)
     if cfg.gradient_checkpointing:
@@ -140,7 +140,7 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
         reference = _load_causal_lm(ref_path, cfg, device)
         reference.requires_grad_(False)
         reference.eval()
-    return Models(policy=policy, reference=reference, tokenizer=_load_tokenizer(cfg.model_name_or_path))
+    return Models(policy=policy, reference=reference, tokenizer=load_tokenizer(cfg.model_name_or_path))
 
 
 # -- hidden states and the head -----------------------------------------------------------------------------------

@@ -35,96 +35,98 @@ import torch
 import torch.nn.functional as F
 
 from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from prefuse.engine.config import SCHEDULERS, TORCH_DTYPES, _check
+from prefuse.engine.config import SCHEDULERS, TORCH_DTYPES, check_field
 from prefuse.engine.data import PairBatches
 from prefuse.engine.metrics import MetricsLog
-from prefuse.engine.model import DTYPES, _check_model_dir, _lora_targets, _load_tokenizer
-from prefuse.engine.reward_pairs import KINDS, RewardPairs, collate_pair_batch, load_reward_pairs
+from prefuse.engine.model import DTYPES, check_model_dir, lora_targets, load_tokenizer
+from prefuse.engine.reward_pairs import KINDS, RewardPairs, collate_pair_batch, load_splits
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _setting(default, help: str):
+    """A field with its help text in the metadata (the CLI's --help shows it)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RewardModelConfig:
-    """Every setting of `prefuse train-rm`, named as TRL's RewardConfig / ModelConfig name them."""
-    model_name_or_path: str = _help("local causal LM or one-logit classifier directory (model and tokenizer)",
-                                    default="")
-    dataset_name: str = _help("local .jsonl/.json/.parquet file or save_to_disk folder of preference pairs",
-                              default="")
-    output_dir: str = _help("where the trained model, metrics.jsonl and checkpoints go", default="")
-    kind: str = _help(f"one of {KINDS}: a reward model (RewardModelJudge) or a pairwise judge (PairwiseJudge)",
-                      default="bradley_terry")
-    eval_split: str | None = _help("held-out pairs: a file, or a split of a saved dataset folder", default=None)
-    eval_fraction: float = _help("held-out pairs: this fraction of the training pairs", default=0.0)
-    max_length: int | None = _help("pairs with a sequence over this many tokens are dropped (TRL)", default=1024)
+    """Every setting of `prefuse train-rm`, named as TRL's RewardConfig / ModelConfig name them (their defaults too:
+    learning_rate 1e-4, max_length 1024, disable_dropout)."""
+    model_name_or_path: str = _setting("", "local causal LM or one-logit classifier directory, with its tokenizer")
+    dataset_name: str = _setting("", "local .jsonl/.json/.parquet file or save_to_disk folder of preference pairs")
+    output_dir: str = _setting("", "where the trained model, metrics.jsonl and checkpoints go")
+    kind: str = _setting("bradley_terry", f"one of {KINDS}: a reward model (RewardModelJudge) or a pairwise "
+                                          f"preference model (PairwiseJudge)")
+    eval_split: str | None = _setting(None, "held-out pairs: a file, or a split of a saved dataset folder")
+    eval_fraction: float = _setting(0.0, "held-out pairs: this fraction of the training pairs")
+    max_length: int | None = _setting(1024, "pairs with a sequence over this many tokens are dropped, as in TRL")
     skip_bad_rows: bool = False
     torch_dtype: str = "float32"
     use_peft: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = _help("module names for LoRA (default: peft's for the architecture)",
-                                                  default=None)
-    disable_dropout: bool = _help("set every dropout probability to 0 (TRL)", default=True)
+    lora_target_modules: list[str] | None = _setting(None, "module names for LoRA (default: peft's for the "
+                                                           "architecture); the score head is trained in full")
+    disable_dropout: bool = _setting(True, "set every dropout probability to 0, as TRL does")
     learning_rate: float = 1e-4
-    per_device_train_batch_size: int = 8
+    per_device_train_batch_size: int = _setting(8, "pairs per micro-batch")
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_steps: int = -1
+    max_steps: int = _setting(-1, "optimizer steps (-1: num_train_epochs decides)")
     num_train_epochs: float = 1.0
     lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = _setting(1.0, "clip the gradient norm to this (0: no clipping)")
     weight_decay: float = 0.0
-    center_rewards_coefficient: float | None = _help("bradley_terry: weight of mean((r_chosen + r_rejected)^2), "
-                                                     "which keeps rewards centred at 0 (TRL)", default=None)
+    center_rewards_coefficient: float | None = _setting(None, "bradley_terry: weight of mean((r_chosen + "
+                                                              "r_rejected)^2), which keeps rewards centred at 0")
     seed: int = 42
     logging_steps: int = 10
-    eval_steps: int | None = _help("evaluate every N steps (default: logging_steps) and at the end", default=None)
-    save_steps: int = _help("checkpoint every N steps (0: only at the end)", default=500)
+    eval_steps: int | None = _setting(None, "evaluate every N steps (default: logging_steps) and at the end")
+    save_steps: int = _setting(500, "checkpoint every N steps (0: only at the end)")
     save_total_limit: int | None = None
-    resume_from_checkpoint: str | None = _help("'latest' (in --output_dir) or a checkpoint directory", default=None)
-    report_to: str = _help("auto: TensorBoard when installed; none; tensorboard", default="auto")
+    resume_from_checkpoint: str | None = _setting(None, "'latest' (in --output_dir) or a checkpoint directory")
+    report_to: str = _setting("auto", "auto: TensorBoard when installed; none; tensorboard")
     device: str = "auto"
 
     def validate(self) -> "RewardModelConfig":
         """Raise ValueError with one line naming the first bad field; return self."""
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
-            _check(bool(getattr(self, name)), name, "required")
-        _check(Path(self.model_name_or_path).is_dir(), "model_name_or_path",
+            check_field(bool(getattr(self, name)), name, "required")
+        check_field(Path(self.model_name_or_path).is_dir(), "model_name_or_path",
                f"no such model directory: {self.model_name_or_path} (a local directory written by save_pretrained)")
-        _check(Path(self.dataset_name).exists(), "dataset_name", f"no such file or directory: {self.dataset_name}")
-        _check(self.kind in KINDS, "kind", f"{self.kind!r} is not one of {KINDS}")
-        _check(self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
-        _check(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
+        check_field(Path(self.dataset_name).exists(), "dataset_name", f"no such file or directory: {self.dataset_name}")
+        check_field(self.kind in KINDS, "kind", f"{self.kind!r} is not one of {KINDS}")
+        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
+        check_field(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
                f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
-        _check(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
-        _check(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        check_field(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
+        check_field(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "lora_r"):
-            _check(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        _check(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
+            check_field(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        check_field(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
                "set max_steps > 0 or num_train_epochs > 0")
         for name in ("save_steps", "warmup_steps", "weight_decay"):
-            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+            check_field(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check_field(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                f"must be >= 1, got {self.save_total_limit}")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        _check(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+        check_field(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        check_field(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
                "center_rewards_coefficient", f"must be >= 0, got {self.center_rewards_coefficient}")
-        _check(self.center_rewards_coefficient is None or self.kind == "bradley_terry", "center_rewards_coefficient",
+        check_field(self.center_rewards_coefficient is None or self.kind == "bradley_terry", "center_rewards_coefficient",
                "centres the rewards of kind bradley_terry; a pairwise model's logits are log-odds")
-        _check(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
-        _check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        _check(not (self.eval_split and self.eval_fraction), "eval_split", "give eval_split or eval_fraction, not both")
-        _check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", f"must be >= 1, got {self.eval_steps}")
+        check_field(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
+        check_field(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        check_field(not (self.eval_split and self.eval_fraction), "eval_split", "give eval_split or eval_fraction, not both")
+        check_field(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", f"must be >= 1, got {self.eval_steps}")
+        check_field(self.eval_steps is None or bool(self.eval_split or self.eval_fraction), "eval_steps",
+               "needs a held-out set: set eval_split or eval_fraction")
         if self.eval_split and not Path(self.eval_split).exists():
-            _check(Path(self.dataset_name).is_dir(), "eval_split",
+            check_field(Path(self.dataset_name).is_dir(), "eval_split",
                    f"{self.eval_split!r} is not a file, and dataset_name is a single file with no other splits")
         if self.resume_from_checkpoint not in (None, "latest"):
-            _check(Path(self.resume_from_checkpoint).is_dir()
+            check_field(Path(self.resume_from_checkpoint).is_dir()
                    or (Path(self.output_dir) / self.resume_from_checkpoint).is_dir(),
                    "resume_from_checkpoint", f"no such checkpoint directory: {self.resume_from_checkpoint}")
         return self
@@ -138,16 +140,16 @@ def load_reward_model(cfg: RewardModelConfig, device="cpu"):
     else its EOS (TRL); LoRA adapters when use_peft."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    _check_model_dir(cfg.model_name_or_path, "model_name_or_path")
-    tokenizer = _load_tokenizer(cfg.model_name_or_path)
-    _check(tokenizer is not None, "model_name_or_path", f"{cfg.model_name_or_path} has no tokenizer files")
+    check_model_dir(cfg.model_name_or_path, "model_name_or_path")
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    check_field(tokenizer is not None, "model_name_or_path", f"{cfg.model_name_or_path} has no tokenizer files")
     if tokenizer.pad_token is None:
-        _check(tokenizer.eos_token is not None, "model_name_or_path", "the tokenizer has neither a pad nor an EOS "
+        check_field(tokenizer.eos_token is not None, "model_name_or_path", "the tokenizer has neither a pad nor an EOS "
                "token (set pad_token)")
         tokenizer.pad_token = tokenizer.eos_token
     config = AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True)
     is_classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    _check(not is_classifier or config.num_labels == 1, "model_name_or_path",
+    check_field(not is_classifier or config.num_labels == 1, "model_name_or_path",
            f"{cfg.model_name_or_path} is a classifier with num_labels={config.num_labels}; a reward model has one")
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model_name_or_path, num_labels=1, local_files_only=True, dtype=DTYPES[cfg.torch_dtype])
@@ -157,7 +159,7 @@ def load_reward_model(cfg: RewardModelConfig, device="cpu"):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=_lora_targets(model, cfg.lora_target_modules), modules_to_save=["score"])
+                          target_modules=lora_targets(model, cfg.lora_target_modules), modules_to_save=["score"])
         model = get_peft_model(model, lora)
     if cfg.disable_dropout:
         for module in model.modules():
@@ -216,24 +218,6 @@ def pair_logits(model, pairs: RewardPairs, indices: list[int], pad_id: int, devi
 
 # -- the loop -----------------------------------------------------------------------------------------------------
 
-def load_data(cfg: RewardModelConfig, tokenizer) -> tuple[RewardPairs, RewardPairs | None]:
-    """Training pairs and held-out ones (eval_split, or eval_fraction of the training pairs drawn by the seed)."""
-    def load(path, **extra):
-        return load_reward_pairs(path, tokenizer, kind=cfg.kind, max_length=cfg.max_length,
-                                 skip_bad_rows=cfg.skip_bad_rows, **extra)
-
-    train, held_out = load(cfg.dataset_name), None
-    if cfg.eval_split:
-        held_out = (load(cfg.eval_split) if Path(cfg.eval_split).exists()
-                    else load(cfg.dataset_name, split=cfg.eval_split))
-    elif cfg.eval_fraction:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = max(1, round(cfg.eval_fraction * len(train)))
-        _check(n_eval < len(train), "eval_fraction", f"leaves no training pairs of {len(train)}")
-        held_out, train = train.subset(sorted(order[:n_eval])), train.subset(sorted(order[n_eval:]))
-    return train, held_out
-
-
 def evaluate(cfg: RewardModelConfig, model, pairs: RewardPairs, pad_id: int, device) -> dict[str, float]:
     """eval_loss and eval_ metrics over every held-out pair at once (in eval mode, without gradient)."""
     was_training = model.training
@@ -264,7 +248,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     model, tokenizer, pad_id = load_reward_model(cfg, device)
-    train, held_out = load_data(cfg, tokenizer)
+    train, held_out = load_splits(cfg, tokenizer)
     print(f"data: {len(train)} training pairs" + (f", {len(held_out)} held out" if held_out else "")
           + (f"; {train.dropped} pairs over max_length={cfg.max_length} dropped" if train.dropped else "")
           + (f"; {train.skipped.count} bad rows skipped" if train.skipped.count else ""), flush=True)
@@ -280,7 +264,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict[str, float]:
     if cfg.resume_from_checkpoint:
         path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
         state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, output_dir=out)
-        step, window, num_tokens = int(state["step"]), state.get("window"), int(state["num_tokens"])
+        step, window, num_tokens = int(state["step"]), state.get("window"), int(state.get("num_tokens", 0))
         order.load_state_dict(state["batches"])
         print(f"resumed from {path} at step {step}", flush=True)
     log = MetricsLog(out, resume_step=step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to,
@@ -348,4 +332,4 @@ def train_reward_model(cfg: RewardModelConfig) -> dict[str, float]:
 
 
 __all__ = ["RewardModelConfig", "train_reward_model", "load_reward_model", "save_reward_model", "evaluate",
-           "bradley_terry_loss", "pairwise_loss", "pair_metrics", "pair_logits"]
+           "bradley_terry_loss", "pairwise_loss", "pair_loss", "pair_metrics", "pair_logits"]

@@ -1,6 +1,7 @@
 """The data of `prefuse train-rm`: preference rows -> the token ids the judges read -> padded batches.
 
     pairs = load_reward_pairs("pairs.jsonl", tokenizer, kind="bradley_terry", max_length=1024)
+    train, held_out = load_splits(cfg, tokenizer)        # a RewardModelConfig's dataset_name and held-out pairs
     batch = collate_pair_batch(pairs, indices, pad_id)   # input_ids, attention_mask [2B, T]: firsts, then seconds
 
 Every example is two sequences, `first` and `second`, and the model should give `first` the higher logit:
@@ -19,6 +20,7 @@ judges score whole texts; a model trained on texts cut short would be judged on 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -135,4 +137,24 @@ def collate_pair_batch(pairs: RewardPairs, indices: list[int], pad_id: int) -> d
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-__all__ = ["KINDS", "RewardPairs", "collate_pair_batch", "load_reward_pairs", "pair_ids"]
+def load_splits(cfg, tokenizer) -> tuple[RewardPairs, RewardPairs | None]:
+    """The training pairs and the held-out ones of a RewardModelConfig: eval_split (a file, or a split of a saved
+    dataset folder), or eval_fraction of the training pairs drawn by the seed."""
+    def load(path, **extra):
+        return load_reward_pairs(path, tokenizer, kind=cfg.kind, max_length=cfg.max_length,
+                                 skip_bad_rows=cfg.skip_bad_rows, **extra)
+
+    train, held_out = load(cfg.dataset_name), None
+    if cfg.eval_split:
+        held_out = (load(cfg.eval_split) if Path(cfg.eval_split).exists()
+                    else load(cfg.dataset_name, split=cfg.eval_split))
+    elif cfg.eval_fraction:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = max(1, round(cfg.eval_fraction * len(train)))
+        if n_eval >= len(train):
+            raise ValueError(f"eval_fraction: {cfg.eval_fraction} of {len(train)} pairs leaves none to train on")
+        held_out, train = train.subset(sorted(order[:n_eval])), train.subset(sorted(order[n_eval:]))
+    return train, held_out
+
+
+__all__ = ["KINDS", "RewardPairs", "collate_pair_batch", "load_reward_pairs", "load_splits", "pair_ids"]
