@@ -118,32 +118,12 @@ def _flag_value(text: str):
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    import dataclasses
-    import typing
-
     from prefuse.engine.config import TrainConfig, objective_hparam_names
 
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (the flags' names as keys)")
     p.add_argument("--list_objectives", action="store_true", default=argparse.SUPPRESS,
                    help="print every objective with its inputs, data columns and hyper-parameters, and exit")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        hint = str(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{_TRAIN_HELP.get(f.name, '')} (default: {default!r})".strip())
-        if f.name == "objective_args":
-            kwargs.update(nargs="+", metavar="KEY=VALUE")
-        elif "bool" in hint:
-            kwargs.update(type=_flag_bool, nargs="?", const=True, metavar="BOOL")
-        elif "list[float]" in hint:
-            kwargs.update(type=float, nargs="+")
-        elif "list[str]" in hint:
-            kwargs.update(nargs="+")
-        elif "int" in hint and "float" not in hint:
-            kwargs.update(type=int)
-        elif "float" in hint:
-            kwargs.update(type=float)
-        p.add_argument(f"--{f.name}", **kwargs)
+    _config_flags(p, TrainConfig, helps=_TRAIN_HELP, special={"objective_args": dict(nargs="+", metavar="KEY=VALUE")})
     group = p.add_argument_group("objective hyper-parameters", "passed to the objective(s) of --loss_type; "
                                  "each objective accepts only its own (an error lists them)")
     for name in objective_hparam_names():
@@ -206,9 +186,10 @@ def _train(args) -> int:
     return 0
 
 
-def _config_flags(p: argparse.ArgumentParser, config_class) -> None:
-    """A --flag per field of the dataclass `config_class`, typed from its annotation, its help from the field's
-    metadata; an absent flag leaves the field's default."""
+def _config_flags(p: argparse.ArgumentParser, config_class, helps: dict | None = None,
+                  special: dict | None = None) -> None:
+    """A --flag per field of the dataclass `config_class`, typed from its annotation, its help from `helps` or the
+    field's metadata; `special`: argparse options for named fields; an absent flag leaves the field's default."""
     import dataclasses
     import typing
 
@@ -216,9 +197,14 @@ def _config_flags(p: argparse.ArgumentParser, config_class) -> None:
     for f in dataclasses.fields(config_class):
         hint = str(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {default!r})".strip())
-        if "bool" in hint:
+        text = (helps or {}).get(f.name, f.metadata.get("help", ""))
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{text} (default: {default!r})".strip())
+        if f.name in (special or {}):
+            kwargs.update(special[f.name])
+        elif "bool" in hint:
             kwargs.update(type=_flag_bool, nargs="?", const=True, metavar="BOOL")
+        elif "list[float]" in hint:
+            kwargs.update(type=float, nargs="+")
         elif "list[str]" in hint:
             kwargs.update(nargs="+")
         elif "int" in hint and "float" not in hint:

@@ -25,32 +25,12 @@ from prefuse.engine.data import (  # noqa: E402
     tokenize_preferences,
 )
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer  # noqa: E402
+from tests.data_helpers import cache_dir, read_rows, tokenizer, write_jsonl  # noqa: E402,F401
 
 UF = DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl"
 HH_CHAT = DATA_DIR / "hh_rlhf_harmless_base_test.conversational.jsonl"
 LF = DATA_DIR / "llamafactory_dpo_en_demo.jsonl"
 LF_CHAT = DATA_DIR / "llamafactory_dpo_en_demo.conversational.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets_cache"))
-
-
-def read_rows(path, n):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(next(f)) for _ in range(n)]
-
-
-def write_jsonl(path, rows):
-    """rows: dicts, or strings written as they are (a blank line, broken JSON)."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------- loading and formats

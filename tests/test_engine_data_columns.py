@@ -27,6 +27,7 @@ from prefuse.engine.data import (  # noqa: E402
 )
 from prefuse.engine.data.formats import split_row  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer  # noqa: E402
+from tests.data_helpers import cache_dir, read_rows, tokenizer, write_jsonl  # noqa: E402,F401
 
 UF = DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl"
 UF_CHAT = DATA_DIR / "ultrafeedback_binarized_sample_train.conversational.jsonl"
@@ -36,27 +37,6 @@ PANDALM_META = DATA_DIR / "pandalm_testset_v1_human.meta.jsonl"
 HH = DATA_DIR / "hh_rlhf_harmless_base_test.jsonl"
 LF_CHAT = DATA_DIR / "llamafactory_dpo_en_demo.conversational.jsonl"
 PAIR_KEYS = ["prompt_ids", "chosen_ids", "rejected_ids"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets_cache"))
-
-
-def read_rows(path, n=None):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for i, line in enumerate(f) if n is None or i < n]
-
-
-def write_jsonl(path, rows):
-    """rows: dicts, or strings written as they are."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def with_scores(rows_path, n):

@@ -25,6 +25,7 @@ from prefuse.engine.data import (  # noqa: E402
 )
 from prefuse.engine.data.formats import split_row  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer  # noqa: E402
+from tests.data_helpers import cache_dir, read_rows, tokenizer, write_jsonl  # noqa: E402,F401
 
 UF = DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl"
 UF_CHAT = DATA_DIR / "ultrafeedback_binarized_sample_train.conversational.jsonl"
@@ -33,27 +34,6 @@ HH = DATA_DIR / "hh_rlhf_harmless_base_test.jsonl"
 LF_CHAT = DATA_DIR / "llamafactory_dpo_en_demo.conversational.jsonl"
 PROMPTS_ONLY = "holds prompts only (a 'prompt' column without responses): train on it with --online"
 NO_PROMPT = "no 'prompt' column: online training reads prompts (TRL's prompt-only format: {\"prompt\": ...})"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets_cache"))
-
-
-def read_rows(path, n):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(next(f)) for _ in range(n)]
-
-
-def write_jsonl(path, rows):
-    """rows: dicts, or strings written as they are (broken JSON)."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def offline_prompt_ids(rows, tokenizer):

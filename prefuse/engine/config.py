@@ -158,9 +158,10 @@ class TrainConfig:
         if not Path(self.dataset_name).exists():
             raise ValueError(f"dataset_name: no such file or directory: {self.dataset_name}")
         self._validate_objective()
-        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
+        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype",
+                    f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
         check_field(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
-               f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
+                    f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
         check_field(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
         check_field(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
         check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
@@ -168,29 +169,19 @@ class TrainConfig:
                      "logging_steps", "lora_r"):
             check_field(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         check_field(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
-               "set max_steps > 0 or num_train_epochs > 0")
+                    "set max_steps > 0 or num_train_epochs > 0")
         check_field(self.save_steps >= 0, "save_steps", f"must be >= 0 (0: never), got {self.save_steps}")
         check_field(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
-               f"must be >= 1, got {self.save_total_limit}")
+                    f"must be >= 1, got {self.save_total_limit}")
         check_field(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check_field(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         check_field(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         check_field(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        check_field(not (self.eval_split and self.eval_fraction), "eval_split",
-               "give eval_split or eval_fraction, not both")
-        check_field(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", f"must be >= 1, got {self.eval_steps}")
-        check_field(self.eval_steps is None or bool(self.eval_split or self.eval_fraction), "eval_steps",
-               "needs a held-out set: set eval_split or eval_fraction")
-        check_field(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
+        check_field(self.max_length is None or self.max_length >= 2, "max_length",
+                    f"must be >= 2, got {self.max_length}")
         check_field(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
-               f"must be >= 1, got {self.max_prompt_length}")
-        if self.eval_split and not Path(self.eval_split).exists():
-            check_field(Path(self.dataset_name).is_dir(), "eval_split",
-                   f"{self.eval_split!r} is not a file, and dataset_name is a single file with no other splits")
-        if self.resume_from_checkpoint not in (None, "latest"):
-            check_field(Path(self.resume_from_checkpoint).is_dir()
-                   or (Path(self.output_dir) / self.resume_from_checkpoint).is_dir(),
-                   "resume_from_checkpoint", f"no such checkpoint directory: {self.resume_from_checkpoint}")
+                    f"must be >= 1, got {self.max_prompt_length}")
+        check_held_out_and_resume(self)
         return self
 
     def needs(self):
@@ -207,22 +198,23 @@ class TrainConfig:
         judges = [n for n in ("reward_funcs", "reward_model_path", "judge") if getattr(self, n)]
         if online_method(self.loss_type) in JUDGELESS:
             check_field(not judges, judges[0] if judges else "reward_funcs",
-                   f"{self.loss_type} use no judge (HyPO learns from offline pairs and the samples' KL); drop it")
+                        f"{self.loss_type} use no judge (HyPO learns from offline pairs and the samples' KL); drop it")
         else:
-            check_field(len(judges) == 1, "reward_funcs", f"--online needs one judge: --reward_funcs file.py:name, "
-                                                     f"--reward_model_path DIR or --judge DIR (got {judges or 'none'})")
+            check_field(len(judges) == 1, "reward_funcs",
+                        f"--online needs one judge: --reward_funcs file.py:name, --reward_model_path DIR or --judge "
+                        f"DIR (got {judges or 'none'})")
         check_field(self.reward_weights is None or bool(self.reward_funcs), "reward_weights", "needs --reward_funcs")
         check_field(not (self.eval_split or self.eval_fraction), "eval_split",
-               "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
+                    "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
         check_field(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
-               "online samples are new every step: their reference log-probs cannot be precomputed")
+                    "online samples are new every step: their reference log-probs cannot be precomputed")
         check_field(self.pair_samples >= 2, "pair_samples", f"must be at least 2, got {self.pair_samples}")
         check_field(self.iterations >= 1, "iterations", f"must be at least 1, got {self.iterations}")
         check_field(self.iterations == 1 or self.needs().reference, "iterations",
-               f"{self.loss_type} read no reference, so there is none to move to the previous iterate")
+                    f"{self.loss_type} read no reference, so there is none to move to the previous iterate")
         check_field(not self.iteration_slices or self.iterations > 1, "iteration_slices", "needs --iterations > 1")
         check_field(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
-               "needs max_steps >= iterations (the steps are split evenly between the iterations)")
+                    "needs max_steps >= iterations (the steps are split evenly between the iterations)")
         check_field(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")
         check_field(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
         check_field(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
@@ -231,7 +223,7 @@ class TrainConfig:
         check_field(self.online_sampler in ("policy", "mixture"), "online_sampler", "must be policy or mixture")
         for path in (self.reward_model_path, self.judge):
             check_field(path is None or Path(path).is_dir(), "reward_model_path" if path == self.reward_model_path
-                   else "judge", f"no such model directory: {path}")
+                        else "judge", f"no such model directory: {path}")
 
     def _validate_objective(self) -> None:
         check_field(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
@@ -243,18 +235,35 @@ class TrainConfig:
                 check_field(not getattr(self, name), name, "judges score samples of online runs: add --online")
         specs = [get_objective(n) for n in self.loss_type]
         check_field(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
-               f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
+                    f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
         accepted = set().union(*(spec.hparams for spec in specs))
         unknown = sorted(set(self.objective_args) - accepted)
         check_field(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
-                                              f"{sorted(accepted) or 'none'}")
+                                                   f"{sorted(accepted) or 'none'}")
         check_field(not self.objective_args.get("use_weighting"), "use_weighting",
-               "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute yet")
+                    "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute "
+                    "yet")
         check_field(self.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
-               "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
-               "completion)")
+                    "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
+                    "completion)")
         check_field(not (self.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
-               "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
+                    "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
+
+
+def check_held_out_and_resume(cfg) -> None:
+    """The held-out set (eval_split / eval_fraction / eval_steps) and resume_from_checkpoint of a training config
+    (TrainConfig, RewardModelConfig): one-line errors naming the field."""
+    check_field(not (cfg.eval_split and cfg.eval_fraction), "eval_split", "give eval_split or eval_fraction, not both")
+    check_field(cfg.eval_steps is None or cfg.eval_steps >= 1, "eval_steps", f"must be >= 1, got {cfg.eval_steps}")
+    check_field(cfg.eval_steps is None or bool(cfg.eval_split or cfg.eval_fraction), "eval_steps",
+                "needs a held-out set: set eval_split or eval_fraction")
+    if cfg.eval_split and not Path(cfg.eval_split).exists():
+        check_field(Path(cfg.dataset_name).is_dir(), "eval_split",
+                    f"{cfg.eval_split!r} is not a file, and dataset_name is a single file with no other splits")
+    if cfg.resume_from_checkpoint not in (None, "latest"):
+        check_field(Path(cfg.resume_from_checkpoint).is_dir()
+                    or (Path(cfg.output_dir) / cfg.resume_from_checkpoint).is_dir(),
+                    "resume_from_checkpoint", f"no such checkpoint directory: {cfg.resume_from_checkpoint}")
 
 
 def check_field(ok: bool, name: str, message: str) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from prefuse.engine.config import SCHEDULERS, TORCH_DTYPES, check_field
+from prefuse.engine.config import SCHEDULERS, TORCH_DTYPES, check_field, check_held_out_and_resume
 from prefuse.engine.data import PairBatches
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import DTYPES, check_model_dir, lora_targets, load_tokenizer
@@ -94,41 +94,35 @@ class RewardModelConfig:
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
             check_field(bool(getattr(self, name)), name, "required")
         check_field(Path(self.model_name_or_path).is_dir(), "model_name_or_path",
-               f"no such model directory: {self.model_name_or_path} (a local directory written by save_pretrained)")
+                    f"no such model directory: {self.model_name_or_path} (a local directory written by "
+                    f"save_pretrained)")
         check_field(Path(self.dataset_name).exists(), "dataset_name", f"no such file or directory: {self.dataset_name}")
         check_field(self.kind in KINDS, "kind", f"{self.kind!r} is not one of {KINDS}")
-        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
+        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype",
+                    f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
         check_field(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
-               f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
+                    f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
         check_field(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
         check_field(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "lora_r"):
             check_field(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         check_field(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
-               "set max_steps > 0 or num_train_epochs > 0")
+                    "set max_steps > 0 or num_train_epochs > 0")
         for name in ("save_steps", "warmup_steps", "weight_decay"):
             check_field(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check_field(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
-               f"must be >= 1, got {self.save_total_limit}")
+                    f"must be >= 1, got {self.save_total_limit}")
         check_field(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         check_field(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
-               "center_rewards_coefficient", f"must be >= 0, got {self.center_rewards_coefficient}")
-        check_field(self.center_rewards_coefficient is None or self.kind == "bradley_terry", "center_rewards_coefficient",
-               "centres the rewards of kind bradley_terry; a pairwise model's logits are log-odds")
-        check_field(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
+                    "center_rewards_coefficient", f"must be >= 0, got {self.center_rewards_coefficient}")
+        check_field(self.center_rewards_coefficient is None or self.kind == "bradley_terry",
+                    "center_rewards_coefficient",
+                    "centres the rewards of kind bradley_terry; a pairwise model's logits are log-odds")
+        check_field(self.max_length is None or self.max_length >= 2, "max_length",
+                    f"must be >= 2, got {self.max_length}")
         check_field(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        check_field(not (self.eval_split and self.eval_fraction), "eval_split", "give eval_split or eval_fraction, not both")
-        check_field(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", f"must be >= 1, got {self.eval_steps}")
-        check_field(self.eval_steps is None or bool(self.eval_split or self.eval_fraction), "eval_steps",
-               "needs a held-out set: set eval_split or eval_fraction")
-        if self.eval_split and not Path(self.eval_split).exists():
-            check_field(Path(self.dataset_name).is_dir(), "eval_split",
-                   f"{self.eval_split!r} is not a file, and dataset_name is a single file with no other splits")
-        if self.resume_from_checkpoint not in (None, "latest"):
-            check_field(Path(self.resume_from_checkpoint).is_dir()
-                   or (Path(self.output_dir) / self.resume_from_checkpoint).is_dir(),
-                   "resume_from_checkpoint", f"no such checkpoint directory: {self.resume_from_checkpoint}")
+        check_held_out_and_resume(self)
         return self
 
 
@@ -145,12 +139,12 @@ def load_reward_model(cfg: RewardModelConfig, device="cpu"):
     check_field(tokenizer is not None, "model_name_or_path", f"{cfg.model_name_or_path} has no tokenizer files")
     if tokenizer.pad_token is None:
         check_field(tokenizer.eos_token is not None, "model_name_or_path", "the tokenizer has neither a pad nor an EOS "
-               "token (set pad_token)")
+                    "token (set pad_token)")
         tokenizer.pad_token = tokenizer.eos_token
     config = AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True)
     is_classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     check_field(not is_classifier or config.num_labels == 1, "model_name_or_path",
-           f"{cfg.model_name_or_path} is a classifier with num_labels={config.num_labels}; a reward model has one")
+                f"{cfg.model_name_or_path} is a classifier with num_labels={config.num_labels}; a reward model has one")
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model_name_or_path, num_labels=1, local_files_only=True, dtype=DTYPES[cfg.torch_dtype])
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id

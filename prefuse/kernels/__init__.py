@@ -7,5 +7,6 @@ from prefuse.kernels.stats import TokenStats, linear_token_stats
 
 __all__ = [
     "linear_logprobs", "linear_cross_entropy", "linear_token_stats", "TokenStats",
-    "RowGroups", "group_rows", "grouped_logprobs", "FusedLogprobs", "FusedHeadInForward", "HeadConfig", "Plan", "make_plan",
+    "RowGroups", "group_rows", "grouped_logprobs", "FusedLogprobs", "FusedHeadInForward", "HeadConfig", "Plan",
+    "make_plan",
 ]

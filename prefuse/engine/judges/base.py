@@ -74,7 +74,8 @@ def as_scores(values, n: int, who: str, abstain: bool = False) -> torch.Tensor:
             value = value.item()
         if not isinstance(value, numbers.Real):
             hint = "a float, or None to abstain" if abstain else "a float"
-            raise JudgeError(f"{who} returned {reprlib.repr(value)} ({type(value).__name__}) for completion {i} (return {hint})")
+            raise JudgeError(f"{who} returned {reprlib.repr(value)} ({type(value).__name__}) for completion {i} "
+                             f"(return {hint})")
         if not math.isfinite(value):
             hint = "a finite float, or None to abstain" if abstain else "a finite float"
             raise JudgeError(f"{who} returned {float(value)} for completion {i} (return {hint})")
