@@ -197,12 +197,14 @@ def test_reward_function_columns_reach_the_function(files, tmp_path):
     ({"reward": "short_list"}, "reward_funcs:"),
     ({"reward": "abstain"}, "reward_funcs: no reward function scored sample(s)"),
     ({"loss_type": "kto"}, "loss_type: 'kto' does not run with --online"),
+    ({"extra": ["--use_vllm"]}, "use_vllm: "),  # no vllm package and no CUDA here
 ])
 def test_bad_online_input_fails_in_one_line_and_keeps_checkpoints(files, tmp_path, capsys, change, expected):
     argv = online_argv(files, tmp_path, change.get("loss_type", "sigmoid"), steps=2,
                        reward=change.get("reward", "brevity"))
     if "file" in change:
         argv[argv.index("--reward_funcs") + 1] = f"{tmp_path / change['file']}:brevity"
+    argv += change.get("extra", [])
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(err) == 1 and err[0].startswith("prefuse train: error:") and expected in err[0], err

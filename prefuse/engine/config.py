@@ -85,6 +85,8 @@ class TrainConfig:
     pair_samples: int = 2                        # judged pairs: 2 (online DPO), n > 2: best vs worst (iterative DPO)
     iterations: int = 1                          # > 1: the reference becomes the previous iterate each iteration
     iteration_slices: bool = False               # each iteration its own slice of the prompts (SELM, RLHF Workflow)
+    use_vllm: bool = False                       # the policy's samples from vLLM on the same GPU (CUDA, optional)
+    vllm_gpu_memory_utilization: float = 0.3
     # run
     output_dir: str = ""
     logging_steps: int = 10
@@ -208,6 +210,8 @@ class TrainConfig:
                     "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
         check_field(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
                     "online samples are new every step: their reference log-probs cannot be precomputed")
+        check_field(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization",
+                    f"must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
         check_field(self.pair_samples >= 2, "pair_samples", f"must be at least 2, got {self.pair_samples}")
         check_field(self.iterations >= 1, "iterations", f"must be at least 1, got {self.iterations}")
         check_field(self.iterations == 1 or self.needs().reference, "iterations",
@@ -233,6 +237,7 @@ class TrainConfig:
         else:
             for name in ("reward_funcs", "reward_model_path", "judge"):
                 check_field(not getattr(self, name), name, "judges score samples of online runs: add --online")
+            check_field(not self.use_vllm, "use_vllm", "vLLM samples online runs: add --online")
         specs = [get_objective(n) for n in self.loss_type]
         check_field(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
                     f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")

@@ -97,13 +97,14 @@ class OnlineSource:
 
     def __init__(self, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig, *,
                  batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None,
-                 pair_samples: int = 2, iterations=None, iteration_slices: bool = False):
+                 pair_samples: int = 2, iterations=None, iteration_slices: bool = False, vllm=None):
         """prompts: PromptData (engine.data.load_prompts); judge: engine.judges.Judge; batch_size: prompts per
         batch; rollout.num_generations: samples per prompt of grpo / rloo; pair_samples: samples per prompt of the
         judged-pair methods (2: TRL's online DPO; n > 2: the best against the worst, RLHF Workflow's iterative
         DPO); iterations: an engine.iterations.Iterations that moves the reference to the previous iterate;
         iteration_slices: iteration k draws its prompts from the k-th of as many disjoint, contiguous slices of the
-        prompts as there are iterations (SELM's and RLHF Workflow's fresh prompts per iteration)."""
+        prompts as there are iterations (SELM's and RLHF Workflow's fresh prompts per iteration); vllm: an
+        engine.rollout_vllm.VLLMSampler that samples the policy (its weights pushed once per batch)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"online_sampler: {sampler!r} is not one of {SAMPLERS}")
         self.prompts, self.models, self.tokenizer, self.judge = prompts, models, tokenizer, judge
@@ -111,7 +112,7 @@ class OnlineSource:
         self.rollout, self.sampler, self.penalty, self.seed = rollout.validate(), sampler, missing_eos_penalty, seed
         if pair_samples < 2:
             raise ValueError(f"pair_samples: a judged pair needs at least 2 samples per prompt, got {pair_samples}")
-        self.pair_samples, self.iterations = pair_samples, iterations
+        self.pair_samples, self.iterations, self.vllm, self._synced = pair_samples, iterations, vllm, None
         n_slices = iterations.count if iteration_slices and iterations is not None else 1
         if n_slices > len(prompts):
             raise ValueError(f"iteration_slices: {len(prompts)} prompts cannot make {n_slices} slices")
@@ -165,6 +166,11 @@ class OnlineSource:
     def _sample(self, kind: str, prompt_ids, seed: int, k: int, greedy: bool = False) -> Samples:
         cfg = RolloutConfig(**{**self.rollout.__dict__, "num_generations": k,
                                **({"temperature": 0.0} if greedy else {})})
+        if kind == "policy" and self.vllm is not None:
+            if self._synced != self.served:  # the policy's weights as they are for this batch
+                self.vllm.sync(self.models.policy)
+                self._synced = self.served
+            return self.vllm.sample(prompt_ids, cfg, seed=seed, eos_id=self.eos_id)
         sampler = {"policy": sample_policy, "reference": sample_reference, "mixture": sample_mixture}[kind]
         return sampler(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id)
 

@@ -74,7 +74,8 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return input_ids.to(device), mask.to(device)
 
 
-def _cut_at_eos(tokens: list[int], eos_id: int | None) -> tuple[list[int], bool]:
+def cut_at_eos(tokens: list[int], eos_id: int | None) -> tuple[list[int], bool]:
+    """The tokens up to and including the first EOS, and whether there was one."""
     if eos_id is not None and eos_id in tokens:
         return tokens[: tokens.index(eos_id) + 1], True
     return tokens, False
@@ -92,7 +93,7 @@ def _samples(prompts, generated: torch.Tensor, cfg: RolloutConfig, eos_id, start
     """generated [P * k, new] (rows grouped by prompt) -> Samples, cut at the first EOS."""
     completions, eos = [], []
     for row in generated.tolist():
-        tokens, has_eos = _cut_at_eos(row, eos_id)
+        tokens, has_eos = cut_at_eos(row, eos_id)
         completions.append(tokens)
         eos.append(has_eos)
     repeated = [p for p in prompts for _ in range(cfg.num_generations)]

@@ -164,10 +164,16 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
     if cfg.iterations > 1:  # max_steps is set (validated): the steps split evenly between the iterations
         iterations = Iterations(models, out, math.ceil(cfg.max_steps / cfg.iterations)
                                 * cfg.gradient_accumulation_steps, cfg.iterations)
+    vllm = None
+    if cfg.use_vllm:
+        from prefuse.engine.rollout_vllm import VLLMSampler
+
+        vllm = VLLMSampler(cfg.model_name_or_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                           seed=cfg.seed)
     return OnlineSource(prompts, cfg.loss_type, models, tokenizer, judge, rollout,
                         batch_size=cfg.per_device_train_batch_size, seed=cfg.seed, sampler=cfg.online_sampler,
                         missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
-                        iterations=iterations, iteration_slices=cfg.iteration_slices)
+                        iterations=iterations, iteration_slices=cfg.iteration_slices, vllm=vllm)
 
 
 def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[TokenizedData, TokenizedData | None]:
