@@ -131,6 +131,13 @@ def test_hypo_offline_pairs_with_the_online_kl_term(files, tmp_path):
     assert records[-1]["objective/kl"] != 0  # the samples drift from the reference
 
 
+def test_iterations_with_the_initial_model_as_reference(files, tmp_path):
+    assert main(online_argv(files, tmp_path, "sigmoid", "--iterations", "2", "--iteration_reference", "initial",
+                            steps=6)) == 0
+    records = read_metrics(tmp_path)
+    assert not (tmp_path / "iterate-1").exists() and records[3]["rewards/margins"] != 0  # the reference stayed
+
+
 def test_selm_iterations_on_disjoint_slices_of_the_prompts(files, tmp_path, monkeypatch):
     """SELM with 2 iterations and iteration slices: the first iteration's prompts are the first half of the file,
     the second's the second half; the reference moves to the previous iterate."""

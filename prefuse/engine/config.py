@@ -85,6 +85,7 @@ class TrainConfig:
     pair_samples: int = 2                        # judged pairs: 2 (online DPO), n > 2: best vs worst (iterative DPO)
     iterations: int = 1                          # > 1: the reference becomes the previous iterate each iteration
     iteration_slices: bool = False               # each iteration its own slice of the prompts (SELM, RLHF Workflow)
+    iteration_reference: str = "previous"        # "previous" iterate, or the "initial" (SFT) model throughout
     use_vllm: bool = False                       # the policy's samples from vLLM on the same GPU (CUDA, optional)
     vllm_gpu_memory_utilization: float = 0.3
     # run
@@ -217,6 +218,8 @@ class TrainConfig:
         check_field(self.iterations == 1 or self.needs().reference, "iterations",
                     f"{self.loss_type} read no reference, so there is none to move to the previous iterate")
         check_field(not self.iteration_slices or self.iterations > 1, "iteration_slices", "needs --iterations > 1")
+        check_field(self.iteration_reference in ("previous", "initial"), "iteration_reference",
+                    f"{self.iteration_reference!r} is not previous or initial")
         check_field(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
                     "needs max_steps >= iterations (the steps are split evenly between the iterations)")
         check_field(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")

@@ -18,10 +18,16 @@ from prefuse.engine.model import Models
 
 
 class Iterations:
-    def __init__(self, models: Models, output_dir: str | Path, batches_per_iteration: int, count: int):
+    def __init__(self, models: Models, output_dir: str | Path, batches_per_iteration: int, count: int,
+                 reference: str = "previous"):
+        """reference: "previous" (the previous iterate, RLHF Workflow's and SELM's default) or "initial" (the
+        starting model throughout: the iterations then only change the prompt slices)."""
         if batches_per_iteration < 1:
             raise ValueError(f"iterations: each iteration needs at least one batch, got {batches_per_iteration}")
+        if reference not in ("previous", "initial"):
+            raise ValueError(f"iteration_reference: {reference!r} is not 'previous' or 'initial'")
         self.models, self.out, self.every, self.count = models, Path(output_dir), batches_per_iteration, count
+        self.moves = reference == "previous"
 
     def iteration(self, served: int) -> int:
         """The iteration (0-based) that the batch numbered `served` (0-based) belongs to."""
@@ -29,13 +35,13 @@ class Iterations:
 
     def before_batch(self, served: int) -> None:
         """At the first batch of iteration k >= 1, the reference becomes the current policy (iterate k)."""
-        if served and served % self.every == 0:
+        if self.moves and served and served % self.every == 0:
             self._set_reference(self._snapshot(), self.iteration(served))
 
     def restore(self, served: int) -> None:
         """After a resume at batch `served`: the reference of its iteration, from the saved iterate."""
         k = self.iteration(served)
-        if k == 0:
+        if k == 0 or not self.moves:
             return
         from transformers import AutoModelForCausalLM
 

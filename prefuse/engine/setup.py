@@ -163,7 +163,7 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
     iterations = None
     if cfg.iterations > 1:  # max_steps is set (validated): the steps split evenly between the iterations
         iterations = Iterations(models, out, math.ceil(cfg.max_steps / cfg.iterations)
-                                * cfg.gradient_accumulation_steps, cfg.iterations)
+                                * cfg.gradient_accumulation_steps, cfg.iterations, cfg.iteration_reference)
     vllm = None
     if cfg.use_vllm:
         from prefuse.engine.rollout_vllm import VLLMSampler
