@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per objective")
     p.set_defaults(run=_objectives)
 
+    p = sub.add_parser("merge-adapters", help="the exact linear combination of LoRA adapters (sum_k w_k B_k A_k)",
+                       description="Writes one LoRA adapter whose weight update is the weighted sum of the given "
+                                   "adapters' updates, exactly (peft's 'cat' combination; 'linear' is not exact).")
+    p.add_argument("--adapters", nargs="+", required=True, help="LoRA adapter directories (peft's layout)")
+    p.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter")
+    p.add_argument("--output", required=True, help="where the combined adapter goes")
+    p.add_argument("--base", default=None, help="the base model directory (default: the first adapter's)")
+    p.set_defaults(run=_merge_adapters)
+
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90/gfx942 and report registers",
                        description="Compiles each Triton kernel in every launch config for GPU targets (no GPU "
                                    "needed) and prints registers, spills and errors.")
@@ -167,6 +176,18 @@ def _train_config(args: argparse.Namespace):
     values.update(given)
     values["objective_args"] = objective_args
     return TrainConfig.from_dict(values)
+
+
+def _merge_adapters(args) -> int:
+    try:
+        from prefuse.engine.adapters import merge_adapters
+
+        path = merge_adapters(args.adapters, args.weights, args.output, base=args.base)
+    except (ValueError, OSError) as error:
+        print(f"prefuse merge-adapters: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(f"combined adapter written to {path}")
+    return 0
 
 
 def _objectives(args) -> int:

@@ -1,0 +1,56 @@
+"""The exact linear combination of LoRA adapters: `prefuse merge-adapters` (COFS-DPO's combination of domains).
+
+    merge_adapters(["fast_a", "fast_b"], [0.5, 0.5], "combined")      # combined/: one peft adapter
+
+The result's weight update is sum_k lambda_k * B_k A_k exactly: peft's `add_weighted_adapter` with
+`combination_type="cat"` stacks the factors (lambda_k * scaling_k * A_k under B_k; rank = sum of the ranks, scaling
+1). Its `"linear"` combines A and B separately, whose product has cross terms, which is not that combination.
+The output is written to a temporary directory and renamed into place: an interrupted merge leaves nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+CONFIG = "adapter_config.json"
+
+
+def _adapter_config(path: str) -> dict:
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        raise ValueError(f"adapters: {path} has no {CONFIG}; pass LoRA adapter directories (peft's layout, as "
+                         f"prefuse checkpoints of LoRA runs write them)")
+    return json.loads(file.read_text())
+
+
+def merge_adapters(adapters: list[str], weights: list[float], output: str, base: str | None = None) -> Path:
+    """Write the adapter whose update is sum_k weights[k] * (update of adapters[k]) to `output` and return it.
+    base: the model the adapters were trained on (default: the first adapter's base_model_name_or_path)."""
+    if len(adapters) < 1:
+        raise ValueError("adapters: give at least one adapter directory")
+    if len(weights) != len(adapters):
+        raise ValueError(f"weights: {len(weights)} weight(s) for {len(adapters)} adapter(s)")
+    configs = [_adapter_config(a) for a in adapters]
+    base = base or configs[0].get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ValueError(f"base: {base!r} is not a model directory; pass --base DIR (the model the adapters were "
+                         f"trained on)")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    names = [f"adapter_{k}" for k in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        peft_model.load_adapter(path, adapter_name=name)
+    peft_model.add_weighted_adapter(names, [float(w) for w in weights], adapter_name="default",
+                                    combination_type="cat")
+    out = Path(output)
+    temp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(temp, ignore_errors=True)
+    peft_model.save_pretrained(temp, selected_adapters=["default"])
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(temp, out)
+    return out
