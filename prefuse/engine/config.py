@@ -161,25 +161,8 @@ class TrainConfig:
         if not Path(self.dataset_name).exists():
             raise ValueError(f"dataset_name: no such file or directory: {self.dataset_name}")
         self._validate_objective()
-        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype",
-                    f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
-        check_field(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
-                    f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
-        check_field(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
-        check_field(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        check_training_settings(self)
         check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "lora_r"):
-            check_field(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        check_field(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
-                    "set max_steps > 0 or num_train_epochs > 0")
-        check_field(self.save_steps >= 0, "save_steps", f"must be >= 0 (0: never), got {self.save_steps}")
-        check_field(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
-                    f"must be >= 1, got {self.save_total_limit}")
-        check_field(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check_field(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check_field(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        check_field(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         check_field(self.max_length is None or self.max_length >= 2, "max_length",
                     f"must be >= 2, got {self.max_length}")
         check_field(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
@@ -256,6 +239,27 @@ class TrainConfig:
                     "completion)")
         check_field(not (self.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
                     "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
+
+
+def check_training_settings(cfg) -> None:
+    """The optimization and run settings TrainConfig and RewardModelConfig share: one-line errors naming the
+    field."""
+    check_field(cfg.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{cfg.torch_dtype!r} is not one of {TORCH_DTYPES}")
+    check_field(cfg.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
+                f"{cfg.lr_scheduler_type!r} is not one of {SCHEDULERS}")
+    check_field(cfg.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
+    check_field(cfg.learning_rate > 0, "learning_rate", f"must be positive, got {cfg.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "lora_r"):
+        check_field(int(getattr(cfg, name)) >= 1, name, f"must be at least 1, got {getattr(cfg, name)}")
+    check_field(cfg.max_steps > 0 or cfg.num_train_epochs > 0, "max_steps", "set max_steps > 0 or num_train_epochs > 0")
+    check_field(cfg.save_steps >= 0, "save_steps", f"must be >= 0 (0: never), got {cfg.save_steps}")
+    check_field(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit",
+                f"must be >= 1, got {cfg.save_total_limit}")
+    check_field(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    check_field(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    check_field(0 <= cfg.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    check_field(0 <= cfg.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {cfg.eval_fraction}")
 
 
 def check_held_out_and_resume(cfg) -> None:

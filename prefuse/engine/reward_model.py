@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from prefuse.engine.config import SCHEDULERS, TORCH_DTYPES, check_field, check_held_out_and_resume
+from prefuse.engine.config import check_field, check_held_out_and_resume, check_training_settings
 from prefuse.engine.data import PairBatches
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import DTYPES, check_model_dir, lora_targets, load_tokenizer
@@ -98,22 +98,7 @@ class RewardModelConfig:
                     f"save_pretrained)")
         check_field(Path(self.dataset_name).exists(), "dataset_name", f"no such file or directory: {self.dataset_name}")
         check_field(self.kind in KINDS, "kind", f"{self.kind!r} is not one of {KINDS}")
-        check_field(self.torch_dtype in TORCH_DTYPES, "torch_dtype",
-                    f"{self.torch_dtype!r} is not one of {TORCH_DTYPES}")
-        check_field(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
-                    f"{self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
-        check_field(self.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
-        check_field(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "lora_r"):
-            check_field(int(getattr(self, name)) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        check_field(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
-                    "set max_steps > 0 or num_train_epochs > 0")
-        for name in ("save_steps", "warmup_steps", "weight_decay"):
-            check_field(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        check_field(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
-                    f"must be >= 1, got {self.save_total_limit}")
-        check_field(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        check_training_settings(self)
         check_field(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
                     "center_rewards_coefficient", f"must be >= 0, got {self.center_rewards_coefficient}")
         check_field(self.center_rewards_coefficient is None or self.kind == "bradley_terry",
@@ -121,7 +106,6 @@ class RewardModelConfig:
                     "centres the rewards of kind bradley_terry; a pairwise model's logits are log-odds")
         check_field(self.max_length is None or self.max_length >= 2, "max_length",
                     f"must be >= 2, got {self.max_length}")
-        check_field(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         check_held_out_and_resume(self)
         return self
 

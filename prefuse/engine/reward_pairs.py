@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from prefuse.engine.data import BadRow, DataError, SkippedRows, collate_sequences, detect_format, load_records
+from prefuse.engine.data import (BadRow, DataError, SkippedRows, collate_sequences, detect_format, held_out_split,
+                                 load_records)
 from prefuse.engine.data.formats import NEEDED_COLUMNS, PAIRED_FORMATS, RowIssue, split_row
 from prefuse.engine.data.loading import WHERE_COLUMN, row_problem
 from prefuse.engine.judges.base import is_conversation, plain_prompt
@@ -149,11 +150,10 @@ def load_splits(cfg, tokenizer) -> tuple[RewardPairs, RewardPairs | None]:
         held_out = (load(cfg.eval_split) if Path(cfg.eval_split).exists()
                     else load(cfg.dataset_name, split=cfg.eval_split))
     elif cfg.eval_fraction:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = max(1, round(cfg.eval_fraction * len(train)))
-        if n_eval >= len(train):
+        held_indices, train_indices = held_out_split(len(train), cfg.eval_fraction, cfg.seed)
+        if not train_indices:
             raise ValueError(f"eval_fraction: {cfg.eval_fraction} of {len(train)} pairs leaves none to train on")
-        held_out, train = train.subset(sorted(order[:n_eval])), train.subset(sorted(order[n_eval:]))
+        held_out, train = train.subset(held_indices), train.subset(train_indices)
     return train, held_out
 
 

@@ -18,7 +18,9 @@ import torch
 
 from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from prefuse.engine.config import TrainConfig
-from prefuse.engine.data import DataError, TokenizedData, load_preference_data, pairs_to_completions
+from prefuse.engine.data import (DataError, TokenizedData, check_response_tokens_left, detect_format,
+                                 held_out_split, load_preference_data, load_records, pairs_to_completions,
+                                 tokenize_preferences)
 from prefuse.engine.data.formats import UNPAIRED_FORMATS
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import load_models
@@ -182,17 +184,18 @@ def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[Token
     options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
                    skip_bad_rows=cfg.skip_bad_rows)
 
-    def load(path, **extra):
-        from prefuse.engine.data import detect_format, load_records
-
-        kind = "completions" if detect_format(load_records(path, **extra)) in UNPAIRED_FORMATS else "pairs"
+    def load(path, split="train"):
+        records = load_records(path, split=split)  # read once: its format decides what the objective gets
+        fmt = detect_format(records)
+        kind = "completions" if fmt in UNPAIRED_FORMATS else "pairs"
         if needs.data == "pairs" and kind == "completions":
             raise DataError(f"{path}: loss_type {cfg.loss_type} learns from pairs (prompt, chosen, rejected); "
                             f"this file holds unpaired completions")
         hint = (f"needed by loss_type {' '.join(cfg.loss_type)} (`prefuse objectives` lists the columns each "
                 f"objective reads)")
-        data = load_preference_data(path, tokenizer, needs="unpaired" if kind == "completions" else "pairs",
-                                    require=needs.columns(kind), require_hint=hint, **options, **extra)
+        data = tokenize_preferences(records, tokenizer, fmt=fmt, source=str(path), require=needs.columns(kind),
+                                    require_hint=hint, **options)
+        check_response_tokens_left(data, str(path))
         return pairs_to_completions(data) if needs.data == "completions" and kind == "pairs" else data
 
     data = load(cfg.dataset_name)
@@ -201,10 +204,9 @@ def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[Token
         eval_data = (load(cfg.eval_split) if Path(cfg.eval_split).exists()
                      else load(cfg.dataset_name, split=cfg.eval_split))
     elif cfg.eval_fraction:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = max(1, round(cfg.eval_fraction * len(data)))
-        eval_data = TokenizedData(data.format, [data.examples[i] for i in sorted(order[:n_eval])])
-        data = TokenizedData(data.format, [data.examples[i] for i in sorted(order[n_eval:])], data.skipped)
+        held_out, kept = held_out_split(len(data), cfg.eval_fraction, cfg.seed)
+        eval_data = TokenizedData(data.format, [data.examples[i] for i in held_out])
+        data = TokenizedData(data.format, [data.examples[i] for i in kept], data.skipped)
     if len(data) == 0:
         raise DataError(f"dataset_name: {cfg.dataset_name} leaves no training examples")
     if eval_data is not None and len(eval_data) == 0:

@@ -29,7 +29,7 @@ from prefuse.engine.data.formats import (
     detect_format,
 )
 from prefuse.engine.data.loading import load_records
-from prefuse.engine.data.order import PairBatches
+from prefuse.engine.data.order import PairBatches, held_out_split
 from prefuse.engine.data.prompts import PromptData, load_prompts, tokenize_prompts
 from prefuse.engine.data.tokenize import TokenizedData, check_response_tokens_left, tokenize_preferences, truncate
 

@@ -61,3 +61,11 @@ class PairBatches:
         if not 0 <= int(state["position"]) <= len(self):
             raise ValueError(f"cannot resume: position {state['position']} outside 0..{len(self)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def held_out_split(n_examples: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out indices, training indices), each sorted: round(fraction * n) examples (at least 1) drawn by the
+    seed, the same for every run with that seed."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(fraction * n_examples))
+    return sorted(order[:n_eval]), sorted(order[n_eval:])
