@@ -325,6 +325,14 @@ def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files,
     expected, _ = prefuse.objective_loss(name, beta=cfg.beta, **inputs, **batch.inputs, **hparams)
     assert abs(float(loss.detach()) - float(expected)) <= 1e-4 * (1 + abs(float(expected))), (float(loss),
                                                                                              float(expected))
+    # TRL's online metrics over the sampled responses: KL = mean(log pi - log pi_ref), entropy = -mean(log pi)
+    sampled = torch.cat([rows.reshape(-1) for role, rows in batch.roles.items() if role != "sample"])
+    if loss_type != "grpo":  # grpo reads token log-probs only: no sums to report
+        assert float(metrics["objective/entropy"]) == pytest.approx(-float(policy.sum(-1)[sampled].mean()),
+                                                                    rel=1e-4)
+    if ref is not None and "objective/kl" in metrics:
+        want_kl = float((policy.sum(-1) - ref.sum(-1))[sampled].mean())
+        assert float(metrics["objective/kl"]) == pytest.approx(want_kl, rel=1e-3, abs=1e-4)
     # gradients: the step's loss through the fused head equals the float64 objective's, chained through the
     # same per-row log-probs (compare d loss / d hidden via the policy statistics' gradients)
     grads = [torch.zeros_like(v) if g is None else g for v, g in zip(policy_leaves.values(), torch.autograd.grad(
