@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per objective")
     p.set_defaults(run=_objectives)
 
+    from prefuse.engine.generate import GenerateConfig
+
+    p = sub.add_parser("generate", help="answers of a local model, then N self-revisions of them (SRPO)",
+                       description="prompt -> answer -> revised answer, --revisions times, each revision prompt made "
+                                   "by the revision template from the prompt and the previous answer. Writes every "
+                                   "stage's prompt and answer per prompt to --output (JSON lines); with --judge (or "
+                                   "--reward_model_path) and --opponent_column, the win rate of each stage.")
+    _config_flags(p, GenerateConfig)
+    p.set_defaults(run=_generate)
+
     p = sub.add_parser("merge-adapters", help="the exact linear combination of LoRA adapters (sum_k w_k B_k A_k)",
                        description="Writes one LoRA adapter whose weight update is the weighted sum of the given "
                                    "adapters' updates, exactly (peft's 'cat' combination; 'linear' is not exact).")
@@ -117,6 +127,7 @@ _TRAIN_HELP = {
     "iterations": "online: split the steps into iterations; the reference becomes the previous iterate",
     "iteration_slices": "online: each iteration draws its prompts from its own slice of the prompts",
     "iteration_reference": "online iterations: previous (iterate) or initial (the starting model throughout)",
+    "revision_template": "srpo: the revision prompt, a file or a string with {prompt} and {previous} (README, SRPO)",
     "use_vllm": "online: sample the policy with vLLM on the same GPU (CUDA, pip install vllm)",
     "vllm_gpu_memory_utilization": "online, --use_vllm: the share of GPU memory vLLM may take",
 }
@@ -178,6 +189,17 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def _generate(args) -> int:
+    try:
+        from prefuse.engine.generate import GenerateConfig, generate
+
+        generate(GenerateConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
+    except (ValueError, OSError, ImportError) as error:  # DataError and JudgeError are ValueErrors
+        print(f"prefuse generate: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _merge_adapters(args) -> int:
     try:
         from prefuse.engine.adapters import merge_adapters
@@ -215,7 +237,10 @@ def _train(args) -> int:
         return _objectives(argparse.Namespace(names=[], json=False))
     try:
         cfg = _train_config(args)
-        from prefuse.engine.loop import train
+        if cfg.domains:  # COFS-DPO: domain after domain, then the combination and the forgetting report
+            from prefuse.engine.cofs import train_domains as train
+        else:
+            from prefuse.engine.loop import train
 
         train(cfg)
     except (ValueError, OSError, ImportError) as error:  # DataError is a ValueError

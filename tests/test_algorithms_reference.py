@@ -254,9 +254,12 @@ def nash_md_reference(x, b, *, kl_estimator="sequence"):
 def hypo_kl_reference(x, b, *, kl_estimator="reinforce_rloo"):
     po, ro = x["policy_online_logps"], x["ref_online_logps"]
     if kl_estimator == "per_token_k3":
+        # value: k3 summed over tokens; gradient: sum_t (reward-to-go of sg(log-ratio)) * grad log pi_t (score function)
         pt, rt, m = x["policy_online_token_logps"], x["ref_online_token_logps"], x["online_token_mask"].double()
-        k3 = torch.exp(rt - pt) - (rt - pt) - 1
-        return (k3 * m).sum(-1).mean(-1)
+        d = (pt - rt).detach() * m
+        k3 = (torch.exp(-d) + d - 1) * m
+        to_go = torch.stack([d[..., t:].sum(-1) for t in range(d.shape[-1])], -1)
+        return (k3.sum(-1) + (to_go * (pt - pt.detach()) * m).sum(-1)).mean(-1)
     d = (po - ro).detach()
     total = torch.zeros_like(po[:, 0])
     for i in range(K):
@@ -310,6 +313,9 @@ def alol_reference(kind, x, b, *, ppo_clip=0.9):
         return -p * a.clamp(min=0) + b * (p - r)
     if kind == "wbc":
         return -p * x["rewards"]
+    if kind == "r_gold":  # GOLD's token weight max(pi(y_t), 0.1), without gradient, times the reward
+        pt, m = x["policy_token_logps"], x["token_mask"].double()
+        return -(pt * torch.clamp(torch.exp(pt.detach()), min=0.1) * m).sum(-1) * x["rewards"]
     return -p * ratio(p, r, ppo_clip) * x["rewards"].clamp(min=0)  # r_lol
 
 
@@ -476,7 +482,7 @@ CASES += [
     ("srpo", {"srpo_alpha": 0.3}, (), lambda x, b: srpo_reference(x, b, srpo_alpha=0.3)),
     *[
         (kind, {}, (), lambda x, b, kind=kind: alol_reference(kind, x, b))
-        for kind in ("alol", "alol_seq", "alol_ref_free", "alol_kl", "wbc", "r_lol")
+        for kind in ("alol", "alol_seq", "alol_ref_free", "alol_kl", "wbc", "r_lol", "r_gold")
     ],
     ("alol", {"ppo_clip": 0.2}, (), lambda x, b: alol_reference("alol", x, b, ppo_clip=0.2)),
     ("alol_seq", {"ppo_clip": 0.2}, (), lambda x, b: alol_reference("alol_seq", x, b, ppo_clip=0.2)),

@@ -3,8 +3,8 @@
 Inputs, as keywords (one row per example (x, y) of the offline data):
     policy_logps [B], ref_logps [B]   sums of the response-token log-probs of y under the policy and pi_ref
     advantages [B]                    A = R(x, y) - V_ref(x), precomputed once before training
-    rewards [B]                       R(x, y) (wbc and r_lol)
-    policy_token_logps [B, T], ref_token_logps [B, T], token_mask [B, T]   (alol_seq) per-token log-probs
+    rewards [B]                       R(x, y) (wbc, r_lol and r_gold)
+    policy_token_logps [B, T], ref_token_logps [B, T], token_mask [B, T]   (alol_seq, r_gold) per-token log-probs
 NLL(y) = -policy_logps; A+ = max(A, 0). Importance weights carry no gradient and are clamped to
 [1 - ppo_clip, 1 + ppo_clip] (ppo_clip = 0.9, the default recorded in ALGORITHMS.md section 8).
 """
@@ -86,7 +86,28 @@ def wbc(*, policy_logps, rewards, beta):
 def r_lol(*, policy_logps, ref_logps, rewards, beta, ppo_clip=0.9):
     """R-LoL: A-LoL with the reward in place of the advantage, NLL(y) * clamp(pi/pi_ref) * max(R, 0).
 
-    The clip of R at 0 mirrors A+ [UNVERIFIED]; it is a no-op for rewards in [0, 1] as in the HH setup.
+    The clip of R at 0 mirrors A+ [UNVERIFIED]; the authors' loop (LoL-RL @ 9f8d816) does not clip R, which makes
+    no difference for its rewards, sigmoid scores in [0, 1] (a deliberate difference for negative rewards).
     """
     weights = clipped_ratio(policy_logps, ref_logps, ppo_clip) * rewards.detach().clamp(min=0)
     return -policy_logps * weights, _metrics(policy_logps, ref_logps, weights)
+
+
+@register("r_gold", requires={"policy_token_logps", "token_mask", "rewards"}, hparams={"gold_min_prob": 0.1})
+def r_gold(*, policy_token_logps, token_mask, rewards, beta, gold_min_prob=0.1):
+    """R-GOLD: sum_t NLL_t * max(pi(y_t), gold_min_prob) * R, the token probability detached (GOLD's importance
+    weight under a uniform-ish behaviour policy, lower-bounded; the authors use 0.1, 0.15 or 0.2 by task). R is not
+    clipped, as in the authors' loop.
+
+    policy_token_logps, token_mask [B, T], rewards [B] -> losses [B].
+    """
+    mask = token_mask.bool()
+
+    def masked_sum(values):  # where(), not a product: padding may hold any value
+        return torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+
+    token_weights = torch.exp(policy_token_logps.detach().clamp(max=0)).clamp(min=gold_min_prob)
+    reward = rewards.detach()
+    losses = -masked_sum(policy_token_logps * token_weights) * reward
+    mean_weights = masked_sum(token_weights) / mask.sum(-1).clamp(min=1) * reward
+    return losses, _metrics(masked_sum(policy_token_logps), None, mean_weights)

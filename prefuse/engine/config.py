@@ -56,6 +56,22 @@ class TrainConfig:
     beta: float = 0.1
     objective_args: dict[str, Any] = field(default_factory=dict)
     precompute_ref_log_probs: bool = False
+    revision_template: str | None = None   # SRPO: a file, or a string with {prompt} and {previous} (revision.py)
+    # OFS-DPO's two adapters (engine/ofs.py) and COFS-DPO's domains (engine/cofs.py)
+    ofs_slow_lr_ratio: float = 0.1      # the slow adapter's learning rate = learning_rate * this
+    ofs_chasing_interval: int = 50      # steps between two checks of the role-swap criterion
+    ofs_swap_mode: str = "roles"        # "roles" (the F role moves) or "params" (the adapters' weights swap)
+    domains: list[str] | None = None    # COFS-DPO: preference files trained on one after another
+    domain_weights: list[float] | None = None   # lambda_k of the combined fast adapters (default: uniform)
+    # A-LoL's advantages and sampling (engine/advantages.py, engine/value_head.py)
+    advantages: str = field(default="auto", metadata={"help": "A-LoL's advantages: auto (the advantage column, else "
+                            "reward minus the mean reward), column, mean, or value_head (reward minus V_ref(x))"})
+    value_head_epochs: int = field(default=10, metadata={"help": "--advantages value_head: epochs of its fit"})
+    value_head_lr: float = field(default=1e-5, metadata={"help": "--advantages value_head: its AdamW learning rate"})
+    value_fraction: float = field(default=0.1, metadata={"help": "--advantages value_head: the fraction of the "
+                                  "training prompts held out to fit V (training does not see them)"})
+    sampling_strategy: str = field(default="random", metadata={"help": "random (shuffled epochs), or good_priority "
+                                   "(draw examples with probability proportional to their positive advantage)"})
     # optimization
     learning_rate: float = 1e-6
     per_device_train_batch_size: int = 8
@@ -95,8 +111,26 @@ class TrainConfig:
     save_total_limit: int | None = None
     eval_steps: int | None = None       # default: logging_steps, when there is an eval set
     resume_from_checkpoint: str | None = None   # "latest" or a checkpoint directory
+    init_adapters: str | None = None    # a checkpoint of a LoRA run whose adapters start this one (fresh optimizer)
     report_to: str = "auto"             # "auto": TensorBoard when installed; "none"; "tensorboard"
     device: str = "auto"
+    # the over-optimisation monitor (engine/monitor.py, ALGORITHMS.md section 11)
+    monitor_steps: int = field(default=0, metadata={"help": "every N steps: top-k entropy and mass of the policy's "
+                                                            "samples on held-out prompts (0: no monitor)"})
+    monitor_prompts: str | None = field(default=None, metadata={"help": "the monitor's prompts (default: the eval "
+                                                                        "split's); chosen responses too if it has"})
+    monitor_samples: int = field(default=16, metadata={"help": "how many held-out prompts the monitor reads"})
+    monitor_top_k: int = field(default=10, metadata={"help": "k of the top-k indicators"})
+    monitor_ema: float = field(default=0.5, metadata={"help": "decay of the indicators' EMA (0: none)"})
+    monitor_patience: int = field(default=3, metadata={"help": "falls of the EMA in a row after its peak that flag "
+                                                               "over-optimisation"})
+    monitor_indicator: str | None = field(default=None, metadata={"help": "entropy or mass (default: mass for "
+                                                                          "hinge, entropy otherwise)"})
+    monitor_max_new_tokens: int = field(default=64, metadata={"help": "the monitor's longest sampled response"})
+    monitor_keep_best: bool = field(default=False, metadata={"help": "keep the checkpoint at the EMA's peak as "
+                                                                     "output_dir/best/ (on with --early_stopping)"})
+    early_stopping: bool = field(default=False, metadata={"help": "stop when the monitor flags over-optimisation; "
+                                                                  "output_dir/best/ holds the peak"})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -168,6 +202,15 @@ class TrainConfig:
         check_field(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
                     f"must be >= 1, got {self.max_prompt_length}")
         check_held_out_and_resume(self)
+        check_field(not self.domains, "domains", "domain after domain is prefuse.engine.cofs.train_domains "
+                                                 "(prefuse train --domains), not train()")
+        from prefuse.engine.monitor import check_monitor_settings
+
+        check_monitor_settings(self)
+        check_field(self.init_adapters is None or self.use_peft, "init_adapters",
+                    "starts LoRA adapters: add --use_peft")
+        check_field(self.init_adapters is None or (Path(self.init_adapters) / "checkpoint.json").is_file(),
+                    "init_adapters", f"{self.init_adapters} is not a prefuse checkpoint directory (checkpoint-<step>)")
         return self
 
     def needs(self):
@@ -221,9 +264,10 @@ class TrainConfig:
         if self.online:
             self._validate_online()
         else:
-            for name in ("reward_funcs", "reward_model_path", "judge"):
-                check_field(not getattr(self, name), name, "judges score samples of online runs: add --online")
             check_field(not self.use_vllm, "use_vllm", "vLLM samples online runs: add --online")
+        from prefuse.engine.advantages import check_settings  # offline judges give A-LoL's rewards
+
+        check_settings(self, needs)
         specs = [get_objective(n) for n in self.loss_type]
         check_field(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
                     f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
@@ -237,8 +281,22 @@ class TrainConfig:
         check_field(self.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
                     "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
                     "completion)")
+        if self.revision_template is not None:  # SRPO's revision prompt: ValueError "revision_template: ..."
+            from prefuse.engine.revision import load_template
+
+            check_field(needs.revision, "revision_template", f"{self.loss_type} read no revision rows (srpo does)")
+            load_template(self.revision_template)
         check_field(not (self.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
                     "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
+        check_field(not needs.slow_adapter or self.use_peft, "use_peft",
+                    f"{self.loss_type} train two LoRA adapters (fast and slow) on one base model; add --use_peft")
+        check_field(not needs.slow_adapter or len(self.loss_type) == 1, "loss_type",
+                    "ofs_dpo trains its two adapters alone; do not combine it with other objectives")
+        check_field(self.ofs_slow_lr_ratio > 0, "ofs_slow_lr_ratio", f"must be positive, got {self.ofs_slow_lr_ratio}")
+        check_field(self.ofs_chasing_interval >= 1, "ofs_chasing_interval",
+                    f"must be at least 1, got {self.ofs_chasing_interval}")
+        check_field(self.ofs_swap_mode in ("roles", "params"), "ofs_swap_mode",
+                    f"{self.ofs_swap_mode!r} is not roles or params")
 
 
 def check_training_settings(cfg) -> None:

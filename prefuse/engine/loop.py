@@ -46,22 +46,27 @@ def train(cfg: TrainConfig, source: BatchSource | None = None) -> dict:
             for key, value in {"loss": loss, **batch_metrics}.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value.detach()) * share
             tokens += batch.n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                   else math.inf)
-        metrics["learning_rate"] = run.scheduler.get_last_lr()[0]
+        grad_norm = clip_grad_norms(run.optimizer, cfg.max_grad_norm)
+        rates = run.scheduler.get_last_lr()
+        metrics["learning_rate"] = rates[0]
+        for group, rate in list(zip(run.optimizer.param_groups, rates))[1:]:  # OFS-DPO's slow adapter
+            metrics[f"learning_rate/{group.get('name', 'group')}"] = rate
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         step += 1
-        metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = grad_norm
+        metrics.update(run.step.after_update(step, metrics, run.optimizer))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics.get('rewards/margins', math.nan):+.3f}")
         run.log.add(metrics, tokens=tokens, seconds=time.perf_counter() - started)
 
         scores = (evaluate(run) if run.eval_data is not None and (step % eval_steps == 0 or step == run.total_steps)
                   else {})
+        monitored, stop = run.monitor.after_step(step, lambda d: save(run, step, d)) if run.monitor else ({}, False)
+        scores.update(monitored)  # the over-optimisation monitor's indicators (engine/monitor.py)
         record = {}
-        if step % cfg.logging_steps == 0 or step == run.total_steps:
+        if step % cfg.logging_steps == 0 or step == run.total_steps or stop:
             record = run.log.flush(step, epoch=run.source.epoch, extra=scores)
             bar.write(f"step {step}/{run.total_steps}  loss {record['loss']:.4f}  margin "
                       f"{record.get('rewards/margins', math.nan):+.4f}  acc {record.get('rewards/accuracies', 0):.2f}"
@@ -69,15 +74,25 @@ def train(cfg: TrainConfig, source: BatchSource | None = None) -> dict:
         elif scores:
             record = {"step": step, **scores}
             run.log.write(record)
-        if scores:
+        if "eval_loss" in scores:
             bar.write(f"step {step}/{run.total_steps}  eval_loss {scores['eval_loss']:.4f}  eval margin "
                       f"{scores.get('eval_rewards/margins', math.nan):+.4f}")
         last = record or last
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == run.total_steps:
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == run.total_steps or stop:
             save(run, step)
+        if stop:  # --early_stopping: the monitor saw the turn; output_dir/best/ holds the peak
+            break
     bar.close()
     run.log.close()
     return last
+
+
+def clip_grad_norms(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip each parameter group's gradient to max_norm on its own (a group is one optimizer's worth: OFS-DPO's
+    two adapters); return the norm of all of them together, before clipping."""
+    norms = [torch.nn.utils.clip_grad_norm_(group["params"], max_norm if max_norm > 0 else math.inf)
+             for group in optimizer.param_groups]
+    return float(torch.stack([n.float() for n in norms]).norm())
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -95,11 +110,15 @@ def evaluate(run: Run) -> dict[str, float]:
     return {f"eval_{key}": value / count for key, value in sums.items()}
 
 
-def save(run: Run, step: int) -> None:
-    save_checkpoint(run.out, step, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
-                    save_total_limit=run.cfg.save_total_limit,
-                    trainer_state={"step": step, "epoch": run.source.epoch, "batches": run.source.state_dict(),
-                                   "window": run.log.window_state(), "total_steps": run.total_steps})
+def save(run: Run, step: int, output_dir=None):
+    """The run's checkpoint of `step` in output_dir/checkpoint-{step} (default: the run's; the monitor's best/ is
+    staged in another); returns its path."""
+    state = {"step": step, "epoch": run.source.epoch, "batches": run.source.state_dict(),
+             "window": run.log.window_state(), "total_steps": run.total_steps, "step_state": run.step.state_dict(),
+             **({"monitor": run.monitor.state_dict()} if run.monitor else {})}
+    return save_checkpoint(output_dir or run.out, step, model=run.policy, optimizer=run.optimizer,
+                           scheduler=run.scheduler, trainer_state=state,
+                           save_total_limit=None if output_dir else run.cfg.save_total_limit)
 
 
 __all__ = ["train", "evaluate", "TrainConfig", "peak_memory_mib"]

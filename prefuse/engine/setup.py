@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from prefuse.engine.advantages import prepare_advantages, priority_order, priority_steps, required_columns
+from prefuse.engine.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
 from prefuse.engine.config import TrainConfig
 from prefuse.engine.data import (DataError, TokenizedData, check_response_tokens_left, detect_format,
                                  held_out_split, load_preference_data, load_records, pairs_to_completions,
@@ -24,11 +25,14 @@ from prefuse.engine.data import (DataError, TokenizedData, check_response_tokens
 from prefuse.engine.data.formats import UNPAIRED_FORMATS
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import load_models
+from prefuse.engine.monitor import Monitor, build_monitor
 from prefuse.engine.objectives import ObjectiveNeeds
+from prefuse.engine.ofs import FastSlowStep, add_slow_adapter, param_groups
 from prefuse.engine.iterations import Iterations
 from prefuse.engine.online import OnlineSource
 from prefuse.engine.rollout import RolloutConfig
 from prefuse.engine.reference_cache import ReferenceCache, cache_path
+from prefuse.engine.revision import add_revision_rows, revision_report, revision_unlearnable
 from prefuse.engine.sources import BatchSource, OfflineSource, batches
 from prefuse.engine.step import Step
 from prefuse.heads import head_of
@@ -54,6 +58,7 @@ class Run:
     pad_id: int
     references: dict  # split -> ReferenceCache (precomputed reference log-probs)
     baseline: float   # the training set's mean reward (advantages without an `advantage` column)
+    monitor: Monitor | None = None  # the over-optimisation monitor (--monitor_steps)
 
     def eval_batches(self):
         return batches(self.eval_data, self.needs, batch_size=self.cfg.per_device_eval_batch_size,
@@ -76,14 +81,21 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     # online methods that sample from the reference or the mixture need it even when their loss does not
     samples_reference = cfg.online and (needs.reference or "sample" in needs.roles or "nash_md" in cfg.loss_type
                                         or cfg.online_sampler == "mixture")
-    models = load_models(cfg.model_config(), device=device, need_reference=needs.reference or samples_reference)
+    value_reference = cfg.advantages == "value_head" and cfg.ref_model_name_or_path is not None  # V_ref(x)
+    models = load_models(cfg.model_config(), device=device,
+                         need_reference=needs.reference or samples_reference or value_reference)
     tokenizer = models.tokenizer
     if tokenizer is None:
         raise ValueError(f"model_name_or_path: {cfg.model_name_or_path} has no tokenizer files")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loss_fn = PreferenceLoss(cfg.objective, beta=cfg.beta, loss_weights=cfg.loss_weights,
                              softcap=head_of(models.policy).softcap, **cfg.objective_args)
-    step = Step(models, loss_fn, needs, bf16=cfg.bf16)
+    if needs.slow_adapter:
+        add_slow_adapter(models.policy)
+        step = FastSlowStep(models, loss_fn, needs, bf16=cfg.bf16, interval=cfg.ofs_chasing_interval,
+                            swap_mode=cfg.ofs_swap_mode)
+    else:
+        step = Step(models, loss_fn, needs, bf16=cfg.bf16)
 
     if cfg.online:
         online = online_source(cfg, models, tokenizer, out)
@@ -97,11 +109,18 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
           + (f", {train_data.skipped.count} bad rows skipped" if train_data.skipped.count else ""), flush=True)
     if train_data.unlearnable:
         print(f"data: {train_data.truncation_report()}", flush=True)
+    if needs.revision and sum(revision_unlearnable(train_data)):
+        print(f"data: {revision_report(train_data)}", flush=True)
+    # A-LoL: rewards (data or judge), advantages (--advantages), once before training
+    train_data, eval_data, advantages = prepare_advantages(cfg, models, tokenizer, train_data, eval_data, pad_id)
+    if value_reference and not needs.reference:
+        models.reference = None  # loaded only for the value head's prompt states
     offline = OfflineSource(train_data, needs, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
-                            pad_id=pad_id, max_length=cfg.max_length)
+                            pad_id=pad_id, max_length=cfg.max_length, order=priority_order(cfg, advantages))
     source = offline if source is None else source
     total_steps = (cfg.max_steps if cfg.max_steps > 0
                    else math.ceil(cfg.num_train_epochs * source.batches_per_epoch / cfg.gradient_accumulation_steps))
+    total_steps = priority_steps(cfg, source, total_steps)  # good_priority: max_steps x the positive fraction
 
     references = {}
     if cfg.precompute_ref_log_probs and needs.reference:
@@ -125,20 +144,29 @@ def _finish(cfg, out, device, needs, models, step, source, eval_data, total_step
     from transformers import get_scheduler
 
     params = [p for p in models.policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    groups = (param_groups(models.policy, cfg.learning_rate, cfg.ofs_slow_lr_ratio) if needs.slow_adapter
+              else [{"params": params}])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
     start_step, window = 0, None
+    monitor = build_monitor(cfg, models, eval_data, out, pad_id)
+    if cfg.init_adapters:  # COFS-DPO's next domain: the previous one's adapters (and OFS roles), a fresh optimizer
+        step.load_state_dict(load_weights(cfg.init_adapters, model=models.policy).get("step_state", {}))
+        print(f"adapters from {cfg.init_adapters}", flush=True)
     if cfg.resume_from_checkpoint:
         path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
         state = load_checkpoint(path, model=models.policy, optimizer=optimizer, scheduler=scheduler, output_dir=out)
         start_step, window = int(state["step"]), state.get("window")
         source.load_state_dict(state["batches"])
+        step.load_state_dict(state.get("step_state", {}))
+        if monitor is not None:
+            monitor.load_state_dict(state.get("monitor"))
         print(f"resumed from {path} at step {start_step}", flush=True)
     log = MetricsLog(out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to,
                      window=window)
     return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
-               total_steps, start_step, pad_id, references, baseline)
+               total_steps, start_step, pad_id, references, baseline, monitor=monitor)
 
 
 def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSource:
@@ -193,9 +221,13 @@ def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[Token
                             f"this file holds unpaired completions")
         hint = (f"needed by loss_type {' '.join(cfg.loss_type)} (`prefuse objectives` lists the columns each "
                 f"objective reads)")
-        data = tokenize_preferences(records, tokenizer, fmt=fmt, source=str(path), require=needs.columns(kind),
+        require, hint = required_columns(cfg, needs, kind, str(path), hint)  # a judge replaces reward columns
+        data = tokenize_preferences(records, tokenizer, fmt=fmt, source=str(path), require=require,
                                     require_hint=hint, **options)
         check_response_tokens_left(data, str(path))
+        if needs.revision:  # SRPO: the four rows with a revision prompt
+            data = add_revision_rows(data, records, tokenizer, template=cfg.revision_template, source=str(path),
+                                     **options)
         return pairs_to_completions(data) if needs.data == "completions" and kind == "pairs" else data
 
     data = load(cfg.dataset_name)

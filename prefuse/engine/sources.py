@@ -17,6 +17,7 @@ import torch
 
 from prefuse.engine.data import PairBatches, TokenizedData, collate_sequences
 from prefuse.engine.objectives import ObjectiveNeeds
+from prefuse.engine.revision import ROLE_PROMPT, ROLE_RESPONSE
 
 
 @dataclass
@@ -60,7 +61,7 @@ class BatchSource(Protocol):
 
 
 # the response of each role in a paired example
-PAIR_RESPONSE = {"chosen": "chosen_ids", "rejected": "rejected_ids", "sample": "reference_ids"}
+PAIR_RESPONSE = {"chosen": "chosen_ids", "rejected": "rejected_ids", "sample": "reference_ids", **ROLE_RESPONSE}
 
 
 def _mean_reward(data: TokenizedData) -> float:
@@ -84,7 +85,8 @@ def build_batch(examples: list[dict], indices: list[int], needs: ObjectiveNeeds,
                 responses.append(completion[:room])
         else:
             key = "completion_ids" if role == "completion" else PAIR_RESPONSE[role]
-            prompts += [e["prompt_ids"] for e in examples]
+            # SRPO's <answer>_given_<context> rows start with their revision prompt (engine/revision.py)
+            prompts += [e[ROLE_PROMPT.get(role, "prompt_ids")] for e in examples]
             responses += [e[key] for e in examples]
         roles[role] = torch.arange(number * n, (number + 1) * n)
     sequences = collate_sequences(prompts, responses, pad_id)
@@ -103,13 +105,14 @@ def build_batch(examples: list[dict], indices: list[int], needs: ObjectiveNeeds,
 
 
 class OfflineSource:
-    """Batches of a tokenized data set in a resumable shuffled order (epoch after epoch)."""
+    """Batches of a tokenized data set in a resumable shuffled order (epoch after epoch); `order`: another order
+    with PairBatches' interface (A-LoL's good_priority draws, `engine/data/order.py:PriorityBatches`)."""
 
     def __init__(self, data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, seed: int, pad_id: int,
-                 max_length: int | None = None):
+                 max_length: int | None = None, order=None):
         self.data, self.needs, self.pad_id, self.max_length = data, needs, pad_id, max_length
         self.baseline = _mean_reward(data)
-        self.order = PairBatches(len(data), batch_size=batch_size, seed=seed)
+        self.order = PairBatches(len(data), batch_size=batch_size, seed=seed) if order is None else order
         self.batches_per_epoch = len(self.order)
         self._iter = iter(self.order)
 

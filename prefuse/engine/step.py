@@ -39,7 +39,8 @@ class Step:
         """bf16 autocast around the decoders only; the fused head accumulates in float32 itself."""
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
-    def __call__(self, batch: Batch, reference=None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, batch: Batch, reference=None, **inputs) -> tuple[torch.Tensor, dict]:
+        """inputs: further objective inputs beside the batch's (OFS-DPO's slow adapter's sums)."""
         with self.autocast(batch.input_ids.device):
             hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask)
         ref = {}
@@ -50,11 +51,21 @@ class Step:
                        ref_bias=None if self.ref_head.bias is None else self.ref_head.bias.detach())
         loss, metrics, inputs = self.loss_fn(hidden.to(self.head.weight.dtype), self.head.weight, batch.labels,
                                              roles=batch.roles, bias=self.head.bias, return_inputs=True, **ref,
-                                             **batch.inputs)
+                                             **batch.inputs, **inputs)
         if batch.metrics:  # an online batch: how it was made, and TRL's KL and entropy of the sampled responses
             metrics = {**metrics, **{k: torch.tensor(float(v)) for k, v in batch.metrics.items()},
                        **sample_statistics(inputs, batch.roles)}
         return loss, metrics
+
+    def after_update(self, step: int, metrics: dict, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called after each optimizer step; a step with state of its own (OFS-DPO's roles) acts and logs here."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def reference_hidden(self, batch: Batch) -> torch.Tensor:
         """The reference's last hidden states [S, T, H], without gradient and in eval mode."""

@@ -29,7 +29,7 @@ from .rng import capture_rng_state, restore_rng_state
 from .state_codec import decode, encode
 from .weights import read_weights, save_weights
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "list_checkpoints"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "resolve_checkpoint", "list_checkpoints"]
 
 FORMAT = "prefuse-checkpoint"
 FORMAT_VERSION = 1
@@ -123,6 +123,17 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None, restore_rng:
     if restore_rng:
         restore_rng_state(states["rng"])
     return states["trainer_state"]
+
+
+def load_weights(path, *, model) -> dict:
+    """Only the weights of checkpoint `path` into `model` (a run that starts from another run's weights, with a
+    fresh optimizer and schedule); return that checkpoint's trainer state."""
+    path = resolve_checkpoint(None, path)
+    manifest = _read_manifest(path)
+    copy_weights_in = read_weights(path, manifest["weights"], model)
+    state = _read_state(path, "trainer_state")
+    copy_weights_in()
+    return state
 
 
 def resolve_checkpoint(output_dir, checkpoint) -> Path:

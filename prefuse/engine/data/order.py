@@ -54,6 +54,9 @@ class PairBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at `state`; the seed, data size and batching must match, or the order would silently differ."""
+        if state.get("kind", "random") != "random":
+            raise ValueError(f"cannot resume: the checkpoint's batches were drawn by --sampling_strategy "
+                             f"{state['kind']}, this run uses random")
         for key in ("seed", "num_examples", "batch_size", "drop_last", "shuffle"):
             mine = int(getattr(self, key))
             if key in state and int(state[key]) != mine:
@@ -69,3 +72,68 @@ def held_out_split(n_examples: int, fraction: float, seed: int) -> tuple[list[in
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = max(1, round(fraction * n_examples))
     return sorted(order[:n_eval]), sorted(order[n_eval:])
+
+
+class PriorityBatches:
+    """A-LoL's `good_priority` order: every batch draws `batch_size` example indices with replacement, example i
+    with probability weights[i]+ / sum(weights+) (the authors' sampler); examples of weight <= 0 are never drawn.
+
+    Same interface as PairBatches. An "epoch" is ceil(#positive / batch_size) batches, the positive subset's worth
+    (the authors scale max_steps by the positive fraction the same way). The draws come from one torch.Generator
+    seeded by `seed`; `state_dict()` holds its state, so a restored order draws exactly the batches the interrupted
+    one would have drawn next."""
+
+    def __init__(self, weights, batch_size: int, seed: int = 0):
+        weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not torch.isfinite(weights).all():
+            raise ValueError(f"good_priority: advantage {int((~torch.isfinite(weights)).nonzero()[0])} is not finite")
+        self.weights = weights.clamp(min=0)
+        self.positive = int((self.weights > 0).sum())
+        if self.positive == 0:
+            raise ValueError("sampling_strategy: good_priority draws examples of positive advantage, and no example "
+                             "has one; use --sampling_strategy random")
+        self.num_examples, self.batch_size, self.seed = len(weights), batch_size, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.position = 0, 0
+
+    @property
+    def positive_fraction(self) -> float:
+        return self.positive / self.num_examples
+
+    def __len__(self) -> int:
+        return -(-self.positive // self.batch_size)
+
+    def draw(self) -> list[int]:
+        return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+        while self.position < len(self):
+            self.position += 1  # counted before the yield, as PairBatches does
+            yield self.draw()
+
+    def _digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.weights.numpy().tobytes()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        return {"kind": "good_priority", "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_examples": self.num_examples, "batch_size": self.batch_size, "weights": self._digest(),
+                "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at `state`; the sampling, data size, batching and advantages must match."""
+        if state.get("kind") != "good_priority":
+            raise ValueError("cannot resume: the checkpoint's batches were drawn by --sampling_strategy random, this "
+                             "run uses good_priority")
+        for key, mine in (("seed", self.seed), ("num_examples", self.num_examples),
+                          ("batch_size", self.batch_size), ("weights", self._digest())):
+            if state[key] != mine:
+                what = "advantages" if key == "weights" else key
+                raise ValueError(f"cannot resume: saved {what}={state[key]} but this run has {what}={mine}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(torch.as_tensor(state["rng"], dtype=torch.uint8))
