@@ -161,7 +161,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (the flags' names as keys)")
     p.add_argument("--list_objectives", action="store_true", default=argparse.SUPPRESS,
                    help="print every objective with its inputs, data columns and hyper-parameters, and exit")
-    _config_flags(p, TrainConfig, helps=_TRAIN_HELP, special={"objective_args": dict(nargs="+", metavar="KEY=VALUE")})
+    # --monitor_extra_top_k 5 20 50, or none (or nothing): the values as given, checked by the config
+    _config_flags(p, TrainConfig, helps=_TRAIN_HELP, special={"objective_args": dict(nargs="+", metavar="KEY=VALUE"),
+                                                             "monitor_extra_top_k": dict(nargs="*", metavar="K")})
     group = p.add_argument_group("objective hyper-parameters", "passed to the objective(s) of --loss_type; "
                                  "each objective accepts only its own (an error lists them)")
     for name in objective_hparam_names():

@@ -343,3 +343,169 @@ def test_good_priority_without_a_positive_advantage_is_refused(files, tmp_path, 
     assert main(argv) == 2
     err = errors(capsys)
     assert len(err) == 1 and "sampling_strategy: good_priority draws examples of positive advantage" in err[0], err
+
+
+# -- V fitted on the reference's own samples (--value_targets reference_samples) ----------------------------------
+
+SAMPLE_FLAGS = dict(VALUE_FLAGS, value_targets="reference_samples", value_samples=3, max_new_tokens=6,
+                    temperature=1.0, per_device_eval_batch_size=2)
+
+
+def length_reward(prompt: str, completion: str) -> float:
+    return len(completion) / 20 + (len(prompt) % 7) / 10
+
+
+def recording_length_judge(tmp_path):
+    """A reward function of the prompt's and the sampled text's lengths that appends every (prompt, completion) it
+    scores to a log file: (file.py:name, the log)."""
+    log = tmp_path / "judged.jsonl"
+    path = tmp_path / "length_reward.py"
+    path.write_text("import json\n"
+                    f"LOG = {str(log)!r}\n"
+                    "def length(prompts, completions, **kwargs):\n"
+                    "    with open(LOG, 'a') as f:\n"
+                    "        for p, c in zip(prompts, completions):\n"
+                    "            f.write(json.dumps([p, c]) + '\\n')\n"
+                    "    return [len(c) / 20 + (len(p) % 7) / 10 for p, c in zip(prompts, completions)]\n")
+    return f"{path}:length", log
+
+
+def judged(log) -> list[tuple[str, str]]:
+    return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_value_head_fits_the_judged_samples_of_the_reference(files, tmp_path, capsys, monkeypatch):
+    """--value_targets reference_samples: V's (prompt, target) rows are the length reward of 3 samples per value
+    prompt that the reference draws, regenerated here independently (a fresh load of the base model, rollout's
+    sample_reference, chunks of 2 prompts under seeds 42 and 43); the judge saw exactly those texts; the cache
+    holds their texts and rewards and a second build reads it without sampling or judging again. The policy's
+    adapters are randomized first, so samples of the policy (not its reference) would differ. The sampling leaves
+    the run's RNG state, the policy's weights and its training mode as they were."""
+    import prefuse.engine.setup as setup
+    import prefuse.engine.value_head as value_head
+    from prefuse.cli import _train_config, build_parser
+    from prefuse.engine.advantages import value_split
+    from prefuse.engine.data import load_preference_data
+    from prefuse.engine.rollout import RolloutConfig, sample_reference
+    from safetensors import safe_open
+
+    spec, log = recording_length_judge(tmp_path)
+    fits, states = [], {}
+    real_fit, real_prepare = value_head.fit_value_head, setup.prepare_advantages
+
+    def spy_fit(encoder, prompts, rows, **kwargs):
+        fits.append([(prompts[p], r) for p, r in rows])
+        return real_fit(encoder, prompts, rows, **kwargs)
+
+    def spy_prepare(cfg, models, *args, **kwargs):
+        policy = models.policy
+        with torch.no_grad():  # adapters that move the policy away from pi_ref: the samples must not be its
+            gen = torch.Generator().manual_seed(1)
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen))
+        before = (torch.get_rng_state(), random.getstate(), policy.training,
+                  {k: v.clone() for k, v in policy.state_dict().items()})
+        result = real_prepare(cfg, models, *args, **kwargs)
+        states["before"], states["after"] = before, (torch.get_rng_state(), random.getstate(), policy.training,
+                                                     policy.state_dict())
+        return result
+
+    monkeypatch.setattr(value_head, "fit_value_head", spy_fit)
+    monkeypatch.setattr(setup, "prepare_advantages", spy_prepare)
+    out = tmp_path / "out"
+    argv = train_argv(files, out, "alol", data="unscored", reward_funcs=spec, **SAMPLE_FLAGS)
+    run = setup.build_run(_train_config(build_parser().parse_args(argv)))
+    assert "value head: 12 samples of the reference (3 per value prompt" in capsys.readouterr().out
+
+    # the same samples, drawn independently
+    tokenizer = files["tokenizer"]
+    data = load_preference_data(files["unscored"], tokenizer, needs="unpaired", max_length=48, max_prompt_length=24)
+    value = value_split(data, 0.25, 42)[1]
+    prompts = [list(p) for p in dict.fromkeys(tuple(e["prompt_ids"]) for e in value.examples)]
+    assert len(prompts) == 4
+    base = transformers.AutoModelForCausalLM.from_pretrained(files["model"])
+    rollout = RolloutConfig(max_new_tokens=6, temperature=1.0, top_p=1.0, num_generations=3)
+    texts, pairs = [], []
+    for chunk in range(2):
+        part = prompts[2 * chunk:2 * chunk + 2]
+        samples = sample_reference(Models(base, base, tokenizer), part, rollout, seed=42 + chunk, eos_id=2, pad_id=0)
+        completions = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        texts += completions
+        pairs += zip(tokenizer.batch_decode(samples.prompt_ids, skip_special_tokens=True), completions)
+    assert len(texts) == 12 and len(set(texts)) > 6  # sampled, not greedy: a prompt's 3 samples differ
+    expected = [length_reward(p, c) for p, c in pairs]
+    assert len(set(expected)) > 6
+
+    (rows,) = fits  # V was fitted once, on the reference's samples (not the 8 data responses of the value split)
+    assert [p for p, _ in rows] == [p for p in prompts for _ in range(3)]
+    assert [r for _, r in rows] == pytest.approx(expected)
+    assert judged(log)[-12:] == pairs  # what the judge saw last: the reference's samples after their prompts
+    (path,) = out.glob("advantages-*.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["value_sample_texts"]) == texts
+        assert f.get_tensor("value_sample_rewards").tolist() == pytest.approx(expected)
+        assert f.get_tensor("value_sample_prompts").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    report = json.loads((out / "value_head.json").read_text())
+    assert report["value_targets"] == "reference_samples" and report["value_rows"] == 12
+    assert report["range"] == [0.0, pytest.approx(max(expected + [e["reward"] for e in run.source.data.examples]))]
+
+    before, after = states["before"], states["after"]
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and before[2] == after[2]
+    assert before[3].keys() == after[3].keys()
+    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
+
+    # a resumed run reads the cache: no sampling, no judging, the same advantages
+    advantages = [e["advantage"] for e in run.source.data.examples]
+    seen = len(judged(log))
+    again = setup.build_run(_train_config(build_parser().parse_args(argv)))
+    printed = capsys.readouterr().out
+    assert "read from" in printed and "samples of the reference" not in printed
+    assert len(judged(log)) == seen and len(fits) == 1
+    assert [e["advantage"] for e in again.source.data.examples] == advantages
+
+
+def test_value_targets_data_is_the_default_and_reads_the_data_rewards(files, tmp_path, monkeypatch, capsys):
+    """Without --value_targets V's rows are the value split's data rewards (8 responses of 4 prompts) and no sample is
+    drawn, so the cache file keeps its name from before the flag."""
+    import prefuse.engine.value_head as value_head
+    from prefuse.cli import _train_config, build_parser
+    from prefuse.engine.advantages import cache_path
+
+    rows_seen = []
+    real_fit = value_head.fit_value_head
+    monkeypatch.setattr(value_head, "fit_value_head",
+                        lambda encoder, prompts, rows, **kw: rows_seen.append(rows) or real_fit(encoder, prompts,
+                                                                                                 rows, **kw))
+    monkeypatch.setattr(value_head, "reference_samples", lambda *a, **k: pytest.fail("sampled with value_targets data"))
+    argv = train_argv(files, tmp_path, "alol", **VALUE_FLAGS)
+    cfg = _train_config(build_parser().parse_args(argv))
+    assert cfg.value_targets == "data" and cfg.value_samples == 1
+    from prefuse.engine.setup import build_run
+
+    build_run(cfg)
+    table = read_cache(tmp_path)
+    (rows,) = rows_seen
+    assert [r for _, r in rows] == pytest.approx(table["value_rewards"].tolist()) and len(rows) == 8
+    assert "value_sample_rewards" not in table
+    sampled = dict(vars(cfg), value_targets="reference_samples")
+    assert cache_path(cfg, {}, False) != cache_path(type(cfg)(**sampled), {}, False)
+    assert cache_path(cfg, {}, False) == cache_path(type(cfg)(**dict(vars(cfg), value_samples=5)), {}, False)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(VALUE_FLAGS, value_targets="reference_samples"),
+     "value_targets: reference_samples needs a judge to score the reference's samples: add --reward_funcs"),
+    (dict(VALUE_FLAGS, value_targets="bogus"), "value_targets: 'bogus' is not one of data, reference_samples"),
+    (dict(VALUE_FLAGS, value_samples=0), "value_samples: must be at least 1, got 0"),
+    (dict(value_targets="reference_samples"), "value_targets: reference_samples are the value head's targets: add "
+                                              "--advantages value_head"),
+    (dict(SAMPLE_FLAGS, max_new_tokens=0, judge=True), "max_new_tokens: must be at least 1, got 0"),
+    (dict(SAMPLE_FLAGS, top_p=0, judge=True), "top_p: must be in (0, 1], got 0"),
+])
+def test_bad_value_targets_input_is_one_line(files, tmp_path, capsys, flags, expected):
+    if flags.pop("judge", False):
+        flags["reward_funcs"] = f"{files['rewards_py']}:vowels"
+    assert main(train_argv(files, tmp_path, "alol", **flags)) == 2
+    err = errors(capsys)
+    assert len(err) == 1 and expected in err[0], err

@@ -1,7 +1,8 @@
-"""The over-optimisation monitor (engine/monitor.py, ALGORITHMS.md section 11): its indicators against a float64
-computation from the model's full logits, the EMA and turning-point rule on synthetic sequences, and `prefuse
-train` runs: one pushed into over-optimisation that early stopping stops with best/ at the peak, one whose
-training the monitor must leave exactly as it was (and whose monitor state a resume continues), bad flags."""
+"""The over-optimisation monitor (engine/monitor.py, ALGORITHMS.md section 11): its indicators (k = 10 and the
+extra k) against a float64 computation from the model's full logits, the EMA and turning-point rule (min_delta
+included) on synthetic sequences, and `prefuse train` runs: one pushed into over-optimisation that early stopping
+stops with best/ at the peak (and that a resume leaves stopped), one whose training the monitor must leave exactly
+as it was (and whose monitor state a resume continues), the flags' parsing and bad flags."""
 import json
 import shutil
 from pathlib import Path
@@ -17,15 +18,18 @@ from safetensors.torch import load_file  # noqa: E402
 from prefuse.cli import main  # noqa: E402
 from prefuse.engine.data import collate_sequences, load_records, tokenize_preferences  # noqa: E402
 from prefuse.engine.model import Models  # noqa: E402
-from prefuse.engine.monitor import (HeldOut, Monitor, TurningPoint, held_out_prompts, indicator_for,  # noqa: E402
-                                    indicators, load_monitor_prompts)
+from prefuse.engine.monitor import (MAX_TOP_K, HeldOut, Monitor, TurningPoint, build_monitor,  # noqa: E402
+                                    held_out_prompts, indicator_for, indicators, load_monitor_prompts)
 from prefuse.heads import head_of  # noqa: E402
 from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KEYS = ["monitor/topk_entropy", "monitor/topk_mass", "monitor/topk_entropy_unnormalized", "monitor/entropy",
         "monitor/topk_entropy_ema", "monitor/topk_mass_ema", "monitor/turned", "monitor/falls", "monitor/peak_step",
-        "monitor/response_length", "monitor/chosen/topk_entropy", "monitor/chosen/topk_mass"]
+        "monitor/response_length", "monitor/chosen/topk_entropy", "monitor/chosen/topk_mass",
+        *(f"monitor/{chosen}{name}@{k}" for chosen in ("", "chosen/") for name in ("topk_entropy", "topk_mass")
+          for k in (5, 20, 50))]  # the default --monitor_extra_top_k
+EXTRA = (5, 20, 50)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
@@ -91,30 +95,38 @@ def weights(path) -> dict:
 
 # -- the indicators ------------------------------------------------------------------------------------------------
 
-def float64_indicators(model, prompts, responses, k) -> dict[str, float]:
+def float64_indicators(model, prompts, responses, k, extra=()) -> dict[str, float]:
     """From the model's full logits, in float64: per response the mean over the positions that predict its tokens,
-    then the mean over responses."""
-    per_response = {"topk_entropy": [], "topk_mass": [], "topk_entropy_unnormalized": [], "entropy": []}
+    then the mean over responses; topk_entropy@j and topk_mass@j for each j of `extra`."""
+    per_response = {}
     for prompt, response in zip(prompts, responses):
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0].double()
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(response))
         p = torch.softmax(logits[positions], -1)
-        top = p.topk(k, -1).values
-        mass = top.sum(-1)
-        q = top / mass[:, None]
-        values = {"topk_entropy": -(q * q.log()).sum(-1), "topk_mass": mass,
-                  "topk_entropy_unnormalized": -(top * top.log()).sum(-1), "entropy": -(p * p.log()).sum(-1)}
+
+        def top_k(j):  # (renormalized entropy, mass, unnormalized entropy) over the j most likely tokens
+            top = p.topk(j, -1).values
+            mass = top.sum(-1)
+            q = top / mass[:, None]
+            return -(q * q.log()).sum(-1), mass, -(top * top.log()).sum(-1)
+
+        entropy, mass, unnormalized = top_k(k)
+        values = {"topk_entropy": entropy, "topk_mass": mass, "topk_entropy_unnormalized": unnormalized,
+                  "entropy": -(p * p.log()).sum(-1)}
+        for j in extra:
+            values[f"topk_entropy@{j}"], values[f"topk_mass@{j}"], _ = top_k(j)
         for name, value in values.items():
-            per_response[name].append(float(value.mean()))
+            per_response.setdefault(name, []).append(float(value.mean()))
     return {name: sum(v) / len(v) for name, v in per_response.items()}
 
 
 @pytest.mark.parametrize("peft, k", [(False, 10), (True, 5)])
 def test_indicators_equal_float64_from_the_full_logits(files, peft, k):
     """The monitor's generations (T = 1, its seed, under a forked RNG), then the fused head's statistics on them
-    and on the chosen responses, equal the float64 statistics of the model's own logits on the same tokens."""
+    and on the chosen responses, equal the float64 statistics of the model's own logits on the same tokens: for
+    the rule's k and for each extra k (5, 20, 50; with k = 5 the extra 5 repeats the main one)."""
     tokenizer = build_tokenizer()
     model = transformers.AutoModelForCausalLM.from_pretrained(files["model"]).eval()
     if peft:
@@ -129,28 +141,40 @@ def test_indicators_equal_float64_from_the_full_logits(files, peft, k):
                                     max_prompt_length=48).examples
     held_out = held_out_prompts(examples, 3)
     monitor = Monitor(Models(model, None, tokenizer), held_out, Path("unused"), every=1, indicator="entropy",
-                      top_k=k, max_new_tokens=12, seed=5, pad_id=0, eos_id=2, batch_size=2)
+                      top_k=k, extra_top_k=EXTRA, max_new_tokens=12, seed=5, pad_id=0, eos_id=2, batch_size=2)
 
     rng = torch.get_rng_state()
     responses = monitor.generate()
     assert torch.equal(torch.get_rng_state(), rng)  # the training's random stream is not touched
     assert responses == monitor.generate()  # the same seed every evaluation: the same samples
     assert len(responses) == 3 and all(1 <= len(r) <= 12 for r in responses)
-    options = dict(top_k=k, pad_id=0, batch_size=2)
+    options = dict(top_k=k, extra_top_k=EXTRA, pad_id=0, batch_size=2)
     got = indicators(model, head_of(model), held_out.prompts, responses, **options)
-    expected = float64_indicators(model, held_out.prompts, responses, k)
+    expected = float64_indicators(model, held_out.prompts, responses, k, EXTRA)
+    assert sorted(got) == sorted(expected) and len(expected) == 4 + 2 * len(EXTRA)
     for name in expected:
         assert got[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
     assert 0 < got["topk_mass"] < 1 and 0 < got["topk_entropy"] < torch.log(torch.tensor(float(k)))
+    # the extra k are their own numbers: the mass and the (renormalized) entropy grow with k
+    masses = [got[f"topk_mass@{j}"] for j in EXTRA]
+    entropies = [got[f"topk_entropy@{j}"] for j in EXTRA]
+    assert masses == sorted(masses) and len(set(masses)) == 3 and masses[-1] < 1
+    assert entropies == sorted(entropies) and entropies[-1] < torch.log(torch.tensor(50.0))
+    if k in EXTRA:
+        assert got[f"topk_mass@{k}"] == pytest.approx(got["topk_mass"], rel=1e-6)
 
     chosen = indicators(model, head_of(model), held_out.prompts, held_out.chosen, **options)
-    expected_chosen = float64_indicators(model, held_out.prompts, held_out.chosen, k)
+    expected_chosen = float64_indicators(model, held_out.prompts, held_out.chosen, k, EXTRA)
+    assert sorted(chosen) == sorted(expected_chosen)
     for name in expected_chosen:
         assert chosen[name] == pytest.approx(expected_chosen[name], rel=1e-5, abs=1e-6), name
 
     values = monitor.evaluate()  # what a training step logs: the same numbers under the monitor/ names
     assert values["monitor/topk_entropy"] == pytest.approx(got["topk_entropy"], rel=1e-6)
     assert values["monitor/chosen/topk_mass"] == pytest.approx(chosen["topk_mass"], rel=1e-6)
+    for j in EXTRA:
+        assert values[f"monitor/topk_entropy@{j}"] == pytest.approx(got[f"topk_entropy@{j}"], rel=1e-6)
+        assert values[f"monitor/chosen/topk_mass@{j}"] == pytest.approx(chosen[f"topk_mass@{j}"], rel=1e-6)
     assert values["monitor/response_length"] == sum(map(len, responses)) / 3
 
 
@@ -187,8 +211,8 @@ def test_the_indicator_follows_the_objective(loss_type, args_, expected):
 
 # -- the EMA and the turning-point rule ----------------------------------------------------------------------------
 
-def run_rule(values, decay=0.0, patience=3):
-    rule = TurningPoint(decay, patience)
+def run_rule(values, decay=0.0, patience=3, min_delta=0.0):
+    rule = TurningPoint(decay, patience, min_delta)
     peaks, fired_at = [], None
     for step, value in enumerate(values, start=1):
         if rule.update(value, step):
@@ -227,6 +251,44 @@ def test_noise_that_recovers_does_not_fire():
     assert fired_at is None and not rule.turned and rule.peak_step == 10 and rule.falls == 1
     # a flat evaluation is not a fall either
     assert run_rule([3.0, 2.0, 1.0, 1.0, 0.5, 0.4])[2] is None
+
+
+def test_a_fall_is_a_drop_by_more_than_min_delta():
+    rise = [1.0, 2.0, 3.0, 4.0]
+    drift = rise + [4.0 - 0.01 * i for i in range(1, 11)]  # ten evaluations of a slow drift down
+    assert run_rule(drift)[2] == 7  # min_delta 0: any drop is a fall
+    rule, peaks, fired_at = run_rule(drift, min_delta=0.02)
+    assert fired_at is None and rule.falls == 0 and peaks == [1, 2, 3, 4]  # a drift below min_delta never fires
+    steep = rise + [3.9, 3.8, 3.7, 3.6]  # drops of 0.1 > 0.05
+    assert run_rule(steep, min_delta=0.05)[2] == 7
+    # a small drop between two large ones is no fall and resets the count: the turn comes three large drops later
+    mixed = rise + [3.9, 3.8, 3.79, 3.7, 3.6, 3.5]
+    assert run_rule(mixed, min_delta=0.05)[2] == 10 and run_rule(mixed)[2] == 7
+    assert run_rule(rise + [3.5, 3.0, 2.5], min_delta=0.5)[2] is None  # "more than": a drop of exactly 0.5 is none
+    # on the EMA's drops, not the raw values': one raw drop of 0.3, then flat, is EMA drops of about 0.14, 0.07,
+    # 0.036, 0.018 under decay 0.5
+    step_down = rise + [4.0] * 6 + [3.7] * 4
+    assert run_rule(step_down, decay=0.5, min_delta=0.05)[2] is None
+    assert run_rule(step_down, decay=0.5, min_delta=0.03)[2] == 13
+
+
+def test_a_resumed_rule_keeps_its_state_and_takes_this_runs_settings():
+    def monitor(**settings):
+        return Monitor(Models(torch.nn.Linear(2, 2), None, None), HeldOut([[1]], None), Path("unused"), every=1,
+                       indicator="entropy", **settings)
+
+    first = monitor(patience=3, decay=0.0)
+    for step, value in enumerate([1.0, 2.0, 1.5], start=1):
+        first.rule.update(value, step)
+    state = json.loads(json.dumps(first.state_dict()))  # as the trainer state stores it
+    assert state["rule"]["min_delta"] == 0.0 and state["stopped_early"] is False
+    second = monitor(patience=5, decay=0.25, min_delta=0.3)
+    second.load_state_dict(state)
+    assert (second.rule.peak, second.rule.peak_step, second.rule.falls) == (2.0, 2, 1)
+    assert (second.rule.patience, second.rule.decay, second.rule.min_delta) == (5, 0.25, 0.3)
+    del state["rule"]["min_delta"]  # a checkpoint from before --monitor_min_delta
+    second.load_state_dict(state)
+    assert second.rule.min_delta == 0.3 and second.rule.falls == 1
 
 
 def test_best_is_replaced_whole_or_not_at_all(tmp_path):
@@ -269,15 +331,17 @@ def test_best_is_replaced_whole_or_not_at_all(tmp_path):
 
 # -- prefuse train -------------------------------------------------------------------------------------------------
 
-def test_early_stopping_keeps_the_checkpoint_from_before_the_turn(files, tmp_path):
+def test_early_stopping_keeps_the_checkpoint_from_before_the_turn(files, tmp_path, capsys):
     """DPO at a large learning rate from the peaked warm-up: the sample entropy rises while DPO unlearns the habit,
     then falls as the policy collapses onto the chosen style; the rule fires patience evaluations after the peak,
-    the run stops there, and best/ is the peak step's checkpoint (its weights equal checkpoint-{peak}'s)."""
+    the run stops there, and best/ is the peak step's checkpoint (its weights equal checkpoint-{peak}'s).
+    Resuming the stopped run (latest) trains nothing: one line says where it stopped and what best/ holds, and
+    no step, checkpoint or log record is added; without --early_stopping a resume trains on."""
     out = tmp_path / "dpo"
-    assert main(args(files, out, loss_type="sigmoid", beta=0.1, learning_rate=1e-2, lr_scheduler_type="constant",
-                     per_device_train_batch_size=16, max_steps=60, logging_steps=100, save_steps=2,
-                     monitor_steps=2, monitor_samples=8, monitor_max_new_tokens=16, monitor_ema=0.5,
-                     monitor_patience=3, early_stopping="true")) == 0
+    flags = dict(loss_type="sigmoid", beta=0.1, learning_rate=1e-2, lr_scheduler_type="constant",
+                 per_device_train_batch_size=16, max_steps=60, logging_steps=100, save_steps=2, monitor_steps=2,
+                 monitor_samples=8, monitor_max_new_tokens=16, monitor_ema=0.5, monitor_patience=3)
+    assert main(args(files, out, **flags, early_stopping="true")) == 0
     records = monitored(out)
     steps = [r["step"] for r in records]
     assert steps == list(range(2, steps[-1] + 1, 2))
@@ -312,6 +376,32 @@ def test_early_stopping_keeps_the_checkpoint_from_before_the_turn(files, tmp_pat
     assert not (out / "checkpoint-60").exists() and not (out / ".best-staging").exists()
     assert not list(out.glob(".tmp-checkpoint-*"))
     assert (out / "monitor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stopped = json.loads((out / f"checkpoint-{stop_step}" / "trainer_state.json").read_text())["monitor"]
+    assert stopped["stopped_early"] is True and stopped["rule"]["turn_step"] == stop_step
+    assert state["monitor"]["stopped_early"] is False  # best/ is from before the turn
+
+    # resume the stopped run: nothing trained, one line, exit 0
+    before = {path.name for path in out.iterdir()}
+    log_before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args(files, out, **flags, early_stopping="true", resume_from_checkpoint="latest")) == 0
+    printed = capsys.readouterr().out.splitlines()
+    lines = [line for line in printed if "stopped early" in line]
+    assert len(lines) == 1, printed
+    assert f"stopped early at step {stop_step}" in lines[0] and f"holds step {peak_step}" in lines[0], lines[0]
+    assert not any(line.startswith(("training ", "step ")) for line in printed), printed
+    assert {path.name for path in out.iterdir()} == before  # no checkpoint-{stop_step + 1}
+    assert (out / "metrics.jsonl").read_text() == log_before
+    assert json.loads((out / "best" / "checkpoint.json").read_text())["step"] == peak_step
+
+    # without --early_stopping the resumed run trains on (the monitor only logs): two more steps
+    onward = tmp_path / "onward"
+    shutil.copytree(out, onward)
+    assert main(args(files, onward, **{**flags, "max_steps": stop_step + 2},
+                     resume_from_checkpoint="latest")) == 0
+    assert (onward / f"checkpoint-{stop_step + 2}").is_dir()
+    assert [r["step"] for r in monitored(onward)] == steps + [stop_step + 2]
+    assert json.loads((onward / "best" / "checkpoint.json").read_text())["step"] == peak_step
 
 
 def test_the_monitor_leaves_training_as_it_was_and_resumes_exactly(files, tmp_path):
@@ -344,6 +434,41 @@ def test_the_monitor_leaves_training_as_it_was_and_resumes_exactly(files, tmp_pa
     assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]
 
 
+def test_extra_k_and_min_delta_flags_reach_the_monitor(files, tmp_path):
+    """--monitor_extra_top_k: numbers (distinct, sorted), none or nothing (off), the default 5 20 50; YAML lists
+    too; --monitor_min_delta: the rule's min_delta."""
+    from prefuse.cli import _train_config, build_parser
+    from prefuse.engine.config import TrainConfig
+
+    def config(*flags):
+        cfg = _train_config(build_parser().parse_args(args(files, tmp_path, max_steps=1, monitor_steps=2)
+                                                      + list(flags)))
+        return cfg.validate()
+
+    assert config().monitor_extra_top_k == [5, 20, 50] and config().monitor_min_delta == 0.0
+    assert config("--monitor_extra_top_k", "50", "5", "5").monitor_extra_top_k == [5, 50]
+    assert config("--monitor_extra_top_k", "none").monitor_extra_top_k == []
+    assert config("--monitor_extra_top_k").monitor_extra_top_k == []
+    assert config("--monitor_extra_top_k", str(MAX_TOP_K)).monitor_extra_top_k == [MAX_TOP_K]
+    for value, expected in (([20, 5], [5, 20]), (None, []), ("none", []), ([], []), (7, [7])):  # YAML's forms
+        cfg = TrainConfig.from_dict({**config().to_dict(), "monitor_extra_top_k": value}).validate()
+        assert cfg.monitor_extra_top_k == expected, value
+
+    cfg = config("--monitor_extra_top_k", "20", "5", "--monitor_min_delta", "0.05")
+    tokenizer = build_tokenizer()
+    model = transformers.AutoModelForCausalLM.from_pretrained(files["model"])
+    examples = tokenize_preferences(load_records(files["eval"]), tokenizer, max_length=96,
+                                    max_prompt_length=48).examples
+    monitor = build_monitor(cfg, Models(model, None, tokenizer), type("Data", (), {"examples": examples}),
+                            tmp_path, pad_id=0)
+    assert monitor.extra_top_k == (5, 20) and monitor.rule.min_delta == 0.05 and monitor.top_k == 10
+
+
+def test_max_top_k_is_the_kernels():
+    triton_ops = pytest.importorskip("prefuse.kernels.triton_ops")
+    assert MAX_TOP_K == triton_ops.MAX_TOP_K
+
+
 @pytest.mark.parametrize("flags, expected", [
     (dict(early_stopping="true"), "early_stopping: needs --monitor_steps N > 0"),
     (dict(monitor_keep_best="true"), "monitor_keep_best: needs --monitor_steps N > 0"),
@@ -351,6 +476,13 @@ def test_the_monitor_leaves_training_as_it_was_and_resumes_exactly(files, tmp_pa
     (dict(monitor_steps=2, monitor_ema=1.0), "monitor_ema: must be in [0, 1)"),
     (dict(monitor_steps=2, monitor_patience=0), "monitor_patience: must be at least 1"),
     (dict(monitor_steps=2, monitor_top_k=0), "monitor_top_k: must be at least 1"),
+    (dict(monitor_steps=2, monitor_top_k=65), "monitor_top_k: must be at most 64"),
+    (dict(monitor_steps=2, monitor_extra_top_k=0), "monitor_extra_top_k: each k must be in [1, 64]"),
+    (dict(monitor_steps=2, monitor_extra_top_k=100), "monitor_extra_top_k: each k must be in [1, 64]"),
+    (dict(monitor_steps=2, monitor_extra_top_k="five"), "monitor_extra_top_k: expected whole numbers (or none)"),
+    (dict(monitor_steps=2, monitor_extra_top_k=-5), "monitor_extra_top_k: expected whole numbers (or none)"),
+    (dict(monitor_steps=2, monitor_min_delta=-0.1), "monitor_min_delta: must be >= 0"),
+    (dict(monitor_steps=2, monitor_min_delta="nan"), "monitor_min_delta: must be >= 0"),
     (dict(monitor_steps=2, monitor_samples=0), "monitor_samples: must be at least 1"),
     (dict(monitor_steps=2, monitor_indicator="margin"), "monitor_indicator: 'margin' is not entropy or mass"),
     (dict(monitor_steps=2, monitor_prompts="/nonexistent/prompts.jsonl"), "monitor_prompts: no such file"),

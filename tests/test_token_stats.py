@@ -77,3 +77,45 @@ def test_stats_from_the_log_prob_pass(backend):
     g1 = torch.autograd.grad(logp.sum(), [hidden, weight])
     g2 = torch.autograd.grad(plain.sum(), [hidden, weight])
     assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_top_k_from_the_same_pass_match_reference(backend, monkeypatch):
+    """extra_top_k: topk_mass@k and topk_entropy@k for each k, equal to the float64 statistics of that k, from the
+    chunks the main statistics use (one matmul per chunk: the same chunks as without extra_top_k); k > V is
+    clamped; the main statistics are unchanged."""
+    from prefuse.kernels import stats as stats_module
+
+    chunk_rows, original = [], stats_module.chunk_logits
+
+    def spy(hidden_chunk, weight, bias, **kwargs):
+        chunk_rows.append(hidden_chunk.shape[0])
+        return original(hidden_chunk, weight, bias, **kwargs)
+
+    monkeypatch.setattr(stats_module, "chunk_logits", spy)
+    hidden, weight, labels, b = make_inputs(16, 16, 40, bias=True, scale=3.0)
+    options = dict(bias=b, softcap=4.0, top_k=10, chunk_size=7, **kw(backend))
+    plain = prefuse.linear_token_stats(hidden, weight, labels, **options)
+    chunks_without = list(chunk_rows)
+    assert sum(chunks_without) == int((labels != -100).sum()) and len(chunks_without) >= 2
+    stats = prefuse.linear_token_stats(hidden, weight, labels, extra_top_k=(5, 20, 50), **options)
+    assert chunk_rows[len(chunks_without):] == chunks_without  # no extra matmul for the extra k
+    mask = labels != -100
+    for name in ("logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized", "logprobs"):
+        assert torch.equal(getattr(stats, name), getattr(plain, name)), name
+    assert sorted(stats.extra_topk) == sorted(f"{n}@{k}" for k in (5, 20, 50) for n in ("topk_mass", "topk_entropy"))
+    for k in (5, 20, 50):
+        ref = token_stats64(hidden, weight, labels, b, softcap=4.0, top_k=k)
+        for name in ("topk_mass", "topk_entropy"):
+            got = stats.extra_topk[f"{name}@{k}"]
+            err = (got[mask].double() - ref[name][mask]).abs().max().item()
+            assert err <= 2e-5 * (1 + ref[name][mask].abs().max().item()), (name, k, err)
+            assert torch.all(got[~mask] == 0), (name, k)
+    # k = 50 > V = 40 is all of the vocabulary: full mass, the full entropy
+    assert torch.allclose(stats.extra_topk["topk_mass@50"][mask], torch.ones(int(mask.sum())), atol=1e-6)
+    assert torch.allclose(stats.extra_topk["topk_entropy@50"][mask], stats.entropy[mask], atol=1e-5)
+    means = stats.mean()
+    assert means["topk_mass@5"] < means["topk_mass"] < means["topk_mass@20"] < 1.0 + 1e-6
+    assert means["topk_entropy@5"] < means["topk_entropy"] < means["topk_entropy@20"]
+    with pytest.raises(ValueError, match="extra_top_k: must be positive integers"):
+        prefuse.linear_token_stats(hidden, weight, labels, extra_top_k=(5, 0))

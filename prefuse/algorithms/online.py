@@ -87,6 +87,9 @@ def xpo(
     The pair is (policy sample, reference sample) ordered by the judge, so y_r is also one side of the pair;
     policy_sample_logps [B] is log pi_theta(y_r) (summed over tokens). loss_type: "sigmoid" or "ipo"
     ((delta - 1/(2 beta))^2 on summed log-ratios, not length-normalized).
+    Metrics: as TRL's XPOTrainer except logps/chosen and logps/rejected, which TRL logs as mean(policy) +
+    mean(reference) log-probs of that side; here they are the policy's alone, as in TRL's DPO (a deliberate difference,
+    tested against TRL 0.23.1 in tests/test_algorithms_seed_golden.py).
     """
     check_choice("loss_type", loss_type, ("sigmoid", "ipo"))
     chosen_logratios, rejected_logratios = _dpo_pair(
@@ -191,8 +194,11 @@ def online_kl_surrogate(
       reinforce_rloo (default): mean_i (d_i - b_i) * log pi(y_i), d = sg(log-ratio), b_i = mean_{j != i} d_j
         (b = 0 when k = 1);
       reinforce_nobaseline: mean_i d_i * log pi(y_i);
-      per_token_k3: mean_i sum_t k3_t, k3 = exp(r_t) - r_t - 1 with r_t = log pi_ref_t - log pi_t (pathwise
-        gradient), from the [P, k, T] token inputs.
+      per_token_k3: from the [P, k, T] token inputs. VALUE mean_i sum_t k3_t, k3 = exp(r_t) - r_t - 1 with
+        r_t = sg(log pi_ref_t - log pi_t) (the non-negative, low-variance estimate of KL(pi || pi_ref), what gets
+        logged); GRADIENT the score-function (REINFORCE) one of the reverse KL, mean_i sum_t G_t grad log pi_t with
+        the reward-to-go G_t = sum_{s >= t} sg(log pi_s - log pi_ref_s). Differentiating k3 itself (the pathwise
+        gradient, 1 - pi_ref_t / pi_t per token) would give the FORWARD KL's gradient in expectation, not this one.
     """
     check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     if kl_estimator == "per_token_k3":
@@ -202,9 +208,17 @@ def online_kl_surrogate(
             ref_online_token_logps=ref_online_token_logps,
             online_token_mask=online_token_mask,
         )
-        ref_minus_policy = ref_online_token_logps - policy_online_token_logps
-        k3 = safe_exp(ref_minus_policy) - ref_minus_policy - 1
-        return torch.where(online_token_mask.bool(), k3, torch.zeros_like(k3)).sum(-1).mean(-1)
+        mask = online_token_mask.bool()
+
+        def masked(values):  # where(), not a product: padding may hold any value, and inf * 0 would be NaN
+            return torch.where(mask, values, torch.zeros_like(values))
+
+        ref_minus_policy = masked(ref_online_token_logps - policy_online_token_logps).detach()
+        k3 = safe_exp(ref_minus_policy) - ref_minus_policy - 1  # 0 on padding
+        reward_to_go = (-ref_minus_policy).flip(-1).cumsum(-1).flip(-1)
+        # zero-valued, so the loss's value stays the k3 estimate; its gradient is sum_t G_t grad log pi_t
+        score = masked(reward_to_go * (policy_online_token_logps - policy_online_token_logps.detach()))
+        return (k3.sum(-1) + score.sum(-1)).mean(-1)
     logratios = (policy_online_logps - ref_online_logps).detach()
     num_samples = logratios.shape[-1]
     if kl_estimator == "reinforce_rloo" and num_samples > 1:

@@ -15,9 +15,13 @@ Advantages (--advantages):
     value_head  R - V_ref(x), V the attention-pooling head of engine/value_head.py on the frozen reference's
                 prompt states, fitted on a split of the training prompts (--value_fraction) that training then
                 does not see; its validation MSE per epoch is printed and written to value_head.json
+V's targets (--value_targets): `data`, the rewards of the value split's responses, or `reference_samples`, as the
+authors: the judge's rewards of --value_samples responses the reference samples for each value prompt
+(engine/rollout.py, seeded, in chunks of per_device_eval_batch_size prompts: value_head.reference_samples).
 A judge's scores and the value head's V(x) are cached in `advantages-<hash>.safetensors` in the output directory
-(the hash covers the data's tokens and rewards, the models, the judge and the value head's settings), so a resumed
-run reads them instead of scoring and fitting again.
+(the hash covers the data's tokens and rewards, the models, the judge, the value head's settings and, with
+reference samples, the sampling settings; the file also holds the samples' texts and rewards), so a resumed run
+reads them instead of sampling, scoring and fitting again.
 """
 from __future__ import annotations
 
@@ -34,9 +38,12 @@ from prefuse.engine.data.order import PriorityBatches
 
 ADVANTAGE_MODES = ("auto", "column", "mean", "value_head")
 SAMPLING_STRATEGIES = ("random", "good_priority")
+VALUE_TARGETS = ("data", "reference_samples")
 JUDGE_FLAGS = ("reward_funcs", "reward_model_path", "judge")
 REWARD_COLUMNS = ("reward", "score_chosen", "score_rejected")
 NO_REWARD_HINT = ("or score the responses with a judge: --reward_funcs file.py:name or --reward_model_path DIR")
+NO_SAMPLE_JUDGE = ("value_targets: reference_samples needs a judge to score the reference's samples: add "
+                   "--reward_funcs file.py:name or --reward_model_path DIR (or use --value_targets data)")
 
 
 def reads_rewards(needs) -> bool:
@@ -59,6 +66,17 @@ def check_settings(cfg, needs) -> None:
     check_field(cfg.value_head_epochs >= 1, "value_head_epochs", f"must be at least 1, got {cfg.value_head_epochs}")
     check_field(cfg.value_head_lr > 0, "value_head_lr", f"must be positive, got {cfg.value_head_lr}")
     check_field(0 < cfg.value_fraction < 1, "value_fraction", f"must be in (0, 1), got {cfg.value_fraction}")
+    check_field(cfg.value_targets in VALUE_TARGETS, "value_targets",
+                f"{cfg.value_targets!r} is not one of {', '.join(VALUE_TARGETS)}")
+    check_field(cfg.value_samples >= 1, "value_samples", f"must be at least 1, got {cfg.value_samples}")
+    if cfg.value_targets == "reference_samples":
+        check_field(cfg.advantages == "value_head", "value_targets",
+                    "reference_samples are the value head's targets: add --advantages value_head")
+        if not judges_of(cfg):
+            raise ValueError(NO_SAMPLE_JUDGE)
+        check_field(cfg.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {cfg.max_new_tokens}")
+        check_field(cfg.temperature >= 0, "temperature", f"must be >= 0, got {cfg.temperature}")
+        check_field(0 < cfg.top_p <= 1, "top_p", f"must be in (0, 1], got {cfg.top_p}")
     flag = "advantages" if cfg.advantages != "auto" else "sampling_strategy"
     used = cfg.advantages != "auto" or cfg.sampling_strategy != "random"
     if cfg.online:
@@ -170,6 +188,8 @@ def cache_path(cfg, splits: dict[str, TokenizedData], judged: bool) -> Path:
              cfg.per_device_eval_batch_size, cfg.reward_funcs, cfg.reward_weights, cfg.reward_model_path, cfg.judge,
              _files_digest(cfg.model_name_or_path), _files_digest(cfg.ref_model_name_or_path),
              _files_digest(cfg.reward_model_path), [_files_digest(f) for f in cfg.reward_funcs or []]]
+    if cfg.advantages == "value_head" and cfg.value_targets != "data":  # (the default keeps its earlier hashes)
+        parts += [cfg.value_targets, cfg.value_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p]
     digest.update(repr(parts).encode())
     for name, data in splits.items():
         rows = [[e["prompt_ids"], e["completion_ids"], None if judged else e.get("reward")] for e in data.examples]
@@ -190,11 +210,15 @@ def _load_cache(path: Path, splits: dict[str, TokenizedData]):
     return table, report
 
 
-def _save_cache(path: Path, table: dict, report: dict) -> None:
+def _save_cache(path: Path, table: dict, report: dict, texts: list[str] | None = None) -> None:
+    """The tensors, the report and, with reference samples, their texts (metadata `value_sample_texts`)."""
     from safetensors.torch import save_file
 
     temp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in table.items()}, str(temp), metadata={"report": json.dumps(report)})
+    metadata = {"report": json.dumps(report)}
+    if texts is not None:
+        metadata["value_sample_texts"] = json.dumps(texts)
+    save_file({k: v.contiguous() for k, v in table.items()}, str(temp), metadata=metadata)
     os.replace(temp, path)
 
 
@@ -205,7 +229,8 @@ def prepare_advantages(cfg, models, tokenizer, train_data: TokenizedData, eval_d
     """Rewards from the data or the judge, then the advantages --advantages asks for, written into each training
     and held-out example as `advantage` (the batches read it); returns (train_data, eval_data, advantages [N] of
     the training examples, float64, or None when the objective reads neither rewards nor advantages). With the
-    value head, train_data loses the value split's examples."""
+    value head, train_data loses the value split's examples; with --value_targets reference_samples, V is fitted on
+    the judge's rewards of the reference's samples for the value split's prompts."""
     needs = cfg.needs()
     if not reads_rewards(needs):
         return train_data, eval_data, None
@@ -225,7 +250,7 @@ def prepare_advantages(cfg, models, tokenizer, train_data: TokenizedData, eval_d
         log(f"advantages: rewards{' and values' if mode == 'value_head' else ''} of "
             f"{sum(len(d) for d in splits.values())} examples read from {path}")
     else:
-        table, report = {}, {}
+        table, report, judge, texts = {}, {}, None, None
         if judged:
             from prefuse.engine.judges import make_judge
 
@@ -237,10 +262,12 @@ def prepare_advantages(cfg, models, tokenizer, train_data: TokenizedData, eval_d
         elif mode != "column" or "rewards" in needs.inputs:
             for name, data in splits.items():
                 table[f"{name}_rewards"] = rewards_of(data.examples)
+        if mode == "value_head" and cfg.value_targets == "reference_samples":
+            texts = _sample_value_targets(cfg, models, tokenizer, judge, splits["value"], table, pad_id, log)
         if mode == "value_head":
             table.update(_fit_values(cfg, models, splits, table, pad_id, report, log))
         if judged or mode == "value_head":
-            _save_cache(path, table, report)
+            _save_cache(path, table, report, texts)
     for name, data in splits.items():  # the rewards the batches read: the data's, or the judge's
         if f"{name}_rewards" in table:
             for example, reward in zip(data.examples, table[f"{name}_rewards"].tolist()):
@@ -256,6 +283,28 @@ def prepare_advantages(cfg, models, tokenizer, train_data: TokenizedData, eval_d
     return train_data, eval_data, advantages
 
 
+def _distinct_prompts(data: TokenizedData) -> list[list[int]]:
+    """The prompts of data's examples, each once, in order of first appearance."""
+    return [list(p) for p in dict.fromkeys(tuple(e["prompt_ids"]) for e in data.examples)]
+
+
+def _sample_value_targets(cfg, models, tokenizer, judge, value: TokenizedData, table, pad_id, log) -> list[str]:
+    """The reference's samples for the value split's prompts, judged, into table (`value_sample_rewards` [M],
+    `value_sample_prompts` [M]: each sample's prompt among the split's distinct prompts); returns their texts."""
+    from prefuse.engine.value_head import reference_samples
+
+    if judge is None:
+        raise ValueError(NO_SAMPLE_JUDGE)
+    prompts = _distinct_prompts(value)
+    texts, rewards = reference_samples(cfg, models, tokenizer, judge, prompts, pad_id)
+    table["value_sample_rewards"] = rewards
+    table["value_sample_prompts"] = torch.arange(len(prompts)).repeat_interleave(cfg.value_samples)
+    log(f"value head: {len(texts)} samples of the reference ({cfg.value_samples} per value prompt, "
+        f"max_new_tokens {cfg.max_new_tokens}, temperature {cfg.temperature}), judged: mean reward "
+        f"{rewards.mean().item():.4g}")
+    return texts
+
+
 def _fit_values(cfg, models, splits, table, pad_id, report, log) -> dict[str, torch.Tensor]:
     """V(x) of every example of every split ({<split>_values: [N]}); fills `report` with the fit's MSEs."""
     from prefuse.engine.value_head import PromptEncoder, fit_value_head, predict_values, value_range
@@ -269,19 +318,25 @@ def _fit_values(cfg, models, splits, table, pad_id, report, log) -> dict[str, to
                 owner[key] = len(prompts)
                 prompts.append(example["prompt_ids"])
         keys[name] = [owner[tuple(e["prompt_ids"])] for e in data.examples]
-    value_rewards = table["value_rewards"].tolist()
-    low, high = value_range([r for name in splits for r in table[f"{name}_rewards"].tolist()])
+    if "value_sample_rewards" in table:  # V's targets: the judge's rewards of the reference's samples
+        value_prompts = [owner[tuple(p)] for p in _distinct_prompts(splits["value"])]
+        value_rewards = table["value_sample_rewards"].tolist()
+        rows = [(value_prompts[j], r) for j, r in zip(table["value_sample_prompts"].tolist(), value_rewards)]
+    else:  # the data's rewards of the value split's responses
+        value_rewards = table["value_rewards"].tolist()
+        rows = list(zip(keys["value"], value_rewards))
+    low, high = value_range([r for name in splits for r in table[f"{name}_rewards"].tolist()] + value_rewards)
     encoder = PromptEncoder(models, pad_id=pad_id)
     batch_size = cfg.per_device_eval_batch_size
-    fit = fit_value_head(encoder, prompts, list(zip(keys["value"], value_rewards)), epochs=cfg.value_head_epochs,
-                         lr=cfg.value_head_lr, batch_size=batch_size, seed=cfg.seed, low=low, high=high, log=log)
+    fit = fit_value_head(encoder, prompts, rows, epochs=cfg.value_head_epochs, lr=cfg.value_head_lr,
+                         batch_size=batch_size, seed=cfg.seed, low=low, high=high, log=log)
     needed = sorted({p for name in splits for p in keys[name]})
     values = torch.zeros(len(prompts), dtype=torch.float64)
     values[needed] = predict_values(fit.head, encoder, [prompts[p] for p in needed], batch_size).double()
     out = {f"{name}_values": values[keys[name]] for name in splits}
     train_mse = float(((table["train_rewards"] - out["train_values"]) ** 2).mean())
-    report.update(value_rows=len(value_rewards), value_prompts=len(set(keys["value"])), range=[low, high],
-                  initial_mse=fit.initial_loss, epoch_mse=fit.losses, best_epoch=fit.best_epoch,
+    report.update(value_targets=cfg.value_targets, value_rows=len(rows), value_prompts=len(set(keys["value"])),
+                  range=[low, high], initial_mse=fit.initial_loss, epoch_mse=fit.losses, best_epoch=fit.best_epoch,
                   best_mse=fit.best_loss, train_mse=train_mse)
     return out
 

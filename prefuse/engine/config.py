@@ -70,6 +70,11 @@ class TrainConfig:
     value_head_lr: float = field(default=1e-5, metadata={"help": "--advantages value_head: its AdamW learning rate"})
     value_fraction: float = field(default=0.1, metadata={"help": "--advantages value_head: the fraction of the "
                                   "training prompts held out to fit V (training does not see them)"})
+    value_targets: str = field(default="data", metadata={"help": "--advantages value_head: V's targets, the data's "
+                               "rewards of the value split's responses (data), or the judge's rewards of "
+                               "--value_samples samples of the reference per value prompt (reference_samples)"})
+    value_samples: int = field(default=1, metadata={"help": "--value_targets reference_samples: samples of the "
+                               "reference per value prompt (--max_new_tokens, --temperature, --top_p)"})
     sampling_strategy: str = field(default="random", metadata={"help": "random (shuffled epochs), or good_priority "
                                    "(draw examples with probability proportional to their positive advantage)"})
     # optimization
@@ -121,9 +126,14 @@ class TrainConfig:
                                                                         "split's); chosen responses too if it has"})
     monitor_samples: int = field(default=16, metadata={"help": "how many held-out prompts the monitor reads"})
     monitor_top_k: int = field(default=10, metadata={"help": "k of the top-k indicators"})
+    monitor_extra_top_k: list[int] | None = field(
+        default_factory=lambda: [5, 20, 50],
+        metadata={"help": "further k whose top-k entropy and mass are logged too (monitor/topk_entropy@k); none: off"})
     monitor_ema: float = field(default=0.5, metadata={"help": "decay of the indicators' EMA (0: none)"})
     monitor_patience: int = field(default=3, metadata={"help": "falls of the EMA in a row after its peak that flag "
                                                                "over-optimisation"})
+    monitor_min_delta: float = field(default=0.0, metadata={"help": "a fall counts only when the EMA drops by more "
+                                                                    "than this"})
     monitor_indicator: str | None = field(default=None, metadata={"help": "entropy or mass (default: mass for "
                                                                           "hinge, entropy otherwise)"})
     monitor_max_new_tokens: int = field(default=64, metadata={"help": "the monitor's longest sampled response"})

@@ -27,6 +27,10 @@ def train(cfg: TrainConfig, source: BatchSource | None = None) -> dict:
     the training batches come from instead of dataset_name's examples (any BatchSource)."""
     run = build_run(cfg, source)
     cfg, step, last = run.cfg, run.start_step, {}
+    if run.monitor and run.monitor.stopped:  # resumed from the checkpoint where --early_stopping stopped the run
+        print(run.monitor.stopped_message(step), flush=True)
+        run.log.close()
+        return last
     eval_steps = cfg.eval_steps or cfg.logging_steps
     print(f"training {run.total_steps} steps of {cfg.gradient_accumulation_steps} x "
           f"{cfg.per_device_train_batch_size} examples; objective {cfg.loss_type}; "

@@ -12,6 +12,11 @@ run whose rewards go below 0 gets a low below 0 instead of a V that cannot fit t
 on (prompt, reward) rows of a split of the data that training does not see, AdamW, and the epoch of the lowest
 MSE on that split is kept. The reference is the separate reference model, the policy with its LoRA adapters
 disabled, or, before the first update, the policy itself (it still is pi_ref then).
+
+    texts, rewards = reference_samples(cfg, models, tokenizer, judge, prompts, pad_id)  # the authors' targets
+
+--value_targets reference_samples fits V, as the authors, on the judge's rewards of the reference's own samples for
+the value split's prompts (engine/rollout.py) instead of the rewards of the data's responses.
 """
 from __future__ import annotations
 
@@ -174,6 +179,35 @@ class _StateCache:
         if self.bytes + size <= STATE_BUDGET_BYTES:
             self.kept[number], self.bytes = states, self.bytes + size
         return states
+
+
+def reference_samples(cfg, models, tokenizer, judge, prompts: list[list[int]], pad_id: int
+                      ) -> tuple[list[str], torch.Tensor]:
+    """--value_targets reference_samples: cfg.value_samples responses of the reference to each prompt (the separate
+    reference model, the policy with its adapters disabled, or the untrained policy when it has neither) and the
+    judge's reward of each: (texts, rewards [P * k] float64), grouped by prompt. The prompts are sampled in chunks
+    of per_device_eval_batch_size, chunk c by `rollout.sample_reference(..., seed=cfg.seed + c)` (`sample_policy`
+    without a reference), which forks the RNG: the run's generator state and the weights are left as they were."""
+    from prefuse.engine.rollout import RolloutConfig, sample_policy, sample_reference
+
+    rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            num_generations=cfg.value_samples).validate()
+    has_reference = models.reference is not None or hasattr(models.policy, "disable_adapter")
+    sampler = sample_reference if has_reference else sample_policy  # before the first update the policy is pi_ref
+    texts, rewards, size = [], [], cfg.per_device_eval_batch_size
+    for chunk, start in enumerate(range(0, len(prompts), size)):
+        samples = sampler(models, prompts[start:start + size], rollout, seed=cfg.seed + chunk,
+                          eos_id=tokenizer.eos_token_id, pad_id=pad_id)
+        completions = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        decoded = tokenizer.batch_decode(samples.prompt_ids, skip_special_tokens=True)
+        rewards.append(judge.score(decoded, completions).double().reshape(-1))
+        texts += completions
+    rewards = torch.cat(rewards)
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"value_targets: the judge left the reference's sample {bad[0]} ({texts[bad[0]][:40]!r}) "
+                         f"unscored ({rewards[bad[0]].item()}); V needs a finite reward for every sample")
+    return texts, rewards
 
 
 @torch.no_grad()

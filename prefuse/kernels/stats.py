@@ -4,10 +4,15 @@ The top-k indicators follow ALGORITHMS.md section 11 (k, renormalization and agg
 choices there, marked unverified against the paper): with p = softmax(z) and S the k most probable tokens,
 topk_mass = sum_S p, topk_entropy = entropy of p restricted to S and renormalized, topk_entropy_unnormalized =
 -sum_S p log p.
+
+`extra_top_k` adds topk_mass and topk_entropy for other k from the same pass: each chunk's logits are computed
+once (the matmul, the pass's main cost) and the statistics kernel reads them once per k (it keeps one running
+top-k per launch).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -23,7 +28,8 @@ class TokenStats:
 
     mask: bool, which positions were computed. logsumexp, entropy (nats), topk_mass, topk_entropy,
     topk_entropy_unnormalized. With labels: logprobs (of the label) and label_is_argmax (bool; the label is the
-    first index of the maximum, as torch.argmax breaks ties); None without labels.
+    first index of the maximum, as torch.argmax breaks ties); None without labels. extra_topk: with `extra_top_k`,
+    "topk_mass@k" and "topk_entropy@k" for each of those k (same shape and fill).
     """
 
     mask: torch.Tensor
@@ -34,17 +40,16 @@ class TokenStats:
     topk_entropy_unnormalized: torch.Tensor
     logprobs: torch.Tensor | None = None
     label_is_argmax: torch.Tensor | None = None
+    extra_topk: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def mean(self) -> dict[str, float]:
-        """Mean of each statistic over the computed positions (0.0 when there are none)."""
+        """Mean of each statistic (extra_topk's included, under their names) over the computed positions (0.0 when
+        there are none)."""
         n = int(self.mask.sum())
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "mask" or value is None:
-                continue
-            out[f.name] = float(value[self.mask].float().sum() / n) if n else 0.0
-        return out
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("mask", "extra_topk")}
+        values.update(self.extra_topk)
+        return {name: float(value[self.mask].float().sum() / n) if n else 0.0
+                for name, value in values.items() if value is not None}
 
 
 @torch.no_grad()
@@ -58,6 +63,7 @@ def linear_token_stats(
     temperature: float = 1.0,
     softcap: float | None = None,
     top_k: int = 10,
+    extra_top_k: Sequence[int] = (),
     backend: str = "auto",
     chunk_size: int | None = None,
     chunk_budget_bytes: int | None = None,
@@ -65,12 +71,16 @@ def linear_token_stats(
 ) -> TokenStats:
     """Statistics of softmax(transform(hidden @ weight.T + bias)) at every position (or every labeled one).
 
-    hidden [..., H], weight [V, H], labels [...] or None. top_k > V is clamped to V.
+    hidden [..., H], weight [V, H], labels [...] or None. top_k > V is clamped to V (so is each extra_top_k: the
+    top-k statistics of further k, in TokenStats.extra_topk, from the same chunks of logits).
     """
     check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     check_transform(temperature, softcap)
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
+    extra_top_k = tuple(extra_top_k)
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in extra_top_k):
+        raise ValueError(f"extra_top_k: must be positive integers, got {list(extra_top_k)!r}")
     backend = resolve_backend(backend, hidden.device)
     rows = select_labeled_rows(hidden, labels, ignore_index)
     itemsize = hidden.element_size()
@@ -85,16 +95,28 @@ def linear_token_stats(
     chunks = []
     for sl in chunk_slices(rows.n_rows, rows_per_chunk):
         logits = chunk_logits(gather_rows(rows.hidden, rows.index, sl), weight, bias)
-        chunks.append(ops.logits_stats(logits, None if rows.labels is None else rows.labels[sl],
-                                       inv_temperature=1.0 / temperature, softcap=softcap, top_k=top_k, **extra))
-    return assemble_stats(chunks, rows, with_labels=labels is not None)
+        stats = ops.logits_stats(logits, None if rows.labels is None else rows.labels[sl],
+                                 inv_temperature=1.0 / temperature, softcap=softcap, top_k=top_k, **extra)
+        for k in extra_top_k:  # the same logits, read again for another k (the kernels do not change them)
+            more = ops.logits_stats(logits, None, inv_temperature=1.0 / temperature, softcap=softcap, top_k=k,
+                                    **extra)
+            stats.update({f"{name}@{k}": more[name] for name in EXTRA_TOPK_STATISTICS})
+        chunks.append(stats)
+    return assemble_stats(chunks, rows, with_labels=labels is not None, extra_top_k=extra_top_k)
 
 
-def assemble_stats(chunks: list[dict[str, torch.Tensor]], rows: LabeledRows, with_labels: bool) -> TokenStats:
+# what extra_top_k adds for each of its k: "<name>@<k>"
+EXTRA_TOPK_STATISTICS = ("topk_mass", "topk_entropy")
+
+
+def assemble_stats(chunks: list[dict[str, torch.Tensor]], rows: LabeledRows, with_labels: bool,
+                   extra_top_k: Sequence[int] = ()) -> TokenStats:
     """Per-chunk statistics of the kept rows (in order) -> TokenStats shaped like the caller's labels."""
     names = ["logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized"]
     if with_labels:
         names += ["logprobs", "label_is_argmax"]
+    extra_names = [f"{name}@{k}" for k in extra_top_k for name in EXTRA_TOPK_STATISTICS]
+    names += extra_names
     device = rows.hidden.device
     result = {}
     for name in names:
@@ -102,4 +124,5 @@ def assemble_stats(chunks: list[dict[str, torch.Tensor]], rows: LabeledRows, wit
         flat = torch.cat([c[name] for c in chunks]) if chunks else torch.empty(0, dtype=dtype, device=device)
         result[name] = rows.scatter(flat.to(dtype), fill=False if dtype == torch.bool else 0.0)
     mask = rows.scatter(torch.ones(rows.n_rows, dtype=torch.bool, device=device), fill=False)
-    return TokenStats(mask=mask, **result)
+    extra_topk = {name: result.pop(name) for name in extra_names}
+    return TokenStats(mask=mask, **result, extra_topk=extra_topk)
