@@ -18,6 +18,7 @@ from prefuse.engine.model import Models  # noqa: E402
 from prefuse.engine.value_head import (PromptEncoder, ValueHead, attention_heads, fit_value_head,  # noqa: E402
                                        predict_values)
 from prefuse.preference import PreferenceLoss  # noqa: E402
+from tests.test_engine_objectives import train_argv  # noqa: E402  (the same short LoRA run)
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
@@ -58,17 +59,6 @@ def files(tmp_path_factory):
         "def vowels(prompts, completions, **kwargs):\n"
         "    return [sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n")
     return paths
-
-
-def train_argv(files, out, loss_type, data="pairs", **flags):
-    argv = ["train", "--model_name_or_path", str(files["model"]), "--dataset_name", str(files[data]),
-            "--output_dir", str(out), "--loss_type", loss_type, "--max_steps", "3", "--logging_steps", "1",
-            "--save_steps", "0", "--per_device_train_batch_size", "4", "--max_length", "48",
-            "--max_prompt_length", "24", "--learning_rate", "1e-3", "--report_to", "none", "--use_peft",
-            "--lora_r", "4"]
-    for key, value in flags.items():
-        argv += [f"--{key}", str(value)]
-    return argv
 
 
 VALUE_FLAGS = dict(advantages="value_head", value_fraction=0.25, value_head_epochs=2, value_head_lr=1e-3)
