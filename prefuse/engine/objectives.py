@@ -129,6 +129,8 @@ def describe(name: str) -> dict:
             source = "pairs (prompt, chosen, rejected" + "".join(", " + c for c in needs.columns("pairs")) + ")"
             if needs.revision:
                 source += "; the four answer-given-context rows through --revision_template"
+            if needs.slow_adapter:
+                source += "; slow_*: the same rows under a second LoRA adapter (--use_peft)"
         else:
             source = ("completions (prompt, completion, label" + "".join(", " + c for c in needs.columns(
                 "completions")) + ") or pairs (prompt, chosen, rejected" + "".join(
