@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--ignore_frac", type=float, default=0.25, help="fraction of labels set to -100")
     p.add_argument("--rounds", type=int, default=5, help="timed steps per path (the paths take turns)")
+    p.add_argument("--frozen_weight", action="store_true",
+                   help="every path's lm_head weight needs no gradient (a LoRA policy); prefuse then takes its "
+                        "frozen-weight path (the path prefuse_logprobs_frozen does so beside the trainable ones)")
     p.add_argument("--quick", action="store_true", help="one small shape, two rounds")
     p.add_argument("--json", default=None, help="write the records to this file")
     p.add_argument("--static", action="store_true",
@@ -342,7 +345,7 @@ def _bench(args) -> int:
         print(f"--paths: {unknown} not available on {args.device}; installed: {installed}", file=sys.stderr)
         return 2
     records = report.run(paths, shapes, dtype=args.dtype, device=args.device, ignore_frac=args.ignore_frac,
-                         rounds=2 if args.quick else args.rounds)
+                         rounds=2 if args.quick else args.rounds, frozen_weight=args.frozen_weight)
     print(report.format_table(records))
     if args.json:
         report.save(records, args.json, "prefuse " + " ".join(sys.argv[1:]))

@@ -16,6 +16,9 @@ Two modes, chosen from the objective and the chunk budget (overridable with `mod
   whole batch.
 - "recompute": per-token log-probs with a recomputing backward, then the objective under autograd. Works for every
   objective (batch-level ones such as KTO's KL point, `aot`'s sorting) and for extra inputs that carry gradients.
+- "frozen_weight": when only hidden needs a gradient (LoRA, a frozen lm_head), for every objective: the head forms
+  each row's gradient basis in forward and backward scales it by the objective's gradient (two matmuls per chunk,
+  as in_forward, without its separability condition). "auto" takes it whenever the weight and bias are frozen.
 """
 from __future__ import annotations
 
@@ -140,7 +143,8 @@ class PreferenceLoss(torch.nn.Module):
 
     objective: a registered objective name (see `prefuse.list_objectives()`) or a list of names combined with
     `loss_weights` (MPO style). Other keyword arguments are the objectives' hyper-parameters; head options:
-    ignore_index, temperature, softcap, backend, mode ("auto" | "in_forward" | "recompute"), chunk_size,
+    ignore_index, temperature, softcap, backend, mode ("auto" | "in_forward" | "recompute" | "frozen_weight"),
+    chunk_size,
     chunk_budget_bytes, grad_budget_bytes, accumulate_fp32.
     """
 
@@ -239,6 +243,8 @@ class PreferenceLoss(torch.nn.Module):
 
         on = torch.is_grad_enabled()
         needs_grad = any(on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+        frozen = bool(on and hidden.requires_grad and not weight.requires_grad
+                      and (bias is None or not bias.requires_grad))
         grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
         groupable = self.separable and not grad_inputs and role_batch.sequence_example is not None
         if needs_grad and self.mode == "in_forward" and not groupable:
@@ -250,7 +256,8 @@ class PreferenceLoss(torch.nn.Module):
         rows = group_rows(labels, sequence_group, vocab=weight.shape[0], hidden_size=hidden.shape[-1],
                           dtype=hidden.dtype, needs_grad=needs_grad, grouped=groupable,
                           ignore_index=self.ignore_index, mode=self.mode, chunk_size=self.chunk_size,
-                          chunk_budget_bytes=self.chunk_budget_bytes, grad_budget_bytes=self.grad_budget_bytes)
+                          chunk_budget_bytes=self.chunk_budget_bytes, grad_budget_bytes=self.grad_budget_bytes,
+                          weight_frozen=frozen)
         stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
         head = dict(temperature=self.temperature, softcap=self.softcap, backend=self.backend,
                     accumulate_fp32=self.accumulate_fp32)
@@ -266,7 +273,7 @@ class PreferenceLoss(torch.nn.Module):
             fixed.update(stats.values(ref_logp, "ref"))
 
         if not (needs_grad and rows.in_forward):
-            self.last_mode = "recompute" if needs_grad else "forward_only"
+            self.last_mode = ("frozen_weight" if rows.frozen_weight else "recompute") if needs_grad else "forward_only"
             logp = grouped_logprobs(hidden, weight, rows, bias=bias, **head)
             objective_inputs = {**fixed, **stats.values(logp, "policy")}
             loss, metrics = self._objective(objective_inputs)

@@ -46,7 +46,8 @@ PEAK_SCRIPT = textwrap.dedent("""
     weight = (torch.randn(v, h) / h ** 0.5).requires_grad_()
     labels = torch.randint(0, v, (n,))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if mode == "logprobs":
+    if mode.startswith("logprobs"):
+        weight.requires_grad_(mode != "logprobs_frozen")  # frozen: the basis [N, H] is held from forward on
         out = prefuse.linear_logprobs(hidden, weight, labels, backend="torch").sum()
     else:
         out = prefuse.linear_cross_entropy(hidden, weight, labels, backend="torch", mode=mode)
@@ -57,7 +58,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("mode", ["logprobs", "in_forward", "recompute"])
+@pytest.mark.parametrize("mode", ["logprobs", "logprobs_frozen", "in_forward", "recompute"])
 def test_peak_memory_is_bounded_by_the_chunk_not_by_n(mode):
     """N=16384, V=32000: the fp32 logits alone would be 2000 MiB. The head's extra peak (process high-water mark,
     measured in a fresh process) stays within the weight gradient (V x H fp32, 8 MiB), hidden-sized buffers

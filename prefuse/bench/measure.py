@@ -59,14 +59,14 @@ def _shape(task: str, n: int, h: int, v: int, batch: int) -> tuple:
 
 
 def measure_here(path_name: str, n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,
-                 repeats: int, batch: int = 1) -> Measurement:
+                 repeats: int, batch: int = 1, frozen_weight: bool = False) -> Measurement:
     """Runs in the current process (call it in a fresh one)."""
     from prefuse.bench.paths import PATHS, make_task_inputs
 
     result = Measurement(path_name, n, h, v, dtype, device, ignore_frac)
     path = PATHS[path_name]
     inputs = make_task_inputs(path.task, _shape(path.task, n, h, v, batch), getattr(torch, dtype), device,
-                              ignore_frac)
+                              ignore_frac, frozen_weight=frozen_weight)
     hidden, weight = inputs[0], inputs[1]
     step = path.make(*inputs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -107,17 +107,19 @@ def measure_here(path_name: str, n: int, h: int, v: int, dtype: str, device: str
 
 
 def measure(path_name: str, n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",
-            ignore_frac: float = 0.25, repeats: int = 3, batch: int = 1, timeout: float = 1800) -> Measurement:
+            ignore_frac: float = 0.25, repeats: int = 3, batch: int = 1, timeout: float = 1800,
+            frozen_weight: bool = False) -> Measurement:
     """Measures in a fresh Python process; a failure is returned as `error`, not raised. n is the token count
     (2 * batch * T for a preference path)."""
-    out = _run_fresh("measure_here", [path_name, n, h, v, dtype, device, ignore_frac, repeats, batch], timeout)
+    out = _run_fresh("measure_here", [path_name, n, h, v, dtype, device, ignore_frac, repeats, batch,
+                                      frozen_weight], timeout)
     if "error" in out and "path" not in out:
         return Measurement(path_name, n, h, v, dtype, device, ignore_frac, error=out["error"])
     return Measurement(**out)
 
 
 def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,
-                          rounds: int, batch: int = 1) -> dict[str, list[float]]:
+                          rounds: int, batch: int = 1, frozen_weight: bool = False) -> dict[str, list[float]]:
     """Seconds per forward+backward step of each path, `rounds` steps each, the paths taking turns."""
     from prefuse.bench.paths import PATHS, make_task_inputs
 
@@ -125,7 +127,8 @@ def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, 
     if len(tasks) != 1:
         raise ValueError(f"paths: {paths} mix tasks {tasks}; time one task at a time")
     task = tasks.pop()
-    inputs = make_task_inputs(task, _shape(task, n, h, v, batch), getattr(torch, dtype), device, ignore_frac)
+    inputs = make_task_inputs(task, _shape(task, n, h, v, batch), getattr(torch, dtype), device, ignore_frac,
+                              frozen_weight=frozen_weight)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     steps = {p: PATHS[p].make(*inputs) for p in paths}
     for p in paths:
@@ -143,10 +146,11 @@ def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, 
 
 
 def time_interleaved(paths: list[str], n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",
-                     ignore_frac: float = 0.25, rounds: int = 5, batch: int = 1, timeout: float = 3600) -> dict:
+                     ignore_frac: float = 0.25, rounds: int = 5, batch: int = 1, timeout: float = 3600,
+                     frozen_weight: bool = False) -> dict:
     """Runs `time_interleaved_here` in a fresh process; returns {path: [seconds, ...]} or {"error": text}."""
-    return _run_fresh("time_interleaved_here", [paths, n, h, v, dtype, device, ignore_frac, rounds, batch],
-                      timeout)
+    return _run_fresh("time_interleaved_here", [paths, n, h, v, dtype, device, ignore_frac, rounds, batch,
+                                               frozen_weight], timeout)
 
 
 def _run_fresh(function: str, args: list, timeout: float):

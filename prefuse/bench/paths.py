@@ -5,6 +5,9 @@ Three tasks. "head": a linear cross-entropy head, `make(hidden [N, H], weight [V
 preference objective's head), shape (N, H, V). "preference": a DPO loss (sigmoid, beta 0.1) with a reference model's hidden states,
 `make(hidden [2B, T, H], weight [V, H], labels [2B, T], ref_hidden [2B, T, H]) -> step`, shape (B, T, H, V).
 `step()` runs forward and backward and returns the loss. Peers are included only when their package imports.
+`--frozen_weight` (make_task_inputs) gives every path a weight that needs no gradient (LoRA); the
+`prefuse_logprobs_frozen` paths freeze their own weight, so that one run times the frozen-weight head beside the
+trainable one and beside the recompute path with the same frozen weight.
 """
 from __future__ import annotations
 
@@ -128,6 +131,21 @@ def prefuse_logprobs(hidden, weight, labels):
     return _step(lambda: prefuse.linear_logprobs(hidden, weight, labels, backend="torch").sum(), hidden, weight)
 
 
+def prefuse_logprobs_recompute(hidden, weight, labels):
+    """Always the recompute path (with a frozen weight: three matmuls per chunk where the default takes two)."""
+    return _step(lambda: prefuse.linear_logprobs(hidden, weight, labels, backend="torch", mode="recompute").sum(),
+                 hidden, weight)
+
+
+def prefuse_logprobs_frozen(mode: str):
+    """The lm_head frozen (a LoRA policy): "auto" takes the frozen-weight path, "recompute" the three-matmul one."""
+    def make(hidden, weight, labels):
+        frozen = weight.detach()
+        return _step(lambda: prefuse.linear_logprobs(hidden, frozen, labels, backend="torch", mode=mode).sum(),
+                     hidden, frozen)
+    return make
+
+
 def materialized_logprobs(hidden, weight, labels):
     def loss():
         logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
@@ -150,6 +168,9 @@ def trl_chunked_logprob(hidden, weight, labels):
 
 PATHS.update({p.name: p for p in [
     Path("prefuse_logprobs", prefuse_logprobs, task="logprobs"),
+    Path("prefuse_logprobs_recompute", prefuse_logprobs_recompute, task="logprobs"),
+    Path("prefuse_logprobs_frozen", prefuse_logprobs_frozen("auto"), task="logprobs"),
+    Path("prefuse_logprobs_frozen_recompute", prefuse_logprobs_frozen("recompute"), task="logprobs"),
     Path("materialized_logprobs", materialized_logprobs, task="logprobs"),
     Path("trl_chunked_logprob", trl_chunked_logprob, requires="trl", task="logprobs"),
     Path("prefuse_preference", prefuse_preference, task="preference"),
@@ -158,8 +179,17 @@ PATHS.update({p.name: p for p in [
 ]})
 
 
-def make_task_inputs(task: str, shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int = 0):
-    """The inputs of a path of `task` at `shape` (see the module docstring)."""
+def make_task_inputs(task: str, shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int = 0,
+                     frozen_weight: bool = False):
+    """The inputs of a path of `task` at `shape` (see the module docstring); frozen_weight: the weight needs no
+    gradient."""
+    inputs = _task_inputs(task, shape, dtype, device, ignore_frac, seed)
+    if frozen_weight:
+        inputs[1].requires_grad_(False)
+    return inputs
+
+
+def _task_inputs(task, shape, dtype, device, ignore_frac, seed):
     if task in ("head", "logprobs"):
         return make_inputs(*shape, dtype, device, ignore_frac, seed)
     batch, length, h, v = shape

@@ -32,9 +32,10 @@ def available_paths(device: str, task: str = "head") -> list[str]:
 
 
 def run(paths: list[str], shapes: list[tuple[int, ...]], *, dtype: str = "float32", device: str = "cpu",
-        ignore_frac: float = 0.25, rounds: int = 5, log=print) -> list[dict]:
+        ignore_frac: float = 0.25, rounds: int = 5, frozen_weight: bool = False, log=print) -> list[dict]:
     """For each shape: the extra peak memory of every path (fresh process each), then the time of every path from
-    one fresh process where the paths take turns for `rounds` steps. One record per (shape, path)."""
+    one fresh process where the paths take turns for `rounds` steps. One record per (shape, path).
+    frozen_weight: every path's weight needs no gradient."""
     from prefuse.bench.measure import time_interleaved
 
     records = []
@@ -44,15 +45,16 @@ def run(paths: list[str], shapes: list[tuple[int, ...]], *, dtype: str = "float3
         label = "x".join(map(str, shape))
         memory = {}
         for p in paths:
-            m = measure(p, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac, repeats=0, batch=batch)
+            m = measure(p, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac, repeats=0, batch=batch,
+                        frozen_weight=frozen_weight)
             memory[p] = m
             log(f"  {label}  {p:28s} " + (m.error or f"extra peak {m.peak_extra_mib:.0f} MiB"))
         ok = [p for p in paths if not memory[p].error]
         times = time_interleaved(ok, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac,
-                                 rounds=rounds, batch=batch) if ok else {}
+                                 rounds=rounds, batch=batch, frozen_weight=frozen_weight) if ok else {}
         for p in paths:
             rec = {"path": p, "shape": label, "n": n, "h": h, "v": v, "batch": batch, "dtype": dtype,
-                   "device": device, "ignore_frac": ignore_frac,
+                   "device": device, "ignore_frac": ignore_frac, "frozen_weight": frozen_weight,
                    "errors": [e for e in (memory[p].error, times.get("error")) if e]}
             if not memory[p].error:
                 rec.update(peak_extra_mib=memory[p].peak_extra_mib, loss=memory[p].loss)

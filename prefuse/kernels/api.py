@@ -10,18 +10,30 @@ from dataclasses import replace
 
 import torch
 
-from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs, HeadConfig
+from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs, FusedLogprobsFrozenWeight, HeadConfig
 from prefuse.kernels.plan import MODES, make_plan
 from prefuse.kernels.rows import select_labeled_rows, zero_connected
 from prefuse.kernels.stats import TokenStats, assemble_stats
 from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
+LOGPROBS_MODES = ("auto", "recompute", "frozen_weight")
 
 
 def _needs_grad(*tensors) -> tuple[bool, bool, bool]:
     on = torch.is_grad_enabled()
     return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)
+
+
+def weight_frozen(needs: tuple[bool, bool, bool]) -> bool:
+    """needs (hidden, weight, bias) from _needs_grad: only hidden wants a gradient (the frozen-weight mode)."""
+    return needs[0] and not needs[1] and not needs[2]
+
+
+def logprobs_function(plan_mode: str, needs: tuple[bool, bool, bool]):
+    """The autograd Function of a plan: the frozen-weight one only while only hidden needs a gradient (a
+    reference pass over the same rows under no_grad runs the plain forward over the same chunks)."""
+    return FusedLogprobsFrozenWeight if plan_mode == "frozen_weight" and weight_frozen(needs) else FusedLogprobs
 
 
 def _config(plan, backend, temperature, softcap, with_mean_logp, accumulate_fp32, block_v) -> HeadConfig:
@@ -48,6 +60,7 @@ def linear_logprobs(
     block_v: int | None = None,
     return_stats: bool = False,
     top_k: int = 10,
+    mode: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Per-token log-probability of `labels` under softmax(transform(hidden @ weight.T + bias)).
 
@@ -63,9 +76,16 @@ def linear_logprobs(
     check_finite: raise a ValueError when hidden holds NaN or Inf. block_v: Triton vocabulary tile override.
     return_stats: also return the TokenStats of every labeled position (entropy, top-k mass with `top_k`, ...),
     read from the same logits chunks in forward (no gradient; the chunks then span the whole vocabulary).
+    mode: "frozen_weight" when only hidden needs a gradient (weight and bias frozen: LoRA): forward also forms each
+    row's gradient basis [N, H] and backward scales it (two matmuls per chunk instead of three); "recompute"
+    always recomputes; "auto" (default) takes frozen_weight exactly when grad mode is on, hidden requires grad and
+    weight and bias do not.
     """
     check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_finite=check_finite)
     check_transform(temperature, softcap)
+    if mode not in LOGPROBS_MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {LOGPROBS_MODES} (per-token log-probs have no in-forward "
+                         f"mode: their upstream gradient is unknown in forward)")
     backend = resolve_backend(backend, hidden.device)
     rows = select_labeled_rows(hidden, labels, ignore_index)
     needs = _needs_grad(hidden, weight, bias)
@@ -76,14 +96,16 @@ def linear_logprobs(
             hidden, weight, bias)
         return (logp, assemble_stats([], rows, with_labels=True)) if return_stats else logp
     plan = make_plan(n_rows=rows.n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
-                     device=hidden.device, needs_grad=any(needs), upstream_known=False, mode="recompute",
-                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes, whole_vocab_rows=return_stats)
+                     device=hidden.device, needs_grad=any(needs), upstream_known=False, mode=mode,
+                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes, whole_vocab_rows=return_stats,
+                     weight_frozen=weight_frozen(needs))
     cfg = _config(plan, backend, temperature, softcap, False, accumulate_fp32, block_v)
+    function = logprobs_function(plan.mode, needs)
     if not return_stats:
-        return rows.scatter(FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg))
+        return rows.scatter(function.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg))
     chunks: list = []
     cfg = replace(cfg, stats_top_k=top_k)
-    logp = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg, None, chunks)
+    logp = function.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg, None, chunks)
     return rows.scatter(logp), assemble_stats(chunks, rows, with_labels=True)
 
 
@@ -116,7 +138,9 @@ def linear_cross_entropy(
     mode: "in_forward" forms the gradients during forward (one matmul fewer; holds grad_hidden [N, H] and a float32
     grad_weight [V, H] until backward), "recompute" recomputes logits in backward, "auto" takes in_forward when
     those buffers fit `grad_budget_bytes` (default: a quarter of free CUDA memory, 4 GiB on the CPU). reduction
-    "none" always recomputes (the per-token upstream gradient is unknown in forward). Other arguments as in
+    "none" recomputes (the per-token upstream gradient is unknown in forward), except with a frozen weight and no
+    label smoothing, where "auto" takes "frozen_weight" (see `linear_logprobs`; with a scalar reduction the
+    in-forward mode costs the same two matmuls per chunk and stays the choice). Other arguments as in
     `linear_logprobs`.
     """
     check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_finite=check_finite)
@@ -131,13 +155,18 @@ def linear_cross_entropy(
     rows = select_labeled_rows(hidden, labels, ignore_index)
     needs = _needs_grad(rows.hidden, weight, bias)
     smoothing = float(label_smoothing)
+    if mode == "frozen_weight" and smoothing > 0:
+        raise ValueError("mode: 'frozen_weight' does not take label_smoothing (it holds one basis per row); use "
+                         "mode='auto'")
+    # the frozen-weight plan only where it saves a matmul: per-token losses (scalar ones go in-forward)
+    frozen = weight_frozen(needs) and smoothing == 0 and (reduction == "none" or mode == "frozen_weight")
     if rows.n_rows == 0:
         zero = zero_connected(hidden, weight, bias)
         return torch.zeros(rows.shape, device=hidden.device) + zero if reduction == "none" else zero
     plan = make_plan(n_rows=rows.n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
                      device=hidden.device, needs_grad=any(needs), upstream_known=reduction != "none", mode=mode,
                      chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes,
-                     grad_budget_bytes=grad_budget_bytes)
+                     grad_budget_bytes=grad_budget_bytes, weight_frozen=frozen)
     cfg = _config(plan, backend, temperature, softcap, smoothing > 0, accumulate_fp32, block_v)
     scale = 1.0 / rows.n_rows if reduction == "mean" else 1.0
 
@@ -150,7 +179,7 @@ def linear_cross_entropy(
                                               needs)
         return loss
 
-    out = FusedLogprobs.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg)
+    out = logprobs_function(plan.mode, needs).apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg)
     token_loss = -(1.0 - smoothing) * out[0] - smoothing * out[1] if smoothing > 0 else -out
     if reduction == "none":
         return rows.scatter(token_loss)

@@ -297,3 +297,59 @@ class FusedHeadInForward(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = acc.results(scale=grad_objective)
         ctx.acc = None  # release the buffers as soon as they are handed over
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class FusedLogprobsFrozenWeight(torch.autograd.Function):
+    """hidden [N, H] (needs a gradient), weight [V, H] and bias [V] | None (need none), labels [M], index [M] | None
+    as in FusedLogprobs -> logp [M] float32.
+
+    The basis is held as hidden-shaped [N, H] in hidden's dtype (zero at the rows not in index): the size and dtype
+    of the grad_hidden the recompute path allocates in backward, here allocated in forward, and backward scales it
+    in place (peak: the same one [N, H] buffer). In bf16/fp16 the scaled gradient is rounded twice (the basis, then
+    the product) where the recompute path rounds dz once before its matmul. Backward can run once (the basis is
+    consumed); label smoothing's mean_logp needs a second basis and is refused; vocabulary tiles are refused (a
+    row's softmax is known only after its whole vocabulary)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None):
+        """chunks and stats_sink as in FusedLogprobs.forward (cfg.stats_top_k: statistics from the same chunks)."""
+        if cfg.with_mean_logp:
+            raise ValueError("with_mean_logp: the frozen-weight mode holds one basis per row (no mean_logp); use "
+                             "mode='recompute' or 'in_forward' with label smoothing")
+        if cfg.vocab_tile is not None:
+            raise ValueError("vocab_tile: the frozen-weight mode needs whole-vocabulary rows")
+        n_rows = labels.shape[0]
+        acc = _GradAccumulator(hidden, index, weight, None, True, False, False, cfg.accumulate_fp32)
+        logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        chunks = chunk_slices(n_rows, cfg.rows_per_chunk) if chunks is None else chunks
+        longest = max((c.stop - c.start for c in chunks), default=1)
+        buffer = logits_buffer(labels, weight, longest)
+        ones = torch.ones(longest, dtype=torch.float32, device=hidden.device)
+        for rows in chunks:
+            h, lab = gather_rows(hidden, index, rows), labels[rows]
+            logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
+            if cfg.stats_top_k is not None:
+                stats_sink.append(cfg.ops.logits_stats(logits, lab, top_k=cfg.stats_top_k, **cfg.op_kwargs()))
+            m = rows.stop - rows.start
+            # the in-forward op with coefficient 1 per row: dz = onehot - softmax, through the transform
+            lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones[:m], None),
+                                                          **cfg.op_kwargs())
+            logp[rows] = lp
+            acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)  # basis rows = dz @ W
+            del logits, grad
+        ctx.basis = acc.grad_hidden
+        ctx.save_for_backward(index)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        (index,) = ctx.saved_tensors
+        basis, ctx.basis = ctx.basis, None  # consumed: scaled in place and handed over
+        if basis is None:
+            raise RuntimeError("the frozen-weight head's basis was consumed by an earlier backward; use "
+                               "mode='recompute' to backward through it twice")
+        scale = grad_logp.float()
+        if index is not None:  # per hidden row; 0 for the rows without a label (their basis is 0)
+            scale = torch.zeros(basis.shape[0], dtype=torch.float32, device=basis.device).index_copy_(0, index, scale)
+        basis.mul_(scale[:, None])  # float32 product, rounded once to hidden's dtype
+        return basis, None, None, None, None, None, None, None

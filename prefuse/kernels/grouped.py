@@ -10,8 +10,10 @@ to a group (`sequence_group[s] >= 0`), orders them group by group, and, when gro
 them into chunks of whole groups within the chunk budget: then `coef_fn(chunk, logp_chunk) -> coef [m]` (the
 loss's gradient with respect to each row's log-prob, computed from the chunk's own groups) is called as soon as a
 chunk's log-probs are known and the head's gradients are formed in the same pass (one matmul fewer). Otherwise
-the plan is the recompute path. Passing the same `rows` for a second head (a reference) runs the same rows, chunks
-and reductions: equal inputs give bitwise equal log-probs.
+the plan is the recompute path. With `weight_frozen` (only hidden needs a gradient: LoRA) the plan is the
+frozen-weight path for any loss: forward forms each row's gradient basis, backward scales it (no coef_fn needed).
+Passing the same `rows` for a second head (a reference) runs the same rows, chunks and reductions: equal inputs
+give bitwise equal log-probs.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs, HeadConfig
+from prefuse.kernels.api import logprobs_function
+from prefuse.kernels.fused_head import FusedHeadInForward, HeadConfig
 from prefuse.kernels.plan import MODES, Plan, make_plan
 from prefuse.kernels.rows import zero_connected
 from prefuse.kernels.validate import check_transform, resolve_backend
@@ -54,6 +57,10 @@ class RowGroups:
     def in_forward(self) -> bool:
         return self.plan.mode == "in_forward"
 
+    @property
+    def frozen_weight(self) -> bool:
+        return self.plan.mode == "frozen_weight"
+
 
 def _whole_group_chunks(group: torch.Tensor, rows_per_chunk: int) -> list[slice] | None:
     """Slices of consecutive whole groups of sorted `group` [M], each within rows_per_chunk; None when one group
@@ -75,11 +82,13 @@ def _whole_group_chunks(group: torch.Tensor, rows_per_chunk: int) -> list[slice]
 def group_rows(labels: torch.Tensor, sequence_group: torch.Tensor, *, vocab: int, hidden_size: int,
                dtype: torch.dtype, needs_grad: bool, grouped: bool = True, ignore_index: int = -100,
                mode: str = "auto", chunk_size: int | None = None, chunk_budget_bytes: int | None = None,
-               grad_budget_bytes: int | None = None) -> RowGroups:
+               grad_budget_bytes: int | None = None, weight_frozen: bool = False) -> RowGroups:
     """labels [S, T]; sequence_group [S] int64: each sequence's group, -1 for a sequence nobody reads (its rows are
     dropped before any matmul). grouped: take the in-forward plan when `mode` and the budgets allow it (the
     caller's loss is separable by group); mode "in_forward" insists on it (ValueError when a group is larger than
-    a chunk). Other arguments as in `linear_cross_entropy`."""
+    a chunk). weight_frozen: only hidden will need a gradient; mode "auto" then takes "frozen_weight" (as many
+    matmuls as in_forward, for any loss), "frozen_weight" insists on it (ValueError when the weight is not frozen).
+    Other arguments as in `linear_cross_entropy`."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {MODES}")
     if labels.dim() != 2 or sequence_group.shape != labels.shape[:1]:
@@ -95,11 +104,13 @@ def group_rows(labels: torch.Tensor, sequence_group: torch.Tensor, *, vocab: int
     index, row_group = index[order], row_group[order]
     n_rows = int(index.shape[0])
     device = labels.device
-    want = grouped and needs_grad and mode != "recompute" and n_rows > 0
+    want = grouped and needs_grad and mode not in ("recompute", "frozen_weight") and n_rows > 0
+    frozen = weight_frozen and mode in ("auto", "frozen_weight")  # for any loss, grouped or not
     plan = make_plan(n_rows=n_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype, device=device,
-                     needs_grad=needs_grad, upstream_known=want, mode=mode if want else "recompute",
-                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes,
-                     grad_budget_bytes=grad_budget_bytes)
+                     needs_grad=needs_grad, upstream_known=want,
+                     mode=mode if want or frozen or mode == "frozen_weight" else "recompute", chunk_size=chunk_size,
+                     chunk_budget_bytes=chunk_budget_bytes, grad_budget_bytes=grad_budget_bytes,
+                     weight_frozen=weight_frozen)
     chunks = _whole_group_chunks(row_group, plan.rows_per_chunk) if plan.mode == "in_forward" else None
     if plan.mode == "in_forward" and chunks is None:
         if mode == "in_forward":
@@ -125,7 +136,8 @@ def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups
     """Per-row log-probs [M] float32 of `rows` (in their order) under softmax(transform(hidden @ weight.T + bias)).
 
     hidden [S, T, H] (or [S * T, H]), weight [V, H], bias [V]. Without coef_fn: logp [M], differentiable with a
-    recomputing backward. With coef_fn (rows.in_forward must hold): (surrogate 0-d, logp [M] without gradient),
+    recomputing backward, or with the frozen-weight backward when rows.frozen_weight and only hidden needs a
+    gradient. With coef_fn (rows.in_forward must hold): (surrogate 0-d, logp [M] without gradient),
     where the surrogate's value is sum_i coef_i * logp_i and its gradient, formed in forward, is the caller's loss
     gradient; add `surrogate - surrogate.detach()` to the loss value to route it."""
     check_transform(temperature, softcap)
@@ -134,14 +146,15 @@ def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups
         raise ValueError(f"hidden: {tuple(hidden.shape)} does not hold the {rows.shape[0]} x {rows.shape[1]} "
                          f"positions of the rows' labels")
     cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
+    on = torch.is_grad_enabled()
+    needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias))
     if coef_fn is None:
         if rows.n_rows == 0:
             return torch.zeros(0, dtype=torch.float32, device=hidden.device) + zero_connected(flat, weight, bias)
-        return FusedLogprobs.apply(flat, weight, bias, rows.labels, rows.index, cfg, rows.chunks)
+        return logprobs_function(rows.plan.mode, needs).apply(flat, weight, bias, rows.labels, rows.index, cfg,
+                                                               rows.chunks)
     if not rows.in_forward:
         raise ValueError("coef_fn: the rows' plan is not in_forward (build them with group_rows(grouped=True))")
-    on = torch.is_grad_enabled()
-    needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias))
     surrogate, logp, _ = FusedHeadInForward.apply(flat, weight, bias, rows.labels, rows.index, cfg,
                                                   lambda chunk, lp, _mean: (coef_fn(chunk, lp), None), needs,
                                                   rows.chunks)
