@@ -19,16 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="forward+backward of the head: prefuse vs the materializing path and peers",
                        description="Extra peak memory (a fresh process per path) and time (one fresh process, "
                                    "the paths taking turns) of one forward+backward of a linear cross-entropy head; "
-                                   "prints a table, --json writes the records.")
-    p.add_argument("--task", default="head", choices=["head", "logprobs", "preference"],
+                                   "prints a table, --json writes the records. --task train: whole DPO training "
+                                   "steps of prefuse train against TRL's DPOTrainer (prefuse/bench/train.py).")
+    p.add_argument("--task", default="head", choices=["head", "logprobs", "preference", "train"],
                    help="head: linear cross-entropy; logprobs: per-token log-probs (backward of their sum); "
-                        "preference: DPO with a reference model's hidden states")
+                        "preference: DPO with a reference model's hidden states; train: a DPO training step of "
+                        "a tiny head-heavy Llama, prefuse against TRL (and TRL with Liger's kernels on CUDA)")
     p.add_argument("--grid", action="store_true", help="the grid of shapes over V in {32000, 128256, 151936} "
                                                        "and two token counts, instead of the default shapes")
     p.add_argument("--plot", default=None, help="write PNG plots of memory and time against V and tokens here")
     p.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
                    help="head: NxHxV (tokens x hidden x vocabulary, default 4096x1024x32000); preference: BxTxHxV "
-                        "(pairs x sequence length x hidden x vocabulary, default 1x2048x1024x32000 4x512x1024x32000)")
+                        "(pairs x sequence length x hidden x vocabulary, default 1x2048x1024x32000 4x512x1024x32000); "
+                        "train: HxLxV (hidden x layers x vocabulary, default 256x4x32000)")
     p.add_argument("--paths", nargs="+", default=None, help="subset of the installed paths")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -38,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every path's lm_head weight needs no gradient (a LoRA policy); prefuse then takes its "
                         "frozen-weight path (the path prefuse_logprobs_frozen does so beside the trainable ones)")
     p.add_argument("--quick", action="store_true", help="one small shape, two rounds")
+    p.add_argument("--peft", default="both", help="--task train: lora, full or both (default)")
     p.add_argument("--json", default=None, help="write the records to this file")
+    p.add_argument("--markdown", default=None, help="write the table to this file")
     p.add_argument("--static", action="store_true",
                    help="no measurement: compile every Triton kernel for sm_80/sm_90 (registers, spills, shared "
                         "memory) and print the bytes, FLOPs and H100 roofline time of a head step at --shapes")
@@ -81,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--reward_model_path) and --opponent_column, the win rate of each stage.")
     _config_flags(p, GenerateConfig)
     p.set_defaults(run=_generate)
+
+    from prefuse.engine.bdhs.offline import BDHSRunConfig
+
+    p = sub.add_parser("bdhs", help="BDHS: rejected responses the policy writes with the image (or a part of the "
+                                    "prompt) masked, an SFT file in, a pairs file out",
+                       description="Bias-Driven Hallucination Sampling (Algorithm 1 of the Apple multimodal "
+                                   "alignment study): per SFT row, y~- generated from the masked prompt, guided by "
+                                   "the ground truth's sentence prefixes, filtered by the sentence embedder's "
+                                   "cosine similarity to y+. Writes prompt, chosen = y+, rejected = y~- and a "
+                                   "`bdhs` column to --output, for prefuse train.")
+    _config_flags(p, BDHSRunConfig)
+    p.set_defaults(run=_bdhs)
+
+    from prefuse.engine.rlhs.command import RLHSConfig
+
+    p = sub.add_parser("rlhs", help="RLHS: preference pairs from two rollouts per scenario of the toy consultancy "
+                                    "environment, labelled with immediate feedback or with hindsight",
+                       description="Two responses of the policy per scenario, each played out by the simulated "
+                                   "customer and rated by the evaluator after the dialogue (immediate), with the "
+                                   "world model's outcome (partial) or with the true feature table (oracle). Writes "
+                                   "the pairs of --feedback to --output (TRL pairs with the ratings and true "
+                                   "utilities), for prefuse train, and a JSON report (README, RLHS).")
+    _config_flags(p, RLHSConfig)
+    p.set_defaults(run=_rlhs)
 
     p = sub.add_parser("merge-adapters", help="the exact linear combination of LoRA adapters (sum_k w_k B_k A_k)",
                        description="Writes one LoRA adapter whose weight update is the weighted sum of the given "
@@ -205,6 +234,30 @@ def _generate(args) -> int:
     return 0
 
 
+def _bdhs(args) -> int:
+    try:
+        from prefuse.engine.bdhs.offline import BDHSRunConfig, run_bdhs
+
+        run_bdhs(BDHSRunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
+    except (ValueError, OSError, ImportError) as error:  # DataError and EmbedderError are ValueErrors
+        print(f"prefuse bdhs: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _rlhs(args) -> int:
+    try:
+        from prefuse.engine.rlhs.command import RLHSConfig, format_report, run_rlhs
+
+        cfg = RLHSConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+        print(format_report(run_rlhs(cfg)))
+        print(f"report: {cfg.report_path}")
+    except (ValueError, OSError, ImportError) as error:  # JudgeError is a ValueError
+        print(f"prefuse rlhs: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _merge_adapters(args) -> int:
     try:
         from prefuse.engine.adapters import merge_adapters
@@ -321,9 +374,54 @@ def _bench_static(args, shapes) -> int:
     return 1 if any(k["errors"] or k["spill_bytes"] for k in kernels) else 0
 
 
+def _bench_train(args) -> int:
+    from prefuse.bench import train
+
+    other = [flag for flag, on in (("--grid", args.grid), ("--static", args.static), ("--plot", args.plot),
+                                   ("--frozen_weight", args.frozen_weight)) if on]
+    try:
+        if other:
+            raise ValueError(f"{' '.join(other)}: not for --task train")
+        shapes = ([train.parse_shape(s) for s in args.shapes] if args.shapes
+                  else [train.QUICK_SHAPE if args.quick else train.DEFAULT_SHAPE])
+        modes = {"both": train.MODES, "lora": ("lora",), "full": ("full",)}.get(args.peft)
+        if modes is None:
+            raise ValueError(f"--peft: expected lora, full or both, got {args.peft!r}")
+        unknown = [p for p in args.paths or [] if p not in train.TRAIN_PATHS]
+        if unknown:
+            raise ValueError(f"--paths: {unknown} are not train paths; they are {list(train.TRAIN_PATHS)}")
+        if args.rounds < 1:
+            raise ValueError(f"--rounds: expected at least 1, got {args.rounds}")
+        if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not _cuda()):
+            raise ValueError(f"--device: {args.device!r} is not available here (cpu, or cuda with a GPU)")
+    except ValueError as error:
+        print(f"prefuse bench: error: {error}", file=sys.stderr)
+        return 2
+    records = [rec for shape in shapes for rec in train.run(shape, modes, args.paths or list(train.TRAIN_PATHS),
+                                                             rounds=2 if args.quick else args.rounds,
+                                                             device=args.device)]
+    return _bench_output(args, records, train.format_table(records))
+
+
+def _bench_output(args, records: list[dict], table: str) -> int:
+    """Print the table, write --json and --markdown; 1 when a record holds an error."""
+    from prefuse.bench import report
+
+    print(table)
+    command = "prefuse " + " ".join(sys.argv[1:])
+    if args.json:
+        report.save(records, args.json, command)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"    {command}\n\n{table}\n")
+    return 1 if any(r["errors"] for r in records) else 0
+
+
 def _bench(args) -> int:
     from prefuse.bench import report
 
+    if args.task == "train":
+        return _bench_train(args)
     shapes = (report.QUICK_SHAPES if args.quick else report.GRID_SHAPES if args.grid
               else report.DEFAULT_SHAPES)[args.task]
     if args.shapes:
@@ -346,14 +444,11 @@ def _bench(args) -> int:
         return 2
     records = report.run(paths, shapes, dtype=args.dtype, device=args.device, ignore_frac=args.ignore_frac,
                          rounds=2 if args.quick else args.rounds, frozen_weight=args.frozen_weight)
-    print(report.format_table(records))
-    if args.json:
-        report.save(records, args.json, "prefuse " + " ".join(sys.argv[1:]))
     if args.plot:
         from prefuse.bench.plots import plot_records
 
         print("plots:", ", ".join(plot_records(records, args.plot)))
-    return 1 if any(r["errors"] for r in records) else 0
+    return _bench_output(args, records, report.format_table(records))
 
 
 def main(argv=None) -> int:

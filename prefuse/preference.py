@@ -173,6 +173,9 @@ class PreferenceLoss(torch.nn.Module):
         self.role_inputs = role_inputs(self.specs)
         self.inputs = set().union(*(spec.inputs for spec in self.specs))
         self.last_mode: str | None = None  # the mode the latest forward used
+        # the process group over which each batch is sharded by examples (data-parallel training): objectives
+        # coupled across the batch (not separable) then see the whole batch (engine/distributed.py)
+        self.batch_group = None
 
     @property
     def separable(self) -> bool:
@@ -276,7 +279,7 @@ class PreferenceLoss(torch.nn.Module):
             self.last_mode = ("frozen_weight" if rows.frozen_weight else "recompute") if needs_grad else "forward_only"
             logp = grouped_logprobs(hidden, weight, rows, bias=bias, **head)
             objective_inputs = {**fixed, **stats.values(logp, "policy")}
-            loss, metrics = self._objective(objective_inputs)
+            loss, metrics = self._objective(self._whole_batch(objective_inputs, role_batch.n_examples))
         else:
             self.last_mode = "in_forward"
             coef_fn = self._chunk_gradient(rows, stats, fixed, role_batch.n_examples)
@@ -290,6 +293,19 @@ class PreferenceLoss(torch.nn.Module):
             detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in objective_inputs.items()}
             return loss, metrics, detached
         return loss, metrics
+
+    def _whole_batch(self, inputs: dict, n_examples: int | None) -> dict:
+        """The objective's inputs over the whole batch when it is sharded over `batch_group` and an objective is
+        coupled across examples: each rank's loss is then the whole batch's mean (gradients flow back to every
+        rank's own rows through the all-gather); separable objectives need only their own examples."""
+        if self.batch_group is None or self.separable:
+            return inputs
+        if n_examples is None:
+            raise ValueError(f"{self.names} couple the examples of a batch, and roles of different leading sizes "
+                             f"cannot be gathered over the ranks")
+        from prefuse.preference_parallel import gather_examples
+
+        return gather_examples(inputs, n_examples, self.batch_group)
 
     def _chunk_gradient(self, rows: RowGroups, stats: RoleStatistics, fixed: dict, n_examples: int):
         """coef_fn for grouped_logprobs: the batch loss's gradient with respect to one chunk's log-probs, from the

@@ -42,11 +42,12 @@ def files(tmp_path_factory):
         prompt = tokenizer(pair["prompt"][-200:], return_tensors="pt")
         with torch.no_grad():
             sample = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        generated = tokenizer.decode(sample[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True) or " ok"
         rows.append({**pair, "prompt": pair["prompt"][-200:], "score_chosen": info["score_chosen"],
                      "score_rejected": info["score_rejected"],
                      "preference_prob": 1 / (1 + math.exp(info["score_rejected"] - info["score_chosen"])),
-                     "reference_response": tokenizer.decode(sample[0, prompt["input_ids"].shape[1]:],
-                                                            skip_special_tokens=True) or " ok"})
+                     # the model's own response: SELM's y_ref, and Avg-DPO's generated rejected y~-
+                     "reference_response": generated, "generated_rejected": generated})
     paths = {"model": root / "model", "pairs": root / "scored_pairs.jsonl", "unpaired": root / "rewards.jsonl"}
     paths["pairs"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     paths["unpaired"].write_text("".join(
@@ -127,6 +128,7 @@ def test_prefuse_objectives_lists_every_objective_with_its_data(capsys):
     assert sorted(blocks) == prefuse.list_objectives()
     assert "reference_response" in blocks["selm"] and "preference_prob" in blocks["online_ipo"]
     assert "score_chosen, score_rejected" in blocks["wbc"] and "not offline" in blocks["xpo"]
+    assert "generated_rejected" in blocks["avg_dpo"] and "--mixed_p" in blocks["mixed_dpo"]
     assert main(["objectives", "--json", "kto"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["roles"] == ["completion", "kl"] and record["separable"] is False

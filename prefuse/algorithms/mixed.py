@@ -60,7 +60,12 @@ def mixed_dpo(
 
     The draw is the caller's (this function is pure): pass `use_offline` [B] bool. Without it, a = mixed_p, the
     expected loss (same expected gradient, no sampling noise). A loop that draws first can skip the forward pass of
-    the pair it will not use and call plain `sigmoid` instead.
+    the pair it will not use: its weight is 0, so its inputs may be any finite values (prefuse's online source
+    passes the drawn pair's log-probs for both, `engine/online.py`).
+
+    Metrics: with a draw, rewards/* and logps/* are of the pair each example drew, and loss/offline, loss/online
+    are each example's loss under the pair it drew (0 under the other), so their batch means add up to the loss;
+    without one, rewards/* are of the offline pair and loss/offline, loss/online the two DPO terms.
     """
     offline = _dpo(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     online = _dpo(
@@ -75,8 +80,21 @@ def mixed_dpo(
     else:
         weight = torch.as_tensor(use_offline, device=offline.device).to(offline.dtype)
     losses = weight * offline + (1 - weight) * online
-    metrics = _offline_metrics(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    metrics.update({"loss/offline": offline.detach(), "loss/online": online.detach()})
+    if use_offline is None:
+        metrics = _offline_metrics(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps)
+        metrics.update({"loss/offline": offline.detach(), "loss/online": online.detach()})
+        return losses, metrics
+    drawn = weight.bool()
+
+    def pick(offline_value, online_value):
+        return torch.where(drawn, offline_value, online_value)
+
+    metrics = _offline_metrics(beta, pick(policy_chosen_logps, policy_online_chosen_logps),
+                               pick(policy_rejected_logps, policy_online_rejected_logps),
+                               pick(ref_chosen_logps, ref_online_chosen_logps),
+                               pick(ref_rejected_logps, ref_online_rejected_logps))
+    metrics.update({"loss/offline": (weight * offline).detach(), "loss/online": ((1 - weight) * online).detach()})
     return losses, metrics
 
 

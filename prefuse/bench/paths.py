@@ -166,8 +166,45 @@ def trl_chunked_logprob(hidden, weight, labels):
     return _step(loss, hidden, weight)
 
 
+def prefuse_logprobs_triton(hidden, weight, labels):
+    return _step(lambda: prefuse.linear_logprobs(hidden, weight, labels, backend="triton").sum(), hidden, weight)
+
+
+def _minus_token_losses(token_loss):
+    """A peer's per-token cross-entropy (reduction "none", 0 on ignored labels) as the sum of log-probs."""
+    return lambda: -token_loss().float().sum()
+
+
+def torch_linear_logprobs(hidden, weight, labels):
+    """PyTorch's chunked `F.linear_cross_entropy`, per token."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    return _step(_minus_token_losses(lambda: F.linear_cross_entropy(hidden, weight, labels, reduction="none",
+                                                                    ignore_index=-100, options=options)),
+                 hidden, weight)
+
+
+def cce_logprobs(hidden, weight, labels):
+    """cut-cross-entropy's Triton kernel, per token."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return _step(_minus_token_losses(lambda: linear_cross_entropy(hidden, weight, labels, impl="cce",
+                                                                  reduction="none")), hidden, weight)
+
+
+def liger_logprobs(hidden, weight, labels):
+    """Liger-Kernel's fused linear cross-entropy (Triton), per token."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    return _step(_minus_token_losses(lambda: loss(weight, hidden, labels)), hidden, weight)
+
+
 PATHS.update({p.name: p for p in [
     Path("prefuse_logprobs", prefuse_logprobs, task="logprobs"),
+    Path("prefuse_logprobs_triton", prefuse_logprobs_triton, devices=("cuda",), requires="triton", task="logprobs"),
+    Path("torch_linear_logprobs", torch_linear_logprobs, task="logprobs"),
+    Path("cce_triton_logprobs", cce_logprobs, devices=("cuda",), requires="cut_cross_entropy", task="logprobs"),
+    Path("liger_logprobs", liger_logprobs, devices=("cuda",), requires="liger_kernel", task="logprobs"),
     Path("prefuse_logprobs_recompute", prefuse_logprobs_recompute, task="logprobs"),
     Path("prefuse_logprobs_frozen", prefuse_logprobs_frozen("auto"), task="logprobs"),
     Path("prefuse_logprobs_frozen_recompute", prefuse_logprobs_frozen("recompute"), task="logprobs"),
@@ -193,20 +230,23 @@ def _task_inputs(task, shape, dtype, device, ignore_frac, seed):
     if task in ("head", "logprobs"):
         return make_inputs(*shape, dtype, device, ignore_frac, seed)
     batch, length, h, v = shape
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2 * batch, length, h, generator=gen).to(dtype=dtype, device=device).requires_grad_()
-    ref_hidden = torch.randn(2 * batch, length, h, generator=gen).to(dtype=dtype, device=device)
-    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(dtype=dtype, device=device).requires_grad_()
-    labels = torch.randint(0, v, (2 * batch, length), generator=gen)
+    gen = torch.Generator(device).manual_seed(seed)
+    on = dict(generator=gen, device=device)
+    hidden = torch.randn(2 * batch, length, h, **on).to(dtype=dtype).requires_grad_()
+    ref_hidden = torch.randn(2 * batch, length, h, **on).to(dtype=dtype)
+    weight = (torch.randn(v, h, **on) / h ** 0.5).to(dtype=dtype).requires_grad_()
+    labels = torch.randint(0, v, (2 * batch, length), **on)
     labels[:, : int(length * ignore_frac)] = -100  # the prompt
-    return hidden, weight, labels.to(device), ref_hidden
+    return hidden, weight, labels, ref_hidden
 
 
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, ignore_frac: float, seed: int = 0):
-    """hidden [N, H] and weight [V, H] requiring grad, labels [N] with `ignore_frac` of them -100."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen).to(dtype=dtype, device=device).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(dtype=dtype, device=device).requires_grad_()
-    labels = torch.randint(0, v, (n,), generator=gen)
-    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
-    return hidden, weight, labels.to(device)
+    """hidden [N, H] and weight [V, H] requiring grad, labels [N] with `ignore_frac` of them -100. Drawn on the
+    device (a [128256, 4096] weight drawn on the host takes seconds per fresh process)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    on = dict(generator=gen, device=device)
+    hidden = torch.randn(n, h, **on).to(dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, **on) / h ** 0.5).to(dtype=dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), **on)
+    labels[torch.rand(n, **on) < ignore_frac] = -100
+    return hidden, weight, labels

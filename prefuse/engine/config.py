@@ -42,6 +42,9 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = None
+    train_vision: str = field(default="none", metadata={"help": "a vision-language model: none (the vision tower "
+                              "and projector frozen; LoRA on the language model only), projector, or all (projector "
+                              "and vision tower train too)"})
     # data
     dataset_name: str = ""
     eval_split: str | None = None       # a split of a saved dataset folder, or a file of its own
@@ -108,6 +111,16 @@ class TrainConfig:
     iteration_slices: bool = False               # each iteration its own slice of the prompts (SELM, RLHF Workflow)
     iteration_reference: str = "previous"        # "previous" iterate, or the "initial" (SFT) model throughout
     use_vllm: bool = False                       # the policy's samples from vLLM on the same GPU (CUDA, optional)
+    avg_rejected: str = field(default="policy", metadata={"help": "online avg_dpo: where y~- comes from, policy (a "
+                              "policy sample per prompt) or bdhs (online BDHS from the current policy, "
+                              "prefuse.engine.bdhs; --rho_th, --epsilon_s, --n_bdhs, --embedder as prefuse bdhs)"})
+    rho_th: float = field(default=0.99, metadata={"help": "--avg_rejected bdhs: a masked token stays visible iff "
+                          "rho ~ U(0,1) >= rho_th"})
+    epsilon_s: float = field(default=0.97, metadata={"help": "--avg_rejected bdhs: accept y~- below this cosine "
+                             "similarity to y+"})
+    n_bdhs: int = field(default=5, metadata={"help": "--avg_rejected bdhs: attempts at most (the last unguided)"})
+    embedder: str = field(default="all-MiniLM-L6-v2", metadata={"help": "--avg_rejected bdhs: the sentence "
+                          "embedder (packaged all-MiniLM-L6-v2, a local sentence-transformers directory, lexical)"})
     vllm_gpu_memory_utilization: float = 0.3
     # run
     output_dir: str = ""
@@ -191,7 +204,7 @@ class TrainConfig:
                            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                            lora_target_modules=None if self.lora_target_modules is None
                            else tuple(self.lora_target_modules),
-                           gradient_checkpointing=self.gradient_checkpointing)
+                           gradient_checkpointing=self.gradient_checkpointing, train_vision=self.train_vision)
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError with one line naming the first bad field; return self."""
@@ -206,6 +219,8 @@ class TrainConfig:
             raise ValueError(f"dataset_name: no such file or directory: {self.dataset_name}")
         self._validate_objective()
         check_training_settings(self)
+        check_field(self.train_vision in ("none", "projector", "all"), "train_vision",
+                    f"{self.train_vision!r} is not none, projector or all")
         check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
         check_field(self.max_length is None or self.max_length >= 2, "max_length",
                     f"must be >= 2, got {self.max_length}")
@@ -231,13 +246,23 @@ class TrainConfig:
             return online_needs(self.loss_type, self.beta)
         return objective_needs(self.loss_type)
 
+    def bdhs_config(self):
+        """Online BDHS's settings (--avg_rejected bdhs) as prefuse.engine.bdhs.BDHSConfig, validated; the rollout
+        settings (max_new_tokens, temperature, top_p) are the run's."""
+        from prefuse.engine.bdhs import BDHSConfig
+
+        return BDHSConfig(rho_th=self.rho_th, epsilon_s=self.epsilon_s, n_bdhs=self.n_bdhs,
+                          max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                          top_p=self.top_p).validate()
+
     def _validate_online(self) -> None:
         from prefuse.engine.online import JUDGELESS, online_method
 
         judges = [n for n in ("reward_funcs", "reward_model_path", "judge") if getattr(self, n)]
-        if online_method(self.loss_type) in JUDGELESS:
+        method = online_method(self.loss_type)
+        if method in JUDGELESS:
             check_field(not judges, judges[0] if judges else "reward_funcs",
-                        f"{self.loss_type} use no judge (HyPO learns from offline pairs and the samples' KL); drop it")
+                        f"{self.loss_type} use no judge ({JUDGELESS[method]}); drop it")
         else:
             check_field(len(judges) == 1, "reward_funcs",
                         f"--online needs one judge: --reward_funcs file.py:name, --reward_model_path DIR or --judge "
@@ -264,9 +289,23 @@ class TrainConfig:
         check_field(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check_field(0 <= self.mixture_coef <= 1, "mixture_coef", f"must be in [0, 1], got {self.mixture_coef}")
         check_field(self.online_sampler in ("policy", "mixture"), "online_sampler", "must be policy or mixture")
-        for path in (self.reward_model_path, self.judge):
-            check_field(path is None or Path(path).is_dir(), "reward_model_path" if path == self.reward_model_path
-                        else "judge", f"no such model directory: {path}")
+        from prefuse.engine.judges import RULE_JUDGES
+
+        check_field(self.reward_model_path is None or Path(self.reward_model_path).is_dir(), "reward_model_path",
+                    f"no such model directory: {self.reward_model_path}")
+        check_field(self.judge is None or self.judge in RULE_JUDGES or Path(self.judge).is_dir(), "judge",
+                    f"no such model directory: {self.judge} (nor a rule judge: {', '.join(RULE_JUDGES)})")
+        check_field(self.avg_rejected in ("policy", "bdhs"), "avg_rejected",
+                    f"{self.avg_rejected!r} is not policy or bdhs")
+        check_field(self.avg_rejected == "policy" or method == "avg", "avg_rejected", "is read by avg_dpo only")
+        if self.avg_rejected == "bdhs":
+            import importlib.util
+
+            found = importlib.util.find_spec("prefuse.engine.bdhs") is not None
+            check_field(found and hasattr(importlib.import_module("prefuse.engine.bdhs"), "bdhs_rejected"),
+                        "avg_rejected", "'bdhs' needs prefuse.engine.bdhs.bdhs_rejected, which this build does not "
+                        "have; use policy")
+            self.bdhs_config()  # ValueError "rho_th: ...", "n_bdhs: ..." 
 
     def _validate_objective(self) -> None:
         check_field(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
@@ -275,6 +314,8 @@ class TrainConfig:
             self._validate_online()
         else:
             check_field(not self.use_vllm, "use_vllm", "vLLM samples online runs: add --online")
+            check_field(self.avg_rejected == "policy", "avg_rejected", "generates y~- during training: add --online "
+                        "(offline, avg_dpo reads the generated_rejected column)")
         from prefuse.engine.advantages import check_settings  # offline judges give A-LoL's rewards
 
         check_settings(self, needs)
@@ -282,6 +323,10 @@ class TrainConfig:
         check_field(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
                     f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
         accepted = set().union(*(spec.hparams for spec in specs))
+        for name in ("mixed_p", "avg_gamma"):  # Mixed-DPO's P(offline pair), Avg-DPO's weight of the external y-
+            value = self.objective_args.get(name, 0.5)
+            check_field(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1, name,
+                        f"must be a number in [0, 1], got {value!r}")
         unknown = sorted(set(self.objective_args) - accepted)
         check_field(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
                                                    f"{sorted(accepted) or 'none'}")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from prefuse.engine.checkpoint import save_checkpoint
 from prefuse.engine.config import TrainConfig
+from prefuse.engine.distributed import launch
 from prefuse.engine.metrics import peak_memory_mib
 from prefuse.engine.setup import Run, build_run
 from prefuse.engine.sources import BatchSource
@@ -24,8 +25,13 @@ from prefuse.engine.sources import BatchSource
 
 def train(cfg: TrainConfig, source: BatchSource | None = None) -> dict:
     """Train as `cfg` says; return the last logged metrics (and eval metrics) as a dict of floats. source: where
-    the training batches come from instead of dataset_name's examples (any BatchSource)."""
-    run = build_run(cfg, source)
+    the training batches come from instead of dataset_name's examples (any BatchSource). Under torchrun, every
+    rank runs this with its share of each global batch (engine/distributed.py)."""
+    with launch():  # torchrun's process group for the duration; a single process: nothing to set up
+        return _train(build_run(cfg, source))
+
+
+def _train(run: Run) -> dict:
     cfg, step, last = run.cfg, run.start_step, {}
     if run.monitor and run.monitor.stopped:  # resumed from the checkpoint where --early_stopping stopped the run
         print(run.monitor.stopped_message(step), flush=True)
@@ -37,19 +43,28 @@ def train(cfg: TrainConfig, source: BatchSource | None = None) -> dict:
           f"{sum(p.numel() for p in run.params):,} trainable parameters", flush=True)
     run.policy.train()
     # a progress bar on a terminal (disable=None: off when stderr is not a TTY, as in CI); the log lines stay
-    bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=None if run.world.main else True,
+               dynamic_ncols=True)
     while step < run.total_steps:
         started = time.perf_counter()
         micro_batches = [run.source.next_batch().to(run.device) for _ in range(cfg.gradient_accumulation_steps)]
-        n_examples = sum(b.n_examples for b in micro_batches)
-        metrics, tokens = {}, 0
-        for batch in micro_batches:
+        n_examples = run.world.total(sum(b.n_examples for b in micro_batches))  # the global step's, all ranks
+        metrics, shares, tokens = {}, {}, 0
+        for number, batch in enumerate(micro_batches):
             share = batch.n_examples / n_examples
-            loss, batch_metrics = run.step(batch, run.references.get("train"))
-            (loss * share).backward()
+            with run.world.micro_batch(last=number == len(micro_batches) - 1):  # no gradient sync before the last
+                loss, batch_metrics = run.step(batch, run.references.get("train"))
+                (loss * share * run.world.size).backward()  # x ranks: DDP averages the ranks' gradients
             for key, value in {"loss": loss, **batch_metrics}.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value.detach()) * share
+                shares.setdefault(key, []).append(share)
             tokens += batch.n_tokens
+        # a metric some micro-batches lack (Mixed-DPO's judge scores) is the mean over those that have it
+        metrics, weights, counts, tokens = run.world.sum_metrics(  # each a sum over the ranks
+            metrics, {k: sum(v) for k, v in shares.items()}, {k: len(v) for k, v in shares.items()}, {"n": tokens})
+        metrics = {key: value if counts[key] == len(micro_batches) * run.world.size else value / weights[key]
+                   for key, value in metrics.items()}
+        tokens = int(tokens["n"])
         grad_norm = clip_grad_norms(run.optimizer, cfg.max_grad_norm)
         rates = run.scheduler.get_last_lr()
         metrics["learning_rate"] = rates[0]
@@ -110,6 +125,7 @@ def evaluate(run: Run) -> dict[str, float]:
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * batch.n_examples
             count += batch.n_examples
+    sums, count = run.world.sum_metrics(sums), run.world.total(count)  # over the ranks' shares of the batches
     run.policy.train(was_training)
     return {f"eval_{key}": value / count for key, value in sums.items()}
 
@@ -119,10 +135,11 @@ def save(run: Run, step: int, output_dir=None):
     staged in another); returns its path."""
     state = {"step": step, "epoch": run.source.epoch, "batches": run.source.state_dict(),
              "window": run.log.window_state(), "total_steps": run.total_steps, "step_state": run.step.state_dict(),
-             **({"monitor": run.monitor.state_dict()} if run.monitor else {})}
-    return save_checkpoint(output_dir or run.out, step, model=run.policy, optimizer=run.optimizer,
-                           scheduler=run.scheduler, trainer_state=state,
-                           save_total_limit=None if output_dir else run.cfg.save_total_limit)
+             **({"monitor": run.monitor.state_dict()} if run.monitor else {}), **run.world.rank_rng_state()}
+    # rank 0 writes (the ranks' weights and optimizer states are the same), the others wait until it is in place
+    return run.world.on_main(lambda: save_checkpoint(
+        output_dir or run.out, step, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
+        trainer_state=state, save_total_limit=None if output_dir else run.cfg.save_total_limit))
 
 
 __all__ = ["train", "evaluate", "TrainConfig", "peak_memory_mib"]

@@ -55,12 +55,15 @@ class MetricsLog:
                 w["last"][key] = float(value)
             else:
                 w["sums"][key] = w["sums"].get(key, 0.0) + float(value)
+                counts = w.setdefault("counts", {})  # a key some steps lack (a Mixed-DPO batch without online
+                counts[key] = counts.get(key, 0) + 1  # pairs has no judge scores) averages over the steps it has
 
     def flush(self, step: int, *, epoch: float, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Write the window's record for `step` (with `extra`, e.g. eval metrics) and start a new window."""
         w = self.window
         record = {"step": step, "epoch": epoch}
-        record.update({key: total / max(w["steps"], 1) for key, total in w["sums"].items()})
+        counts = w.get("counts", {})  # absent from a window saved before per-key counts: every key every step
+        record.update({key: total / max(counts.get(key, w["steps"]), 1) for key, total in w["sums"].items()})
         record.update(w["last"])
         record["tokens_per_second"] = w["tokens"] / w["seconds"] if w["seconds"] > 0 else 0.0
         record["peak_memory_mib"] = peak_memory_mib()

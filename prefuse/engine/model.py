@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from prefuse import heads
+from prefuse.engine import vision
 from prefuse.heads import causal_lm_of, head_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -29,7 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 class ModelConfig:
     """What to load. attn_implementation None: "sdpa", or "eager" where the architecture has no sdpa (Gemma-2);
     "flash_attention_2" needs CUDA and flash_attn. lora_target_modules None: peft's defaults for the architecture,
-    "all-linear" for one peft does not know."""
+    "all-linear" for one peft does not know; in a vision-language model only the language model's layers.
+    train_vision: what of a vision-language model's vision side trains too (engine/vision.py)."""
     model_name_or_path: str
     ref_model_name_or_path: str | None = None   # without LoRA: the frozen reference (default: the policy's path)
     torch_dtype: str = "float32"                 # "float32" | "bfloat16" | "float16" | "auto"
@@ -40,13 +42,15 @@ class ModelConfig:
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] | None = None
     gradient_checkpointing: bool = False
+    train_vision: str = "none"                   # "none" | "projector" | "all" (projector and vision tower)
 
 
 @dataclass
 class Models:
-    policy: torch.nn.Module            # a transformers causal LM, or a PeftModel around one
+    policy: torch.nn.Module            # a transformers causal LM (or vision-language model), or a PeftModel around one
     reference: torch.nn.Module | None  # None when the reference is the policy with its adapters disabled
     tokenizer: Any | None              # AutoTokenizer from the policy's directory when it has one, else None
+    processor: Any | None = None       # a vision-language model's AutoProcessor (its tokenizer is `tokenizer`)
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
@@ -71,17 +75,22 @@ def _attn_implementation(requested: str | None) -> str | None:
 
 
 def _load_causal_lm(path: str, cfg: ModelConfig, device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    """A causal LM, or a vision-language model (`AutoModelForImageTextToText`) when the config has a vision part."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if cfg.torch_dtype not in DTYPES:
         raise ValueError(f"torch_dtype: {cfg.torch_dtype!r} is not one of {tuple(DTYPES)}")
     attn = _attn_implementation(cfg.attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.torch_dtype], local_files_only=True,
-                                                 **({"attn_implementation": attn} if attn else {}))
+    multimodal = vision.is_vision_language(AutoConfig.from_pretrained(path, local_files_only=True))
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=DTYPES[cfg.torch_dtype], local_files_only=True,
+                                 **({"attn_implementation": attn} if attn else {}))
     return model.to(device)
 
 
 def lora_targets(model: torch.nn.Module, requested: tuple[str, ...] | None) -> list[str] | str:
+    if vision.is_vision_language(model.config):  # the language model's layers only, never the vision tower's
+        return vision.lora_targets(model, requested)
     if requested is not None:
         return list(requested)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
@@ -93,8 +102,11 @@ def lora_targets(model: torch.nn.Module, requested: tuple[str, ...] | None) -> l
 def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    trained_vision = (vision.trained_vision_modules(model, cfg.train_vision)
+                      if vision.is_vision_language(model.config) else [])
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=lora_targets(model, cfg.lora_target_modules))
+                      target_modules=lora_targets(model, cfg.lora_target_modules),
+                      modules_to_save=trained_vision or None)
     return get_peft_model(model, lora)
 
 
@@ -122,6 +134,11 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
         check_model_dir(ref_path, "ref_model_name_or_path")  # fail before the policy's weights are read
 
     policy = _load_causal_lm(cfg.model_name_or_path, cfg, device)
+    multimodal = vision.is_vision_language(policy.config)
+    if cfg.train_vision != "none" and not multimodal:
+        raise ValueError(f"train_vision: {cfg.model_name_or_path} is a text model, it has no vision part to train")
+    if multimodal and not cfg.use_peft:
+        vision.freeze_vision(policy, cfg.train_vision)
     if cfg.gradient_checkpointing:
         # non-reentrant: gradients reach LoRA weights even though the embeddings' outputs do not require grad
         non_reentrant = {"use_reentrant": False}
@@ -140,19 +157,29 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
         reference = _load_causal_lm(ref_path, cfg, device)
         reference.requires_grad_(False)
         reference.eval()
-    return Models(policy=policy, reference=reference, tokenizer=load_tokenizer(cfg.model_name_or_path))
+    processor = vision.load_processor(cfg.model_name_or_path) if multimodal else None
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(cfg.model_name_or_path)
+    return Models(policy=policy, reference=reference, tokenizer=tokenizer, processor=processor)
 
 
 # -- hidden states and the head -----------------------------------------------------------------------------------
 
 def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor) -> torch.Tensor:
+                          attention_mask: torch.Tensor, **vision_inputs) -> torch.Tensor:
     """The decoder's last hidden states [B, T, H] (after its final norm) for input_ids, attention_mask [B, T].
 
     Runs only the decoder (`get_decoder()`): the lm_head is never called, so no [B, T, V] logits exist. Works for a
-    causal LM and a PeftModel with LoRA (its layers are inside the decoder), with gradient checkpointing too.
+    causal LM and a PeftModel with LoRA (its layers are inside the decoder), with gradient checkpointing too. A
+    vision-language model runs its multimodal forward up to the language model's final norm, with the batch's
+    `vision_inputs` (pixel_values [n_images, ...] of the rows' images in row order, image_sizes, ...:
+    `Batch.vision`); see engine/vision.py.
     """
-    decoder = causal_lm_of(model).get_decoder()
+    causal_lm = causal_lm_of(model)
+    if vision.is_vision_language(causal_lm.config):
+        return vision.vision_hidden_states(causal_lm, input_ids, attention_mask, **vision_inputs)
+    if vision_inputs:
+        raise ValueError(f"{sorted(vision_inputs)} given to a text model ({type(causal_lm).__name__})")
+    decoder = causal_lm.get_decoder()
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
@@ -168,21 +195,24 @@ def eval_mode(model: torch.nn.Module):
             module.training = training
 
 
-def reference_hidden_states(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def reference_hidden_states(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            **vision_inputs) -> torch.Tensor:
     """The reference's last hidden states [B, T, H], without gradient and in eval mode: the separate reference
     model, or the policy with its LoRA adapters disabled (the base model exactly)."""
     with torch.no_grad():
         if models.reference is not None:
-            return decoder_hidden_states(models.reference, input_ids, attention_mask)
+            return decoder_hidden_states(models.reference, input_ids, attention_mask, **vision_inputs)
         if not hasattr(models.policy, "disable_adapter"):
             raise ValueError("no reference: load_models(need_reference=True) without LoRA loads one")
         with models.policy.disable_adapter(), eval_mode(models.policy):
-            return decoder_hidden_states(models.policy, input_ids, attention_mask)
+            return decoder_hidden_states(models.policy, input_ids, attention_mask, **vision_inputs)
 
 
 def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, *, ignore_index: int = -100,
+                   **vision_inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-prob sums [B] (float32, differentiable) and label counts [B] of `labels` [B, T] in the
-    next-token layout (module docstring), through the fused head: no [B, T, V] logits."""
-    hidden = decoder_hidden_states(model, input_ids, attention_mask)
+    next-token layout (module docstring), through the fused head: no [B, T, V] logits. vision_inputs: a
+    vision-language model's (decoder_hidden_states)."""
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, **vision_inputs)
     return heads.sequence_logps(hidden, head_of(model), labels, ignore_index=ignore_index)

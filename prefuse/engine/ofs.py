@@ -99,7 +99,8 @@ class FastSlowStep(Step):
 
     def __call__(self, batch, reference=None, **inputs):
         with self.active(self.slow_role), self.autocast(batch.input_ids.device):
-            slow_hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask)
+            slow_hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask,
+                                                **batch.vision)
         sums, _ = sequence_logps(slow_hidden, self.head, batch.labels)
         slow = {name: sums[batch.roles[role]] for role, name in SLOW_INPUTS.items()}
         with self.active(self.fast_role):

@@ -18,17 +18,31 @@ like any other role (their logits are never materialized, neither for the policy
     hybrid        hypo: an offline pair of the (paired) dataset and num_generations policy samples of its prompt for
                   the KL term (role `online` [P, k]); no judge
     samples       hypo_kl: num_generations policy samples per prompt, no judge
+    mixed         mixed_dpo (on a paired dataset): per example a ~ Bernoulli(mixed_p) (`mixed_draws`, seeded per
+                  batch) picks the offline pair (a = 1) or an online pair judged as in judged_pair (a = 0); only the
+                  drawn pair's two rows are in the batch (the other pair's roles point at them, weight 0) and only
+                  the examples that drew the online pair are sampled and judged; the input `use_offline` is a
+    avg           avg_dpo (on a paired dataset): the offline pair and y~-, one policy sample per prompt, as the role
+                  `online_rejected` beside the shared `chosen` (the hook `generated_rejected`: BDHS plugs in there);
+                  no judge
 Each batch carries the rollout metrics under TRL's names: `objective/scores` (mean judge score of the policy's
-samples, after the missing-EOS penalty), `val/contain_eos_token`, and `rollout/tokens_per_second`. Generation is
-seeded per batch from (seed, batches served), so a resumed run draws the same samples.
+samples, after the missing-EOS penalty; with a pairwise judge `objective/chosen_prob`, its mean P(chosen >
+rejected)), `val/contain_eos_token`, and `rollout/tokens_per_second`; a Mixed-DPO batch also `mixed/online_fraction`
+(and the rollout metrics only when some example drew the online pair). Generation and Mixed-DPO's draws are seeded
+per batch from (seed, batches served), so a resumed run draws the same samples.
+
+Row r of every batch belongs to example r % B (each role's rows follow the examples' order; `shared` roles point
+at rows already there): per-example extras (a vision-language model's images) repeat along the roles so.
 """
 from __future__ import annotations
+
+import random
 
 import torch
 
 from prefuse.algorithms import get_objective
 from prefuse.algorithms.roles import role_inputs
-from prefuse.engine.data import PairBatches, collate_sequences
+from prefuse.engine.data import PairBatches, collate_sequences, vision_inputs
 from prefuse.engine.model import Models
 from prefuse.engine.objectives import ObjectiveNeeds
 from prefuse.engine.rollout import RolloutConfig, Samples, sample_mixture, sample_policy, sample_reference
@@ -36,7 +50,7 @@ from prefuse.engine.sources import Batch
 
 PAIR_ROLES = {"chosen", "rejected"}
 SPECIAL = {"online_ipo": "soft_pair", "xpo": "xpo", "selm": "selm", "nash_md": "nash_md", "grpo": "groups",
-           "rloo": "groups", "hypo": "hybrid", "hypo_kl": "samples"}
+           "rloo": "groups", "hypo": "hybrid", "hypo_kl": "samples", "mixed_dpo": "mixed", "avg_dpo": "avg"}
 ONLINE_DESCRIPTIONS = {
     "judged_pair": "--online: 2 policy samples per prompt (or --pair_samples n: best vs worst), the judge picks",
     "soft_pair": "--online: 2 policy samples per prompt, preference_probs = the judge's P(first > second)",
@@ -46,9 +60,25 @@ ONLINE_DESCRIPTIONS = {
     "groups": "--online: --num_generations samples per prompt, their judged scores as rewards",
     "hybrid": "--online on a paired dataset: its pairs and --num_generations policy samples per prompt; no judge",
     "samples": "--online: --num_generations policy samples per prompt; no judge",
+    "mixed": "--online on a paired dataset: per example the offline pair with probability --mixed_p, else 2 policy "
+             "samples judged into an online pair (only the drawn pair is sampled and scored)",
+    "avg": "--online on a paired dataset: its pairs and y~-, a policy sample per prompt (--avg_rejected), as "
+           "online_rejected beside the shared chosen; no judge",
 }
-JUDGELESS = ("hybrid", "samples")  # HyPO learns from the offline pairs and the samples' KL: no judge
+# methods without a judge, and why (HyPO learns from the offline pairs and the samples' KL)
+JUDGELESS = {"hybrid": "HyPO learns from offline pairs and the samples' KL",
+             "samples": "HyPO learns from offline pairs and the samples' KL",
+             "avg": "Avg-DPO's generated y~- is the rejected response by construction"}
+PAIRED = ("hybrid", "mixed", "avg")  # methods that read a paired dataset's pairs, not only its prompts
 SAMPLERS = ("policy", "mixture")
+AVG_REJECTED = ("policy", "bdhs")
+
+
+def mixed_draws(seed: int, n: int, p: float) -> list[bool]:
+    """Mixed-DPO's a_i ~ Bernoulli(p) of a batch's n examples (True: the offline pair), from the batch's seed
+    only: a generator of its own (the run's RNG and the rollouts' untouched), so a resumed run draws the same."""
+    rng = random.Random(f"mixed_dpo/{seed}")
+    return [rng.random() < p for _ in range(n)]
 
 
 def online_method(loss_types: list[str]) -> str:
@@ -67,7 +97,7 @@ def online_method(loss_types: list[str]) -> str:
         else:
             raise ValueError(f"loss_type: {spec.name!r} does not run with --online (it reads "
                              f"{sorted(spec.requires)}); online objectives: the DPO family, simpo, cpo, orpo, "
-                             f"online_ipo, xpo, selm, nash_md, grpo, rloo, hypo, hypo_kl")
+                             f"online_ipo, xpo, selm, nash_md, grpo, rloo, hypo, hypo_kl, mixed_dpo, avg_dpo")
     if len(methods) != 1:
         raise ValueError(f"loss_type: {loss_types} build their online batches differently ({sorted(methods)}); "
                          f"combine objectives of one kind")
@@ -84,9 +114,10 @@ def online_needs(loss_types: list[str], beta: float = 0.1) -> ObjectiveNeeds:
     roles = {"judged_pair": ("chosen", "rejected"), "soft_pair": ("chosen", "rejected"),
              "xpo": ("chosen", "rejected", "sample"), "selm": ("chosen", "rejected", "sample"),
              "nash_md": ("completion",), "groups": ("online",), "hybrid": ("chosen", "rejected", "online"),
-             "samples": ("online",)}[method]
-    inputs = {"soft_pair": ("preference_probs",), "nash_md": ("preference_probs",), "groups": ("rewards",)}.get(
-        method, ())
+             "samples": ("online",), "mixed": ("chosen", "rejected", "online_chosen", "online_rejected"),
+             "avg": ("chosen", "rejected", "online_rejected")}[method]
+    inputs = {"soft_pair": ("preference_probs",), "nash_md": ("preference_probs",), "groups": ("rewards",),
+              "mixed": ("use_offline",)}.get(method, ())
     reference = any(s.source == "ref" and s.required for s in role_inputs(specs)) or (
         beta != 0 and any(spec.name in REFERENCE_WHEN_BETA for spec in specs))
     return ObjectiveNeeds(data="online", roles=roles, inputs=inputs, reference=reference)
@@ -97,16 +128,26 @@ class OnlineSource:
 
     def __init__(self, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig, *,
                  batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None,
-                 pair_samples: int = 2, iterations=None, iteration_slices: bool = False, vllm=None):
+                 pair_samples: int = 2, iterations=None, iteration_slices: bool = False, vllm=None,
+                 mixed_p: float = 0.5, avg_rejected: str = "policy", bdhs: dict | None = None):
         """prompts: PromptData (engine.data.load_prompts); judge: engine.judges.Judge; batch_size: prompts per
         batch; rollout.num_generations: samples per prompt of grpo / rloo; pair_samples: samples per prompt of the
         judged-pair methods (2: TRL's online DPO; n > 2: the best against the worst, RLHF Workflow's iterative
         DPO); iterations: an engine.iterations.Iterations that moves the reference to the previous iterate;
         iteration_slices: iteration k draws its prompts from the k-th of as many disjoint, contiguous slices of the
         prompts as there are iterations (SELM's and RLHF Workflow's fresh prompts per iteration); vllm: an
-        engine.rollout_vllm.VLLMSampler that samples the policy (its weights pushed once per batch)."""
+        engine.rollout_vllm.VLLMSampler that samples the policy (its weights pushed once per batch); mixed_p:
+        Mixed-DPO's P(offline pair); avg_rejected: where Avg-DPO's y~- comes from (policy: a policy sample; bdhs:
+        prefuse.engine.bdhs, see `generated_rejected`); bdhs: bdhs_rejected's keywords (cfg: a BDHSConfig,
+        embedder: an Embedder or its spec). The mixed, avg and hybrid methods read paired examples
+        (chosen_ids, rejected_ids), Mixed-DPO's also `prompt` and `columns` for the judge (setup.paired_prompts)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"online_sampler: {sampler!r} is not one of {SAMPLERS}")
+        if not 0 <= mixed_p <= 1:
+            raise ValueError(f"mixed_p: P(offline pair) must be in [0, 1], got {mixed_p}")
+        if avg_rejected not in AVG_REJECTED:
+            raise ValueError(f"avg_rejected: {avg_rejected!r} is not one of {AVG_REJECTED}")
+        self.mixed_p, self.avg_rejected, self.bdhs = float(mixed_p), avg_rejected, dict(bdhs or {})
         self.prompts, self.models, self.tokenizer, self.judge = prompts, models, tokenizer, judge
         self.method, self.needs = online_method(loss_types), online_needs(loss_types)
         self.rollout, self.sampler, self.penalty, self.seed = rollout.validate(), sampler, missing_eos_penalty, seed
@@ -126,6 +167,15 @@ class OnlineSource:
         self.served = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
+        from prefuse.engine.judges import PairwiseJudge
+
+        self.pairwise = isinstance(judge, PairwiseJudge)  # compares two samples; gives no scores
+        if self.pairwise and (pair_samples != 2 or missing_eos_penalty is not None):
+            raise ValueError("judge: a pairwise judge compares 2 samples and gives no scores: use --pair_samples 2 "
+                             "and no --missing_eos_penalty, or a scoring judge (--reward_funcs, --reward_model_path)")
+        if self.method in ("mixed", "avg", "hybrid") and prompts.examples and "chosen_ids" not in prompts.examples[0]:
+            raise ValueError(f"dataset_name: {loss_types} with --online read each example's offline pair: give a "
+                             f"pairs file (prompt, chosen, rejected), not prompts only")
 
     # -- the BatchSource interface ----------------------------------------------------------------------------------
     @property
@@ -163,16 +213,38 @@ class OnlineSource:
         return getattr(self, f"_{self.method}")(examples, indices, seed)
 
     # -- rollouts and the judge -------------------------------------------------------------------------------------
-    def _sample(self, kind: str, prompt_ids, seed: int, k: int, greedy: bool = False) -> Samples:
+    @staticmethod
+    def _images(examples) -> list | None:
+        """The examples' images (a vision-language model's data: one data.ExampleImages or None each), else None."""
+        return [e.get("images") for e in examples] if examples and "images" in examples[0] else None
+
+    def _vision(self, examples, repeat: int = 1, per_example: int = 1) -> dict:
+        """Batch.vision of rows laid out as `repeat` blocks of the examples, each example `per_example` rows in a
+        row: every row with its example's images; {} for text."""
+        images = self._images(examples)
+        if images is None:
+            return {}
+        return vision_inputs([im for im in images for _ in range(per_example)] * repeat)
+
+    def _sample(self, kind: str, examples, seed: int, k: int, greedy: bool = False) -> Samples:
+        """k samples per example's prompt from `kind` (policy, reference, mixture), with its images when it has
+        them."""
+        prompt_ids, images = [e["prompt_ids"] for e in examples], self._images(examples)
         cfg = RolloutConfig(**{**self.rollout.__dict__, "num_generations": k,
                                **({"temperature": 0.0} if greedy else {})})
+        if images is not None and (kind == "mixture" or (kind == "policy" and self.vllm is not None)):
+            raise ValueError(f"online_sampler: {'--use_vllm' if kind == 'policy' else 'the mixture sampler'} does "
+                             f"not take images yet; sample a vision-language model from the policy")
         if kind == "policy" and self.vllm is not None:
             if self._synced != self.served:  # the policy's weights as they are for this batch
                 self.vllm.sync(self.models.policy)
                 self._synced = self.served
             return self.vllm.sample(prompt_ids, cfg, seed=seed, eos_id=self.eos_id)
-        sampler = {"policy": sample_policy, "reference": sample_reference, "mixture": sample_mixture}[kind]
-        return sampler(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id)
+        if kind == "mixture":
+            return sample_mixture(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id)
+        sampler = {"policy": sample_policy, "reference": sample_reference}[kind]
+        return sampler(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id,
+                       **({"images": images} if images is not None else {}))
 
     def _texts(self, samples: Samples) -> list[str]:
         return self.tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
@@ -205,7 +277,8 @@ class OnlineSource:
         roles.update(shared or {})
         padded = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], self.pad_id)
         return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles, inputs,
-                     torch.tensor(indices, dtype=torch.long), metrics)
+                     torch.tensor(indices, dtype=torch.long), metrics,
+                     vision=self._vision(examples, repeat=len(responses)))
 
     def _rollout_metrics(self, samples: Samples, scores: torch.Tensor) -> dict:
         return {"objective/scores": float(scores.mean()),
@@ -214,9 +287,21 @@ class OnlineSource:
 
     def _judge_pair(self, examples, seed):
         """pair_samples samples per prompt; the judge's best is `chosen`, its worst `rejected` (the first drawn wins
-        a tie) -> (chosen, rejected, metrics)."""
+        a tie) -> (chosen, rejected, metrics). A pairwise judge: the first of 2 is chosen when P(first > second)
+        >= 1/2."""
         n = self.pair_samples
-        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, n)
+        samples = self._sample(self.sampler, examples, seed, n)
+        if self.pairwise:
+            texts = self._texts(samples)
+            probs = self.judge.compare([e["prompt"] for e in examples], texts[0::2], texts[1::2],
+                                       **self._columns(examples, 1)).float()
+            first = (probs >= 0.5).tolist()
+            pairs = list(zip(samples.completion_ids[0::2], samples.completion_ids[1::2]))
+            chosen = [a if f else b for (a, b), f in zip(pairs, first)]
+            rejected = [b if f else a for (a, b), f in zip(pairs, first)]
+            metrics = {"objective/chosen_prob": float(torch.where(probs >= 0.5, probs, 1 - probs).mean()),
+                       **self._sample_metrics(samples)}
+            return chosen, rejected, metrics
         scores = self._scores(examples, samples, n)
         grouped = scores.view(-1, n)
         best, worst = grouped.argmax(-1).tolist(), grouped.argmin(-1).tolist()
@@ -230,7 +315,7 @@ class OnlineSource:
         return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected}, {}, metrics)
 
     def _soft_pair(self, examples, indices, seed):
-        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, 2)
+        samples = self._sample(self.sampler, examples, seed, 2)
         texts = self._texts(samples)
         prompts = [e["prompt"] for e in examples]
         columns = self._columns(examples, 1)
@@ -241,9 +326,8 @@ class OnlineSource:
                            {"preference_probs": probs}, self._rollout_metrics(samples, scores))
 
     def _xpo(self, examples, indices, seed):
-        prompt_ids = [e["prompt_ids"] for e in examples]
-        policy = self._sample("policy", prompt_ids, seed, 1)
-        reference = self._sample("reference", prompt_ids, seed + 1, 1)
+        policy = self._sample("policy", examples, seed, 1)
+        reference = self._sample("reference", examples, seed + 1, 1)
         policy_scores = self._scores(examples, policy, 1)
         reference_scores = self._scores(examples, reference, 1)
         policy_wins = (policy_scores >= reference_scores).tolist()
@@ -257,14 +341,13 @@ class OnlineSource:
 
     def _selm(self, examples, indices, seed):
         chosen, rejected, metrics = self._judge_pair(examples, seed)
-        greedy = self._sample("reference", [e["prompt_ids"] for e in examples], seed + 1, 1, greedy=True)
+        greedy = self._sample("reference", examples, seed + 1, 1, greedy=True)
         return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected,
                                                "sample": greedy.completion_ids}, {}, metrics)
 
     def _nash_md(self, examples, indices, seed):
-        prompt_ids = [e["prompt_ids"] for e in examples]
-        policy = self._sample("policy", prompt_ids, seed, 1)
-        mixture = self._sample("mixture", prompt_ids, seed + 1, 1)
+        policy = self._sample("policy", examples, seed, 1)
+        mixture = self._sample("mixture", examples, seed + 1, 1)
         prompts = [e["prompt"] for e in examples]
         probs = self.judge.compare(prompts, self._texts(policy), self._texts(mixture),
                                    **self._columns(examples, 1)).float()
@@ -276,18 +359,18 @@ class OnlineSource:
         k = self.rollout.num_generations
         if k < 2:
             raise ValueError(f"num_generations: grpo and rloo compare the samples of a prompt; need >= 2, got {k}")
-        samples = self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, k)
+        samples = self._sample(self.sampler, examples, seed, k)
         scores = self._scores(examples, samples, k)
         prompts, sequences = [p for p in samples.prompt_ids], samples.completion_ids
         padded = collate_sequences(prompts, sequences, self.pad_id)
         roles = {"online": torch.arange(len(sequences)).view(len(examples), k)}
         return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles,
                      {"rewards": scores.view(len(examples), k)}, torch.tensor(indices, dtype=torch.long),
-                     self._rollout_metrics(samples, scores))
+                     self._rollout_metrics(samples, scores), vision=self._vision(examples, per_example=k))
 
     def _generated(self, examples, seed) -> Samples:
         k = self.rollout.num_generations
-        return self._sample(self.sampler, [e["prompt_ids"] for e in examples], seed, k)
+        return self._sample(self.sampler, examples, seed, k)
 
     def _sample_metrics(self, samples: Samples) -> dict:
         return {"val/contain_eos_token": sum(samples.contains_eos) / len(samples.contains_eos),
@@ -302,8 +385,12 @@ class OnlineSource:
                                    + samples.completion_ids, self.pad_id)
         roles = {"chosen": torch.arange(n), "rejected": torch.arange(n, 2 * n),
                  "online": torch.arange(2 * n, 2 * n + n * k).view(n, k)}
+        vision = {}
+        if self._images(examples) is not None:  # the pairs' rows, then k sample rows per example
+            images = self._images(examples)
+            vision = vision_inputs(images * 2 + [im for im in images for _ in range(k)])
         return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles, {},
-                     torch.tensor(indices, dtype=torch.long), self._sample_metrics(samples))
+                     torch.tensor(indices, dtype=torch.long), self._sample_metrics(samples), vision=vision)
 
     def _samples(self, examples, indices, seed):
         samples = self._generated(examples, seed)
@@ -311,4 +398,53 @@ class OnlineSource:
         padded = collate_sequences(samples.prompt_ids, samples.completion_ids, self.pad_id)
         return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"],
                      {"online": torch.arange(n * k).view(n, k)}, {}, torch.tensor(indices, dtype=torch.long),
-                     self._sample_metrics(samples))
+                     self._sample_metrics(samples), vision=self._vision(examples, per_example=k))
+
+    # -- Mixed-DPO and Avg-DPO (ALGORITHMS.md section 2, eqs. 4-5) -------------------------------------------------
+    def _mixed(self, examples, indices, seed):
+        """Each example's drawn pair, two rows: the offline (y+, y-) where a = 1, else the judged pair of its
+        policy samples (sampled, with the batch's seed, only for those examples: at p = 0 exactly the samples of
+        online DPO's batch). mixed_dpo reads both pairs; the pair not drawn weighs 0, so its roles point at the
+        drawn pair's rows instead of costing two more sequences: the loss is each example's drawn DPO term."""
+        n = len(examples)
+        use_offline = mixed_draws(seed, n, self.mixed_p)
+        chosen, rejected = [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples]
+        online = [i for i, offline in enumerate(use_offline) if not offline]
+        metrics = {"mixed/online_fraction": len(online) / n}
+        if online:
+            online_chosen, online_rejected, judged = self._judge_pair([examples[i] for i in online], seed)
+            for i, c, r in zip(online, online_chosen, online_rejected):
+                chosen[i], rejected[i] = c, r
+            metrics.update(judged)
+        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected},
+                           {"use_offline": torch.tensor(use_offline)}, metrics,
+                           shared={"online_chosen": torch.arange(n), "online_rejected": torch.arange(n, 2 * n)})
+
+    def _avg(self, examples, indices, seed):
+        """The offline pair and the generated y~- (role online_rejected); `chosen` is one row read by both terms."""
+        generated, metrics = self.generated_rejected(examples, seed)
+        return self._batch(examples, indices, {"chosen": [e["chosen_ids"] for e in examples],
+                                               "rejected": [e["rejected_ids"] for e in examples],
+                                               "online_rejected": generated}, {}, metrics)
+
+    def generated_rejected(self, examples, seed) -> tuple[list[list[int]], dict]:
+        """Avg-DPO's y~- of each example from the current policy -> (completion ids, metrics). `policy`: one sample
+        per prompt. `bdhs` (online BDHS, Algorithm 1): `prefuse.engine.bdhs.bdhs_rejected`, which the BDHS module
+        provides; this is the one place it plugs in."""
+        if self.avg_rejected == "bdhs":
+            try:
+                from prefuse.engine.bdhs import bdhs_rejected
+            except ImportError:
+                raise ValueError("avg_rejected: 'bdhs' needs prefuse.engine.bdhs.bdhs_rejected, which this build "
+                                 "does not have; use --avg_rejected policy") from None
+            # a vision-language example's pixels as the model inputs BDHS generates with (its image tokens masked)
+            examples = [{**e, "model_inputs": e["images"].model_inputs()} if e.get("images") is not None else e
+                        for e in examples]
+            if isinstance(self.bdhs.get("embedder"), str):  # loaded once, at the first batch
+                from prefuse.engine.embedders import load_embedder
+
+                self.bdhs["embedder"] = load_embedder(self.bdhs["embedder"])
+            return bdhs_rejected(self.models, self.tokenizer, examples, seed=seed, rollout=self.rollout,
+                                 eos_id=self.eos_id, pad_id=self.pad_id, **self.bdhs)
+        samples = self._sample(self.sampler, examples, seed, 1)
+        return samples.completion_ids, self._sample_metrics(samples)

@@ -18,12 +18,13 @@ from prefuse.engine.sources import Batch
 
 
 def cache_path(output_dir: Path, split: str, parts: Iterable, examples: list[dict]) -> Path:
-    """The cache file for `split`: the hash covers `parts` (paths, dtypes, roles) and every example's token ids."""
+    """The cache file for `split`: the hash covers `parts` (paths, dtypes, roles) and every example's token ids
+    (and images: data/images.py `ExampleImages.key`)."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(repr(part).encode())
-    digest.update(json.dumps([{k: v for k, v in e.items() if k.endswith("_ids")} for e in examples],
-                             sort_keys=True).encode())
+    digest.update(json.dumps([{k: v.key() if k == "images" else v for k, v in e.items()
+                               if k.endswith("_ids") or k == "images"} for e in examples], sort_keys=True).encode())
     return Path(output_dir) / f"ref_logps-{split}-{digest.hexdigest()[:16]}.safetensors"
 
 

@@ -10,6 +10,10 @@ own seeded generator state (`torch.random.fork_rng`), so a step's samples depend
 weights, never on what ran before: a resumed run draws the same samples. Completions end at the first EOS (kept)
 or after max_new_tokens. HF `generate` serves the policy and the reference; the mixture, which needs both models'
 next-token log-probs at every step, has its own loop with one KV cache per model.
+
+A vision-language model's prompts come with their images: `sample_policy(..., images=[e["images"] for e in
+examples])` (one `data.ExampleImages` per prompt, from tokenize_prompts / tokenize_preferences with the processor);
+each sample's row then gets its prompt's pixel values. The mixture does not take images yet.
 """
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefuse.engine import vision
+from prefuse.engine.data import vision_inputs
 from prefuse.engine.model import Models, eval_mode
+from prefuse.heads import causal_lm_of
 
 
 @dataclass(frozen=True)
@@ -100,24 +107,46 @@ def _samples(prompts, generated: torch.Tensor, cfg: RolloutConfig, eos_id, start
     return Samples(repeated, completions, eos, cfg.num_generations, time.perf_counter() - started)
 
 
-def _generate(model, prompts, cfg: RolloutConfig, *, seed: int, eos_id, pad_id) -> Samples:
+def _check_images(model, prompts: list[list[int]], images) -> None:
+    """A vision-language model's prompts with image tokens need their images (else the tokens embed as text)."""
+    causal_lm = causal_lm_of(model)
+    if images is None and vision.is_vision_language(causal_lm.config):
+        token = vision.image_token_id(causal_lm)
+        if any(token in prompt for prompt in prompts):
+            raise ValueError("prompts hold image tokens but no images came with them: pass images=[example's "
+                             "images per prompt] (data.ExampleImages)")
+
+
+def _generate(model, prompts, cfg: RolloutConfig, *, seed: int, eos_id, pad_id, images=None) -> Samples:
     device = next(model.parameters()).device
-    input_ids, mask = left_padded(prompts, pad_id, device)
+    _check_images(model, prompts, images)
+    k = cfg.num_generations
+    model_inputs, returns = {}, k
+    if images is not None:  # a row per sample, each with its prompt's pixel values (generate's own expansion of
+        # pixel_values repeats image rows, which is right only for one image per prompt)
+        if len(images) != len(prompts):
+            raise ValueError(f"images: {len(images)} entries for {len(prompts)} prompts")
+        input_ids, mask = left_padded([p for p in prompts for _ in range(k)], pad_id, device)
+        model_inputs = {n: v.to(device) for n, v in vision_inputs([im for im in images for _ in range(k)]).items()}
+        returns = 1
+    else:
+        input_ids, mask = left_padded(prompts, pad_id, device)
     greedy = cfg.temperature == 0
     options = dict(do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
-                   eos_token_id=eos_id, num_return_sequences=cfg.num_generations, use_cache=True)
+                   eos_token_id=eos_id, num_return_sequences=returns, use_cache=True)
     if not greedy:
         options.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     started = time.perf_counter()
     with torch.no_grad(), eval_mode(model), _seeded(seed, device):
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **options)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **model_inputs, **options)
     return _samples(prompts, out[:, input_ids.shape[1]:], cfg, eos_id, started)
 
 
 def sample_policy(models: Models, prompts: list[list[int]], cfg: RolloutConfig, *, seed: int, eos_id: int | None,
-                  pad_id: int) -> Samples:
-    """num_generations responses per prompt from the policy (LoRA adapters active)."""
-    return _generate(models.policy, prompts, cfg, seed=seed, eos_id=eos_id, pad_id=pad_id)
+                  pad_id: int, images=None) -> Samples:
+    """num_generations responses per prompt from the policy (LoRA adapters active). images: a vision-language
+    model's, one `ExampleImages` (or None) per prompt."""
+    return _generate(models.policy, prompts, cfg, seed=seed, eos_id=eos_id, pad_id=pad_id, images=images)
 
 
 def reference_context(models: Models):
@@ -131,12 +160,12 @@ def reference_context(models: Models):
 
 
 def sample_reference(models: Models, prompts: list[list[int]], cfg: RolloutConfig, *, seed: int,
-                     eos_id: int | None, pad_id: int) -> Samples:
+                     eos_id: int | None, pad_id: int, images=None) -> Samples:
     """num_generations responses per prompt from the reference: with LoRA, the policy with its adapters disabled
-    (the base model exactly), not the policy."""
+    (the base model exactly), not the policy. images: as sample_policy's."""
     model, context = reference_context(models)
     with context():
-        return _generate(model, prompts, cfg, seed=seed, eos_id=eos_id, pad_id=pad_id)
+        return _generate(model, prompts, cfg, seed=seed, eos_id=eos_id, pad_id=pad_id, images=images)
 
 
 def mixture_logprobs(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mixture_coef: float):
@@ -164,6 +193,7 @@ def sample_mixture(models: Models, prompts: list[list[int]], cfg: RolloutConfig,
     each step's mixture log-probs [N, V] in `extra["step_logprobs"]` (tests)."""
     policy = models.policy
     reference, ref_context = reference_context(models)
+    _check_images(policy, prompts, None)
     device = next(policy.parameters()).device
     repeated = [p for p in prompts for _ in range(cfg.num_generations)]
     input_ids, mask = left_padded(repeated, pad_id, device)

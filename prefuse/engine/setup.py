@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ from prefuse.engine.data import (DataError, TokenizedData, check_response_tokens
                                  held_out_split, load_preference_data, load_records, pairs_to_completions,
                                  tokenize_preferences)
 from prefuse.engine.data.formats import UNPAIRED_FORMATS
+from prefuse.engine.data.images import IMAGES_COLUMN
+from prefuse.engine import distributed
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import load_models
 from prefuse.engine.monitor import Monitor, build_monitor
@@ -59,10 +61,14 @@ class Run:
     references: dict  # split -> ReferenceCache (precomputed reference log-probs)
     baseline: float   # the training set's mean reward (advantages without an `advantage` column)
     monitor: Monitor | None = None  # the over-optimisation monitor (--monitor_steps)
+    world: distributed.World = field(default_factory=distributed.World)  # the ranks (torchrun), one by default
 
     def eval_batches(self):
-        return batches(self.eval_data, self.needs, batch_size=self.cfg.per_device_eval_batch_size,
+        """The held-out set in global batches (ranks x per_device_eval_batch_size), this rank's share of each."""
+        walk = batches(self.eval_data, self.needs, batch_size=self.cfg.per_device_eval_batch_size * self.world.size,
                        pad_id=self.pad_id, max_length=self.cfg.max_length, baseline=self.baseline)
+        return (distributed.shard_batch(b, self.world.rank, self.world.size) for b in walk) if (
+            self.world.distributed) else walk
 
 
 def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
@@ -70,13 +76,17 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     which then still gives the held-out set and the tokenizer's data checks."""
     cfg.validate()
     needs = cfg.needs()
+    world = distributed.current()  # torchrun's ranks (engine/distributed.py), or this process alone
+    distributed.check_supported(cfg, world)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if world.main:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = world.device if world.distributed else torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
     # online methods that sample from the reference or the mixture need it even when their loss does not
     samples_reference = cfg.online and (needs.reference or "sample" in needs.roles or "nash_md" in cfg.loss_type
@@ -103,7 +113,7 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
             cfg.num_train_epochs * online.batches_per_epoch / cfg.gradient_accumulation_steps)
         return _finish(cfg, out, device, needs, models, step, source, None, total_steps, pad_id, {}, 0.0)
-    train_data, eval_data = load_data(cfg, tokenizer, needs)
+    train_data, eval_data = load_data(cfg, tokenizer, needs, processor=models.processor)
     print(f"data: {len(train_data)} training examples ({train_data.format})"
           + (f", {len(eval_data)} held out" if eval_data is not None else "")
           + (f", {train_data.skipped.count} bad rows skipped" if train_data.skipped.count else ""), flush=True)
@@ -115,9 +125,14 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     train_data, eval_data, advantages = prepare_advantages(cfg, models, tokenizer, train_data, eval_data, pad_id)
     if value_reference and not needs.reference:
         models.reference = None  # loaded only for the value head's prompt states
-    offline = OfflineSource(train_data, needs, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
+    global_batch = cfg.per_device_train_batch_size * world.size  # every rank takes its share of each
+    distributed.check_last_batch(len(train_data), global_batch, world, "per_device_train_batch_size")
+    if eval_data is not None:
+        distributed.check_last_batch(len(eval_data), cfg.per_device_eval_batch_size * world.size, world,
+                                     "per_device_eval_batch_size")
+    offline = OfflineSource(train_data, needs, batch_size=global_batch, seed=cfg.seed,
                             pad_id=pad_id, max_length=cfg.max_length, order=priority_order(cfg, advantages))
-    source = offline if source is None else source
+    source = (distributed.ShardedSource(offline, world) if world.distributed else offline) if source is None else source
     total_steps = (cfg.max_steps if cfg.max_steps > 0
                    else math.ceil(cfg.num_train_epochs * source.batches_per_epoch / cfg.gradient_accumulation_steps))
     total_steps = priority_steps(cfg, source, total_steps)  # good_priority: max_steps x the positive fraction
@@ -130,8 +145,8 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
             if data is not None:
                 walk = batches(data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
                                max_length=cfg.max_length, baseline=offline.baseline)
-                references[split] = ReferenceCache.load_or_build(cache_path(out, split, parts, data.examples),
-                                                                 len(data), walk, step.reference_sums, device)
+                references[split] = world.main_first(lambda: ReferenceCache.load_or_build(  # rank 0 writes it
+                    cache_path(out, split, parts, data.examples), len(data), walk, step.reference_sums, device))
         models.reference = None  # the cache replaces it
 
     return _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
@@ -143,6 +158,8 @@ def _finish(cfg, out, device, needs, models, step, source, eval_data, total_step
     """Optimizer, schedule, resume and log: the same for every kind of run."""
     from transformers import get_scheduler
 
+    world = distributed.current()
+    step = world.wrap(step, models.policy)  # DDP around the step's forward (engine/distributed.py)
     params = [p for p in models.policy.parameters() if p.requires_grad]
     groups = (param_groups(models.policy, cfg.learning_rate, cfg.ofs_slow_lr_ratio) if needs.slow_adapter
               else [{"params": params}])
@@ -157,33 +174,34 @@ def _finish(cfg, out, device, needs, models, step, source, eval_data, total_step
     if cfg.resume_from_checkpoint:
         path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
         state = load_checkpoint(path, model=models.policy, optimizer=optimizer, scheduler=scheduler, output_dir=out)
+        world.restore_rank_rng(state)  # each rank's own generators, when it ran on as many ranks
         start_step, window = int(state["step"]), state.get("window")
         source.load_state_dict(state["batches"])
         step.load_state_dict(state.get("step_state", {}))
         if monitor is not None:
             monitor.load_state_dict(state.get("monitor"))
         print(f"resumed from {path} at step {start_step}", flush=True)
-    log = MetricsLog(out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to,
-                     window=window)
+    log = (MetricsLog if world.main else distributed.RankLog)(  # rank 0 writes the log
+        out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to, window=window)
     return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
-               total_steps, start_step, pad_id, references, baseline, monitor=monitor)
+               total_steps, start_step, pad_id, references, baseline, monitor=monitor, world=world)
 
 
 def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSource:
     """The prompts of dataset_name, the judge the flags name and the rollout settings, as a batch source."""
     from prefuse.engine.data import load_prompts
     from prefuse.engine.judges import make_judge
-    from prefuse.engine.online import JUDGELESS, online_method
+    from prefuse.engine.online import JUDGELESS, PAIRED, online_method
 
     method = online_method(cfg.loss_type)
-    if method == "hybrid":  # HyPO: the offline pairs themselves, their prompts sampled from
-        prompts = load_preference_data(cfg.dataset_name, tokenizer, max_length=cfg.max_length,
-                                       max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
-                                       skip_bad_rows=cfg.skip_bad_rows)
+    # a vision-language model's prompts come with their images: samples are drawn with them and every row of a
+    # batch gets its example's pixel values (engine/online.py)
+    if method in PAIRED:  # HyPO, Mixed-DPO, Avg-DPO: the offline pairs themselves, their prompts sampled from
+        prompts = paired_prompts(cfg, tokenizer, processor=models.processor)
     else:
         prompts = load_prompts(cfg.dataset_name, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                               skip_bad_rows=cfg.skip_bad_rows)
-    print(f"data: {len(prompts)} {'pairs' if method == 'hybrid' else 'prompts'} ({prompts.format})"
+                               skip_bad_rows=cfg.skip_bad_rows, processor=models.processor)
+    print(f"data: {len(prompts)} {'pairs' if method in PAIRED else 'prompts'} ({prompts.format})"
           + (f", {prompts.skipped.count} bad rows skipped" if prompts.skipped.count else ""), flush=True)
     judge = None if method in JUDGELESS else make_judge(
         reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights, reward_model_path=cfg.reward_model_path,
@@ -203,12 +221,55 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
     return OnlineSource(prompts, cfg.loss_type, models, tokenizer, judge, rollout,
                         batch_size=cfg.per_device_train_batch_size, seed=cfg.seed, sampler=cfg.online_sampler,
                         missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
-                        iterations=iterations, iteration_slices=cfg.iteration_slices, vllm=vllm)
+                        iterations=iterations, iteration_slices=cfg.iteration_slices, vllm=vllm,
+                        mixed_p=cfg.objective_args.get("mixed_p", 0.5), avg_rejected=cfg.avg_rejected,
+                        bdhs=_bdhs_settings(cfg))
 
 
-def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[TokenizedData, TokenizedData | None]:
+def _bdhs_settings(cfg: TrainConfig) -> dict | None:
+    """Online BDHS (--avg_rejected bdhs): its config and its embedder, loaded now (EmbedderError: one line)."""
+    if cfg.avg_rejected != "bdhs":
+        return None
+    from prefuse.engine.embedders import load_embedder
+
+    return {"cfg": cfg.bdhs_config(), "embedder": load_embedder(cfg.embedder)}
+
+
+def paired_prompts(cfg: TrainConfig, tokenizer, processor=None) -> TokenizedData:
+    """The pairs of dataset_name (tokenized and cut as offline training cuts them; `images` with a
+    vision-language model's processor), each example also with its `prompt` (text or messages) and `columns` as
+    load_prompts gives them, for a judge of online samples of the same prompt (Mixed-DPO). A file of prompts only
+    is refused in one line: these methods read the offline pairs."""
+    from prefuse.engine.data import DataError, tokenize_prompts
+    from prefuse.engine.data.formats import holds_prompts_only
+    from prefuse.engine.data.loading import WHERE_COLUMN
+
+    records = load_records(cfg.dataset_name)
+    if holds_prompts_only(records.column_names):
+        raise DataError(f"dataset_name: {' '.join(cfg.loss_type)} with --online read each prompt's offline pair: "
+                        f"{cfg.dataset_name} holds prompts only; give a pairs file (prompt, chosen, rejected)")
+    data = load_preference_data(cfg.dataset_name, tokenizer, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                                skip_bad_rows=cfg.skip_bad_rows, processor=processor)
+    images = IMAGES_COLUMN in records.column_names  # the pairs hold them; a judge gets the column as it is
+    texts = tokenize_prompts(records.remove_columns([IMAGES_COLUMN]) if images else records, tokenizer,
+                             max_prompt_length=cfg.max_prompt_length, skip_bad_rows=True, fmt=data.format,
+                             source=str(cfg.dataset_name))
+    by_where = {e["where"]: e for e in texts.examples}
+    raw = dict(zip(records[WHERE_COLUMN], records[IMAGES_COLUMN])) if images else {}
+    for example in data.examples:  # a row whose pair tokenized has a readable prompt
+        prompt = by_where[example["where"]]
+        example["prompt"], example["columns"] = prompt["prompt"], dict(prompt["columns"])
+        if images:
+            example["columns"][IMAGES_COLUMN] = raw[example["where"]]
+    return data
+
+
+def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds,
+              processor=None) -> tuple[TokenizedData, TokenizedData | None]:
     """The training examples and the held-out ones (eval_split, or eval_fraction of the file, drawn by the seed),
-    as the objective reads them: pairs, or completions (scored pairs become two completions each)."""
+    as the objective reads them: pairs, or completions (scored pairs become two completions each). processor: a
+    vision-language model's, for data with an `images` column (data/images.py)."""
     options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
                    skip_bad_rows=cfg.skip_bad_rows)
 
@@ -223,8 +284,11 @@ def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds) -> tuple[Token
                 f"objective reads)")
         require, hint = required_columns(cfg, needs, kind, str(path), hint)  # a judge replaces reward columns
         data = tokenize_preferences(records, tokenizer, fmt=fmt, source=str(path), require=require,
-                                    require_hint=hint, **options)
+                                    require_hint=hint, processor=processor, **options)
         check_response_tokens_left(data, str(path))
+        if needs.revision and IMAGES_COLUMN in records.column_names:
+            raise DataError(f"{path}: srpo's revision prompts are text and would lose the images; train srpo on "
+                            f"text pairs")
         if needs.revision:  # SRPO: the four rows with a revision prompt
             data = add_revision_rows(data, records, tokenizer, template=cfg.revision_template, source=str(path),
                                      **options)

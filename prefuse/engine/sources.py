@@ -15,7 +15,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from prefuse.engine.data import PairBatches, TokenizedData, collate_sequences
+from prefuse.engine.data import PairBatches, TokenizedData, collate_sequences, vision_inputs
 from prefuse.engine.objectives import ObjectiveNeeds
 from prefuse.engine.revision import ROLE_PROMPT, ROLE_RESPONSE
 
@@ -25,7 +25,8 @@ class Batch:
     """input_ids, attention_mask, labels [S, T] (labels in the next-token layout, -100 off the responses); roles:
     {role: row indices [B]}; inputs: pass-through objective inputs [B] (rewards, labels, ...); index [B]: the
     examples' positions in their data set (or prompt set); metrics: numbers about how the batch was made (an
-    online source's judge scores), logged with the step's."""
+    online source's judge scores), logged with the step's; vision: a vision-language model's inputs for the rows'
+    images (`data.vision_inputs`: pixel_values [n_images, ...] in row order, ...), {} for text."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -34,6 +35,7 @@ class Batch:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # what made the batch (rollout scores, ...), logged
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values of the rows' images, ...
 
     @property
     def n_examples(self) -> int:
@@ -47,7 +49,8 @@ class Batch:
         move = {k: v.to(device) for k, v in self.roles.items()}
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), move,
                      {k: v.to(device) for k, v in self.inputs.items()},
-                     None if self.index is None else self.index.to(device), self.metrics)
+                     None if self.index is None else self.index.to(device), self.metrics,
+                     {k: v.to(device) for k, v in self.vision.items()})
 
 
 class BatchSource(Protocol):
@@ -61,7 +64,8 @@ class BatchSource(Protocol):
 
 
 # the response of each role in a paired example
-PAIR_RESPONSE = {"chosen": "chosen_ids", "rejected": "rejected_ids", "sample": "reference_ids", **ROLE_RESPONSE}
+PAIR_RESPONSE = {"chosen": "chosen_ids", "rejected": "rejected_ids", "sample": "reference_ids",
+                 "online_rejected": "generated_rejected_ids", **ROLE_RESPONSE}  # Avg-DPO's y~- (generated_rejected)
 
 
 def _mean_reward(data: TokenizedData) -> float:
@@ -90,6 +94,8 @@ def build_batch(examples: list[dict], indices: list[int], needs: ObjectiveNeeds,
             responses += [e[key] for e in examples]
         roles[role] = torch.arange(number * n, (number + 1) * n)
     sequences = collate_sequences(prompts, responses, pad_id)
+    # every role's row of an example gets the example's images (vision-language data: data/images.py)
+    vision = vision_inputs([e.get("images") for e in examples] * len(needs.roles)) if "images" in examples[0] else {}
     inputs = {}
     if "labels" in needs.inputs:
         inputs["labels"] = torch.tensor([bool(e["label"]) for e in examples])
@@ -101,7 +107,7 @@ def build_batch(examples: list[dict], indices: list[int], needs: ObjectiveNeeds,
     if "preference_probs" in needs.inputs:
         inputs["preference_probs"] = torch.tensor([float(e["preference_prob"]) for e in examples])
     return Batch(sequences["input_ids"], sequences["attention_mask"], sequences["labels"], roles, inputs,
-                 torch.tensor(indices, dtype=torch.long))
+                 torch.tensor(indices, dtype=torch.long), vision=vision)
 
 
 class OfflineSource:

@@ -42,7 +42,7 @@ class Step:
     def __call__(self, batch: Batch, reference=None, **inputs) -> tuple[torch.Tensor, dict]:
         """inputs: further objective inputs beside the batch's (OFS-DPO's slow adapter's sums)."""
         with self.autocast(batch.input_ids.device):
-            hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask)
+            hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask, **batch.vision)
         ref = {}
         if self.needs.reference and reference is not None:
             ref = reference.lookup(batch)
@@ -70,7 +70,7 @@ class Step:
     def reference_hidden(self, batch: Batch) -> torch.Tensor:
         """The reference's last hidden states [S, T, H], without gradient and in eval mode."""
         with self.autocast(batch.input_ids.device):
-            hidden = reference_hidden_states(self.models, batch.input_ids, batch.attention_mask)
+            hidden = reference_hidden_states(self.models, batch.input_ids, batch.attention_mask, **batch.vision)
         return hidden.to(self.ref_head.weight.dtype)
 
     def reference_sums(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@
 
 `load_preference_data` does the first four steps. Bad rows raise `BadRow`, `<file>:<row>: field '<name>': <what>`,
 or are skipped and tallied with `skip_bad_rows=True`. Extra columns (scores, a reference response, rewards: see
-columns.py) ride along in each example; `pairs_to_completions(data)` turns pairs into unpaired examples.
+columns.py) ride along in each example; `pairs_to_completions(data)` turns pairs into unpaired examples. Data with
+an `images` column (a vision-language model's, tokenized with its processor: images.py) gives examples `images`,
+and `vision_inputs` the pixel values of a batch's rows.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from prefuse.engine.data.formats import (
     check_format_for,
     detect_format,
 )
+from prefuse.engine.data.images import IMAGES_COLUMN, ExampleImages, vision_inputs
 from prefuse.engine.data.loading import load_records
 from prefuse.engine.data.order import PairBatches, held_out_split
 from prefuse.engine.data.prompts import PromptData, load_prompts, tokenize_prompts
@@ -38,27 +41,28 @@ def load_preference_data(path: str | Path, tokenizer, *, needs: str = "pairs", s
                          max_length: int | None = None, max_prompt_length: int | None = None,
                          truncation: bool = True, skip_bad_rows: bool = False,
                          cache_dir: str | None = None, require: Iterable[str] = (),
-                         require_hint: str = "") -> TokenizedData:
+                         require_hint: str = "", processor=None) -> TokenizedData:
     """load_records -> detect_format -> check_format_for(needs) -> tokenize_preferences, in one call.
 
     `require`: extra columns the caller cannot do without (e.g. ("score_chosen", "score_rejected")); one absent
     from the file raises DataError `<file>: column 'score_chosen' is missing; <require_hint>`, where the hint says
     who needs it and why. Raises DataError, too, when truncation leaves no example a response token to learn from
-    (see `TokenizedData.truncation_report`)."""
+    (see `TokenizedData.truncation_report`). processor: a vision-language model's, for data with an `images`
+    column (images.py)."""
     records = load_records(path, split=split, cache_dir=cache_dir)
     fmt = detect_format(records)
     check_format_for(fmt, needs)
     data = tokenize_preferences(records, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                 truncation=truncation, skip_bad_rows=skip_bad_rows, fmt=fmt, source=str(path),
-                                require=require, require_hint=require_hint)
+                                require=require, require_hint=require_hint, processor=processor)
     check_response_tokens_left(data, str(path))
     return data
 
 
 __all__ = [
-    "EXTRA_COLUMNS", "IGNORE_INDEX", "PAIRED_FORMATS", "PROMPT_ONLY_FORMATS", "UNPAIRED_FORMATS", "BadRow",
+    "EXTRA_COLUMNS", "IMAGES_COLUMN", "ExampleImages", "IGNORE_INDEX", "PAIRED_FORMATS", "PROMPT_ONLY_FORMATS", "UNPAIRED_FORMATS", "BadRow",
     "DataError", "PairBatches", "PromptData", "RowProblem", "SkippedRows", "TokenizedData", "check_format_for",
     "check_response_tokens_left", "collate_pairs", "collate_sequences", "collate_unpaired", "detect_format",
     "load_preference_data", "load_prompts", "load_records", "pairs_to_completions", "tokenize_preferences",
-    "tokenize_prompts", "truncate",
+    "tokenize_prompts", "truncate", "vision_inputs",
 ]

@@ -6,6 +6,7 @@
 | paired   | `score_rejected`     | a finite number                                | `score_rejected` (float)      |
 | paired   | `preference_prob`    | a finite number in [0, 1]                      | `preference_prob` (float)     |
 | paired   | `reference_response` | a response shaped as `chosen` is in the format | `reference_ids` (list of int) |
+| paired   | `generated_rejected` | a response shaped as `rejected` (Avg-DPO's y~-) | `generated_rejected_ids`      |
 | unpaired | `reward`, `advantage`| finite numbers                                 | `reward`, `advantage` (float) |
 
 Every extra column is optional, but one the data has is carried in every row: a null or a value of the wrong kind
@@ -21,18 +22,21 @@ from prefuse.engine.data.errors import DataError
 from prefuse.engine.data.formats import UNPAIRED_FORMATS, RowIssue, check_messages, check_text
 
 REFERENCE_COLUMN = "reference_response"
+GENERATED_REJECTED_COLUMN = "generated_rejected"  # Avg-DPO's policy-generated y~- beside the external `rejected`
+# response columns beside chosen and rejected, tokenized and truncated as they are
+RESPONSE_COLUMNS = (REFERENCE_COLUMN, GENERATED_REJECTED_COLUMN)
 # number columns -> the closed range their values must lie in (None: any finite number)
 PAIRED_NUMBERS: dict[str, tuple[float, float] | None] = {"score_chosen": None, "score_rejected": None,
                                                           "preference_prob": (0.0, 1.0)}
 UNPAIRED_NUMBERS: dict[str, tuple[float, float] | None] = {"reward": None, "advantage": None}
-EXTRA_COLUMNS = (*PAIRED_NUMBERS, REFERENCE_COLUMN, *UNPAIRED_NUMBERS)
+EXTRA_COLUMNS = (*PAIRED_NUMBERS, *RESPONSE_COLUMNS, *UNPAIRED_NUMBERS)
 
 
 def extra_columns_of(fmt: str) -> tuple[str, ...]:
     """The extra columns data in format `fmt` may carry."""
     if fmt in UNPAIRED_FORMATS:
         return tuple(UNPAIRED_NUMBERS)
-    return (*PAIRED_NUMBERS, REFERENCE_COLUMN)
+    return (*PAIRED_NUMBERS, *RESPONSE_COLUMNS)
 
 
 def carried_columns(column_names: Iterable[str], fmt: str) -> list[str]:
@@ -83,25 +87,26 @@ def read_numbers(row: dict[str, Any], columns: Iterable[str]) -> dict[str, float
     return {c: check_number(row.get(c), c, ranges[c]) for c in columns if c in ranges}
 
 
-def read_reference(row: dict[str, Any], fmt: str, prompt: Any) -> Any:
-    """The row's `reference_response` as a completion after `prompt`, as split_row gives `chosen`: the text or the
-    messages in the explicit formats; in the implicit ones the whole text or conversation, which must begin with
-    the prompt that chosen and rejected share. Raises RowIssue."""
-    value = row.get(REFERENCE_COLUMN)
+def read_reference(row: dict[str, Any], fmt: str, prompt: Any, column: str = REFERENCE_COLUMN) -> Any:
+    """The row's `column` (a response column: `reference_response`, `generated_rejected`) as a completion after
+    `prompt`, as split_row gives `chosen`: the text or the messages in the explicit formats; in the implicit ones
+    the whole text or conversation, which must begin with the prompt that chosen and rejected share. Raises
+    RowIssue."""
+    value = row.get(column)
     if fmt == "standard":
-        return check_text(value, REFERENCE_COLUMN, response=True)
+        return check_text(value, column, response=True)
     if fmt == "conversational":
-        return check_messages(value, REFERENCE_COLUMN, response=True)
+        return check_messages(value, column, response=True)
     if fmt == "conversational_implicit":
-        messages = check_messages(value, REFERENCE_COLUMN, response=True)
+        messages = check_messages(value, column, response=True)
         if messages[:-1] != prompt:
-            raise RowIssue("prompt_mismatch", REFERENCE_COLUMN,
+            raise RowIssue("prompt_mismatch", column,
                            "its messages before the last differ from the prompt of 'chosen' and 'rejected'")
         return messages[-1:]
-    text = check_text(value, REFERENCE_COLUMN, response=True)
+    text = check_text(value, column, response=True)
     if not text.startswith(prompt):
-        raise RowIssue("prompt_mismatch", REFERENCE_COLUMN,
+        raise RowIssue("prompt_mismatch", column,
                        "does not begin with the prompt that 'chosen' and 'rejected' share")
     if not text[len(prompt):].strip():
-        raise RowIssue("empty", REFERENCE_COLUMN, "empty response (nothing after the prompt)")
+        raise RowIssue("empty", column, "empty response (nothing after the prompt)")
     return text[len(prompt):]

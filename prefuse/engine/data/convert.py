@@ -26,5 +26,7 @@ def _completion_example(pair: dict[str, Any], side: str, label: bool, score: str
     example = {"prompt_ids": pair["prompt_ids"], "completion_ids": pair[f"{side}_ids"], "label": label}
     if score in pair:
         example["reward"] = pair[score]
+    if "images" in pair:  # the prompt's images (vision-language data)
+        example["images"] = pair["images"]
     example["where"] = pair["where"]
     return example

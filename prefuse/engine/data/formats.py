@@ -147,8 +147,26 @@ def check_text(value: Any, field: str, response: bool) -> str:
     return value
 
 
+def _content_problem(content: list) -> str | None:
+    """Why a message's list content is not content parts ({"type": "text", "text": str}, {"type": "image"}, ...)."""
+    for number, part in enumerate(content, start=1):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            return f"content part {number}: expected a {{'type', ...}} object"
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            return f"content part {number}: a text part needs a string 'text'"
+    return None
+
+
+def content_text(content: str | list) -> str:
+    """The text of a message's content: the string, or its text parts joined (content parts, TRL's vision form)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+
+
 def message_list_problem(value: Any) -> str | None:
-    """Why `value` is not a list of {"role": str, "content": str} messages, or None when it is one."""
+    """Why `value` is not a list of {"role": str, "content": str or content parts} messages, or None when it is
+    one."""
     if not isinstance(value, list):
         return f"expected a list of messages, got {_type_name(value)}"
     for number, message in enumerate(value, start=1):
@@ -157,9 +175,21 @@ def message_list_problem(value: Any) -> str | None:
         for key in ("role", "content"):
             if message.get(key) is None:
                 return f"message {number}: missing '{key}'"
-            if not isinstance(message[key], str):
+            if key == "content" and isinstance(message[key], list):
+                problem = _content_problem(message[key])
+                if problem:
+                    return f"message {number}: {problem}"
+            elif not isinstance(message[key], str):
                 return f"message {number}: '{key}' must be a string, got {_type_name(message[key])}"
     return None
+
+
+def _without_nulls(message: dict) -> dict:
+    """Arrow gives every message (and content part) the union of keys seen in the column; keep the ones it has."""
+    out = {k: v for k, v in message.items() if v is not None}
+    if isinstance(out.get("content"), list):
+        out["content"] = [{k: v for k, v in part.items() if v is not None} for part in out["content"]]
+    return out
 
 
 def check_messages(value: Any, field: str, response: bool) -> list[dict]:
@@ -170,15 +200,14 @@ def check_messages(value: Any, field: str, response: bool) -> list[dict]:
     if problem is not None:
         kind = "wrong_type" if not isinstance(value, list) else "malformed_messages"
         raise RowIssue(kind, field, problem)
-    # Arrow gives every message the union of keys seen in the column; keep the ones this message has
-    messages = [{k: v for k, v in m.items() if v is not None} for m in value]
+    messages = [_without_nulls(m) for m in value]
     if response:
         if not messages:
             raise RowIssue("empty", field, "no messages")
         if messages[-1]["role"] != "assistant":
             raise RowIssue("malformed_messages", field,
                            f"the last message must be an assistant turn, got '{messages[-1]['role']}'")
-        if not messages[-1]["content"].strip():
+        if not content_text(messages[-1]["content"]).strip():
             raise RowIssue("empty", field, "empty response")
     return messages
 

@@ -20,11 +20,13 @@ import datasets
 from prefuse.engine.data.columns import EXTRA_COLUMNS
 from prefuse.engine.data.errors import DataError, RowProblem
 from prefuse.engine.data.formats import message_list_problem
+from prefuse.engine.data.images import IMAGES_COLUMN
 
 WHERE_COLUMN = "__where__"
 PROBLEM_COLUMN = "__problem__"
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
-CHECKED_COLUMNS = PREFERENCE_COLUMNS + EXTRA_COLUMNS  # columns whose per-row type problems are reported
+# columns whose per-row type problems are reported
+CHECKED_COLUMNS = PREFERENCE_COLUMNS + EXTRA_COLUMNS + (IMAGES_COLUMN,)
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 

@@ -34,6 +34,7 @@ from prefuse.engine.data.formats import (
     detect_format,
     split_row,
 )
+from prefuse.engine.data.images import ImageRows
 from prefuse.engine.data.loading import PROBLEM_COLUMN, WHERE_COLUMN, load_records, row_problem
 from prefuse.engine.data.tokenize import (
     render_chat_prompt,
@@ -63,13 +64,13 @@ class PromptData:
 
 
 def load_prompts(path: str | Path, tokenizer, *, split: str = "train", max_prompt_length: int | None = None,
-                 skip_bad_rows: bool = False, cache_dir: str | None = None) -> PromptData:
+                 skip_bad_rows: bool = False, cache_dir: str | None = None, processor=None) -> PromptData:
     """load_records -> tokenize_prompts, in one call; DataError `<file>: no prompts ...` when no prompt is left."""
     records = load_records(path, split=split, cache_dir=cache_dir)
     if len(records) == 0:
         raise DataError(f"{path}: no prompts to train on (no rows)")
     data = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt_length, skip_bad_rows=skip_bad_rows,
-                            source=str(path))
+                            source=str(path), processor=processor)
     if not data.examples:
         raise DataError(f"{path}: no prompts to train on (all {data.skipped.count} rows are bad, the first: "
                         f"{data.skipped.messages[0]})")
@@ -96,8 +97,11 @@ def detect_prompt_format(dataset: datasets.Dataset, source: str = "dataset") -> 
 
 
 def tokenize_prompts(dataset: datasets.Dataset, tokenizer, *, max_prompt_length: int | None = None,
-                     skip_bad_rows: bool = False, fmt: str | None = None, source: str = "dataset") -> PromptData:
+                     skip_bad_rows: bool = False, fmt: str | None = None, source: str = "dataset",
+                     processor=None) -> PromptData:
     """The prompt of every row of `dataset` (format detected unless `fmt` is given), tokenized and cut.
+    processor: a vision-language model's, for rows with `images` (data/images.py): their prompts are tokenized by
+    it with their images, and each example carries `images` (an ExampleImages; `vision_inputs` gives its pixels).
 
     A bad prompt raises BadRow `<file>:<row>: field 'prompt': <what>` for the first one in the data's order; with
     `skip_bad_rows=True` bad rows are left out and tallied in `.skipped`. `source` names rows of a dataset that
@@ -106,24 +110,36 @@ def tokenize_prompts(dataset: datasets.Dataset, tokenizer, *, max_prompt_length:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     fmt = fmt or detect_prompt_format(dataset, source)
     conversational = fmt.startswith("conversational")
+    template = processor if processor is not None else tokenizer  # a processor's chat template writes images
     if conversational:
-        require_chat_template(tokenizer)
+        require_chat_template(template)
+    images = ImageRows.of(dataset, processor, source)  # None without an `images` column
+    dataset = images.prepare(dataset) if images else dataset
     carried = [c for c in dataset.column_names if c not in NOT_CARRIED]
     skipped = SkippedRows()
-    kept, texts = [], []
+    kept, texts, expanded = [], [], []
     for index, row in enumerate(dataset):
         where = row.get(WHERE_COLUMN) or f"{source}:{index + 1}"
         try:
             prompt = read_prompt(row, fmt)
-            texts.append(render_chat_prompt(tokenizer, prompt) if conversational else prompt)
+            text = render_chat_prompt(template, prompt) if conversational else prompt
+            if images:
+                row_images = images.read(row, where)
+                expanded.append(images.prompt_ids(text, row_images, special_tokens=not conversational))
+                if expanded[-1] is not None:  # the cut below may take text, never an image's tokens
+                    images.check_cut(expanded[-1], truncate(expanded[-1], [], [], None, max_prompt_length, True)[0])
         except RowIssue as issue:
             if not skip_bad_rows:
                 raise BadRow(where, issue.problem) from None
             skipped.add(where, issue.problem)
             continue
-        kept.append({"prompt": prompt, "columns": {c: row[c] for c in carried}, "where": where})
+        texts.append(text)
+        kept.append({"prompt": prompt, "columns": {c: row[c] for c in carried}, "where": where,
+                     **({"images": row_images} if images else {})})
     examples = []
-    for ids, example in zip(tokenize_prompt_texts(tokenizer, texts, special_tokens=not conversational), kept):
+    text_ids = tokenize_prompt_texts(tokenizer, texts, special_tokens=not conversational)
+    for number, (ids, example) in enumerate(zip(text_ids, kept)):
+        ids = (expanded[number] or ids) if images else ids  # a prompt with images: the processor's ids
         prompt_ids = truncate(ids, [], [], None, max_prompt_length, True)[0]
         examples.append({"prompt_ids": prompt_ids, **example})
     return PromptData(fmt, examples, skipped, max_prompt_length)

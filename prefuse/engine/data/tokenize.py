@@ -27,9 +27,11 @@ from typing import Any, Iterable
 import datasets
 
 from prefuse.engine.data.collate import labeled_tokens
-from prefuse.engine.data.columns import REFERENCE_COLUMN, carried_columns, check_required, read_numbers, read_reference
+from prefuse.engine.data.columns import (REFERENCE_COLUMN, RESPONSE_COLUMNS, carried_columns, check_required,
+                                         read_numbers, read_reference)
 from prefuse.engine.data.errors import BadRow, DataError, RowProblem, SkippedRows
 from prefuse.engine.data.formats import UNPAIRED_FORMATS, RowIssue, RowParts, detect_format, split_row
+from prefuse.engine.data.images import ImageRows
 from prefuse.engine.data.loading import WHERE_COLUMN, row_problem
 
 
@@ -108,19 +110,22 @@ def _ids_key(name: str) -> str:
 
 def _read_row(row: dict[str, Any], fmt: str, carried: list[str]) -> tuple[RowParts, dict[str, float]]:
     """split_row, plus the carried number columns; a reference response joins the completions, to be tokenized and
-    truncated as they are. Raises RowIssue."""
+    truncated as they are (a generated rejected response too). Raises RowIssue."""
     parts = split_row(row, fmt)
     numbers = read_numbers(row, carried)
-    if REFERENCE_COLUMN in carried:
-        parts.completions[REFERENCE_COLUMN] = read_reference(row, fmt, parts.prompt)
+    for column in RESPONSE_COLUMNS:
+        if column in carried:
+            parts.completions[column] = read_reference(row, fmt, parts.prompt, column)
     return parts, numbers
 
 
 def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: int | None = None,
                          max_prompt_length: int | None = None, truncation: bool = True, skip_bad_rows: bool = False,
                          fmt: str | None = None, source: str = "dataset", require: Iterable[str] = (),
-                         require_hint: str = "") -> TokenizedData:
+                         require_hint: str = "", processor=None) -> TokenizedData:
     """Tokenize every row of `dataset` (format detected unless `fmt` is given) with a `transformers` tokenizer.
+    processor: a vision-language model's; rows with an `images` column need it (data/images.py: their prompts are
+    tokenized by it with their images, chat templates are its, examples carry `images`).
 
     A bad row raises BadRow (a DataError) with `<file>:<row>: field '<name>': <what>` for the first bad row in
     the data's order; with `skip_bad_rows=True` bad rows are left out and tallied in `.skipped`. `source` names
@@ -135,32 +140,41 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
     check_required(dataset.column_names, fmt, require, require_hint, source)
     carried = carried_columns(dataset.column_names, fmt)
     names = ["completion"] if fmt in UNPAIRED_FORMATS else ["chosen", "rejected"]
-    if REFERENCE_COLUMN in carried:
-        names.append(REFERENCE_COLUMN)
+    names += [column for column in RESPONSE_COLUMNS if column in carried]
+    images = ImageRows.of(dataset, processor, source)  # None without an `images` column
+    dataset = images.prepare(dataset) if images else dataset
     bad: dict[int, tuple[str, RowProblem]] = {}
-    wheres, parts, numbers = {}, {}, {}
+    wheres, parts, numbers, row_images = {}, {}, {}, {}
     for index, row in enumerate(dataset):
         wheres[index] = row.get(WHERE_COLUMN) or f"{source}:{index + 1}"
         problem = row_problem(row)
         if problem is None:
             try:
-                parts[index], numbers[index] = _read_row(row, fmt, carried)
+                read = _read_row(row, fmt, carried)
+                if images:
+                    row_images[index] = images.read(row, wheres[index])
+                parts[index], numbers[index] = read
             except RowIssue as issue:
                 problem = issue.problem
         if problem is not None:
             bad[index] = (wheres[index], problem)
 
     if fmt.startswith("conversational"):
-        texts = _render_chat(tokenizer, parts, names, bad, wheres)
+        texts = _render_chat(tokenizer, parts, names, bad, wheres, template=processor)
     else:
         texts = {i: (p.prompt, [p.completions[n] for n in names]) for i, p in parts.items()}
     ids = _tokenize_texts(tokenizer, texts, prompt_special_tokens=not fmt.startswith("conversational"))
+    if images:  # the prompts again, by the processor with their images: placeholders become image tokens
+        ids = images.tokenize(ids, texts, row_images, names, bad, wheres, not fmt.startswith("conversational"))
 
     examples = []
     for index, (prompt_ids, completion_ids) in ids.items():
         try:
-            prompt_ids, completion_ids = truncate(prompt_ids, completion_ids, names, max_length, max_prompt_length,
-                                                  truncation)
+            kept_prompt, completion_ids = truncate(prompt_ids, completion_ids, names, max_length, max_prompt_length,
+                                                   truncation)
+            if images:
+                images.check_cut(prompt_ids, kept_prompt)
+            prompt_ids = kept_prompt
         except RowIssue as issue:
             bad[index] = (wheres[index], issue.problem)
             continue
@@ -168,6 +182,8 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
         if fmt in UNPAIRED_FORMATS:
             example["label"] = parts[index].label
         example.update(numbers[index])
+        if images:
+            example["images"] = row_images[index]
         example["where"] = wheres[index]
         examples.append((index, example))
 
@@ -181,21 +197,24 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
     return TokenizedData(fmt, [example for _, example in examples], skipped, *limits)
 
 
-def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: dict, wheres: dict) -> dict:
-    """{index: (prompt text, [completion texts])} through the chat template; rows it rejects go to `bad`."""
-    require_chat_template(tokenizer)
+def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: dict, wheres: dict,
+                 template=None) -> dict:
+    """{index: (prompt text, [completion texts])} through the chat template (`template`'s: a processor's, else the
+    tokenizer's); rows it rejects go to `bad`."""
+    template = template if template is not None else tokenizer
+    require_chat_template(template)
     eos = tokenizer.eos_token
     texts = {}
     for index, row in parts.items():
         try:
-            prompt_text = render_chat_prompt(tokenizer, row.prompt)
+            prompt_text = render_chat_prompt(template, row.prompt)
         except RowIssue as issue:
             bad[index] = (wheres[index], issue.problem)
             continue
         completions = []
         for name in names:
             try:
-                full_text = _apply(tokenizer, row.prompt + row.completions[name], add_generation_prompt=False)
+                full_text = _apply(template, row.prompt + row.completions[name], add_generation_prompt=False)
             except Exception as error:
                 bad[index] = (wheres[index], RowProblem("chat_template", name, f"chat template: {error}"))
                 break

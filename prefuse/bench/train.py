@@ -1,0 +1,482 @@
+"""`prefuse bench --task train`: the same DPO training step through prefuse and through TRL, side by side.
+
+    records = run(TrainShape(256, 4, 32000), modes=["lora", "full"], paths=["prefuse", "trl", "trl_liger"])
+
+One tiny-but-head-heavy Llama built from a config (hidden H, L layers, vocabulary V: the head's matmuls dominate),
+saved with save_pretrained beside a byte-level BPE tokenizer trained here on the shared data's texts (a vocabulary
+the text cannot fill is padded: the model keeps V rows); a few pairs of the shared UltraFeedback sample, written to
+one JSON-lines file that both paths read, cut to a fixed max_length. Paths:
+
+- prefuse: `prefuse train`'s run (`engine/setup.build_run`) and the body of `engine/loop.py:train` for one
+  micro-batch: decoder -> fused head -> objective -> backward -> clip -> AdamW -> schedule;
+- trl: TRL's `DPOTrainer(...).train()` (its own chunked log-prob head);
+- trl_liger: the same with `use_liger_kernel=True`, which swaps Liger's Triton layer kernels (RMSNorm, SwiGLU,
+  RoPE) into the model: CUDA only (on the CPU Triton has no driver), reported as not available there.
+
+Both sides: float32, sigmoid DPO (beta 0.1), AdamW with the same learning rate, linear decay over the same steps,
+no warm-up, no weight decay, gradient clipping at 1.0, no gradient checkpointing, one batch of all the pairs at every
+step. LoRA: r 8, alpha 16, q_proj and v_proj, no dropout, the reference is the policy with its adapters disabled;
+the adapters start from the same values on both sides (drawn from their names, B non-zero, so the first loss
+already differs from log 2). Full: the reference is a second copy of the model.
+
+Measurement: every (mode, path) runs in its own fresh worker process (its peak memory is its own); the workers
+build concurrently, then take one training step at a time in turn, the order rotating each round, so the shared
+machine's drift falls on all of them alike. After `warmup` steps each worker resets its high-water mark: peak
+memory is the resident high-water mark over the timed steps (CPU) or `torch.cuda.max_memory_allocated` (CUDA),
+absolute and above the resident (allocated) size at the reset. The losses of every step are kept and checked
+equal across paths (`LOSS_TOLERANCE`); the token ids of the batch are hashed on both sides to show they are the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ultrafeedback_binarized_sample_train.jsonl"
+LOSS_TOLERANCE = 1e-4  # |loss - prefuse's loss| at every step, float32 on both sides
+LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+SEED = 0
+
+
+@dataclass(frozen=True)
+class TrainPath:
+    name: str
+    devices: tuple[str, ...]
+    why_not: str = ""  # why it is not available on the other devices
+
+
+TRAIN_PATHS = {p.name: p for p in [
+    TrainPath("prefuse", ("cpu", "cuda")),
+    TrainPath("trl", ("cpu", "cuda")),
+    TrainPath("trl_liger", ("cuda",), "TRL's use_liger_kernel applies Liger's Triton layer kernels (RMSNorm, "
+                                      "SwiGLU, RoPE), which need CUDA"),
+]}
+MODES = ("lora", "full")
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    hidden: int
+    layers: int
+    vocab: int
+    pairs: int = 4
+    max_length: int = 256
+
+    @property
+    def label(self) -> str:
+        return f"{self.hidden}x{self.layers}x{self.vocab}"
+
+
+DEFAULT_SHAPE = TrainShape(256, 4, 32000)
+QUICK_SHAPE = TrainShape(64, 2, 2048, pairs=2, max_length=64)
+
+
+# -- the model and the data, built once in the parent ---------------------------------------------------------------
+
+def prepare(shape: TrainShape, work: Path, data: Path = DATA) -> tuple[Path, Path]:
+    """(model directory, pairs file) in `work`: the pairs file with `shape.pairs` rows (prompt cut so it cannot reach
+    max_length, ending on a newline so prompt and response tokenize apart), the tokenizer and a Llama of the shape."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import torch
+
+    if not data.exists():
+        raise ValueError(f"the shared preference data is missing: {data}")
+    rows = [json.loads(line) for line in data.open(encoding="utf-8")]
+    pairs = []
+    for row in rows:  # prompt: <= max_length // 2 characters, so its tokens (+ BOS) leave room for the responses
+        prompt = row["prompt"][: shape.max_length // 2].rstrip()
+        chosen, rejected = row["chosen"].lstrip(), row["rejected"].lstrip()
+        if prompt and chosen and rejected and chosen != rejected:
+            pairs.append({"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected})
+        if len(pairs) == shape.pairs:
+            break
+    pairs_file = work / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+
+    special = ["<pad>", "<s>", "</s>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=shape.vocab, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator((text for row in rows for text in (row["prompt"], row["chosen"], row["rejected"])),
+                                  trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                             special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(SEED)
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=2 * shape.hidden,
+                         num_hidden_layers=shape.layers, num_attention_heads=max(1, shape.hidden // 64),
+                         num_key_value_heads=max(1, shape.hidden // 64), max_position_embeddings=2 * shape.max_length,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model_dir = work / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    return model_dir, pairs_file
+
+
+# -- the workers: one (mode, path) each, stepping when told -----------------------------------------------------------
+
+def init_adapters(model, seed: int = SEED) -> int:
+    """Every LoRA weight drawn from a generator seeded by its name from the first layer index on (the same values
+    under prefuse's and TRL's wrappers); B non-zero so that the policy differs from its reference. Returns how many."""
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = name.split("layers.", 1)[-1]
+            gen = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+            std = 0.02 if "lora_B" in name else param.shape[1] ** -0.5
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+            count += 1
+    return count
+
+
+def batch_digest(input_ids, attention_mask) -> str:
+    """A hash of the batch's sequences without padding, in sorted order (the row order may differ between paths)."""
+    rows = sorted(ids[: int(m.sum())].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu()))
+    return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+class _Protocol:
+    """The worker's side: waits for "step" on stdin, answers JSON lines on the original stdout (library prints go
+    to stderr). Peak memory restarts after the warm-up steps."""
+
+    def __init__(self, device: str, warmup: int):
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        self.device, self.warmup, self.done = device, warmup, 0
+        self.base = None
+
+    def send(self, **message) -> None:
+        self.out.write(json.dumps(message) + "\n")
+
+    def wait(self) -> float:
+        if sys.stdin.readline().strip() != "step":
+            raise SystemExit(0)
+        self.sync()
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def stepped(self, started: float, loss: float, tokens: int, digest: str) -> None:
+        self.sync()
+        seconds = time.perf_counter() - started
+        self.done += 1
+        if self.done == self.warmup:
+            self.base = _reset_peak(self.device)
+        self.send(step=self.done, seconds=seconds, loss=loss, tokens=tokens, digest=digest)
+
+    def finish(self) -> None:
+        peak, base = _peak(self.device), self.base
+        self.send(finished=True, peak_mib=peak, base_mib=base)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak(device: str) -> float:
+    """Restart the high-water mark; returns the resident (CUDA: allocated) MiB now."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_kib("VmRSS") / 1024
+
+
+def _peak(device: str) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_kib("VmHWM") / 1024
+
+
+def prefuse_worker(spec: dict, proto: _Protocol) -> None:
+    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.loop import clip_grad_norms
+    from prefuse.engine.setup import build_run
+
+    lora = spec["mode"] == "lora"
+    cfg = TrainConfig(model_name_or_path=spec["model_dir"], dataset_name=spec["pairs_file"],
+                      output_dir=spec["output_dir"], loss_type=["sigmoid"], beta=0.1,
+                      learning_rate=spec["learning_rate"], per_device_train_batch_size=spec["pairs"],
+                      max_steps=spec["steps"], max_length=spec["max_length"], max_prompt_length=None,
+                      use_peft=lora, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
+                      lora_target_modules=LORA["target_modules"], max_grad_norm=1.0, weight_decay=0.0,
+                      lr_scheduler_type="linear", warmup_steps=0, logging_steps=10**6, save_steps=0,
+                      report_to="none", device=spec["device"], seed=SEED)
+    run = build_run(cfg)
+    if lora:
+        init_adapters(run.policy)
+    run.policy.train()
+    proto.send(ready=True)
+    for _ in range(spec["steps"]):
+        started = proto.wait()
+        batch = run.source.next_batch().to(run.device)  # the body of engine/loop.py:train, one micro-batch
+        loss, _ = run.step(batch, run.references.get("train"))
+        loss.backward()
+        clip_grad_norms(run.optimizer, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        proto.stepped(started, float(loss.detach()), batch.n_tokens,
+                      batch_digest(batch.input_ids, batch.attention_mask))
+    proto.finish()
+
+
+def trl_worker(spec: dict, proto: _Protocol) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    lora = spec["mode"] == "lora"
+    seen = {}
+
+    class BenchDPOTrainer(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            seen.update(loss=loss.detach(), input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            return loss
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen["started"] = proto.wait()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            proto.stepped(seen["started"], float(seen["loss"]), int(seen["attention_mask"].sum()),
+                          batch_digest(seen["input_ids"], seen["attention_mask"]))
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, local_files_only=True)
+    pairs = [json.loads(line) for line in open(spec["pairs_file"], encoding="utf-8")]
+    args = DPOConfig(output_dir=spec["output_dir"], per_device_train_batch_size=spec["pairs"],
+                     max_steps=spec["steps"], learning_rate=spec["learning_rate"], beta=0.1, loss_type="sigmoid",
+                     max_length=spec["max_length"], bf16=False, gradient_checkpointing=False,
+                     lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                     logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+                     use_cpu=spec["device"] == "cpu", seed=SEED, dataloader_num_workers=0,
+                     use_liger_kernel=spec["path"] == "trl_liger")
+    trainer = BenchDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                              processing_class=tokenizer,
+                              peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA) if lora else None)
+    if lora:
+        init_adapters(trainer.model)
+    trainer.add_callback(Clock())
+    proto.send(ready=True)
+    trainer.train()
+    proto.finish()
+
+
+WORKERS = {"prefuse": prefuse_worker, "trl": trl_worker, "trl_liger": trl_worker}
+
+
+def _worker_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    proto = _Protocol(spec["device"], spec["warmup"])
+    WORKERS[spec["path"]](spec, proto)
+
+
+# -- the parent: start the workers, step them in turn, collect ---------------------------------------------------------
+
+class _Worker:
+    def __init__(self, spec: dict, timeout: float):
+        from prefuse.bench.measure import MALLOC_ENV
+
+        env = dict(os.environ, **MALLOC_ENV, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false")
+        # OpenMP threads that spin while they wait lose their core to other processes on a shared CPU and then
+        # stall the step (measured here: a tiny step 15x slower); sleeping waits cost little at these sizes
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.pop("TRITON_INTERPRET", None)
+        self.spec, self.timeout, self.error = spec, timeout, None
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        code = "import sys; from prefuse.bench.train import _worker_main; _worker_main(sys.argv[1])"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+
+    def read(self) -> dict | None:
+        """The next message, or None (and `error` set) when the worker died or went silent."""
+        if self.error:
+            return None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if line.startswith("{"):
+            return json.loads(line)
+        if not ready:
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.seek(0)
+        lines = [ln for ln in self.stderr.read().splitlines() if ln.strip()]
+        self.error = (lines[-1][:300] if lines else "no output") if ready else f"no answer within {self.timeout}s"
+        return None
+
+    def step(self) -> dict | None:
+        try:
+            self.proc.stdin.write("step\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def run(shape: TrainShape, modes=MODES, paths=tuple(TRAIN_PATHS), *, rounds: int = 5, warmup: int = 1,
+        device: str = "cpu", work_dir: str | None = None, timeout: float = 1800, log=print) -> list[dict]:
+    """One record per (mode, path): losses of every step, step time (median, min, max over the `rounds` timed
+    steps), tokens per second, peak memory; a path the device cannot run gets `available: False` and why.
+    The losses are checked against prefuse's (`check_losses`)."""
+    with tempfile.TemporaryDirectory(prefix="prefuse-bench-train-") as tmp:
+        work = Path(work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model_dir, pairs_file = prepare(shape, work)
+        records, workers = [], {}
+        for mode in modes:
+            for name in paths:
+                rec = {"task": "train", "peft": mode, "path": name, "shape": shape.label, "hidden": shape.hidden,
+                       "layers": shape.layers, "vocab": shape.vocab, "pairs": shape.pairs,
+                       "max_length": shape.max_length, "device": device, "dtype": "float32",
+                       "learning_rate": LEARNING_RATE[mode], "available": device in TRAIN_PATHS[name].devices,
+                       "losses": [], "times_s": [], "errors": []}
+                records.append(rec)
+                if not rec["available"]:
+                    rec["why_not"] = f"not available on {device}: {TRAIN_PATHS[name].why_not}"
+                    log(f"  {mode:4s} {name:10s} {rec['why_not']}")
+                    continue
+                spec = dict(path=name, mode=mode, device=device, model_dir=str(model_dir),
+                            pairs_file=str(pairs_file), output_dir=str(work / f"out_{mode}_{name}"),
+                            pairs=shape.pairs, max_length=shape.max_length, steps=warmup + rounds, warmup=warmup,
+                            learning_rate=LEARNING_RATE[mode])
+                workers[len(records) - 1] = _Worker(spec, timeout)
+        try:
+            _drive(records, workers, warmup + rounds, warmup, log)
+        finally:
+            for worker in workers.values():
+                worker.close()
+    check_losses(records)
+    return records
+
+
+def _drive(records: list[dict], workers: dict, steps: int, warmup: int, log) -> None:
+    for index, worker in workers.items():  # they build concurrently; wait for each to be ready
+        if worker.read() is None:
+            records[index]["errors"].append(worker.error)
+    live = [i for i in workers if not records[i]["errors"]]
+    for step in range(steps if live else 0):
+        turn = step % len(live)  # the order rotates each round
+        for index in live[turn:] + live[:turn]:
+            rec, worker = records[index], workers[index]
+            if rec["errors"]:
+                continue
+            answer = worker.step()
+            if answer is None:
+                rec["errors"].append(worker.error)
+                continue
+            rec["losses"].append(answer["loss"])
+            rec["tokens_per_step"], rec["batch_digest"] = answer["tokens"], answer["digest"]
+            if step >= warmup:
+                rec["times_s"].append(answer["seconds"])
+    for index in live:
+        rec, worker = records[index], workers[index]
+        final = None if rec["errors"] else worker.read()
+        if final is None:
+            rec["errors"].append(worker.error or "no final report")
+            continue
+        rec["peak_mib"], base = final["peak_mib"], final["base_mib"]
+        rec["step_extra_mib"] = None if base is None else final["peak_mib"] - base
+        times = rec["times_s"]
+        if times:
+            rec.update(rounds=len(times), time_median_s=statistics.median(times), time_min_s=min(times),
+                       time_max_s=max(times), tokens_per_s=rec["tokens_per_step"] / statistics.median(times))
+        log(f"  {rec['peft']:4s} {rec['path']:10s} median {rec.get('time_median_s', float('nan')):.3f} s, "
+            f"peak {rec['peak_mib']:.0f} MiB, losses " + " ".join(f"{x:.6f}" for x in rec["losses"]))
+
+
+def check_losses(records: list[dict], tolerance: float = LOSS_TOLERANCE) -> None:
+    """Each path's losses (every step) and batch against prefuse's of the same mode: `loss_max_diff` on each
+    record, an error when it exceeds `tolerance` or the batches' tokens differ."""
+    for rec in records:
+        ref = next((r for r in records if r["path"] == "prefuse" and r["peft"] == rec["peft"] and r["losses"]), None)
+        if rec["path"] == "prefuse" or ref is None or not rec["losses"]:
+            continue
+        if len(rec["losses"]) != len(ref["losses"]):
+            rec["errors"].append(f"{len(rec['losses'])} steps against prefuse's {len(ref['losses'])}")
+            continue
+        diff = max(abs(a - b) for a, b in zip(rec["losses"], ref["losses"]))
+        rec["loss_max_diff"] = diff
+        if diff > tolerance:
+            rec["errors"].append(f"losses differ from prefuse's by {diff:.2e} (tolerance {tolerance:.0e})")
+        if rec.get("batch_digest") != ref.get("batch_digest"):
+            rec["errors"].append("the batch's token ids differ from prefuse's")
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown: time, tokens/s and peak memory of each (mode, path), against prefuse's of the same mode."""
+    lines = ["| shape HxLxV | peft | path | step s (median) | spread s | tokens/s | peak MiB | step extra MiB | "
+             "x prefuse time | x prefuse peak | losses (every step) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        head = f"| {rec['shape']} | {rec['peft']} | {rec['path']} |"
+        if not rec["available"] or "time_median_s" not in rec:
+            why = rec.get("why_not") or "error: " + "; ".join(rec["errors"])[:80]
+            lines.append(f"{head} {why} | | | | | | | |")
+            continue
+        ref = next((r for r in records if r["path"] == "prefuse" and r["peft"] == rec["peft"]
+                    and "time_median_s" in r), None)
+        ratio_t = f"{rec['time_median_s'] / ref['time_median_s']:.2f}" if ref else ""
+        ratio_m = f"{rec['peak_mib'] / ref['peak_mib']:.2f}" if ref else ""
+        extra = "" if rec["step_extra_mib"] is None else f"{rec['step_extra_mib']:.0f}"
+        losses = " ".join(f"{x:.5f}" for x in rec["losses"])
+        if rec["errors"]:
+            losses += " (" + "; ".join(rec["errors"]) + ")"
+        lines.append(f"{head} {rec['time_median_s']:.3f} | {rec['time_min_s']:.3f}-{rec['time_max_s']:.3f} | "
+                     f"{rec['tokens_per_s']:.0f} | {rec['peak_mib']:.0f} | {extra} | {ratio_t} | {ratio_m} | "
+                     f"{losses} |")
+    return "\n".join(lines)
+
+
+def parse_shape(text: str) -> TrainShape:
+    """HxLxV (hidden x layers x vocabulary), e.g. 256x4x32000; ValueError otherwise."""
+    try:
+        hidden, layers, vocab = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--shapes: expected hidden x layers x vocabulary like 256x4x32000 for --task train, "
+                         f"got {text!r}") from None
+    if hidden < 64 or hidden % 64 or layers < 1 or vocab < 300:
+        raise ValueError(f"--shapes: {text!r}: hidden must be a multiple of 64, layers >= 1, vocabulary >= 300")
+    return TrainShape(hidden, layers, vocab)
+
+
+__all__ = ["run", "format_table", "check_losses", "parse_shape", "prepare", "TrainShape", "TRAIN_PATHS", "MODES",
+           "DEFAULT_SHAPE", "QUICK_SHAPE", "asdict"]
