@@ -91,10 +91,13 @@ fi
 
 # -- install: the peers missing here, from the wheels folder (never from an index) ----------------------------------
 install_peers() {
-    local want=() have_wheel=() entry pip_name module
+    local want=() have_wheel=() modules=() entry pip_name module importable
+    for entry in $PEERS; do modules+=("${entry##*:}"); done
+    importable=" $("$PYTHON" -c "import importlib.util, sys
+print(*[m for m in sys.argv[1:] if importlib.util.find_spec(m)])" "${modules[@]}") "
     for entry in $PEERS; do
         pip_name="${entry%%:*}"; module="${entry##*:}"
-        if "$PYTHON" -c "import $module" 2>/dev/null; then
+        if [[ "$importable" == *" $module "* ]]; then
             note "peer $pip_name: installed"
             [ "$DRY_RUN" = 1 ] || continue   # the dry run checks the wheels of every peer
         fi
@@ -124,26 +127,29 @@ cuda_tests() {
     local cmd=(env TRITON_INTERPRET=0 "$PYTHON" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider
                --junitxml "$OUT/cuda_tests.xml")
     run tests "${STAGE_S[tests]}" "${cmd[@]}" 2>&1 | tee "$OUT/cuda_tests.log"
-    note "cuda tests: $(tail -n 1 "$OUT/cuda_tests.log")"
+    note "cuda tests: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/cuda_tests.log" | tail -n 1)"
 }
 
 # -- (b) prefuse bench at Llama-3-8B-like shapes ---------------------------------------------------------------------
-installed_paths() {  # TASK PATH...: those of the paths this machine can run
+installed_paths() {  # -> lines "TASK PATH...": the paths of each task this machine can run (the dry run: prefuse's
+                     # and the materializing one, enough to exercise the commands on the CPU in seconds)
     "$PYTHON" -c "import sys; from prefuse.bench.report import available_paths
-have = set(available_paths(sys.argv[1], sys.argv[2]))
-print(' '.join(p for p in sys.argv[3:] if p in have))" "$DEVICE" "$@"
+for task, wanted in zip(('head', 'logprobs', 'preference'), sys.argv[3:]):
+    have = set(available_paths(sys.argv[1], task))
+    keep = [p for p in wanted.split() if p in have and (sys.argv[2] != '1' or p.startswith(('prefuse', 'materialized')))]
+    print(task, *keep)" "$DEVICE" "$DRY_RUN" "$HEAD_PATHS" "$LOGPROBS_PATHS" "$PREFERENCE_PATHS"
 }
 
-bench_task() {  # TASK "PATHS" "SHAPES"
-    local task="$1" wanted="$2" shapes="$3" paths
-    paths=$(installed_paths "$task" $wanted)
+bench_task() {  # TASK "WANTED PATHS" "SHAPES" "PATHS TO RUN": the output goes to OUT/TASK.log
+    local task="$1" wanted="$2" shapes="$3" paths="$4" p
     for p in $wanted; do
-        case " $paths " in *" $p "*) ;; *) note "$task: $p not available on $DEVICE, left out" ;; esac
+        case " $paths " in *" $p "*) ;; *) note "$task: $p not run on $DEVICE$( [ "$DRY_RUN" = 1 ] && echo ' (dry run)')" ;; esac
     done
     local cmd=("$PYTHON" -m prefuse bench --task "$task" --device "$DEVICE")
     if [ "$DRY_RUN" = 1 ]; then
         echo "would run: $PYTHON -m prefuse bench --task $task --device cuda --dtype bfloat16 --shapes $shapes" \
-             "--rounds $ROUNDS --paths $wanted --json $OUT/$task.json --markdown $OUT/$task.md --plot $OUT/$task"
+             "--rounds $ROUNDS --paths <those of: $wanted installed> --json $OUT/$task.json --markdown $OUT/$task.md" \
+             "--plot $OUT/$task"
         cmd+=(--quick)
     else
         cmd+=(--dtype bfloat16 --shapes $shapes --rounds $ROUNDS)
@@ -151,9 +157,30 @@ bench_task() {  # TASK "PATHS" "SHAPES"
     [ -n "$paths" ] || { note "$task: no path available"; return 1; }
     cmd+=(--paths $paths --json "$OUT/$task.json" --markdown "$OUT/$task.md" --plot "$OUT/$task")
     run "$task" "${STAGE_S[$task]}" "${cmd[@]}" > "$OUT/$task.log" 2>&1
-    local rc=$?
-    tail -n 30 "$OUT/$task.log"
-    return $rc
+}
+
+benches() {
+    local -A wanted=([head]="$HEAD_PATHS" [logprobs]="$LOGPROBS_PATHS" [preference]="$PREFERENCE_PATHS")
+    local -A shapes=([head]="$TOKEN_SHAPES" [logprobs]="$TOKEN_SHAPES" [preference]="$PAIR_SHAPES")
+    local -A paths=() pids=()
+    local task rest failed=0
+    while read -r task rest; do paths[$task]="$rest"; done < <(installed_paths)
+    for task in head logprobs preference; do
+        if [ "$DRY_RUN" = 1 ]; then  # timings mean nothing in the dry run: the three run side by side
+            bench_task "$task" "${wanted[$task]}" "${shapes[$task]}" "${paths[$task]:-}" &
+            pids[$task]=$!
+        else  # on the GPU one at a time, so that no bench shares the device
+            bench_task "$task" "${wanted[$task]}" "${shapes[$task]}" "${paths[$task]:-}" || failed=1
+            tail -n 30 "$OUT/$task.log"
+        fi
+    done
+    if [ "$DRY_RUN" = 1 ]; then
+        for task in head logprobs preference; do
+            wait "${pids[$task]}" || failed=1
+            tail -n 30 "$OUT/$task.log"
+        done
+    fi
+    return $failed
 }
 
 environment() {
@@ -161,12 +188,15 @@ environment() {
         echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
         echo "repository: $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
         command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-        "$PYTHON" - <<'EOF'
+        "$PYTHON" - "$DRY_RUN" <<'EOF'
 import importlib.metadata as md
-import torch
-print(f"python torch {torch.__version__}, cuda {torch.version.cuda}, device "
-      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-for name in ("triton", "liger-kernel", "cut-cross-entropy", "transformers", "matplotlib"):
+import platform
+import sys
+print(f"python {platform.python_version()}")
+if sys.argv[1] != "1":  # importing torch costs seconds: not in the dry run
+    import torch
+    print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name()}")
+for name in ("torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers", "matplotlib"):
     try:
         print(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:
@@ -179,12 +209,7 @@ case " $STAGES " in *" install "*) install_peers ;; esac
 environment
 case " $STAGES " in *" tests "*) cuda_tests ;; esac
 failed=0
-case " $STAGES " in *" bench "*)
-    bench_task head "$HEAD_PATHS" "$TOKEN_SHAPES" || failed=1
-    bench_task logprobs "$LOGPROBS_PATHS" "$TOKEN_SHAPES" || failed=1
-    bench_task preference "$PREFERENCE_PATHS" "$PAIR_SHAPES" || failed=1
-    ;;
-esac
+case " $STAGES " in *" bench "*) benches || failed=1 ;; esac
 
 {
     echo "# GPU check$( [ "$DRY_RUN" = 1 ] && echo ' (dry run on the CPU, --quick)')"

@@ -4,7 +4,10 @@ Three tasks. "head": a linear cross-entropy head, `make(hidden [N, H], weight [V
 (N, H, V). "logprobs": per-token log-probs of the same inputs, backward of their sum (the shape of every
 preference objective's head), shape (N, H, V). "preference": a DPO loss (sigmoid, beta 0.1) with a reference model's hidden states,
 `make(hidden [2B, T, H], weight [V, H], labels [2B, T], ref_hidden [2B, T, H]) -> step`, shape (B, T, H, V).
-`step()` runs forward and backward and returns the loss. Peers are included only when their package imports.
+`step()` runs forward and backward and returns the loss. Peers are included only when their package imports; the
+per-token peers (PyTorch's chunked op, cut-cross-entropy's and Liger's Triton kernels) are their cross-entropy with
+reduction "none", negated, so that every logprobs path returns the sum of the log-probs. Inputs are drawn on the
+device.
 `--frozen_weight` (make_task_inputs) gives every path a weight that needs no gradient (LoRA); the
 `prefuse_logprobs_frozen` paths freeze their own weight, so that one run times the frozen-weight head beside the
 trainable one and beside the recompute path with the same frozen weight.

@@ -19,16 +19,15 @@ step. LoRA: r 8, alpha 16, q_proj and v_proj, no dropout, the reference is the p
 the adapters start from the same values on both sides (drawn from their names, B non-zero, so the first loss
 already differs from log 2). Full: the reference is a second copy of the model.
 
-Measurement: every (mode, path) runs in its own fresh worker process (its peak memory is its own); the workers
-build concurrently, then take one training step at a time in turn, the order rotating each round, so the shared
-machine's drift falls on all of them alike. After `warmup` steps each worker resets its high-water mark: peak
+Measurement: every (mode, path) runs in its own fresh worker process (prefuse/bench/train_workers.py), so its peak
+memory is its own; the workers build concurrently, then take one training step at a time in turn, the order
+rotating each round, so the shared machine's drift falls on all of them alike. After `warmup` steps each worker resets its high-water mark: peak
 memory is the resident high-water mark over the timed steps (CPU) or `torch.cuda.max_memory_allocated` (CUDA),
 absolute and above the resident (allocated) size at the reset. The losses of every step are kept and checked
 equal across paths (`LOSS_TOLERANCE`); the token ids of the batch are hashed on both sides to show they are the same.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import select
@@ -36,16 +35,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from prefuse.bench.train_workers import SEED
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ultrafeedback_binarized_sample_train.jsonl"
 LOSS_TOLERANCE = 1e-4  # |loss - prefuse's loss| at every step, float32 on both sides
 LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
-LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-SEED = 0
 
 
 @dataclass(frozen=True)
@@ -127,183 +124,6 @@ def prepare(shape: TrainShape, work: Path, data: Path = DATA) -> tuple[Path, Pat
     return model_dir, pairs_file
 
 
-# -- the workers: one (mode, path) each, stepping when told -----------------------------------------------------------
-
-def init_adapters(model, seed: int = SEED) -> int:
-    """Every LoRA weight drawn from a generator seeded by its name from the first layer index on (the same values
-    under prefuse's and TRL's wrappers); B non-zero so that the policy differs from its reference. Returns how many."""
-    import torch
-
-    count = 0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" not in name:
-                continue
-            key = name.split("layers.", 1)[-1]
-            gen = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
-            std = 0.02 if "lora_B" in name else param.shape[1] ** -0.5
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-            count += 1
-    return count
-
-
-def batch_digest(input_ids, attention_mask) -> str:
-    """A hash of the batch's sequences without padding, in sorted order (the row order may differ between paths)."""
-    rows = sorted(ids[: int(m.sum())].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu()))
-    return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:16]
-
-
-class _Protocol:
-    """The worker's side: waits for "step" on stdin, answers JSON lines on the original stdout (library prints go
-    to stderr). Peak memory restarts after the warm-up steps."""
-
-    def __init__(self, device: str, warmup: int):
-        self.out = os.fdopen(os.dup(1), "w", buffering=1)
-        os.dup2(2, 1)
-        self.device, self.warmup, self.done = device, warmup, 0
-        self.base = None
-
-    def send(self, **message) -> None:
-        self.out.write(json.dumps(message) + "\n")
-
-    def wait(self) -> float:
-        if sys.stdin.readline().strip() != "step":
-            raise SystemExit(0)
-        self.sync()
-        return time.perf_counter()
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-
-    def stepped(self, started: float, loss: float, tokens: int, digest: str) -> None:
-        self.sync()
-        seconds = time.perf_counter() - started
-        self.done += 1
-        if self.done == self.warmup:
-            self.base = _reset_peak(self.device)
-        self.send(step=self.done, seconds=seconds, loss=loss, tokens=tokens, digest=digest)
-
-    def finish(self) -> None:
-        peak, base = _peak(self.device), self.base
-        self.send(finished=True, peak_mib=peak, base_mib=base)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak(device: str) -> float:
-    """Restart the high-water mark; returns the resident (CUDA: allocated) MiB now."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_kib("VmRSS") / 1024
-
-
-def _peak(device: str) -> float:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_kib("VmHWM") / 1024
-
-
-def prefuse_worker(spec: dict, proto: _Protocol) -> None:
-    from prefuse.engine.config import TrainConfig
-    from prefuse.engine.loop import clip_grad_norms
-    from prefuse.engine.setup import build_run
-
-    lora = spec["mode"] == "lora"
-    cfg = TrainConfig(model_name_or_path=spec["model_dir"], dataset_name=spec["pairs_file"],
-                      output_dir=spec["output_dir"], loss_type=["sigmoid"], beta=0.1,
-                      learning_rate=spec["learning_rate"], per_device_train_batch_size=spec["pairs"],
-                      max_steps=spec["steps"], max_length=spec["max_length"], max_prompt_length=None,
-                      use_peft=lora, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
-                      lora_target_modules=LORA["target_modules"], max_grad_norm=1.0, weight_decay=0.0,
-                      lr_scheduler_type="linear", warmup_steps=0, logging_steps=10**6, save_steps=0,
-                      report_to="none", device=spec["device"], seed=SEED)
-    run = build_run(cfg)
-    if lora:
-        init_adapters(run.policy)
-    run.policy.train()
-    proto.send(ready=True)
-    for _ in range(spec["steps"]):
-        started = proto.wait()
-        batch = run.source.next_batch().to(run.device)  # the body of engine/loop.py:train, one micro-batch
-        loss, _ = run.step(batch, run.references.get("train"))
-        loss.backward()
-        clip_grad_norms(run.optimizer, cfg.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        proto.stepped(started, float(loss.detach()), batch.n_tokens,
-                      batch_digest(batch.input_ids, batch.attention_mask))
-    proto.finish()
-
-
-def trl_worker(spec: dict, proto: _Protocol) -> None:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    lora = spec["mode"] == "lora"
-    seen = {}
-
-    class BenchDPOTrainer(DPOTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            seen.update(loss=loss.detach(), input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            return loss
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            seen["started"] = proto.wait()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            proto.stepped(seen["started"], float(seen["loss"]), int(seen["attention_mask"].sum()),
-                          batch_digest(seen["input_ids"], seen["attention_mask"]))
-
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, local_files_only=True)
-    pairs = [json.loads(line) for line in open(spec["pairs_file"], encoding="utf-8")]
-    args = DPOConfig(output_dir=spec["output_dir"], per_device_train_batch_size=spec["pairs"],
-                     max_steps=spec["steps"], learning_rate=spec["learning_rate"], beta=0.1, loss_type="sigmoid",
-                     max_length=spec["max_length"], bf16=False, gradient_checkpointing=False,
-                     lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                     logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-                     use_cpu=spec["device"] == "cpu", seed=SEED, dataloader_num_workers=0,
-                     use_liger_kernel=spec["path"] == "trl_liger")
-    trainer = BenchDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                              processing_class=tokenizer,
-                              peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA) if lora else None)
-    if lora:
-        init_adapters(trainer.model)
-    trainer.add_callback(Clock())
-    proto.send(ready=True)
-    trainer.train()
-    proto.finish()
-
-
-WORKERS = {"prefuse": prefuse_worker, "trl": trl_worker, "trl_liger": trl_worker}
-
-
-def _worker_main(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    proto = _Protocol(spec["device"], spec["warmup"])
-    WORKERS[spec["path"]](spec, proto)
-
-
 # -- the parent: start the workers, step them in turn, collect ---------------------------------------------------------
 
 class _Worker:
@@ -318,7 +138,7 @@ class _Worker:
         env.pop("TRITON_INTERPRET", None)
         self.spec, self.timeout, self.error = spec, timeout, None
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        code = "import sys; from prefuse.bench.train import _worker_main; _worker_main(sys.argv[1])"
+        code = "import sys; from prefuse.bench.train_workers import main; main(sys.argv[1])"
         self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
 
@@ -479,4 +299,4 @@ def parse_shape(text: str) -> TrainShape:
 
 
 __all__ = ["run", "format_table", "check_losses", "parse_shape", "prepare", "TrainShape", "TRAIN_PATHS", "MODES",
-           "DEFAULT_SHAPE", "QUICK_SHAPE", "asdict"]
+           "DEFAULT_SHAPE", "QUICK_SHAPE"]
