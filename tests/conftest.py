@@ -24,9 +24,9 @@ def chunk_rows(monkeypatch):
     seen: list[int] = []
     original = fused_head.chunk_logits
 
-    def spy(hidden_chunk, weight, bias, out=None, columns=False):
+    def spy(hidden_chunk, weight, bias, out=None, columns=False, **kwargs):
         seen.append(hidden_chunk.shape[0])
-        return original(hidden_chunk, weight, bias, out=out, columns=columns)
+        return original(hidden_chunk, weight, bias, out=out, columns=columns, **kwargs)
 
     monkeypatch.setattr(fused_head, "chunk_logits", spy)
     return seen

@@ -5,7 +5,8 @@ Three tasks. "head": a linear cross-entropy head, `make(hidden [N, H], weight [V
 preference objective's head), shape (N, H, V). "preference": a DPO loss (sigmoid, beta 0.1) with a reference model's hidden states,
 `make(hidden [2B, T, H], weight [V, H], labels [2B, T], ref_hidden [2B, T, H]) -> step`, shape (B, T, H, V).
 `step()` runs forward and backward and returns the loss. Peers are included only when their package imports; the
-per-token peers (PyTorch's chunked op, cut-cross-entropy's and Liger's Triton kernels) are their cross-entropy with
+per-token peers (PyTorch's chunked op, cut-cross-entropy's `torch_compile` path and its and Liger's Triton kernels)
+are their cross-entropy with
 reduction "none", negated, so that every logprobs path returns the sum of the log-probs. Inputs are drawn on the
 device.
 `--frozen_weight` (make_task_inputs) gives every path a weight that needs no gradient (LoRA); the
@@ -194,6 +195,14 @@ def cce_logprobs(hidden, weight, labels):
                                                                   reduction="none")), hidden, weight)
 
 
+def cce_compile_logprobs(hidden, weight, labels):
+    """cut-cross-entropy's `torch_compile` path (its CPU implementation), per token."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return _step(_minus_token_losses(lambda: linear_cross_entropy(hidden, weight, labels, impl="torch_compile",
+                                                                  reduction="none")), hidden, weight)
+
+
 def liger_logprobs(hidden, weight, labels):
     """Liger-Kernel's fused linear cross-entropy (Triton), per token."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -206,6 +215,8 @@ PATHS.update({p.name: p for p in [
     Path("prefuse_logprobs", prefuse_logprobs, task="logprobs"),
     Path("prefuse_logprobs_triton", prefuse_logprobs_triton, devices=("cuda",), requires="triton", task="logprobs"),
     Path("torch_linear_logprobs", torch_linear_logprobs, task="logprobs"),
+    Path("cce_torch_compile_logprobs", cce_compile_logprobs, requires="cut_cross_entropy", warmup=2,
+         task="logprobs"),
     Path("cce_triton_logprobs", cce_logprobs, devices=("cuda",), requires="cut_cross_entropy", task="logprobs"),
     Path("liger_logprobs", liger_logprobs, devices=("cuda",), requires="liger_kernel", task="logprobs"),
     Path("prefuse_logprobs_recompute", prefuse_logprobs_recompute, task="logprobs"),

@@ -72,13 +72,23 @@ def _tile(weight: torch.Tensor, bias: torch.Tensor | None, vocab: slice):
 
 
 def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 out: torch.Tensor | None = None, columns: bool = False) -> torch.Tensor:
+                 out: torch.Tensor | None = None, columns: bool = False, shift: torch.Tensor | None = None,
+                 alpha: float = 1.0) -> torch.Tensor:
     """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype.
 
     out: a scratch buffer of at least m * V elements reused by every chunk (no allocator churn or page faults per
     chunk). columns: compute weight @ hidden_chunk.T into a [V, m] buffer and return its transposed view (the
-    torch backend's layout, see torch_ops)."""
+    torch backend's layout, see torch_ops). shift [m] (columns only): return alpha * (logits) + shift per row,
+    the shift added by the matmul itself (addmm's input), not by a pass over the chunk."""
     m, vocab = hidden_chunk.shape[0], weight.shape[0]
+    if shift is not None:
+        assert columns, "shift: the [V, m] layout only"
+        target = None if out is None else out.view(-1)[: m * vocab].view(vocab, m)
+        if bias is None:
+            base = shift[None, :].expand(vocab, m)
+        else:
+            base = torch.add(bias[:, None] * alpha, shift[None, :], out=target)
+        return torch.addmm(base, weight, hidden_chunk.t(), alpha=alpha, out=target).t()
     if columns:
         target = None if out is None else out.view(-1)[: m * vocab].view(vocab, m)
         if bias is None:
@@ -180,6 +190,72 @@ def _compute_dtype_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
+def _folds(cfg: HeadConfig, weight: torch.Tensor) -> bool:
+    """The torch backend's folded recompute: float32/64 chunks without softcap (see torch_ops.folded_shift)."""
+    return cfg.backend == "torch" and cfg.softcap is None and weight.dtype == torch.float32
+
+
+def _folded_backward(hidden, weight, bias, labels, index, lse, coef_t, coef_u, cfg: HeadConfig, tiles,
+                     acc: _GradAccumulator) -> None:
+    """The recompute backward of the torch backend with one pass over each chunk (torch_ops.folded_shift): per row
+    chunk and vocabulary tile, U [Vt, m] = exp(addmm(shift, W_t, h^T)) + onehot terms; grad_hidden rows =
+    row_scale * sum_t U^T W_t (summed over the tiles in one [m, H] block, written once), grad_weight tile +=
+    U (row_scale * h), grad_bias tile += U row_scale."""
+    ops, vocab, t = cfg.ops, weight.shape[0], cfg.inv_temperature
+    buffer = logits_buffer(labels, weight, cfg.rows_per_chunk, tiles[0].stop - tiles[0].start)
+    grad_hidden = acc.grad_hidden
+    # increasing kept rows (select_labeled_rows' nonzero): each chunk's grad_hidden rows are summed in place at
+    # their compact rows and spread at the end; another order sums them in an [m, H] block
+    compact = index is None or index.shape[0] < 2 or bool((index[1:] > index[:-1]).all())
+    for rows in chunk_slices(labels.shape[0], cfg.rows_per_chunk):
+        h, lab, m = gather_rows(hidden, index, rows), labels[rows], rows.stop - rows.start
+        cu = None if coef_u is None else coef_u[rows]
+        shift, row_scale = ops.folded_shift(lse[rows], coef_t[rows], cu, t)
+        shift, row_scale = shift.to(weight.dtype), row_scale.to(weight.dtype)
+        # grad_weight's operand diag(row_scale) h: the signs flip the rows of the gathered copy in place (exactly,
+        # and back after each tile), t goes into alpha; a view of the caller's hidden is copied instead
+        sign = row_scale.sign()[:, None] if acc.grad_weight is not None else None
+        h_signed = None if sign is None or index is not None else h * sign
+        # grad_hidden's rows of the chunk, summed over the tiles in place: at the chunk's own (compact) rows, moved
+        # to the kept rows' places at the end (no [m, H] block beside the chunk's buffers)
+        block = None
+        if grad_hidden is not None:
+            block = grad_hidden[rows] if compact else hidden.new_empty(m, hidden.shape[1])
+        for k, tile in enumerate(tiles):
+            w_tile, b_tile = _tile(weight, bias, tile)
+            buf = chunk_logits(h, w_tile, b_tile, out=buffer, columns=True, shift=shift, alpha=t).t()
+            u = ops.folded_grad_(buf, lab - tile.start, coef_t[rows], cu, row_scale, vocab)
+            if block is not None:
+                torch.mm(u.t(), w_tile, out=block) if k == 0 else block.addmm_(u.t(), w_tile)
+            if acc.grad_weight is not None:
+                out = acc.grad_weight[tile]
+                hs = h.mul_(sign) if h_signed is None else h_signed
+                torch.addmm(out, u, hs, beta=0.0 if rows.start == 0 else 1.0, alpha=t, out=out)
+                if h_signed is None:
+                    h.mul_(sign)
+            if acc.grad_bias is not None:
+                acc.grad_bias[tile].add_(u.mv(row_scale))
+        if block is not None:
+            block.mul_(row_scale[:, None])
+            if not compact:
+                grad_hidden.index_copy_(0, index[rows], block)
+    acc.first = labels.shape[0] == 0
+    if grad_hidden is not None and index is not None and compact:
+        del buffer
+        _spread_rows_(grad_hidden, index, cfg.rows_per_chunk)
+
+
+def _spread_rows_(grad: torch.Tensor, index: torch.Tensor, rows_per_chunk: int) -> None:
+    """grad [N, H] holds the kept rows' values at rows 0..M-1; moves row j to index[j] (increasing, so
+    index[j] >= j: going from the last chunk to the first never overwrites a row still to be moved) and zeroes
+    the rows that are not in index."""
+    for rows in reversed(chunk_slices(index.shape[0], rows_per_chunk)):
+        grad.index_copy_(0, index[rows], grad[rows].clone())
+    kept = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+    kept[index] = True
+    grad.masked_fill_(~kept[:, None], 0)
+
+
 class FusedLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] | None, labels [M], index [M] | None (the kept rows of hidden; None:
     all N) -> logp [M] float32 (, mean_logp [M])."""
@@ -229,6 +305,9 @@ class FusedLogprobs(torch.autograd.Function):
         coef_t = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         coef_u = None if grad_mean_logp is None else grad_mean_logp.float().contiguous()
         tiles = vocab_slices(weight.shape[0], cfg.vocab_tile)
+        if _folds(cfg, weight):
+            _folded_backward(hidden, weight, bias, labels, index, lse, coef_t, coef_u, cfg, tiles, acc)
+            return (*acc.results(), None, None, None, None, None)
         buffer = logits_buffer(labels, weight, cfg.rows_per_chunk, tiles[0].stop - tiles[0].start)
         for rows in chunk_slices(labels.shape[0], cfg.rows_per_chunk):
             h = gather_rows(hidden, index, rows)
@@ -331,6 +410,16 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
             if cfg.stats_top_k is not None:
                 stats_sink.append(cfg.ops.logits_stats(logits, lab, top_k=cfg.stats_top_k, **cfg.op_kwargs()))
             m = rows.stop - rows.start
+            if _folds(cfg, weight):  # one pass fewer: the row normalization goes onto the [m, H] product
+                lp, _, u, row_scale = torch_ops.logits_forward_basis_(logits, lab, inv_temperature=cfg.inv_temperature)
+                logp[rows] = lp
+                if index is None:
+                    block = torch.mm(u, weight, out=acc.grad_hidden[rows])
+                    block.mul_(row_scale[:, None])
+                else:
+                    acc.grad_hidden.index_copy_(0, index[rows], torch.mm(u, weight).mul_(row_scale[:, None]))
+                del logits, u
+                continue
             # the in-forward op with coefficient 1 per row: dz = onehot - softmax, through the transform
             lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones[:m], None),
                                                           **cfg.op_kwargs())

@@ -183,6 +183,55 @@ def logits_forward_grad_(
     return logp, lse, mean_logp, grad
 
 
+def logits_forward_basis_(logits: torch.Tensor, labels: torch.Tensor, *, inv_temperature: float = 1.0):
+    """The frozen-weight forward of a whole-vocabulary chunk (torch backend, float32, no softcap) with one pass
+    fewer than logits_forward_grad_: the softmax's normalization moves onto the [m, H] product.
+
+    logits [m, V] (consumed), labels [m] in [0, V). Returns logp [m], lse [m], U [m, V] (in the layout of logits,
+    aliasing it) and row_scale [m] such that the gradient of each logp with respect to the raw logits is
+    row_scale * U: U = exp(z - max) - S onehot with S = sum exp(z - max), row_scale = -t / S (t: inv_temperature),
+    so that row_scale * U = t * (onehot - softmax)."""
+    buf, vdim, _ = _transform(logits, inv_temperature, None)
+    target = _gather(buf, vdim, labels)
+    row_max, sum_exp = _exp_shifted_(buf, vdim)
+    lse = row_max + sum_exp.log()
+    buf.scatter_add_(vdim, labels.unsqueeze(vdim), -sum_exp.unsqueeze(vdim))
+    return target - lse, lse, (buf if vdim == 1 else buf.t()), sum_exp.reciprocal().mul_(-inv_temperature)
+
+
+def folded_shift(lse: torch.Tensor, coef_target: torch.Tensor, coef_uniform: torch.Tensor | None,
+                 inv_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift [m], row_scale [m]) of the folded recompute (torch backend, float32/64, no softcap).
+
+    The gradient of sum_i A_i logp_i + B_i mean_logp_i with respect to the raw logits x is
+    dx = t * (A onehot + B / V - (A + B) softmax(t x)) with t = inv_temperature. With s = -sign(A + B) (1 where
+    A + B = 0) it is dx = (t s) * U, U = exp(t x - lse + log|A + B|) + s A onehot + s B / V: the shift
+    `log|A + B| - lse` goes into the logits matmul (addmm's input), the per-row factor `row_scale = t s` into the
+    small operands of the gradient matmuls, so the only pass over the chunk is exp_ (see `folded_grad_`)."""
+    total = coef_target if coef_uniform is None else coef_target + coef_uniform
+    shift = total.abs().log_().sub_(lse)  # -inf where total == 0: exp gives 0, the row's softmax term vanishes
+    sign = torch.where(total > 0, -1.0, 1.0).to(lse.dtype)
+    return shift, sign.mul_(inv_temperature)
+
+
+def folded_grad_(buf: torch.Tensor, labels: torch.Tensor, coef_target: torch.Tensor,
+                 coef_uniform: torch.Tensor | None, row_scale: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """buf [Vt, m] (a vocabulary tile of columns) holds t x - lse + log|A + B| (`folded_shift`); overwritten with
+    U = exp(buf) + s A onehot + s B / V, so that dx = row_scale * U (row_scale = t s per column). labels are
+    tile-local (outside [0, Vt): no onehot term); V is the whole vocabulary."""
+    buf.exp_()
+    sign = row_scale.sign()
+    width = buf.shape[0]
+    in_tile = (labels >= 0) & (labels < width)
+    src = coef_target * sign
+    if not bool(in_tile.all()):
+        src = torch.where(in_tile, src, torch.zeros_like(src))
+    buf.scatter_add_(0, labels.clamp(0, width - 1).unsqueeze(0), src.unsqueeze(0).to(buf.dtype))
+    if coef_uniform is not None:
+        buf.add_((coef_uniform * sign / vocab_size).to(buf.dtype).unsqueeze(0))
+    return buf
+
+
 @torch.no_grad()
 def logits_stats(
     logits: torch.Tensor,
@@ -219,4 +268,5 @@ def logits_stats(
     return out
 
 
-__all__ = ["logits_forward", "logits_grad_", "logits_forward_grad_", "logits_stats"]
+__all__ = ["logits_forward", "logits_grad_", "logits_forward_grad_", "logits_stats", "folded_shift", "folded_grad_",
+           "logits_forward_basis_"]
