@@ -16,7 +16,7 @@ from prefuse.engine.bdhs import sampler as bdhs_sampler  # noqa: E402
 from prefuse.engine.embedders import LexicalEmbedder, TransformerEmbedder, load_embedder, similarity  # noqa: E402
 from prefuse.engine.model import Models  # noqa: E402
 from prefuse.engine.rollout import RolloutConfig, _seeded  # noqa: E402
-from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama  # noqa: E402
+from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 EOS, PAD = 2, 0
@@ -551,29 +551,10 @@ def test_bad_input_is_one_line(llama_dir, tmp_path, capsys, rows, flags, expecte
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory, tok):
     """A tiny LLaVA saved with its processor (CLIP image processor, the fixture tokenizer plus <image>), and PNGs."""
-    import copy
-
     from PIL import Image
 
     root = tmp_path_factory.mktemp("bdhs_vlm")
-    tokenizer = copy.deepcopy(tok)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
-    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                                    pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
-                                      vision_feature_layer=-1, vision_feature_select_strategy="default",
-                                      image_seq_length=4)
-    torch.manual_seed(0)
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(root / "model")
-    transformers.LlavaProcessor(
-        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 16},
-                                                        crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1).save_pretrained(root / "model")
+    save_tiny_llava(root / "model", tok)
     (root / "images").mkdir()
     for i in range(3):
         pixels = torch.randint(0, 256, (20, 24, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)

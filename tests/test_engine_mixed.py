@@ -17,7 +17,7 @@ from prefuse.cli import main  # noqa: E402
 from prefuse.engine.config import TrainConfig  # noqa: E402
 from prefuse.engine.online import mixed_draws  # noqa: E402
 from prefuse.engine.setup import build_run  # noqa: E402
-from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
+from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
@@ -386,29 +386,10 @@ def brevity_seen(prompts, completions, images, **columns):
 def vlm(tmp_path_factory):
     """A tiny LLaVA (CLIP tower 16x16 in 8x8 patches: 4 image tokens + Llama) with its processor, synthetic PNGs
     and an image pairs file (TRL's vision format: `images`, `<image>` in the prompt)."""
-    import copy
-
     from PIL import Image
 
     root = tmp_path_factory.mktemp("vlm_mixed")
-    tokenizer = copy.deepcopy(build_tokenizer())
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
-    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text,
-                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                                      vision_feature_layer=-1, vision_feature_select_strategy="default",
-                                      image_seq_length=4)
-    torch.manual_seed(0)
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(root / "model")
-    transformers.LlavaProcessor(
-        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 16},
-                                                        crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=VLM_TEMPLATE).save_pretrained(root / "model")
+    save_tiny_llava(root / "model", build_tokenizer(), chat_template=VLM_TEMPLATE)
     (root / "images").mkdir()
     colours = ["red", "green", "blue", "white"]
     for i in range(4):

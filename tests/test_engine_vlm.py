@@ -2,7 +2,6 @@
 processor, synthetic PNG images. The fused head on the language model's hidden states against the model's own
 logits, LoRA on the language model only, `prefuse train` end to end on image pairs, sampling with images, and the
 one-line errors of bad image rows."""
-import copy
 import json
 
 import pytest
@@ -21,7 +20,7 @@ from prefuse.engine.objectives import objective_needs  # noqa: E402
 from prefuse.engine.rollout import RolloutConfig, sample_policy  # noqa: E402
 from prefuse.engine.sources import build_batch  # noqa: E402
 from prefuse.heads import head_of, sequence_logps  # noqa: E402
-from tests.tokenizer_fixture import build_tokenizer  # noqa: E402
+from tests.tokenizer_fixture import build_tokenizer, save_tiny_llava  # noqa: E402
 
 IMAGE_TOKENS = 4  # a 16x16 image in 8x8 patches, the CLS feature dropped ("default")
 CHAT_TEMPLATE = (  # the fixture's template, with content parts: an image part writes the placeholder
@@ -46,25 +45,8 @@ def files(tmp_path_factory):
     """The tiny LLaVA and its processor in model/, PNGs in images/, and pair files: standard (relative paths, a
     row with two images, a row with none) and conversational (content parts, absolute paths)."""
     root = tmp_path_factory.mktemp("vlm")
-    tokenizer = copy.deepcopy(build_tokenizer())  # the fixture's is cached: add <image> to a copy
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer = save_tiny_llava(root / "model", build_tokenizer(), chat_template=CHAT_TEMPLATE)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
-    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
-                                      vision_feature_layer=-1, vision_feature_select_strategy="default",
-                                      image_seq_length=IMAGE_TOKENS)
-    torch.manual_seed(0)
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(root / "model")
-    processor = transformers.LlavaProcessor(
-        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 16},
-                                                        crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(root / "model")
 
     (root / "images").mkdir()
     for i in range(len(COLOURS)):

@@ -60,3 +60,33 @@ def save_tiny_llama(path, tokenizer, **config):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+def save_tiny_llava(path, tokenizer, *, chat_template=None):
+    """A randomly initialized tiny LLaVA (a 1-layer CLIP tower on 16x16 images in 8x8 patches: 4 image tokens per
+    image, and the 2-layer Llama of save_tiny_llama) with its LlavaProcessor, saved under `path`. `<image>` is
+    added to a copy of `tokenizer` (the fixture's own is cached); returns that copy."""
+    import copy
+
+    import torch
+    import transformers
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
+    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default",
+                                      image_seq_length=4)
+    torch.manual_seed(0)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(path)
+    transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 16},
+                                                        crop_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=chat_template).save_pretrained(path)
+    return tokenizer
