@@ -40,7 +40,8 @@ class RLHSConfig:
     temperature: float = field(default=1.0, metadata={"help": "the policy's sampling temperature (0: greedy, which "
                                "makes both rollouts equal)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    max_new_tokens: int = field(default=16, metadata={"help": "the longest response"})
+    max_new_tokens: int = field(default=24, metadata={"help": "the longest response (the toy consultant's take 16 "
+                                "tokens with the EOS)"})
     batch_size: int = field(default=64, metadata={"help": "scenarios per generate call"})
     customer: str = field(default=RULE, metadata={"help": "rule (believes the consultant), or a causal LM directory"})
     world_model: str = field(default=RULE, metadata={"help": "rule (the true outcome), or a causal LM directory"})
@@ -127,7 +128,7 @@ def build_parties(cfg: RLHSConfig, device="cpu"):
 
 
 def rlhs_pairs(model, tokenizer, scenarios, customer, world_model, evaluator, *, seed: int = 0,
-               temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16, batch_size: int = 64):
+               temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64):
     """(first dialogues, second dialogues, {feedback: (pairs, ties)}): two rollouts per scenario, played out and
     labelled under every feedback."""
     responses = sample_responses(model, tokenizer, scenarios, samples=2, seed=seed, temperature=temperature,
@@ -145,14 +146,14 @@ def write_jsonl(rows: list[dict], path) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def _finite(value):
+def finite_json(value):
     """NaN and infinities as null, so the report is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -171,7 +172,7 @@ def run_rlhs(cfg: RLHSConfig) -> dict:
     report = {"config": asdict(cfg), "pairs_written": len(pairs), "output": str(cfg.output),
               "rollouts": dialogue_summary(first + second, cfg.seed),
               "labels": {f: label_summary(p, t, cfg.seed) for f, (p, t) in labelled.items()}}
-    report = _finite(report)
+    report = finite_json(report)
     cfg.report_path.parent.mkdir(parents=True, exist_ok=True)
     cfg.report_path.write_text(json.dumps(report, indent=1))
     return report

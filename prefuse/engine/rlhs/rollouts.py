@@ -44,7 +44,7 @@ class Dialogue:
 
 
 def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, seed: int = 0,
-                   temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
+                   temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 24,
                    batch_size: int = 64) -> list[list[str]]:
     """Per prompt (plain text, tokenized with the tokenizer's special tokens as training tokenizes it) `samples`
     completions of a causal LM: `engine.rollout.sample_policy`, greedy at temperature 0."""
@@ -70,7 +70,7 @@ def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, se
 
 
 def sample_responses(model, tokenizer, scenarios: list[Scenario], *, samples: int = 2, seed: int = 0,
-                     temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
+                     temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 24,
                      batch_size: int = 64) -> list[list[str]]:
     """`samples` independent responses of the policy per scenario, from the same prompt."""
     return generate_texts(model, tokenizer, [policy_prompt(s) for s in scenarios], samples=samples, seed=seed,
