@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("train", help="preference training of a local causal LM on a local preference file",
-                       description="Single-process preference training (DPO family, KTO, ...) with the fused head. "
+                       description="Preference training (DPO family, KTO, ...) with the fused head, in one process or on "
+                                   "torchrun's ranks (DDP, or FSDP2 with --fsdp). "
                                    "Flags take TRL's names; --config run.yaml takes the same keys (flags given "
                                    "here override it). Writes metrics.jsonl and checkpoint-<step>/ to --output_dir.")
     _train_arguments(p)
@@ -119,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="where the combined adapter goes")
     p.add_argument("--base", default=None, help="the base model directory (default: the first adapter's)")
     p.set_defaults(run=_merge_adapters)
+
+    p = sub.add_parser("export", help="a checkpoint as a plain save_pretrained directory (LoRA merged optionally)",
+                       description="Rebuilds the run's model (its train_config.json beside the checkpoints), loads "
+                                   "the checkpoint's weights (full, LoRA adapters, or an FSDP2 run's distributed "
+                                   "checkpoint) and saves it with its tokenizer for from_pretrained.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint-<step> directory of prefuse train")
+    p.add_argument("--output", required=True, help="where the model directory goes")
+    p.add_argument("--merge_lora", action="store_true", help="merge LoRA adapters into the base weights")
+    p.add_argument("--model_name_or_path", default=None, help="the base model (default: the run's)")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90/gfx942 and report registers",
                        description="Compiles each Triton kernel in every launch config for GPU targets (no GPU "
@@ -195,7 +206,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="print every objective with its inputs, data columns and hyper-parameters, and exit")
     # --monitor_extra_top_k 5 20 50, or none (or nothing): the values as given, checked by the config
     _config_flags(p, TrainConfig, helps=_TRAIN_HELP, special={"objective_args": dict(nargs="+", metavar="KEY=VALUE"),
-                                                             "monitor_extra_top_k": dict(nargs="*", metavar="K")})
+                                                             "monitor_extra_top_k": dict(nargs="*", metavar="K"),
+                                                             "fsdp": dict(nargs="?", const="full_shard")})
     group = p.add_argument_group("objective hyper-parameters", "passed to the objective(s) of --loss_type; "
                                  "each objective accepts only its own (an error lists them)")
     for name in objective_hparam_names():
@@ -255,6 +267,19 @@ def _rlhs(args) -> int:
     except (ValueError, OSError, ImportError) as error:  # JudgeError is a ValueError
         print(f"prefuse rlhs: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export(args) -> int:
+    try:
+        from prefuse.engine.export import export
+
+        path = export(args.checkpoint, args.output, merge_lora=args.merge_lora,
+                      model_name_or_path=args.model_name_or_path)
+    except (ValueError, OSError, ImportError) as error:
+        print(f"prefuse export: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(f"model written to {path}")
     return 0
 
 

@@ -93,6 +93,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     bf16: bool = False
     seed: int = 42
+    fsdp: str = field(default="", metadata={"help": "under torchrun: shard the policy with FSDP2 (full_shard: "
+                      "fully_shard per decoder layer and at the root; --fsdp alone means full_shard); empty: DDP"})
     # online: generate -> judge -> update (dataset_name gives the prompts)
     online: bool = False
     reward_funcs: list[str] | None = None        # "file.py:name" reward functions (TRL's signature), summed
@@ -227,6 +229,7 @@ class TrainConfig:
         check_field(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
                     f"must be >= 1, got {self.max_prompt_length}")
         check_held_out_and_resume(self)
+        check_field(self.fsdp in ("", "full_shard"), "fsdp", f"{self.fsdp!r} is not full_shard (or empty: DDP)")
         check_field(not self.domains, "domains", "domain after domain is prefuse.engine.cofs.train_domains "
                                                  "(prefuse train --domains), not train()")
         from prefuse.engine.monitor import check_monitor_settings

@@ -1,38 +1,43 @@
-"""Multi-process training on PyTorch's own stack: the torchrun world, DDP, the sharded data order, the reductions.
+"""Multi-process training on PyTorch's own stack: the torchrun world, DDP and FSDP2 around the step, the sharded
+data order, the reductions, rank-0 I/O.
 
-    torchrun --nproc_per_node K -m prefuse train ...        # K ranks (WORLD_SIZE, RANK, LOCAL_RANK from torchrun)
+    torchrun --nproc_per_node K -m prefuse train ... [--fsdp]   # K ranks (WORLD_SIZE, RANK, LOCAL_RANK)
 
     with launch() as world:                    # the process group torchrun describes (gloo on CPUs, NCCL on GPUs)
-        source = ShardedSource(global_source, world)   # each rank's share of every global batch
-        step = world.wrap(step, models)        # the step's forward under DDP
-        with world.micro_batch(last):          # DDP's no_sync() on all but the last micro-batch
+        source = ShardedSource(global_source, world)   # each rank's share of every global batch (online: shard_online)
+        step = world.wrap(step, models, fsdp=...)      # the step's forward under DDP, or FSDP2 (fully_shard_step)
+        with world.micro_batch(last):          # gradients synchronized on the last micro-batch only
             ...
         world.total(n), world.sum_metrics(m)   # step-level sums over the ranks
+        world.save_checkpoint(...)             # rank 0 writes (FSDP2: every rank its DCP shards first)
 
 What runs where:
 - Data: every rank walks the same seeded order of global batches (K x per_device_train_batch_size examples, the
   batches one process with that batch size would see) and takes its contiguous share of each (`shard_batch`;
   uneven last batches split as evenly as possible, none left empty). The sequences keep the global batch's
   padding, and a role that pairs examples inside a batch (KTO's `kl` completions) is formed over the global batch.
+  Online, each rank samples its own share of every global batch of prompts, from a seed of its own.
 - Normalization: the loop weighs each micro-batch's mean loss by its examples over the global step's examples
-  (`total`), times K, because DDP averages gradients over the ranks: K ranks then apply exactly the update of one
-  process on the same global batch.
-- Objectives coupled across the batch (`spec.separable` False: KTO's KL reference point, `aot`'s sorting, GRPO's
-  group statistics, anything normalized over the batch): `PreferenceLoss.batch_group` all-gathers every
-  per-example input of the objective with autograd (`preference_parallel.gather_examples`), so the objective sees
-  the global micro-batch; each rank's loss is then that global mean, whose gradient the gather's backward sums
-  back to the rank's own rows from every rank (K times its share, which DDP's average divides out again).
+  (`total`), times K, because DDP (and FSDP2's reduce-scatter) average gradients over the ranks: K ranks then
+  apply exactly the update of one process on the same global batch.
+- Objectives coupled across the batch (`spec.separable` False: KTO's KL reference point, `aot`'s sorting, `sft`'s
+  token mean, GRPO's group statistics, anything normalized over the batch): `PreferenceLoss.batch_group`
+  all-gathers every per-example input of the objective with autograd (`preference_parallel.gather_examples`), so
+  the objective sees the global micro-batch; each rank's loss is then that global mean, whose gradient the
+  gather's backward sums back to the rank's own rows from every rank (K times its share, which the gradient
+  average divides out again).
 - The model: prefuse never calls the model's forward (the decoder's last hidden states go through the fused head),
   and DDP reduces gradients only for a forward run through it; so DDP wraps the step itself (`StepModule`, whose
   only submodule is the policy): decoder, reference and the fused head on the lm_head all run inside DDP's forward
   and every trainable parameter's gradient (the lm_head's, tied or not) is all-reduced once by DDP's own hooks.
+  FSDP2 shards the decoder layers and takes the same StepModule as its root (`fully_shard_step`), so the fused head
+  runs inside the root's forward on the whole, unsharded lm_head weight.
 - I/O: only rank 0 writes metrics.jsonl, TensorBoard, checkpoints and prints; the others wait at a barrier after
   a checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -40,10 +45,11 @@ import torch
 import torch.distributed as dist
 
 from prefuse.engine.metrics import MetricsLog
+from prefuse.engine.shards import ShardedSource, check_last_batch, shard_batch, shard_bounds, shard_online
 from prefuse.engine.sources import Batch
 
-__all__ = ["World", "launch", "current", "shard_batch", "ShardedSource", "StepModule", "check_last_batch",
-           "RankLog"]
+__all__ = ["World", "launch", "current", "check_supported", "shard_batch", "ShardedSource", "shard_online",
+           "check_last_batch", "StepModule", "fully_shard_step", "RankLog"]
 
 
 @dataclass
@@ -55,7 +61,8 @@ class World:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     gather_group: object = None  # the group over which a batch's per-example statistics are all-gathered
-    module: torch.nn.Module | None = None  # the DDP-wrapped step, once wrap() has run
+    module: torch.nn.Module | None = None  # the DDP-wrapped (or FSDP2-sharded) step, once wrap() has run
+    sharded: bool = False  # FSDP2
 
     @property
     def main(self) -> bool:
@@ -67,25 +74,58 @@ class World:
 
     # -- the model ----------------------------------------------------------------------------------------------
 
-    def wrap(self, step, policy: torch.nn.Module):
-        """The step whose calls run through DDP's forward (StepModule); the step itself for one process."""
+    def wrap(self, step, models, *, fsdp: str = "", bf16: bool = False):
+        """The step whose calls run through the DDP-wrapped (or, with fsdp, FSDP2-sharded) StepModule; the step
+        itself for one process."""
         if not self.distributed:
             return step
-        from torch.nn.parallel import DistributedDataParallel
-
-        # find_unused_parameters=False: every trainable parameter gets its gradient in every step (the fused head
-        # gives the lm_head's); broadcast_buffers=False: the buffers (rotary frequencies) never change
-        self.module = DistributedDataParallel(StepModule(step, policy), broadcast_buffers=False,
-                                              device_ids=None)
         step.loss_fn.batch_group = self.gather_group
+        if fsdp:
+            self.module, self.sharded = fully_shard_step(step, models, self, bf16=bf16), True
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # find_unused_parameters=False: every trainable parameter gets its gradient in every step (the fused
+            # head gives the lm_head's); forward_sync_buffers=False: the buffers (rotary frequencies) never change
+            self.module = DistributedDataParallel(StepModule(step, models.policy), forward_sync_buffers=False,
+                                                  device_ids=None)
         return DataParallelStep(step, self.module)
 
     def micro_batch(self, last: bool):
         """The context of one micro-batch's forward and backward: gradients are synchronized only on the last one
-        of an optimizer step (DDP's no_sync() on the others)."""
-        if self.module is None or last:
+        of an optimizer step (DDP's no_sync() on the others; FSDP2: set_requires_gradient_sync)."""
+        if self.module is None:
             return contextlib.nullcontext()
-        return self.module.no_sync()
+        if self.sharded:
+            self.module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.module.no_sync()
+
+    def generation(self, sample):
+        """sample(): rollouts from the policy (and the reference), run where the models are whole. Under FSDP2,
+        inside the root's forward: its pre-forward all-gathers the root's weights (the lm_heads, the final norms,
+        a tied embedding), every decoder layer's own hooks all-gather it for each of its forwards, and the root's
+        weights are resharded afterwards; the rollouts must then be `synced_gpus` (every rank runs as many
+        forwards). DDP and one process: sample() as it is."""
+        if not self.sharded:
+            return sample()
+        try:
+            return self.module(run=sample)
+        finally:
+            self.module.reshard()
+
+    def save_checkpoint(self, output_dir, step: int, *, model, optimizer, **options):
+        """checkpoint.save_checkpoint on rank 0, the others waiting until it is in place (their weights and
+        optimizer states are rank 0's); under FSDP2, every rank first writes its shards (DCP)."""
+        from prefuse.engine.checkpoint import save_checkpoint
+        from prefuse.engine.checkpoint.distributed import stage_distributed_weights, weights_from_staging
+
+        if not self.sharded:
+            return self.on_main(lambda: save_checkpoint(output_dir, step, model=model, optimizer=optimizer,
+                                                        **options))
+        staging = stage_distributed_weights(output_dir, step, model=model, optimizer=optimizer)
+        return self.on_main(lambda: save_checkpoint(output_dir, step, model=model, optimizer=None,
+                                                    write_weights=weights_from_staging(staging), **options))
 
     # -- reductions ---------------------------------------------------------------------------------------------
 
@@ -150,12 +190,19 @@ class World:
 
 
 def check_supported(cfg, world: World) -> None:
-    """One line for a setting that does not run on several ranks yet."""
+    """One line for a setting that does not run on several ranks yet (or, --fsdp, on one)."""
     if not world.distributed:
+        if cfg.fsdp:
+            raise ValueError("fsdp: shards the model over the ranks of torchrun: start with torchrun "
+                             "--nproc_per_node K -m prefuse train ... (one process trains without --fsdp)")
         return
-    refused = [("online", cfg.online, "--online"), ("sampling_strategy", cfg.sampling_strategy != "random",
-                "--sampling_strategy good_priority"), ("advantages", cfg.advantages == "value_head",
-                "--advantages value_head"), ("monitor_steps", cfg.monitor_steps > 0, "--monitor_steps"),
+    refused = [("avg_rejected", cfg.online and bool(cfg.fsdp) and cfg.avg_rejected == "bdhs" and "avg_dpo" in cfg.loss_type,
+                "--avg_rejected bdhs with --fsdp (each rank's retries would run different numbers of forwards)"),
+               ("iterations", cfg.online and cfg.iterations > 1, "--iterations"),
+               ("use_vllm", cfg.online and cfg.use_vllm, "--use_vllm"),
+               ("sampling_strategy", cfg.sampling_strategy != "random", "--sampling_strategy good_priority"),
+               ("advantages", cfg.advantages == "value_head", "--advantages value_head"),
+               ("monitor_steps", cfg.monitor_steps > 0, "--monitor_steps"),
                ("loss_type", cfg.needs().slow_adapter, "ofs_dpo's two adapters")]
     for name, on, what in refused:
         if on:
@@ -210,96 +257,63 @@ def launch():
         with open(os.devnull, "w") as nowhere, (contextlib.redirect_stdout(nowhere) if not world.main
                                                 else contextlib.nullcontext()):
             yield world
+        if created:
+            dist.barrier()  # every rank done before the group goes (not after an error: the others may never come)
     finally:
         if created:
             _GATHER_GROUP.clear()
             dist.destroy_process_group()
 
 
-# -- the data ------------------------------------------------------------------------------------------------------
-
-def shard_bounds(n_examples: int, rank: int, size: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous share of n examples: sizes differ by at most one, lower ranks larger."""
-    base, extra = divmod(n_examples, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-def shard_batch(batch: Batch, rank: int, size: int) -> Batch:
-    """Rank's share of a global batch: its examples (rows of every role), their pass-through inputs and indices;
-    the sequences keep the global batch's length. ValueError when a rank would get no example."""
-    n = batch.n_examples
-    if n < size:
-        raise ValueError(f"a global batch of {n} example(s) cannot be split over {size} ranks (each needs one)")
-    if batch.vision:
-        raise ValueError("distributed training of batches with images is not supported yet; train them in one "
-                         "process")
-    start, stop = shard_bounds(n, rank, size)
-    roles = {role: rows[start:stop] for role, rows in batch.roles.items()}
-    kept = torch.unique(torch.cat([rows.reshape(-1) for rows in roles.values()]))  # sorted: the rows' order
-    remap = {role: torch.searchsorted(kept, rows.reshape(-1)).view(rows.shape) for role, rows in roles.items()}
-
-    def examples(value):
-        return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n else value
-
-    return dataclasses.replace(batch, input_ids=batch.input_ids[kept], attention_mask=batch.attention_mask[kept],
-                               labels=batch.labels[kept], roles=remap,
-                               inputs={k: examples(v) for k, v in batch.inputs.items()},
-                               index=None if batch.index is None else batch.index[start:stop])
-
-
-class ShardedSource:
-    """Rank's share of each batch of a source of global batches; state, epochs and counts are the global
-    source's (the same on every rank), so a checkpoint resumes on any number of ranks with the same global
-    batch."""
-
-    def __init__(self, source, world: World):
-        self.source, self.world = source, world
-        self.batches_per_epoch = source.batches_per_epoch
-
-    def __getattr__(self, name):  # baseline, order, ...: the global source's
-        return getattr(self.source, name)
-
-    def next_batch(self) -> Batch:
-        return shard_batch(self.source.next_batch(), self.world.rank, self.world.size)
-
-    @property
-    def epoch(self) -> float:
-        return self.source.epoch
-
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            self.source.load_state_dict(state)
-        except ValueError as error:
-            raise ValueError(f"{error} (batch_size counts the global batch: per_device_train_batch_size x "
-                             f"{self.world.size} ranks)") from None
-
-
-def check_last_batch(n_examples: int, batch_size: int, world: World, name: str) -> None:
-    """One line when an epoch's last global batch of `batch_size` would leave a rank without an example."""
-    rest = n_examples % batch_size
-    if world.distributed and 0 < rest < world.size:
-        raise ValueError(f"{name}: the last global batch of an epoch ({n_examples} examples in batches of "
-                         f"{batch_size // world.size} x {world.size} ranks) holds {rest} example(s) for "
-                         f"{world.size} ranks; choose a batch size that leaves every rank at least one")
-
-
 # -- the step under DDP --------------------------------------------------------------------------------------------
 
 class StepModule(torch.nn.Module):
-    """The training step as a module, for DDP (and FSDP2) to run their hooks around: its forward is the step's
-    call (decoder, reference, fused head, objective) and its parameters are the policy's."""
+    """The training step as a module, for DDP and FSDP2 to run their hooks around: its forward is the step's
+    call (decoder, reference, fused head, objective) and its parameters are the policy's (and, to be sharded
+    under FSDP2, the frozen reference's)."""
 
-    def __init__(self, step, policy: torch.nn.Module):
+    def __init__(self, step, policy: torch.nn.Module, reference: torch.nn.Module | None = None):
         super().__init__()
-        self.policy = policy
+        self.module, self.reference = policy, reference  # `module`: heads.head_of(ddp) finds the policy's head
         self.__dict__["step"] = step  # not a submodule: the step holds the same policy
 
-    def forward(self, batch: Batch, reference=None, **inputs):
+    def forward(self, batch: Batch | None = None, reference=None, run=None, **inputs):
+        """The step on a batch; or run(), for work that needs the whole weights outside a step (World.generation)."""
+        if run is not None:
+            return run()
         return self.step(batch, reference, **inputs)
+
+
+def fully_shard_step(step, models, world: World, *, bf16: bool = False) -> torch.nn.Module:
+    """FSDP2 over the ranks: `fully_shard` on every decoder layer (policy and reference), on the input embedding
+    when it is not tied to the lm_head, and at the root, which is the StepModule. The root's unit holds what
+    is left: the lm_head (tied or not) and the final norm. The root's forward is the whole step, so FSDP2's
+    own pre-forward all-gather gives the fused head the whole lm_head weight (and the reference's), the
+    gradient the head forms lands on that unsharded parameter and FSDP2's post-backward reduce-scatters it
+    once, with the embedding's contribution when they are tied. Peak: the root's unsharded weights (one
+    lm_head per model) plus the layer being computed and the head's chunk buffers. bf16: MixedPrecisionPolicy
+    (bf16 parameters in compute, float32 gradient reduction)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from prefuse.heads import causal_lm_of
+
+    options = dict(mesh=init_device_mesh(world.device.type, (world.size,)))
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for model in (models.policy, models.reference):
+        if model is None:
+            continue
+        causal_lm = causal_lm_of(model)
+        layers = getattr(causal_lm.get_decoder(), "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise ValueError(f"fsdp: {type(causal_lm).__name__} has no decoder.layers to shard one by one")
+        for layer in layers:
+            fully_shard(layer, **options)
+        embedding = causal_lm.get_input_embeddings()
+        if embedding.weight is not causal_lm.get_output_embeddings().weight:
+            fully_shard(embedding, **options)
+    return fully_shard(StepModule(step, models.policy, models.reference), **options)
 
 
 class DataParallelStep:

@@ -15,7 +15,6 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from prefuse.engine.checkpoint import save_checkpoint
 from prefuse.engine.config import TrainConfig
 from prefuse.engine.distributed import launch
 from prefuse.engine.metrics import peak_memory_mib
@@ -77,7 +76,8 @@ def _train(run: Run) -> dict:
         metrics["grad_norm"] = grad_norm
         metrics.update(run.step.after_update(step, metrics, run.optimizer))
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics.get('rewards/margins', math.nan):+.3f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"margin": f"{metrics['rewards/margins']:+.3f}"}
+                                                           if "rewards/margins" in metrics else {}))
         run.log.add(metrics, tokens=tokens, seconds=time.perf_counter() - started)
 
         scores = (evaluate(run) if run.eval_data is not None and (step % eval_steps == 0 or step == run.total_steps)
@@ -87,15 +87,17 @@ def _train(run: Run) -> dict:
         record = {}
         if step % cfg.logging_steps == 0 or step == run.total_steps or stop:
             record = run.log.flush(step, epoch=run.source.epoch, extra=scores)
-            bar.write(f"step {step}/{run.total_steps}  loss {record['loss']:.4f}  margin "
-                      f"{record.get('rewards/margins', math.nan):+.4f}  acc {record.get('rewards/accuracies', 0):.2f}"
+            pairs = (f"  margin {record['rewards/margins']:+.4f}  acc {record.get('rewards/accuracies', 0):.2f}"
+                     if "rewards/margins" in record else "")  # objectives without a chosen/rejected pair have none
+            bar.write(f"step {step}/{run.total_steps}  loss {record['loss']:.4f}{pairs}"
                       f"  lr {record['learning_rate']:.2e}  {record['tokens_per_second']:.0f} tok/s")
         elif scores:
             record = {"step": step, **scores}
             run.log.write(record)
         if "eval_loss" in scores:
-            bar.write(f"step {step}/{run.total_steps}  eval_loss {scores['eval_loss']:.4f}  eval margin "
-                      f"{scores.get('eval_rewards/margins', math.nan):+.4f}")
+            margin = (f"  eval margin {scores['eval_rewards/margins']:+.4f}" if "eval_rewards/margins" in scores
+                      else "")
+            bar.write(f"step {step}/{run.total_steps}  eval_loss {scores['eval_loss']:.4f}{margin}")
         last = record or last
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == run.total_steps or stop:
             save(run, step)
@@ -136,10 +138,10 @@ def save(run: Run, step: int, output_dir=None):
     state = {"step": step, "epoch": run.source.epoch, "batches": run.source.state_dict(),
              "window": run.log.window_state(), "total_steps": run.total_steps, "step_state": run.step.state_dict(),
              **({"monitor": run.monitor.state_dict()} if run.monitor else {}), **run.world.rank_rng_state()}
-    # rank 0 writes (the ranks' weights and optimizer states are the same), the others wait until it is in place
-    return run.world.on_main(lambda: save_checkpoint(
-        output_dir or run.out, step, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
-        trainer_state=state, save_total_limit=None if output_dir else run.cfg.save_total_limit))
+    # rank 0 writes (the ranks' weights and optimizer states are the same; FSDP2: every rank its shards first)
+    return run.world.save_checkpoint(output_dir or run.out, step, model=run.policy, optimizer=run.optimizer,
+                                     scheduler=run.scheduler, trainer_state=state,
+                                     save_total_limit=None if output_dir else run.cfg.save_total_limit)
 
 
 __all__ = ["train", "evaluate", "TrainConfig", "peak_memory_mib"]

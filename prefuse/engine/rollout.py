@@ -32,13 +32,16 @@ from prefuse.heads import causal_lm_of
 @dataclass(frozen=True)
 class RolloutConfig:
     """max_new_tokens; temperature (0: greedy); top_p; num_generations per prompt; mixture_coef m of the
-    geometric mixture (IPO-MD, Nash-MD: 0 is the policy, 1 the reference)."""
+    geometric mixture (IPO-MD, Nash-MD: 0 is the policy, 1 the reference); synced_gpus: every rank of the
+    process group decodes until all are done (a model sharded by FSDP2 all-gathers its layers in every forward,
+    so the ranks must run the same number of them; transformers' own `synced_gpus`)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     num_generations: int = 2
     mixture_coef: float = 0.5
+    synced_gpus: bool = False
 
     def validate(self) -> "RolloutConfig":
         for name, ok in (("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature >= 0),
@@ -133,7 +136,7 @@ def _generate(model, prompts, cfg: RolloutConfig, *, seed: int, eos_id, pad_id, 
         input_ids, mask = left_padded(prompts, pad_id, device)
     greedy = cfg.temperature == 0
     options = dict(do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
-                   eos_token_id=eos_id, num_return_sequences=returns, use_cache=True)
+                   eos_token_id=eos_id, num_return_sequences=returns, use_cache=True, synced_gpus=cfg.synced_gpus)
     if not greedy:
         options.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     started = time.perf_counter()
@@ -186,6 +189,18 @@ def _top_p_filter(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logprobs, float("-inf")).scatter(-1, order, filtered)
 
 
+def _all_finished(finished: torch.Tensor, synced: bool) -> bool:
+    """Every row of this rank finished, and with synced, every row of every rank (a finished rank keeps
+    decoding: its sharded models' forwards are collective)."""
+    done = finished.all()
+    if synced:
+        import torch.distributed as dist
+
+        done = done.to(torch.int32)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+    return bool(done)
+
+
 def sample_mixture(models: Models, prompts: list[list[int]], cfg: RolloutConfig, *, seed: int, eos_id: int | None,
                    pad_id: int, record: bool = False) -> Samples:
     """num_generations responses per prompt from the token-level geometric mixture of policy and reference,
@@ -223,7 +238,7 @@ def sample_mixture(models: Models, prompts: list[list[int]], cfg: RolloutConfig,
             generated.append(token)
             if eos_id is not None:
                 finished |= token == eos_id
-            if bool(finished.all()):
+            if _all_finished(finished, cfg.synced_gpus):
                 break
             step_ids = token[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -108,11 +108,12 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
         step = Step(models, loss_fn, needs, bf16=cfg.bf16)
 
     if cfg.online:
-        online = online_source(cfg, models, tokenizer, out)
+        online = distributed.shard_online(online_source(cfg, models, tokenizer, out), world,  # its own prompts
+                                          sharded=bool(cfg.fsdp))
         source = online if source is None else source
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
             cfg.num_train_epochs * online.batches_per_epoch / cfg.gradient_accumulation_steps)
-        return _finish(cfg, out, device, needs, models, step, source, None, total_steps, pad_id, {}, 0.0)
+        return _finish(cfg, out, device, needs, models, step, source, None, total_steps, pad_id, {}, 0.0, world)
     train_data, eval_data = load_data(cfg, tokenizer, needs, processor=models.processor)
     print(f"data: {len(train_data)} training examples ({train_data.format})"
           + (f", {len(eval_data)} held out" if eval_data is not None else "")
@@ -150,16 +151,15 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
         models.reference = None  # the cache replaces it
 
     return _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
-                   offline.baseline)
+                   offline.baseline, world)
 
 
 def _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
-            baseline) -> Run:
+            baseline, world) -> Run:
     """Optimizer, schedule, resume and log: the same for every kind of run."""
     from transformers import get_scheduler
 
-    world = distributed.current()
-    step = world.wrap(step, models.policy)  # DDP around the step's forward (engine/distributed.py)
+    step = world.wrap(step, models, fsdp=cfg.fsdp, bf16=cfg.bf16)  # DDP / FSDP2 around the step (distributed.py)
     params = [p for p in models.policy.parameters() if p.requires_grad]
     groups = (param_groups(models.policy, cfg.learning_rate, cfg.ofs_slow_lr_ratio) if needs.slow_adapter
               else [{"params": params}])
@@ -219,7 +219,8 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
         vllm = VLLMSampler(cfg.model_name_or_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                            seed=cfg.seed)
     return OnlineSource(prompts, cfg.loss_type, models, tokenizer, judge, rollout,
-                        batch_size=cfg.per_device_train_batch_size, seed=cfg.seed, sampler=cfg.online_sampler,
+                        batch_size=cfg.per_device_train_batch_size * distributed.current().size, seed=cfg.seed,
+                        sampler=cfg.online_sampler,
                         missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
                         iterations=iterations, iteration_slices=cfg.iteration_slices, vllm=vllm,
                         mixed_p=cfg.objective_args.get("mixed_p", 0.5), avg_rejected=cfg.avg_rejected,

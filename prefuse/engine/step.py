@@ -27,7 +27,12 @@ class Step:
 
     def __init__(self, models: Models, loss_fn: PreferenceLoss, needs: ObjectiveNeeds, *, bf16: bool = False):
         self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
-        self.head = head_of(models.policy)
+        head_of(models.policy)  # a LoRA lm_head is refused here
+
+    @property
+    def head(self):
+        """The policy's head, read per call: FSDP2 swaps the lm_head's parameter (sharded; whole in its forward)."""
+        return head_of(self.models.policy)
 
     @property
     def ref_head(self):

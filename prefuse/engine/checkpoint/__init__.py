@@ -13,6 +13,8 @@ Tensors are stored in safetensors files and everything else in JSON, so loading 
         rng.json, rng.safetensors  python `random`, numpy, torch CPU and CUDA generator states
         trainer_state.json         step, epoch, data position, metrics (its tensors, such as a data generator's
                                    state, go to trainer_state.safetensors)
+        dcp/                       or, for an FSDP2 run, every rank's shards of the trainable weights and their
+                                   optimizer states instead of the weight and optimizer files (distributed.py)
 
 A checkpoint is written into a hidden temporary directory beside its final name, every file and the directory are
 fsynced, and only then is it renamed into place: a writer killed at any point leaves either the complete checkpoint
@@ -28,6 +30,7 @@ from . import files
 from .rng import capture_rng_state, restore_rng_state
 from .state_codec import decode, encode
 from .weights import read_weights, save_weights
+from .distributed import DCP_WEIGHTS, is_sharded, read_distributed_weights
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "resolve_checkpoint", "list_checkpoints"]
 
@@ -38,12 +41,13 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=None, trainer_state: dict,
-                    rng: bool = True, save_total_limit: int | None = None) -> Path:
+                    rng: bool = True, save_total_limit: int | None = None, write_weights=None) -> Path:
     """Write `output_dir/checkpoint-{step}/` atomically and return its path.
 
     For a peft model only the adapter weights are saved (the base model is rebuilt from its own weights). An
     existing checkpoint of the same step is replaced. With `save_total_limit`, only that many checkpoints (the
-    highest steps, this one included) are kept.
+    highest steps, this one included) are kept. write_weights(temp_dir) -> (kind, files): how the weights get
+    into the checkpoint instead (an FSDP2 run's distributed weights: checkpoint/distributed.py).
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -68,7 +72,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
     shutil.rmtree(temp_dir, ignore_errors=True)
     temp_dir.mkdir()
     try:
-        weights_kind, written = save_weights(model, temp_dir)
+        weights_kind, written = (write_weights or (lambda d: save_weights(model, d)))(temp_dir)
         for name, (tree, tensors) in states.items():
             files.write_json(tree, temp_dir / f"{name}.json")
             written.append(f"{name}.json")
@@ -100,15 +104,16 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None, restore_rng:
     """
     path = resolve_checkpoint(output_dir, path)
     manifest = _read_manifest(path)
-    wanted = [name for name, needed in [("trainer_state", True), ("optimizer", optimizer is not None),
+    in_dcp = manifest["weights"] == DCP_WEIGHTS  # the optimizer's states are in the distributed checkpoint
+    wanted = [name for name, needed in [("trainer_state", True), ("optimizer", optimizer is not None and not in_dcp),
                                         ("scheduler", scheduler is not None), ("rng", restore_rng)] if needed]
     absent = [name for name in wanted if name not in manifest["states"]]
     if absent:
         raise ValueError(f"checkpoint {path} has no {', '.join(absent)} state (it was saved without it)")
 
-    copy_weights_in = read_weights(path, manifest["weights"], model)
+    copy_weights_in = _weights_reader(path, manifest, model, optimizer)
     states = {name: _read_state(path, name) for name in wanted}
-    if optimizer is not None:
+    if optimizer is not None and not in_dcp:
         stored = [len(group["params"]) for group in states["optimizer"]["param_groups"]]
         current = [len(group["params"]) for group in optimizer.param_groups]
         if stored != current:
@@ -116,7 +121,7 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None, restore_rng:
                              f"optimizer being loaded {current}")
 
     copy_weights_in()
-    if optimizer is not None:
+    if optimizer is not None and not in_dcp:
         optimizer.load_state_dict(states["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(states["scheduler"])
@@ -130,10 +135,21 @@ def load_weights(path, *, model) -> dict:
     fresh optimizer and schedule); return that checkpoint's trainer state."""
     path = resolve_checkpoint(None, path)
     manifest = _read_manifest(path)
-    copy_weights_in = read_weights(path, manifest["weights"], model)
+    copy_weights_in = _weights_reader(path, manifest, model)
     state = _read_state(path, "trainer_state")
     copy_weights_in()
     return state
+
+
+def _weights_reader(path: Path, manifest: dict, model, optimizer=None):
+    """The function that copies the checkpoint's weights in (and, from a distributed checkpoint, the optimizer's
+    states), once they are read and checked."""
+    if manifest["weights"] == DCP_WEIGHTS:
+        return read_distributed_weights(path, model, optimizer)
+    if is_sharded(model):
+        raise ValueError(f"checkpoint {path} was written by a run without --fsdp; resume it without --fsdp (or "
+                         f"start an --fsdp run from its weights: prefuse export, then --model_name_or_path)")
+    return read_weights(path, manifest["weights"], model)
 
 
 def resolve_checkpoint(output_dir, checkpoint) -> Path:
