@@ -5,6 +5,7 @@ CLI with a reward-function file, the copy rule judge and a pairwise judge, and o
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -457,3 +458,73 @@ def test_mixed_dpo_on_image_pairs_through_the_cli(vlm, tmp_path, capsys):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     assert any(r["mixed/online_fraction"] > 0 for r in records)
+
+
+def judge_rows(vlm, order=(0, 1, 2, 3)):
+    """The image pairs file's prompts, chosen responses and images (absolute paths), images in `order`."""
+    rows = [json.loads(line) for line in Path(vlm["pairs"]).read_text().splitlines()]
+    images = [[str(Path(vlm["pairs"]).parent / rows[i]["images"][0])] for i in order]
+    return [r["prompt"] for r in rows], [r["chosen"] for r in rows], images
+
+
+def test_the_vision_language_judge_scores_yes_against_no_with_the_prompts_images(vlm):
+    """--judge DIR of a vision-language model: score = log P(" yes") - log P(" no") of the model's next token
+    after the question, the images through the vision tower; batched (left-padded) as each row alone in float64."""
+    from PIL import Image
+
+    from prefuse.engine.judges import VisionLanguageJudge, make_judge
+
+    judge = make_judge(judge=str(vlm["model"]), batch_size=3)
+    assert isinstance(judge, VisionLanguageJudge)
+    prompts, completions, images = judge_rows(vlm)
+    completions = [c + " extra words" * i for i, c in enumerate(completions)]  # rows of different lengths
+    got = judge.score(prompts, completions, images=images)
+    processor = transformers.AutoProcessor.from_pretrained(vlm["model"])
+    model64 = transformers.AutoModelForImageTextToText.from_pretrained(vlm["model"], dtype=torch.float64)
+    yes, no = (processor.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in (" yes", " no"))
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        text = f"{prompt}\nResponse: {completion}\nIs the response correct and helpful? Answer yes or no.\nAnswer:"
+        inputs = processor(text=[text], images=[Image.open(images[i][0]).convert("RGB")], return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].double()
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model64(**inputs).logits[0, -1], -1)
+        assert got[i].item() == pytest.approx((logprobs[yes] - logprobs[no]).item(), abs=1e-5), i
+    # the images matter: the same texts with the pictures moved round score differently
+    moved = judge.score(prompts, completions, images=judge_rows(vlm, order=(1, 2, 3, 0))[2])
+    assert (moved - got).abs().max() > 1e-6
+    others = [" It is black.", " No idea.", " Blue, surely.", " Green."]
+    probs = judge.compare(prompts, completions, others, images=images)
+    assert torch.allclose(probs, torch.sigmoid(got - judge.score(prompts, others, images=images)), atol=1e-6)
+    assert torch.equal(judge.compare(prompts, completions, completions, images=images), torch.full((4,), 0.5))
+
+
+def test_vision_language_judge_input_errors_are_one_line(vlm, tmp_path):
+    from prefuse.engine.judges import JudgeError, make_judge
+
+    judge = make_judge(judge=str(vlm["model"]))
+    prompts, completions, images = judge_rows(vlm)
+    with pytest.raises(JudgeError, match=r"^judge: completion 1: field 'images': image 1: .*nowhere.png does not "
+                                         r"exist$"):
+        judge.score(prompts[:2], completions[:2], images=[images[0], [str(tmp_path / "nowhere.png")]])
+    with pytest.raises(JudgeError, match=r"^judge: .*image"):  # 2 placeholders, 1 image
+        judge.score(["<image><image>Which colour?"], [" Red."], images=[images[0]])
+    bare = tmp_path / "no_processor"
+    shutil.copytree(vlm["model"], bare)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(JudgeError, match=r"^judge: .* has no image processor"):
+        make_judge(judge=str(bare))
+
+
+def test_online_mixed_dpo_judged_by_the_vision_language_model_through_the_cli(vlm, tmp_path, capsys):
+    """Mixed-DPO on image pairs whose online pairs a vision-language judge (the tiny LLaVA itself) picks."""
+    argv = ["train", "--online", "--model_name_or_path", str(vlm["model"]), "--dataset_name", str(vlm["pairs"]),
+            "--output_dir", str(tmp_path), "--loss_type", "mixed_dpo", "--mixed_p", "0.25", "--judge",
+            str(vlm["model"]), "--max_steps", "2", "--logging_steps", "1", "--save_steps", "0",
+            "--per_device_train_batch_size", "4", "--max_new_tokens", "4", "--use_peft", "--lora_r", "4",
+            "--report_to", "none", "--seed", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    judged = [r for r in records if r["mixed/online_fraction"] > 0]
+    assert judged and all(math.isfinite(r["objective/scores"]) and r["objective/scores"] != 0 for r in judged)

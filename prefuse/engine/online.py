@@ -250,8 +250,14 @@ class OnlineSource:
         return self.tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
 
     def _columns(self, examples, repeat: int) -> dict:
+        """The judge's columns, each a list of one value per sample; `images`: each example's image sources as
+        read (absolute paths, datasets dicts, PIL images), not the file's relative paths."""
         names = sorted(set().union(*(e.get("columns", {}).keys() for e in examples)))
-        return {n: [e.get("columns", {}).get(n) for e in examples for _ in range(repeat)] for n in names}
+        columns = {n: [e.get("columns", {}).get(n) for e in examples for _ in range(repeat)] for n in names}
+        if self._images(examples) is not None:
+            columns["images"] = [list(e["images"].sources) if e.get("images") is not None else []
+                                 for e in examples for _ in range(repeat)]
+        return columns
 
     def _scores(self, examples, samples: Samples, repeat: int) -> torch.Tensor:
         """The judge's scores of samples [N] (N = len(examples) * repeat, grouped by prompt), minus the missing-EOS

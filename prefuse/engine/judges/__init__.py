@@ -6,6 +6,7 @@
     RewardFunctions   Python reward functions with TRL's signature, weighted and summed   --reward_funcs f.py:name
     RewardModelJudge  a Bradley-Terry reward model (a one-logit sequence classifier)        --reward_model_path DIR
     PairwiseJudge     a pairwise preference model over PAIRWISE_TEMPLATE (compare only)      --judge DIR
+    VisionLanguageJudge  a vision-language model asked yes/no about a response with its images  --judge DIR
     RuleJudge         fn(prompt, completion) -> float; RULE_JUDGES["copy"]: the copy task     --judge copy
 
 `make_judge` builds the one the flags ask for. Scores and probabilities come back on the CPU; every error is a
@@ -25,17 +26,18 @@ from prefuse.engine.judges.models import (
     reward_model_ids,
 )
 from prefuse.engine.judges.rules import RULE_JUDGES, RuleJudge, copy_prompts, copy_reward
+from prefuse.engine.judges.vision import VLM_JUDGE_TEMPLATE, VisionLanguageJudge
 
 __all__ = ["Judge", "JudgeError", "RewardFunctions", "load_reward_function", "RewardModelJudge", "PairwiseJudge",
-           "PAIRWISE_TEMPLATE", "reward_model_ids", "pairwise_ids", "RuleJudge", "RULE_JUDGES", "copy_reward",
-           "copy_prompts", "make_judge"]
+           "PAIRWISE_TEMPLATE", "VisionLanguageJudge", "VLM_JUDGE_TEMPLATE", "reward_model_ids", "pairwise_ids",
+           "RuleJudge", "RULE_JUDGES", "copy_reward", "copy_prompts", "make_judge"]
 
 
 def make_judge(reward_funcs=None, reward_weights=None, reward_model_path=None, judge=None, device="cpu",
                batch_size: int = 16) -> Judge:
     """The judge the flags ask for: exactly one of reward_funcs (`file.py:name` specs or callables, with
     reward_weights), reward_model_path (a reward model directory), judge (a pairwise model directory, or the name
-    of a rule judge: one of RULE_JUDGES)."""
+    of a rule judge: one of RULE_JUDGES, or a vision-language model's directory)."""
     given = [flag for flag, value in (("reward_funcs", reward_funcs), ("reward_model_path", reward_model_path),
                                       ("judge", judge)) if value not in (None, [], "")]
     if not given:
@@ -54,4 +56,17 @@ def make_judge(reward_funcs=None, reward_weights=None, reward_model_path=None, j
     if not Path(judge).expanduser().is_dir():
         raise JudgeError(f"judge: {judge!r} is neither a rule judge ({', '.join(RULE_JUDGES)}) nor a directory "
                          f"(give a pairwise model's directory)")
+    if _is_vision_language(Path(judge).expanduser()):
+        return VisionLanguageJudge(judge, device=device, batch_size=batch_size)
     return PairwiseJudge(judge, device=device, batch_size=batch_size)
+
+
+def _is_vision_language(where: Path) -> bool:
+    """Whether a model directory's config describes a vision-language model."""
+    import json
+
+    try:
+        config = json.loads((where / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the pairwise judge's loader says what is wrong with the directory
+    return isinstance(config, dict) and config.get("vision_config") is not None
