@@ -30,7 +30,7 @@ import torch
 from prefuse.algorithms import get_objective, objective_loss
 from prefuse.algorithms.common import verbose_token_mask
 from prefuse.algorithms.roles import PARTNER, RoleInput, role_inputs
-from prefuse.kernels import RowGroups, group_rows, grouped_logprobs
+from prefuse.kernels import RowGroups, group_rows, grouped_logprobs, grouped_logprobs_shared
 from prefuse.kernels.plan import MODES
 from prefuse.kernels.validate import check_head_inputs, check_transform
 
@@ -144,15 +144,17 @@ class PreferenceLoss(torch.nn.Module):
     objective: a registered objective name (see `prefuse.list_objectives()`) or a list of names combined with
     `loss_weights` (MPO style). Other keyword arguments are the objectives' hyper-parameters; head options:
     ignore_index, temperature, softcap, backend, mode ("auto" | "in_forward" | "recompute" | "frozen_weight"),
-    chunk_size,
-    chunk_budget_bytes, grad_budget_bytes, accumulate_fp32.
+    chunk_size, chunk_budget_bytes, grad_budget_bytes, accumulate_fp32, share_reference_chunks (default True: a
+    reference given with the policy's own frozen lm_head, LoRA's, goes through the policy's chunks on the
+    frozen-weight path; False: its own pass).
     """
 
     def __init__(self, objective: str | Sequence[str] = "sigmoid", *, beta: float = 0.1,
                  loss_weights: Sequence[float] | None = None, ignore_index: int = -100, temperature: float = 1.0,
                  softcap: float | None = None, backend: str = "auto", mode: str = "auto",
                  chunk_size: int | None = None, chunk_budget_bytes: int | None = None,
-                 grad_budget_bytes: int | None = None, accumulate_fp32: bool = True, **hparams):
+                 grad_budget_bytes: int | None = None, accumulate_fp32: bool = True,
+                 share_reference_chunks: bool = True, **hparams):
         super().__init__()
         self.names = [objective] if isinstance(objective, str) else list(objective)
         self.specs = [get_objective(n) for n in self.names]  # ValueError listing the names for an unknown one
@@ -169,10 +171,11 @@ class PreferenceLoss(torch.nn.Module):
         self.backend, self.mode = backend, mode
         self.chunk_size, self.chunk_budget_bytes, self.grad_budget_bytes = (chunk_size, chunk_budget_bytes,
                                                                             grad_budget_bytes)
-        self.accumulate_fp32 = accumulate_fp32
+        self.accumulate_fp32, self.share_reference_chunks = accumulate_fp32, share_reference_chunks
         self.role_inputs = role_inputs(self.specs)
         self.inputs = set().union(*(spec.inputs for spec in self.specs))
         self.last_mode: str | None = None  # the mode the latest forward used
+        self.last_shared = False  # whether the latest forward ran the reference through the policy's chunks
         # the process group over which each batch is sharded by examples (data-parallel training): objectives
         # coupled across the batch (not separable) then see the whole batch (engine/distributed.py)
         self.batch_group = None
@@ -265,19 +268,27 @@ class PreferenceLoss(torch.nn.Module):
         head = dict(temperature=self.temperature, softcap=self.softcap, backend=self.backend,
                     accumulate_fp32=self.accumulate_fp32)
         fixed = {**inputs, **stats.shapes()}
+        shared_logp = None
         if ref_hidden is not None and any(s.source == "ref" for s in wanted):
             # the reference goes through the same rows, chunks and reductions as the policy, so that a policy
             # equal to its reference gives rewards of exactly 0
             ref_weight, ref_bias = (weight, bias if ref_bias is None else ref_bias) if ref_weight is None else (
                 ref_weight, ref_bias)
-            with torch.no_grad():
-                ref_logp = grouped_logprobs(ref_hidden.detach(), ref_weight.detach(), rows,
-                                            bias=None if ref_bias is None else ref_bias.detach(), **head)
+            if (self.share_reference_chunks and rows.frozen_weight and needs_grad
+                    and _same_tensor(ref_weight, weight) and _same_tensor(ref_bias, bias)):
+                # one lm_head (LoRA): each chunk's logits matmul reads it once for both models' rows
+                shared_logp, ref_logp = grouped_logprobs_shared(hidden, ref_hidden, weight, rows, bias=bias, **head)
+            else:
+                with torch.no_grad():
+                    ref_logp = grouped_logprobs(ref_hidden.detach(), ref_weight.detach(), rows,
+                                                bias=None if ref_bias is None else ref_bias.detach(), **head)
             fixed.update(stats.values(ref_logp, "ref"))
+        self.last_shared = shared_logp is not None
 
         if not (needs_grad and rows.in_forward):
             self.last_mode = ("frozen_weight" if rows.frozen_weight else "recompute") if needs_grad else "forward_only"
-            logp = grouped_logprobs(hidden, weight, rows, bias=bias, **head)
+            logp = shared_logp if shared_logp is not None else grouped_logprobs(hidden, weight, rows, bias=bias,
+                                                                                 **head)
             objective_inputs = {**fixed, **stats.values(logp, "policy")}
             loss, metrics = self._objective(self._whole_batch(objective_inputs, role_batch.n_examples))
         else:
@@ -332,3 +343,11 @@ class PreferenceLoss(torch.nn.Module):
 
 
 __all__ = ["PreferenceLoss", "default_roles", "RoleStatistics"]
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether a and b are the same values in memory (a parameter and its detached view), or both None."""
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)

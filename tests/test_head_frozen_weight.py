@@ -184,11 +184,22 @@ def check_objective(name, backend, temperature=1.0, softcap=None):
     loss_fn = PreferenceLoss(name, **head)
     loss, metrics = loss_fn(hidden, weight, labels, roles=roles, **ref_kw, **extra)
     assert loss_fn.last_mode == "frozen_weight"
+    assert loss_fn.last_shared == bool(ref_kw)  # the reference (the same head) rides in the policy's chunks
     (g,) = torch.autograd.grad(loss, [hidden])
+    separate_fn = PreferenceLoss(name, share_reference_chunks=False, **head)
+    loss_sep, metrics_sep = separate_fn(hidden, weight, labels, roles=roles, **ref_kw, **extra)
+    assert separate_fn.last_mode == "frozen_weight" and not separate_fn.last_shared
+    (g_sep,) = torch.autograd.grad(loss_sep, [hidden])
     recompute_fn = PreferenceLoss(name, mode="recompute", **head)
     loss_rec, metrics_rec = recompute_fn(hidden, weight, labels, roles=roles, **ref_kw, **extra)
     assert recompute_fn.last_mode == "recompute"
     (g_rec,) = torch.autograd.grad(loss_rec, [hidden])
+    # shared chunks: the same values up to the float32 rounding of each log-prob (another op computes them)
+    assert_close64(loss, loss_sep, rel=1e-6)
+    for key in metrics:
+        assert_close64(metrics[key], metrics_sep[key], rel=1e-6)
+    assert_close64(g, g_sep, rel=1e-6)
+    loss, metrics, g = loss_sep, metrics_sep, g_sep  # the separate passes: bitwise the recompute path's values
     if temperature == 1.0 and softcap is None:
         plain, plain_metrics = prefuse.objective_loss(
             name, beta=0.2, **plain_inputs(name, hidden, weight, labels, ref_hidden, roles), **extra)
@@ -245,14 +256,38 @@ def test_modes_of_preference_loss_with_a_frozen_head():
     assert auto.last_mode == "forward_only"
 
 
-def test_policy_equal_to_reference_gives_exactly_zero_rewards():
-    """The reference (no gradient) runs the plain forward over the frozen-weight plan's chunks: bitwise equal."""
+@pytest.mark.parametrize("share", [True, False])
+def test_policy_equal_to_reference_gives_exactly_zero_rewards(share):
+    """The reference (no gradient) runs over the frozen-weight plan's chunks, inside the policy's (share) or as a
+    plain forward of its own: bitwise equal."""
     hidden, weight, labels, _, roles = scattered_batch("sigmoid")
     hidden, weight = hidden.detach().float().requires_grad_(), weight.detach().float()
-    loss_fn = PreferenceLoss("sigmoid")
+    loss_fn = PreferenceLoss("sigmoid", share_reference_chunks=share)
     _, metrics = loss_fn(hidden, weight, labels, roles=roles, ref_hidden=hidden.detach().clone())
-    assert loss_fn.last_mode == "frozen_weight"
+    assert loss_fn.last_mode == "frozen_weight" and loss_fn.last_shared == share
     assert metrics["rewards/chosen"] == 0 and metrics["rewards/margins"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_reference_chunks_take_two_matmuls_per_chunk_not_three(backend):
+    """LoRA's reference uses the policy's lm_head: its rows ride in the policy's chunks (one logits matmul for
+    both, one basis matmul for the policy's rows); separately it is a third matmul per chunk. A different
+    reference head (ref_weight of its own) is never shared."""
+    hidden, weight, labels, ref_hidden, roles = scattered_batch("sigmoid")
+    hidden, weight, ref_hidden = hidden.detach().float().requires_grad_(), weight.detach().float(), ref_hidden.float()
+    n_rows = int((labels[torch.cat([roles["chosen"], roles["rejected"]])] != -100).sum())
+    chunks = -(-n_rows // 10)
+    counts = {}
+    for share in (True, False):
+        loss_fn = PreferenceLoss("sigmoid", chunk_size=10, share_reference_chunks=share, backend=backend)
+        with MatmulCounter() as counter:
+            loss, _ = loss_fn(hidden, weight, labels, roles=roles, ref_hidden=ref_hidden)
+            loss.backward()
+        counts[share] = counter.count
+    assert counts == {True: 2 * chunks, False: 3 * chunks}
+    own = PreferenceLoss("sigmoid", chunk_size=10)
+    own(hidden, weight, labels, roles=roles, ref_hidden=ref_hidden, ref_weight=weight.clone())
+    assert own.last_mode == "frozen_weight" and not own.last_shared
 
 
 # -- LoRA end to end ------------------------------------------------------------------------------------------------
@@ -282,14 +317,16 @@ def test_lora_gradients_through_hidden_equal_the_recompute_path():
         with torch.no_grad(), model.disable_adapter():
             ref_hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         loss_fn = PreferenceLoss("sigmoid", beta=0.5, mode=mode, chunk_size=8)
-        loss, _ = loss_fn(hidden, head.weight, labels, ref_hidden=ref_hidden)
+        loss, _ = loss_fn(hidden, head.weight, labels, ref_hidden=ref_hidden, ref_weight=head.weight.detach())
         loss.backward()
         assert loss_fn.last_mode == ("frozen_weight" if mode == "auto" else mode)
+        assert loss_fn.last_shared == (mode == "auto")  # the engine's ref_weight: the same head, detached
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss, got = lora_grads("auto")
     loss_rec, want = lora_grads("recompute")
-    assert torch.equal(loss, loss_rec) and got.keys() == want.keys() and len(got) == 8  # 2 layers x q, v x A, B
+    assert_close64(loss, loss_rec, rel=1e-6)  # the reference's log-probs from the shared chunks' op
+    assert got.keys() == want.keys() and len(got) == 8  # 2 layers x q, v x A, B
     assert head.weight.grad is None
     for name in got:
         assert want[name].abs().max() > 0, name

@@ -103,6 +103,15 @@ def prefuse_preference(hidden, weight, labels, ref_hidden):
     return _step(lambda: loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)[0], hidden, weight)
 
 
+def prefuse_preference_separate_reference(hidden, weight, labels, ref_hidden):
+    """The reference as its own pass over the rows (with a frozen weight, prefuse_preference rides it in the
+    policy's chunks: one weight read fewer per chunk)."""
+    from prefuse.preference import PreferenceLoss
+
+    loss_fn = PreferenceLoss("sigmoid", beta=0.1, share_reference_chunks=False)
+    return _step(lambda: loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)[0], hidden, weight)
+
+
 def materialized_preference(hidden, weight, labels, ref_hidden):
     """Full logits of policy and reference, log_softmax, gather, sum, DPO."""
     def seq_logps(h):
@@ -225,6 +234,7 @@ PATHS.update({p.name: p for p in [
     Path("materialized_logprobs", materialized_logprobs, task="logprobs"),
     Path("trl_chunked_logprob", trl_chunked_logprob, requires="trl", task="logprobs"),
     Path("prefuse_preference", prefuse_preference, task="preference"),
+    Path("prefuse_preference_separate_reference", prefuse_preference_separate_reference, task="preference"),
     Path("materialized_preference", materialized_preference, task="preference"),
     Path("liger_dpo", liger_dpo, requires="liger_kernel", task="preference", warmup=2),
 ]})

@@ -380,39 +380,59 @@ class FusedHeadInForward(torch.autograd.Function):
 
 class FusedLogprobsFrozenWeight(torch.autograd.Function):
     """hidden [N, H] (needs a gradient), weight [V, H] and bias [V] | None (need none), labels [M], index [M] | None
-    as in FusedLogprobs -> logp [M] float32.
+    as in FusedLogprobs -> logp [M] float32; with ref_hidden [N, H] (a reference through the same lm_head: LoRA's
+    base model) -> (logp [M], ref_logp [M] without gradient).
 
     The basis is held as hidden-shaped [N, H] in hidden's dtype (zero at the rows not in index): the size and dtype
     of the grad_hidden the recompute path allocates in backward, here allocated in forward, and backward scales it
     in place (peak: the same one [N, H] buffer). In bf16/fp16 the scaled gradient is rounded twice (the basis, then
     the product) where the recompute path rounds dz once before its matmul. Backward can run once (the basis is
     consumed); label smoothing's mean_logp needs a second basis and is refused; vocabulary tiles are refused (a
-    row's softmax is known only after its whole vocabulary)."""
+    row's softmax is known only after its whole vocabulary).
+
+    With ref_hidden each chunk holds the plan's m policy rows and the reference's m rows at the same positions: one
+    logits matmul reads the weight once for both models (two weight reads per chunk instead of three: logits and
+    basis, where separate passes read it for the policy's logits, its basis and the reference's logits), only the
+    policy's rows form a basis, and the logits buffer holds 2m rows (twice the plan's)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None):
-        """chunks and stats_sink as in FusedLogprobs.forward (cfg.stats_top_k: statistics from the same chunks)."""
+    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None,
+                ref_hidden=None):
+        """chunks and stats_sink as in FusedLogprobs.forward (cfg.stats_top_k: statistics from the same chunks,
+        of the policy's rows)."""
         if cfg.with_mean_logp:
             raise ValueError("with_mean_logp: the frozen-weight mode holds one basis per row (no mean_logp); use "
                              "mode='recompute' or 'in_forward' with label smoothing")
         if cfg.vocab_tile is not None:
             raise ValueError("vocab_tile: the frozen-weight mode needs whole-vocabulary rows")
+        shared = ref_hidden is not None
+        if shared and ref_hidden.shape != hidden.shape:
+            raise ValueError(f"ref_hidden: {tuple(ref_hidden.shape)} must equal hidden's {tuple(hidden.shape)}")
         n_rows = labels.shape[0]
         acc = _GradAccumulator(hidden, index, weight, None, True, False, False, cfg.accumulate_fp32)
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        ref_logp = torch.empty_like(logp) if shared else None
         chunks = chunk_slices(n_rows, cfg.rows_per_chunk) if chunks is None else chunks
         longest = max((c.stop - c.start for c in chunks), default=1)
-        buffer = logits_buffer(labels, weight, longest)
-        ones = torch.ones(longest, dtype=torch.float32, device=hidden.device)
+        per_chunk = 2 * longest if shared else longest
+        buffer = torch.empty(per_chunk * weight.shape[0], dtype=weight.dtype, device=weight.device)  # [per_chunk, V]
+        ones = torch.ones(per_chunk, dtype=torch.float32, device=hidden.device)
         for rows in chunks:
             h, lab = gather_rows(hidden, index, rows), labels[rows]
+            m = rows.stop - rows.start
+            if shared:  # the policy's rows, then the reference's at the same positions
+                h = torch.cat([h, gather_rows(ref_hidden, index, rows)])
+                lab = torch.cat([lab, lab])
             logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
             if cfg.stats_top_k is not None:
-                stats_sink.append(cfg.ops.logits_stats(logits, lab, top_k=cfg.stats_top_k, **cfg.op_kwargs()))
-            m = rows.stop - rows.start
+                stats_sink.append(cfg.ops.logits_stats(logits[:m], lab[:m], top_k=cfg.stats_top_k,
+                                                       **cfg.op_kwargs()))
             if _folds(cfg, weight):  # one pass fewer: the row normalization goes onto the [m, H] product
                 lp, _, u, row_scale = torch_ops.logits_forward_basis_(logits, lab, inv_temperature=cfg.inv_temperature)
-                logp[rows] = lp
+                logp[rows] = lp[:m]
+                if shared:
+                    ref_logp[rows] = lp[m:]
+                u, row_scale = u[:m], row_scale[:m]
                 if index is None:
                     block = torch.mm(u, weight, out=acc.grad_hidden[rows])
                     block.mul_(row_scale[:, None])
@@ -421,17 +441,23 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
                 del logits, u
                 continue
             # the in-forward op with coefficient 1 per row: dz = onehot - softmax, through the transform
-            lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones[:m], None),
+            lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones[:lab.shape[0]], None),
                                                           **cfg.op_kwargs())
-            logp[rows] = lp
-            acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h)  # basis rows = dz @ W
+            logp[rows] = lp[:m]
+            if shared:
+                ref_logp[rows] = lp[m:]
+            acc.add(rows, _compute_dtype_grad(grad[:m], hidden.dtype), h[:m])  # basis rows = dz @ W
             del logits, grad
         ctx.basis = acc.grad_hidden
+        ctx.shared = shared
         ctx.save_for_backward(index)
+        if shared:
+            ctx.mark_non_differentiable(ref_logp)
+            return logp, ref_logp
         return logp
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, *_):
         (index,) = ctx.saved_tensors
         basis, ctx.basis = ctx.basis, None  # consumed: scaled in place and handed over
         if basis is None:
@@ -441,4 +467,4 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
         if index is not None:  # per hidden row; 0 for the rows without a label (their basis is 0)
             scale = torch.zeros(basis.shape[0], dtype=torch.float32, device=basis.device).index_copy_(0, index, scale)
         basis.mul_(scale[:, None])  # float32 product, rounded once to hidden's dtype
-        return basis, None, None, None, None, None, None, None
+        return basis, None, None, None, None, None, None, None, None

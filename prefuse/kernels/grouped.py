@@ -23,14 +23,14 @@ from typing import Callable
 import torch
 
 from prefuse.kernels.api import logprobs_function
-from prefuse.kernels.fused_head import FusedHeadInForward, HeadConfig
+from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobsFrozenWeight, HeadConfig
 from prefuse.kernels.plan import MODES, Plan, make_plan
 from prefuse.kernels.rows import zero_connected
 from prefuse.kernels.validate import check_transform, resolve_backend
 
 GroupCoefFn = Callable[[slice, torch.Tensor], torch.Tensor]
 
-__all__ = ["RowGroups", "group_rows", "grouped_logprobs", "GroupCoefFn"]
+__all__ = ["RowGroups", "group_rows", "grouped_logprobs", "grouped_logprobs_shared", "GroupCoefFn"]
 
 
 @dataclass(frozen=True)
@@ -159,3 +159,32 @@ def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups
                                                   lambda chunk, lp, _mean: (coef_fn(chunk, lp), None), needs,
                                                   rows.chunks)
     return surrogate, logp
+
+
+def grouped_logprobs_shared(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups,
+                            *, bias: torch.Tensor | None = None, temperature: float = 1.0,
+                            softcap: float | None = None, backend: str = "auto", accumulate_fp32: bool = True):
+    """(logp [M], ref_logp [M]) of `rows` for a policy and a reference that share the lm_head (LoRA: the reference
+    is the base model, adapters disabled). hidden and ref_hidden [S, T, H] (or [S * T, H]); weight [V, H] and
+    bias [V] need no gradient. On the frozen-weight plan with only hidden needing a gradient, the reference's rows
+    go through the policy's chunks (one logits matmul per chunk for both, the reference's rows without a basis);
+    otherwise the reference runs as its own pass over the same rows without gradient. ref_logp has no gradient."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ref_flat = ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()
+    if ref_flat.shape != flat.shape:
+        raise ValueError(f"ref_hidden: {tuple(ref_hidden.shape)} does not match hidden's {tuple(hidden.shape)}")
+    head = dict(bias=bias, temperature=temperature, softcap=softcap, backend=backend, accumulate_fp32=accumulate_fp32)
+    on = torch.is_grad_enabled()
+    needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias))
+    if not (rows.frozen_weight and needs == (True, False, False) and rows.n_rows > 0):
+        with torch.no_grad():
+            ref_logp = grouped_logprobs(ref_flat, weight.detach(), rows,
+                                        **{**head, "bias": None if bias is None else bias.detach()})
+        return grouped_logprobs(hidden, weight, rows, **head), ref_logp
+    check_transform(temperature, softcap)
+    if flat.shape[0] != rows.shape[0] * rows.shape[1]:
+        raise ValueError(f"hidden: {tuple(hidden.shape)} does not hold the {rows.shape[0]} x {rows.shape[1]} "
+                         f"positions of the rows' labels")
+    cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
+    return FusedLogprobsFrozenWeight.apply(flat, weight, bias, rows.labels, rows.index, cfg, rows.chunks, None,
+                                           ref_flat)
