@@ -528,3 +528,35 @@ def test_online_mixed_dpo_judged_by_the_vision_language_model_through_the_cli(vl
     assert [r["step"] for r in records] == [1, 2]
     judged = [r for r in records if r["mixed/online_fraction"] > 0]
     assert judged and all(math.isfinite(r["objective/scores"]) and r["objective/scores"] != 0 for r in judged)
+
+
+def test_the_mixture_sampler_reads_each_prompts_images(vlm, tmp_path):
+    """Nash-MD's geometric mixture on a tiny LLaVA: both models read each sample's pixel values with its prompt;
+    the first step's mixture log-probs equal softmax((1 - m) log pi + m log pi_ref) of the two models' own
+    multimodal logits (and not those with another example's picture)."""
+    from prefuse.engine.rollout import RolloutConfig, sample_mixture
+
+    cfg = TrainConfig(model_name_or_path=str(vlm["model"]), dataset_name=str(vlm["pairs"]), output_dir=str(tmp_path),
+                      loss_type=["nash_md"], online=True, per_device_train_batch_size=4, max_new_tokens=3,
+                      temperature=1.0, report_to="none", max_steps=1, save_steps=0,
+                      reward_funcs=[f"{vlm['rewards']}:brevity_seen"])
+    run = perturbed(build_run(cfg))
+    batch = run.source.next_batch()  # a policy sample against a mixture sample of every prompt, with its image
+    assert batch.vision["pixel_values"].shape[0] == batch.input_ids.shape[0] == 4
+    examples = run.source.prompts.examples[:2]
+    m = 0.3
+    samples = sample_mixture(run.step.models, [e["prompt_ids"] for e in examples],
+                             RolloutConfig(max_new_tokens=2, temperature=1.0, num_generations=1, mixture_coef=m),
+                             seed=0, eos_id=None, pad_id=0, record=True, images=[e["images"] for e in examples])
+    first = samples.extra["step_logprobs"][0]  # [2, V]
+
+    def mixture(example, pictures):
+        ids = torch.tensor([example["prompt_ids"]])
+        with torch.no_grad():
+            policy, reference = (torch.log_softmax(model(input_ids=ids, **pictures.model_inputs()).logits[0, -1], -1)
+                                 for model in (run.policy, run.step.models.reference))
+        return torch.log_softmax((1 - m) * policy + m * reference, -1)
+
+    for i, example in enumerate(examples):
+        assert torch.allclose(first[i], mixture(example, example["images"]), atol=1e-4), i
+        assert (first[i] - mixture(example, examples[1 - i]["images"])).abs().max() > 1e-3, i

@@ -232,16 +232,17 @@ class OnlineSource:
         prompt_ids, images = [e["prompt_ids"] for e in examples], self._images(examples)
         cfg = RolloutConfig(**{**self.rollout.__dict__, "num_generations": k,
                                **({"temperature": 0.0} if greedy else {})})
-        if images is not None and (kind == "mixture" or (kind == "policy" and self.vllm is not None)):
-            raise ValueError(f"online_sampler: {'--use_vllm' if kind == 'policy' else 'the mixture sampler'} does "
-                             f"not take images yet; sample a vision-language model from the policy")
+        if images is not None and kind == "policy" and self.vllm is not None:
+            raise ValueError("use_vllm: the vLLM rollout does not take images yet; sample a vision-language model "
+                             "from the policy (without --use_vllm)")
         if kind == "policy" and self.vllm is not None:
             if self._synced != self.served:  # the policy's weights as they are for this batch
                 self.vllm.sync(self.models.policy)
                 self._synced = self.served
             return self.vllm.sample(prompt_ids, cfg, seed=seed, eos_id=self.eos_id)
         if kind == "mixture":
-            return sample_mixture(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id)
+            return sample_mixture(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id,
+                                  **({"images": images} if images is not None else {}))
         sampler = {"policy": sample_policy, "reference": sample_reference}[kind]
         return sampler(self.models, prompt_ids, cfg, seed=seed, eos_id=self.eos_id, pad_id=self.pad_id,
                        **({"images": images} if images is not None else {}))

@@ -13,7 +13,7 @@ next-token log-probs at every step, has its own loop with one KV cache per model
 
 A vision-language model's prompts come with their images: `sample_policy(..., images=[e["images"] for e in
 examples])` (one `data.ExampleImages` per prompt, from tokenize_prompts / tokenize_preferences with the processor);
-each sample's row then gets its prompt's pixel values. The mixture does not take images yet.
+each sample's row then gets its prompt's pixel values (the mixture's too).
 """
 from __future__ import annotations
 
@@ -202,16 +202,23 @@ def _all_finished(finished: torch.Tensor, synced: bool) -> bool:
 
 
 def sample_mixture(models: Models, prompts: list[list[int]], cfg: RolloutConfig, *, seed: int, eos_id: int | None,
-                   pad_id: int, record: bool = False) -> Samples:
+                   pad_id: int, record: bool = False, images=None) -> Samples:
     """num_generations responses per prompt from the token-level geometric mixture of policy and reference,
     softmax((1 - m) log pi + m log pi_ref) with m = cfg.mixture_coef, then temperature and top_p. record: keep
-    each step's mixture log-probs [N, V] in `extra["step_logprobs"]` (tests)."""
+    each step's mixture log-probs [N, V] in `extra["step_logprobs"]` (tests). images: as sample_policy's; both
+    models read each sample's pixel values in the first step (the prompt), the KV caches hold them after."""
     policy = models.policy
     reference, ref_context = reference_context(models)
-    _check_images(policy, prompts, None)
+    _check_images(policy, prompts, images)
     device = next(policy.parameters()).device
     repeated = [p for p in prompts for _ in range(cfg.num_generations)]
     input_ids, mask = left_padded(repeated, pad_id, device)
+    first_inputs = {}
+    if images is not None:
+        if len(images) != len(prompts):
+            raise ValueError(f"images: {len(images)} entries for {len(prompts)} prompts")
+        first_inputs = {n: v.to(device) for n, v in
+                        vision_inputs([im for im in images for _ in range(cfg.num_generations)]).items()}
     started = time.perf_counter()
     caches = [None, None]
     generated, finished, recorded = [], torch.zeros(len(repeated), dtype=torch.bool, device=device), []
@@ -223,7 +230,8 @@ def sample_mixture(models: Models, prompts: list[list[int]], cfg: RolloutConfig,
             for i, (model, context) in enumerate(((policy, contextlib.nullcontext), (reference, ref_context))):
                 with context():
                     out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=caches[i], use_cache=True)
+                                past_key_values=caches[i], use_cache=True,
+                                **(first_inputs if caches[i] is None else {}))
                 caches[i] = out.past_key_values
                 logits.append(out.logits[:, -1])
             logprobs = mixture_logprobs(logits[0], logits[1], cfg.mixture_coef)
