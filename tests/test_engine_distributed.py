@@ -582,7 +582,7 @@ def test_export_writes_what_from_pretrained_loads(files, two_ranks, tmp_path):
 
 def test_what_one_process_or_several_ranks_refuse_in_one_line(files, tmp_path, capsys):
     from prefuse.cli import build_parser, main
-    from prefuse.engine.distributed import World, check_last_batch, check_supported, shard_bounds
+    from prefuse.engine.distributed import World, check_last_batch, check_supported, shard_batch, shard_bounds
 
     argv = train_argv(files, tmp_path, 1, max_steps=1)
     assert build_parser().parse_args(argv + ["--fsdp"]).fsdp == "full_shard"  # transformers' spelling, or bare
@@ -601,6 +601,13 @@ def test_what_one_process_or_several_ranks_refuse_in_one_line(files, tmp_path, c
         check_last_batch(9, 4, two, "per_device_train_batch_size")
     check_last_batch(10, 4, two, "per_device_train_batch_size")
     assert [shard_bounds(5, r, 2) for r in (0, 1)] == [(0, 3), (3, 5)]
+    from prefuse.engine.sources import Batch
+
+    ids = torch.ones(4, 3, dtype=torch.long)
+    pictures = Batch(ids, ids, ids, {"chosen": torch.tensor([0, 1]), "rejected": torch.tensor([2, 3])}, {}, None,
+                     {}, vision={"pixel_values": torch.zeros(4, 3, 8, 8)})
+    with pytest.raises(ValueError, match=r"^images: offline batches with images are not split over ranks yet"):
+        shard_batch(pictures, 0, 2)
     # what DDP wraps: head_of finds the policy's lm_head through DDP's and the StepModule's `module`
     from prefuse.engine.distributed import StepModule
     from prefuse.heads import head_of

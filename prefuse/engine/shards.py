@@ -38,8 +38,8 @@ def shard_batch(batch: Batch, rank: int, size: int) -> Batch:
     if n < size:
         raise ValueError(f"a global batch of {n} example(s) cannot be split over {size} ranks (each needs one)")
     if batch.vision:
-        raise ValueError("distributed training of batches with images is not supported yet; train them in one "
-                         "process")
+        raise ValueError("images: offline batches with images are not split over ranks yet; train a "
+                         "vision-language model in one process")
     start, stop = shard_bounds(n, rank, size)
     roles = {role: rows[start:stop] for role, rows in batch.roles.items()}
     kept = torch.unique(torch.cat([rows.reshape(-1) for rows in roles.values()]))  # sorted: the rows' order
