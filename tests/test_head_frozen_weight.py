@@ -38,7 +38,7 @@ def frozen_inputs(n, h, v, bias=True, **kw):
 class MatmulCounter(TorchDispatchMode):
     """Counts the matrix products (aten mm / addmm / bmm) run under it, forward and backward alike."""
 
-    OPS = {"mm", "addmm", "bmm", "baddbmm"}
+    OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm"}
 
     def __init__(self):
         super().__init__()
@@ -91,6 +91,77 @@ def test_two_matmuls_per_chunk_not_three(backend):
 
     assert count("auto") == 2 * chunks  # logits, dz @ W
     assert count("recompute") == 3 * chunks  # logits; backward: logits again, dz @ W
+
+
+# -- vocabulary tiles: the online softmax of the basis ----------------------------------------------------------------
+
+TILED = dict(chunk_budget_bytes=4096)  # 37 rows x 256-wide tiles of V=300 (a whole tile and a 44-wide one)
+
+
+@pytest.mark.parametrize("temperature,bias", [(1.0, False), (0.7, True)])
+def test_vocabulary_tiles_form_the_basis_with_an_online_softmax(temperature, bias):
+    """float32 on the CPU takes vocabulary tiles (the row's max and sums carried from tile to tile, the basis
+    accumulator rescaled when the max grows): log-probs and grad_hidden equal float64 and the whole-row chunks;
+    each tile is two matmuls (its logits, exp @ W), and backward runs none."""
+    from prefuse.kernels.plan import make_plan
+
+    hidden, weight, labels, b = frozen_inputs(48, 16, 300, bias=bias, scale=4.0)  # max logits in either tile
+    n_rows = int((labels != -100).sum())
+    plan = make_plan(n_rows=n_rows, hidden_size=16, vocab=300, dtype=torch.float32, device=torch.device("cpu"),
+                     needs_grad=True, upstream_known=False, weight_frozen=True, **TILED)
+    assert (plan.mode, plan.rows_per_chunk, plan.vocab_tile) == ("frozen_weight", n_rows, 256)
+    kw = dict(bias=b, temperature=temperature, backend="torch")
+    with MatmulCounter() as counter:
+        out = prefuse.linear_logprobs(hidden, weight, labels, **kw, **TILED)
+        (g,) = grads(out, [hidden])
+    assert counter.count == 2 * 2  # one row chunk, two tiles: logits and exp @ W_tile each
+    whole = prefuse.linear_logprobs(hidden, weight, labels, chunk_size=16, **kw)
+    (g_whole,) = grads(whole, [hidden])
+    ref = logprobs64(hidden, weight, labels, b, temperature=temperature)
+    (g_ref,) = grads(ref, [hidden])
+    assert_close64(out, ref)
+    assert_close64(g, g_ref)
+    assert_close64(out, whole, rel=2e-6)
+    assert_close64(g, g_whole, rel=2e-6)
+    assert torch.all(g[labels == -100] == 0)
+
+
+def test_tiles_fall_back_to_whole_rows_where_they_cannot_fold():
+    """softcap (its chain rule needs each logit's tanh) takes whole-vocabulary rows in the tiles' buffer."""
+    hidden, weight, labels, b = frozen_inputs(48, 16, 300, scale=3.0)
+    out = prefuse.linear_logprobs(hidden, weight, labels, softcap=2.0, backend="torch", **TILED)
+    (g,) = grads(out, [hidden])
+    ref = logprobs64(hidden, weight, labels, softcap=2.0)
+    (g_ref,) = grads(ref, [hidden])
+    assert_close64(out, ref)
+    assert_close64(g, g_ref)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "kto", "grpo"])
+def test_tiles_with_the_reference_in_the_policys_chunks(name):
+    """PreferenceLoss on float32 with tiles: the reference's rows ride in the policy's tiled chunks; loss, metrics
+    and grad_hidden equal the recompute path's (float32 rounding) and the policy equal to its reference gets
+    rewards of exactly 0."""
+    hidden, weight, labels, ref_hidden, roles = scattered_batch(name)
+    hidden, weight = hidden.detach().float().requires_grad_(), weight.detach().float()
+    ref_kw = {"ref_hidden": ref_hidden.float()} if uses_reference(name) else {}
+    extra = extras(name, torch.Generator().manual_seed(1))
+    extra = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in extra.items()}
+    loss_fn = PreferenceLoss(name, beta=0.2, **TILED)
+    loss, metrics = loss_fn(hidden, weight, labels, roles=roles, **ref_kw, **extra)
+    assert loss_fn.last_mode == "frozen_weight" and loss_fn.last_shared == bool(ref_kw)
+    (g,) = torch.autograd.grad(loss, [hidden])
+    recompute_fn = PreferenceLoss(name, beta=0.2, mode="recompute", **TILED)
+    loss_rec, metrics_rec = recompute_fn(hidden, weight, labels, roles=roles, **ref_kw, **extra)
+    (g_rec,) = torch.autograd.grad(loss_rec, [hidden])
+    assert_close64(loss, loss_rec, rel=1e-5)
+    for key in metrics:
+        assert_close64(metrics[key], metrics_rec[key], rel=1e-5)
+    assert g_rec.abs().max() > 0
+    assert_close64(g, g_rec, rel=1e-5)
+    if name == "sigmoid":
+        _, same = loss_fn(hidden, weight, labels, roles=roles, ref_hidden=hidden.detach().clone(), **extra)
+        assert same["rewards/chosen"] == 0 and same["rewards/margins"] == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

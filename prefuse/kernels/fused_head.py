@@ -378,6 +378,27 @@ class FusedHeadInForward(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+def _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg: HeadConfig, basis_rows: int):
+    """(logp [m], basis [basis_rows, H] float32) of one row chunk h [m, H] (labels lab [m]) from its vocabulary
+    tiles with an online softmax (torch_ops.basis_tile_): the first basis_rows rows form a basis."""
+    m = h.shape[0]
+    run_max = torch.full((m,), float("-inf"), dtype=torch.float32, device=h.device)
+    run_sum = torch.zeros(m, dtype=torch.float32, device=h.device)
+    target = torch.zeros(m, dtype=torch.float32, device=h.device)
+    acc = torch.zeros(basis_rows, weight.shape[1], dtype=torch.float32, device=h.device)
+    for tile in tiles:
+        w_tile, b_tile = _tile(weight, bias, tile)
+        logits = chunk_logits(h, w_tile, b_tile, out=buffer, columns=cfg.columns)
+        target += torch_ops.basis_tile_(logits, lab - tile.start, w_tile, run_max, run_sum, acc,
+                                        inv_temperature=cfg.inv_temperature)
+    lse = run_max + run_sum.log()
+    # basis = t (w_label - sum_v softmax_v w_v)
+    basis = acc.div_(run_sum[:basis_rows, None]).neg_().add_(weight.index_select(0, lab[:basis_rows]))
+    if cfg.inv_temperature != 1.0:
+        basis.mul_(cfg.inv_temperature)
+    return target - lse, basis
+
+
 class FusedLogprobsFrozenWeight(torch.autograd.Function):
     """hidden [N, H] (needs a gradient), weight [V, H] and bias [V] | None (need none), labels [M], index [M] | None
     as in FusedLogprobs -> logp [M] float32; with ref_hidden [N, H] (a reference through the same lm_head: LoRA's
@@ -387,8 +408,10 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
     of the grad_hidden the recompute path allocates in backward, here allocated in forward, and backward scales it
     in place (peak: the same one [N, H] buffer). In bf16/fp16 the scaled gradient is rounded twice (the basis, then
     the product) where the recompute path rounds dz once before its matmul. Backward can run once (the basis is
-    consumed); label smoothing's mean_logp needs a second basis and is refused; vocabulary tiles are refused (a
-    row's softmax is known only after its whole vocabulary).
+    consumed); label smoothing's mean_logp needs a second basis and is refused. With cfg.vocab_tile (the torch
+    backend in float32 without softcap) each row chunk runs over vocabulary tiles with an online softmax: the
+    running max and sum per row and the running sum of exp(z - max) w_v [m, H], rescaled when the max grows
+    (`torch_ops.basis_tile_`); elsewhere a tiled plan runs whole-vocabulary rows in a buffer of the tiles' size.
 
     With ref_hidden each chunk holds the plan's m policy rows and the reference's m rows at the same positions: one
     logits matmul reads the weight once for both models (two weight reads per chunk instead of three: logits and
@@ -403,19 +426,25 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
         if cfg.with_mean_logp:
             raise ValueError("with_mean_logp: the frozen-weight mode holds one basis per row (no mean_logp); use "
                              "mode='recompute' or 'in_forward' with label smoothing")
-        if cfg.vocab_tile is not None:
-            raise ValueError("vocab_tile: the frozen-weight mode needs whole-vocabulary rows")
         shared = ref_hidden is not None
         if shared and ref_hidden.shape != hidden.shape:
             raise ValueError(f"ref_hidden: {tuple(ref_hidden.shape)} must equal hidden's {tuple(hidden.shape)}")
-        n_rows = labels.shape[0]
+        n_rows, vocab = labels.shape[0], weight.shape[0]
+        rows_per_chunk, tiles = cfg.rows_per_chunk, None
+        if cfg.vocab_tile is not None and cfg.vocab_tile < vocab:
+            if _folds(cfg, weight) and cfg.stats_top_k is None:  # the online softmax over vocabulary tiles
+                tiles = vocab_slices(vocab, cfg.vocab_tile)
+            else:  # whole-vocabulary rows (softcap, bf16, Triton, statistics) in a buffer of the tiles' size
+                rows_per_chunk = max(1, cfg.rows_per_chunk * cfg.vocab_tile // vocab)
+                chunks = None
         acc = _GradAccumulator(hidden, index, weight, None, True, False, False, cfg.accumulate_fp32)
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         ref_logp = torch.empty_like(logp) if shared else None
-        chunks = chunk_slices(n_rows, cfg.rows_per_chunk) if chunks is None else chunks
+        chunks = chunk_slices(n_rows, rows_per_chunk) if chunks is None else chunks
         longest = max((c.stop - c.start for c in chunks), default=1)
         per_chunk = 2 * longest if shared else longest
-        buffer = torch.empty(per_chunk * weight.shape[0], dtype=weight.dtype, device=weight.device)  # [per_chunk, V]
+        width = vocab if tiles is None else cfg.vocab_tile
+        buffer = torch.empty(per_chunk * width, dtype=weight.dtype, device=weight.device)  # [per_chunk, width]
         ones = torch.ones(per_chunk, dtype=torch.float32, device=hidden.device)
         for rows in chunks:
             h, lab = gather_rows(hidden, index, rows), labels[rows]
@@ -423,6 +452,17 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
             if shared:  # the policy's rows, then the reference's at the same positions
                 h = torch.cat([h, gather_rows(ref_hidden, index, rows)])
                 lab = torch.cat([lab, lab])
+            if tiles is not None:
+                lp, basis = _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg, m)
+                logp[rows] = lp[:m]
+                if shared:
+                    ref_logp[rows] = lp[m:]
+                if index is None:
+                    acc.grad_hidden[rows] = basis
+                else:
+                    acc.grad_hidden.index_copy_(0, index[rows], basis.to(hidden.dtype))
+                del basis
+                continue
             logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
             if cfg.stats_top_k is not None:
                 stats_sink.append(cfg.ops.logits_stats(logits[:m], lab[:m], top_k=cfg.stats_top_k,

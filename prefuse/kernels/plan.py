@@ -9,8 +9,9 @@ CPU (bench/) and a tenth of the memory. The in-forward
 gradient mode also holds grad_hidden [M, H] and a float32 grad_weight [V, H] from forward to backward; it is taken
 when the upstream gradient is known in forward and those buffers fit in `grad_budget_bytes`.
 The frozen-weight mode (hidden needs a gradient, weight and bias do not) forms each row's gradient basis in forward
-and holds it [N, H] in hidden's dtype, the size of the grad_hidden every path returns; it also needs
-whole-vocabulary rows (a row's softmax is complete only after its whole vocabulary), under its own budget.
+and holds it [N, H] in hidden's dtype, the size of the grad_hidden every path returns. On the CPU in float32 it
+tiles the vocabulary like the recompute path (the torch backend's online softmax of the basis); elsewhere it takes
+whole-vocabulary rows (a row's softmax is complete only after its whole vocabulary) under its own budget.
 """
 from __future__ import annotations
 
@@ -80,6 +81,13 @@ def make_plan(
         raise ValueError("mode: 'frozen_weight' needs a weight (and bias) that require no gradient and a hidden "
                          "that does; use mode='auto'")
     if needs_grad and weight_frozen and mode in ("auto", "frozen_weight"):
+        if chunk_size is None and dtype == torch.float32 and device.type == "cpu":
+            # the torch backend's online softmax over vocabulary tiles: 512 rows x budget-sized tiles
+            tile_rows = min(TILE_ROWS, max(n_rows, 1))
+            tile = rows_for_budget(tile_rows, itemsize, chunk_budget_bytes or RECOMPUTE_CHUNK_BUDGET_BYTES)
+            tile = max(MIN_VOCAB_TILE, tile - tile % MIN_VOCAB_TILE)
+            if tile < vocab:
+                return Plan(tile_rows, "frozen_weight", vocab_tile=tile)
         rows = chunk_size or rows_for_budget(vocab, itemsize, chunk_budget_bytes or FROZEN_CHUNK_BUDGET_BYTES)
         return Plan(max(1, min(rows, max(n_rows, 1))), "frozen_weight")
     chunk_budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES

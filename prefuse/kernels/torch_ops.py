@@ -199,6 +199,32 @@ def logits_forward_basis_(logits: torch.Tensor, labels: torch.Tensor, *, inv_tem
     return target - lse, lse, (buf if vdim == 1 else buf.t()), sum_exp.reciprocal().mul_(-inv_temperature)
 
 
+def basis_tile_(logits: torch.Tensor, labels: torch.Tensor, weight_tile: torch.Tensor, run_max: torch.Tensor,
+                run_sum: torch.Tensor, acc: torch.Tensor, *, inv_temperature: float = 1.0) -> torch.Tensor:
+    """One vocabulary tile of the frozen-weight forward with an online softmax (torch backend, float32/64, no
+    softcap), so that a row's basis needs no whole-vocabulary row.
+
+    logits [m, Vt] (the tile's raw logits, consumed), labels [m] tile-local (outside [0, Vt): not in this tile),
+    weight_tile [Vt, H]. Updated in place, over the tiles of a row chunk: run_max [m] (start at -inf) and run_sum
+    [m] (start at 0), the running max of z = t x and sum of exp(z - run_max); acc [r, H] (r <= m, start at 0),
+    sum_v exp(z_v - run_max) w_v of the first r rows (the rows that form a basis; the rest only need their
+    log-probs). Returns z at the label where it lies in the tile, else 0. After the last tile: lse = run_max +
+    log(run_sum), logp = sum of the returns - lse, basis = t (w_label - acc / run_sum)."""
+    buf, vdim, _ = _transform(logits, inv_temperature, None)
+    width = buf.shape[vdim]
+    in_tile = (labels >= 0) & (labels < width)
+    target = torch.where(in_tile, _gather(buf, vdim, labels.clamp(0, width - 1)), torch.zeros_like(run_max))
+    new_max = torch.maximum(run_max, buf.amax(dim=vdim))
+    scale = (run_max - new_max).exp_()  # 0 at the first tile (run_max = -inf)
+    buf.sub_(_per_token(new_max, vdim)).exp_()
+    run_sum.mul_(scale).add_(buf.sum(dim=vdim))
+    rows = acc.shape[0]
+    probs = buf if vdim == 1 else buf.t()  # [m, Vt] unnormalized: exp(z - new_max)
+    acc.mul_(scale[:rows, None]).addmm_(probs[:rows], weight_tile.to(probs.dtype))
+    run_max.copy_(new_max)
+    return target
+
+
 def folded_shift(lse: torch.Tensor, coef_target: torch.Tensor, coef_uniform: torch.Tensor | None,
                  inv_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift [m], row_scale [m]) of the folded recompute (torch backend, float32/64, no softcap).
