@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama  # noqa: E402
+from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -65,9 +65,18 @@ def files(tmp_path_factory):
         prompts = [json.loads(next(f))["prompt"][:80] for _ in range(11)]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     (root / "rewards.py").write_text(BREVITY)
+    save_tiny_llava(root / "vlm", tokenizer)
+    from PIL import Image
+
+    (root / "images").mkdir()
+    for i in range(8):  # 8 prompts with a picture each: global batches of 4, 2 per rank
+        pixels = torch.randint(0, 256, (20, 24, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(root / "images" / f"{i}.png")
+    (root / "image_prompts.jsonl").write_text("".join(json.dumps(
+        {"images": [f"images/{i}.png"], "prompt": f"<image>What is in picture {i}?"}) + "\n" for i in range(8)))
     paths = {"model": root / "model", "tied": root / "tied", "prompts": root / "prompts.jsonl",
              "rewards": root / "rewards.py", "pairs": root / "pairs.jsonl", "unpaired": root / "unpaired.jsonl",
-             "root": root}
+             "vlm": root / "vlm", "image_prompts": root / "image_prompts.jsonl", "root": root}
     paths["pairs"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
     paths["unpaired"].write_text("".join(  # 22 completions: 4 x 5 and a last global batch of 2 (ranks: 1 + 1)
         json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}) + "\n"
@@ -86,8 +95,9 @@ def config(files, out, data, ranks, **flags):
                   per_device_train_batch_size=PER_DEVICE * WORLD // ranks, lr_scheduler_type="constant", seed=3,
                   per_device_eval_batch_size=PER_DEVICE * WORLD // ranks)
     values.update(flags)
-    if "model_name_or_path" in flags:
-        values["model_name_or_path"] = str(files[flags["model_name_or_path"]])
+    for name in ("model_name_or_path", "dataset_name"):  # a name among the files
+        if name in flags:
+            values[name] = str(files[flags[name]])
     if ranks == 1:
         values.pop("fsdp", None)  # the same model, whole, in one process
     return TrainConfig(**values)
@@ -130,13 +140,16 @@ ONLINE = {"online_sigmoid_lora": dict(loss_type=["sigmoid"], use_peft=True),
           "fsdp_online_sigmoid_lora": dict(loss_type=["sigmoid"], use_peft=True, fsdp="full_shard"),
           "fsdp_online_nash_md_tied": dict(loss_type=["nash_md"], fsdp="full_shard", model_name_or_path="tied"),
           # the reference's samples: the sharded policy with its adapters disabled
-          "fsdp_online_xpo_lora": dict(loss_type=["xpo"], use_peft=True, fsdp="full_shard")}
+          "fsdp_online_xpo_lora": dict(loss_type=["xpo"], use_peft=True, fsdp="full_shard"),
+          # a tiny LLaVA under DDP: each rank samples its prompts with their images, its rows carry their pixels
+          "online_vlm_lora": dict(loss_type=["sigmoid"], use_peft=True, model_name_or_path="vlm",
+                                  dataset_name="image_prompts")}
 BREVITY = "def brevity(prompts, completions, **columns):\n    return [-len(c) / 8 for c in completions]\n"
 
 
 def online_flags(files, flags: dict) -> dict:
-    return dict(online=True, dataset_name=str(files["prompts"]), reward_funcs=[f"{files['rewards']}:brevity"],
-                max_new_tokens=6, temperature=1.0, per_device_train_batch_size=PER_DEVICE, **flags)
+    return {**dict(online=True, dataset_name="prompts", reward_funcs=[f"{files['rewards']}:brevity"],
+                   max_new_tokens=6, temperature=1.0, per_device_train_batch_size=PER_DEVICE), **flags}
 
 
 def jobs(out_root) -> list[tuple[str, str, dict]]:
@@ -293,7 +306,8 @@ def merge(shares: list) -> "Batch":
                  {role: torch.cat([b.roles[role] + o for b, o in zip(shares, offsets)]) for role in shares[0].roles},
                  {k: torch.cat([b.inputs[k] for b in shares]) for k in shares[0].inputs},
                  torch.cat([b.index for b in shares]),
-                 {k: sum(b.metrics[k] * b.n_examples for b in shares) / n for k in shares[0].metrics})
+                 {k: sum(b.metrics[k] * b.n_examples for b in shares) / n for k in shares[0].metrics},
+                 vision={k: torch.cat([b.vision[k] for b in shares]) for k in shares[0].vision})  # in row order
 
 
 class Replay:
@@ -323,11 +337,14 @@ def test_online_ranks_sample_their_own_prompts_and_train_as_one_process(files, t
 
     shares = [torch.load(two_ranks / name / f"batches-rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert len(shares[0]) == len(shares[1]) == 6  # 3 steps of 2 micro-batches
-    prompts = PairBatches(11, batch_size=WORLD * PER_DEVICE, seed=3)  # the single process's order of prompts
-    order = [indices for _ in range(2) for indices in prompts]  # two epochs
+    n_prompts = len(Path(files[ONLINE[name].get("dataset_name", "prompts")]).read_text().splitlines())
+    prompts = PairBatches(n_prompts, batch_size=WORLD * PER_DEVICE, seed=3)  # the single process's order
+    order = [indices for _ in range(3) for indices in prompts]  # epochs enough for 6 batches
     for (mine, theirs), expected in zip(zip(*shares), order):
         assert mine.index.tolist() + theirs.index.tolist() == expected
         assert len(mine.index) == (len(expected) + 1) // 2
+    if "vlm" in name:  # every row of a rank's batch with its example's picture
+        assert all(b.vision["pixel_values"].shape[0] == b.input_ids.shape[0] for share in shares for b in share)
     global_batches = [merge(list(pair)) for pair in zip(*shares)]
     cfg = config(files, tmp_path, "pairs", 1, **online_flags(files, ONLINE[name]))
     grads, clip = [], loop.clip_grad_norms
