@@ -66,6 +66,15 @@ def scale(ref):
     return 1.0 + ref.double().abs().max().item()
 
 
+def check_with_gradients(out: dict, truth, plain, inputs: list, dtype):
+    """check() on the values, then on the gradient of each of a scalar's inputs."""
+    check(out, truth, plain, dtype)
+    truth_grads, plain_grads = torch.autograd.grad(truth, inputs), torch.autograd.grad(plain, inputs)
+    got = {b: torch.autograd.grad(o, inputs) for b, o in out.items()}
+    for k in range(len(inputs)):
+        check({b: g[k] for b, g in got.items()}, truth_grads[k], plain_grads[k], dtype)
+
+
 def check(got: dict, truth, plain, dtype):
     """got: {backend: tensor}; truth: float64; plain: the plain torch path in dtype (bf16 only)."""
     for backend, value in got.items():
@@ -105,12 +114,7 @@ def test_cross_entropy_both_modes(mode, dtype):
     truth = cross_entropy64(hidden, weight, labels)
     plain = F.cross_entropy((hidden @ weight.t()).float(), labels)
     out = {b: prefuse.linear_cross_entropy(hidden, weight, labels, backend=b, mode=mode) for b in ("triton", "torch")}
-    check(out, truth, plain, dtype)
-    truth_grads = torch.autograd.grad(truth, [hidden, weight])
-    plain_grads = torch.autograd.grad(plain, [hidden, weight])
-    got = {b: torch.autograd.grad(o, [hidden, weight]) for b, o in out.items()}
-    for k in range(2):
-        check({b: g[k] for b, g in got.items()}, truth_grads[k], plain_grads[k], dtype)
+    check_with_gradients(out, truth, plain, [hidden, weight], dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -151,9 +155,4 @@ def test_dpo_preference_loss_triton_equals_torch_and_float64(dtype):
     plain = -F.logsigmoid(0.1 * delta).mean()
     out = {b: PreferenceLoss("sigmoid", beta=0.1, backend=b)(hidden, weight, labels, ref_hidden=ref_hidden)[0]
            for b in ("triton", "torch")}
-    check(out, truth, plain, dtype)
-    truth_grads = torch.autograd.grad(truth, [hidden, weight])
-    plain_grads = torch.autograd.grad(plain, [hidden, weight])
-    got = {b: torch.autograd.grad(o, [hidden, weight]) for b, o in out.items()}
-    for k in range(2):
-        check({b: g[k] for b, g in got.items()}, truth_grads[k], plain_grads[k], dtype)
+    check_with_gradients(out, truth, plain, [hidden, weight], dtype)

@@ -120,6 +120,13 @@ def _check_images(model, prompts: list[list[int]], images) -> None:
                              "images per prompt] (data.ExampleImages)")
 
 
+def _sample_image_inputs(images, prompts: list, k: int, device) -> dict[str, torch.Tensor]:
+    """The vision inputs of k sample rows per prompt, each row with its prompt's images (one entry per prompt)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"images: {len(images)} entries for {len(prompts)} prompts")
+    return {n: v.to(device) for n, v in vision_inputs([im for im in images for _ in range(k)]).items()}
+
+
 def _generate(model, prompts, cfg: RolloutConfig, *, seed: int, eos_id, pad_id, images=None) -> Samples:
     device = next(model.parameters()).device
     _check_images(model, prompts, images)
@@ -127,10 +134,8 @@ def _generate(model, prompts, cfg: RolloutConfig, *, seed: int, eos_id, pad_id, 
     model_inputs, returns = {}, k
     if images is not None:  # a row per sample, each with its prompt's pixel values (generate's own expansion of
         # pixel_values repeats image rows, which is right only for one image per prompt)
-        if len(images) != len(prompts):
-            raise ValueError(f"images: {len(images)} entries for {len(prompts)} prompts")
         input_ids, mask = left_padded([p for p in prompts for _ in range(k)], pad_id, device)
-        model_inputs = {n: v.to(device) for n, v in vision_inputs([im for im in images for _ in range(k)]).items()}
+        model_inputs = _sample_image_inputs(images, prompts, k, device)
         returns = 1
     else:
         input_ids, mask = left_padded(prompts, pad_id, device)
@@ -213,12 +218,7 @@ def sample_mixture(models: Models, prompts: list[list[int]], cfg: RolloutConfig,
     device = next(policy.parameters()).device
     repeated = [p for p in prompts for _ in range(cfg.num_generations)]
     input_ids, mask = left_padded(repeated, pad_id, device)
-    first_inputs = {}
-    if images is not None:
-        if len(images) != len(prompts):
-            raise ValueError(f"images: {len(images)} entries for {len(prompts)} prompts")
-        first_inputs = {n: v.to(device) for n, v in
-                        vision_inputs([im for im in images for _ in range(cfg.num_generations)]).items()}
+    first_inputs = {} if images is None else _sample_image_inputs(images, prompts, cfg.num_generations, device)
     started = time.perf_counter()
     caches = [None, None]
     generated, finished, recorded = [], torch.zeros(len(repeated), dtype=torch.bool, device=device), []

@@ -243,7 +243,6 @@ def paired_prompts(cfg: TrainConfig, tokenizer, processor=None) -> TokenizedData
     is refused in one line: these methods read the offline pairs."""
     from prefuse.engine.data import DataError, tokenize_prompts
     from prefuse.engine.data.formats import holds_prompts_only
-    from prefuse.engine.data.loading import WHERE_COLUMN
 
     records = load_records(cfg.dataset_name)
     if holds_prompts_only(records.column_names):
@@ -252,17 +251,15 @@ def paired_prompts(cfg: TrainConfig, tokenizer, processor=None) -> TokenizedData
     data = load_preference_data(cfg.dataset_name, tokenizer, max_length=cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
                                 skip_bad_rows=cfg.skip_bad_rows, processor=processor)
-    images = IMAGES_COLUMN in records.column_names  # the pairs hold them; a judge gets the column as it is
+    images = IMAGES_COLUMN in records.column_names  # the pairs hold them (read by the processor, not as text)
     texts = tokenize_prompts(records.remove_columns([IMAGES_COLUMN]) if images else records, tokenizer,
                              max_prompt_length=cfg.max_prompt_length, skip_bad_rows=True, fmt=data.format,
                              source=str(cfg.dataset_name))
     by_where = {e["where"]: e for e in texts.examples}
-    raw = dict(zip(records[WHERE_COLUMN], records[IMAGES_COLUMN])) if images else {}
-    for example in data.examples:  # a row whose pair tokenized has a readable prompt
+    for example in data.examples:  # a row whose pair tokenized has a readable prompt (the judge's `images`
+        # column: the example's own images, OnlineSource._columns)
         prompt = by_where[example["where"]]
         example["prompt"], example["columns"] = prompt["prompt"], dict(prompt["columns"])
-        if images:
-            example["columns"][IMAGES_COLUMN] = raw[example["where"]]
     return data
 
 

@@ -62,11 +62,13 @@ def make_judge(reward_funcs=None, reward_weights=None, reward_model_path=None, j
 
 
 def _is_vision_language(where: Path) -> bool:
-    """Whether a model directory's config describes a vision-language model."""
-    import json
+    """Whether a model directory's config describes a vision-language model (engine.vision's test)."""
+    import transformers
+
+    from prefuse.engine.vision import is_vision_language
 
     try:
-        config = json.loads((where / "config.json").read_text())
+        config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError):
         return False  # the pairwise judge's loader says what is wrong with the directory
-    return isinstance(config, dict) and config.get("vision_config") is not None
+    return is_vision_language(config)
