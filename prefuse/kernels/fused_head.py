@@ -392,8 +392,11 @@ def _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg: HeadConfig, ba
         target += torch_ops.basis_tile_(logits, lab - tile.start, w_tile, run_max, run_sum, acc,
                                         inv_temperature=cfg.inv_temperature)
     lse = run_max + run_sum.log()
-    # basis = t (w_label - sum_v softmax_v w_v)
-    basis = acc.div_(run_sum[:basis_rows, None]).neg_().add_(weight.index_select(0, lab[:basis_rows]))
+    # basis = t (w_label - sum_v softmax_v w_v); the label rows go into the logits buffer, free after the last tile
+    width = basis_rows * weight.shape[1]
+    into = buffer[:width].view(basis_rows, -1) if buffer.numel() >= width and buffer.dtype == weight.dtype else None
+    w_label = torch.index_select(weight, 0, lab[:basis_rows], out=into)
+    basis = acc.div_(run_sum[:basis_rows, None]).neg_().add_(w_label)
     if cfg.inv_temperature != 1.0:
         basis.mul_(cfg.inv_temperature)
     return target - lse, basis

@@ -4,8 +4,9 @@ Per chunk of m rows the head holds one logits buffer [m, V] in the compute dtype
 chunks are worked on in place, bf16/fp16 chunks add a float32 working copy: V * itemsize (+ 4 * V) bytes per row.
 The in-forward mode needs whole-vocabulary rows: its default budget (96 MiB) was picked on the CPU at N=4096,
 H=1024, V=32000 fp32 (bench/), where 784 rows per chunk reach the matmuls' full speed. The recompute and
-forward-only paths tile the vocabulary (512 rows x budget-sized tiles), so their default is 8 MiB: as fast on the
-CPU (bench/) and a tenth of the memory. The in-forward
+forward-only paths tile the vocabulary (512 rows x budget-sized tiles), so their default is small: 2 MiB on the
+CPU (512 x 1024 float32 tiles, measured as fast as 4 and 8 MiB at N=4096, H=1024, V=32000 in interleaved steps,
+and what keeps the head's extra memory at PyTorch's chunked op's), 8 MiB elsewhere. The in-forward
 gradient mode also holds grad_hidden [M, H] and a float32 grad_weight [V, H] from forward to backward; it is taken
 when the upstream gradient is known in forward and those buffers fit in `grad_budget_bytes`.
 The frozen-weight mode (hidden needs a gradient, weight and bias do not) forms each row's gradient basis in forward
@@ -22,6 +23,7 @@ import torch
 MiB = 1 << 20
 DEFAULT_CHUNK_BUDGET_BYTES = 96 * MiB  # in-forward mode: whole-vocabulary rows
 RECOMPUTE_CHUNK_BUDGET_BYTES = 8 * MiB  # recompute and forward-only: vocabulary tiles keep the matmuls wide
+CPU_TILE_BUDGET_BYTES = 2 * MiB  # the same on the CPU, where [512, H] x [H, 1024] products run at full speed
 CPU_GRAD_BUDGET_BYTES = 4096 * MiB
 # frozen-weight mode: whole-vocabulary rows; 32 MiB (256 rows at V=32000 fp32) measured as fast as 96 MiB on the
 # CPU (bench/) at a third of the memory
@@ -48,6 +50,11 @@ def rows_for_budget(vocab: int, itemsize: int, chunk_budget_bytes: int) -> int:
     per_row = vocab * (itemsize + (0 if itemsize == 4 else 4))
     rows = max(1, chunk_budget_bytes // per_row)
     return rows if rows < 8 else rows - rows % 8
+
+
+def tile_budget(device: torch.device) -> int:
+    """The default logits buffer of the paths that tile the vocabulary."""
+    return CPU_TILE_BUDGET_BYTES if device.type == "cpu" else RECOMPUTE_CHUNK_BUDGET_BYTES
 
 
 def default_grad_budget(device: torch.device) -> int:
@@ -84,7 +91,7 @@ def make_plan(
         if chunk_size is None and dtype == torch.float32 and device.type == "cpu":
             # the torch backend's online softmax over vocabulary tiles: 512 rows x budget-sized tiles
             tile_rows = min(TILE_ROWS, max(n_rows, 1))
-            tile = rows_for_budget(tile_rows, itemsize, chunk_budget_bytes or RECOMPUTE_CHUNK_BUDGET_BYTES)
+            tile = rows_for_budget(tile_rows, itemsize, chunk_budget_bytes or tile_budget(device))
             tile = max(MIN_VOCAB_TILE, tile - tile % MIN_VOCAB_TILE)
             if tile < vocab:
                 return Plan(tile_rows, "frozen_weight", vocab_tile=tile)
@@ -102,7 +109,7 @@ def make_plan(
     if whole_vocab_rows:
         return Plan(rows, kind)
     if chunk_budget_bytes is None:
-        chunk_budget = RECOMPUTE_CHUNK_BUDGET_BYTES
+        chunk_budget = tile_budget(device)
         rows = chunk_size or max(1, min(rows_for_budget(vocab, itemsize, chunk_budget), max(n_rows, 1)))
     if chunk_size is None and rows < min(TILE_ROWS, n_rows):
         tile_rows = min(TILE_ROWS, n_rows)
