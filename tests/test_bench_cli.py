@@ -27,6 +27,40 @@ def test_bench_quick_writes_every_installed_path(task, tmp_path):
     assert max(losses) - min(losses) <= 1e-3 * max(1.0, abs(losses[0]))
     assert data["command"].startswith("prefuse bench")
     assert "| shape | path |" in proc.stdout
+    # matmul products per step over the labeled rows, counted from the profiler: the recompute path runs four
+    # (logits; backward: logits again, grad_hidden, grad_weight), the frozen-weight path two (logits, basis)
+    # the materializing paths run every row: three products (logits, grad_hidden, grad_weight), the preference
+    # one a fourth for the reference's logits
+    every_row = records[next(iter(records))]["n"] / records[next(iter(records))]["labeled_rows"]
+    expected = {"head": {"prefuse_torch_recompute": 4.0, "materialized": 3.0 * every_row},
+                "logprobs": {"prefuse_logprobs": 4.0, "prefuse_logprobs_frozen": 2.0,
+                             "prefuse_logprobs_frozen_recompute": 3.0, "materialized_logprobs": 3.0 * every_row},
+                "preference": {"materialized_preference": 4.0 * every_row}}[task]
+    for path, products in expected.items():
+        assert records[path]["matmul_products"] == pytest.approx(products, rel=1e-6), path
+        assert records[path]["floor_s"] > 0 and records[path]["product_gflops"] > 0, path
+
+
+def test_matmul_flops_are_counted_once_per_product():
+    """2*m*k*n per product for mm, addmm, in-place addmm_ and bmm; F.linear's inner addmm counted once; an
+    elementwise op counts nothing."""
+    import torch
+    import torch.nn.functional as F
+
+    from prefuse.bench.floor import count_matmul_flops
+
+    a, b, c = torch.randn(6, 5), torch.randn(5, 7), torch.zeros(6, 7)
+    x, y = torch.randn(3, 6, 5), torch.randn(3, 5, 4)
+    bias = torch.randn(7)
+
+    def step():
+        torch.mm(a, b)
+        torch.addmm(bias, a, b)
+        c.addmm_(a, b)
+        torch.bmm(x, y)
+        F.linear(a, b.t(), bias)
+        torch.exp(a)
+    assert count_matmul_flops(step) == 4 * 2 * 6 * 5 * 7 + 2 * 3 * 6 * 5 * 4
 
 
 def test_plots_cover_vocabulary_and_tokens(tmp_path):

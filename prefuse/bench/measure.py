@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+PRODUCT_KEY = "_matmul_floor"  # not a path name: the floor's terms in time_interleaved's result
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "2"}
 
 
@@ -119,8 +120,12 @@ def measure(path_name: str, n: int, h: int, v: int, *, dtype: str = "float32", d
 
 
 def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, device: str, ignore_frac: float,
-                          rounds: int, batch: int = 1, frozen_weight: bool = False) -> dict[str, list[float]]:
-    """Seconds per forward+backward step of each path, `rounds` steps each, the paths taking turns."""
+                          rounds: int, batch: int = 1, frozen_weight: bool = False) -> dict:
+    """Seconds per forward+backward step of each path, `rounds` steps each, the paths taking turns:
+    {path: [seconds, ...]}, and under PRODUCT_KEY the matmul floor's terms (prefuse.bench.floor): each path's
+    matmul FLOPs per step (one profiled step after warm-up), and the FLOP/s of plain products of the labeled
+    rows (floor.reference_products), timed in the same turns."""
+    from prefuse.bench import floor
     from prefuse.bench.paths import PATHS, make_task_inputs
 
     tasks = {PATHS[p].task for p in paths}
@@ -134,15 +139,23 @@ def time_interleaved_here(paths: list[str], n: int, h: int, v: int, dtype: str, 
     for p in paths:
         for _ in range(PATHS[p].warmup):
             steps[p]()
-    times: dict[str, list[float]] = {p: [] for p in paths}
+    labeled = int((inputs[2] != -100).sum())
+    products = floor.reference_products(inputs[0], inputs[1], labeled)
+    flops = {p: floor.count_matmul_flops(steps[p]) for p in paths}
+    timed = {**steps, **{f"{PRODUCT_KEY}/{name}": step for name, (step, _) in products.items()}}
+    for name, (step, _) in products.items():
+        step()
+    times: dict[str, list[float]] = {p: [] for p in timed}
     for _ in range(rounds):
-        for p in paths:
+        for p, step in timed.items():
             sync()
             t0 = time.perf_counter()
-            steps[p]()
+            step()
             sync()
             times[p].append(time.perf_counter() - t0)
-    return times
+    rates = {name: products[name][1] / statistics.median(times.pop(f"{PRODUCT_KEY}/{name}")) for name in products}
+    return {**times, PRODUCT_KEY: {"labeled_rows": labeled, "unit_flops": floor.product_flops(labeled, h, v),
+                                   "matmul_flops": flops, "product_flops_per_s": rates}}
 
 
 def time_interleaved(paths: list[str], n: int, h: int, v: int, *, dtype: str = "float32", device: str = "cpu",

@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import torch
 
-from prefuse.bench.measure import Measurement, measure
+from prefuse.bench.measure import PRODUCT_KEY, Measurement, measure
 from prefuse.bench.paths import PATHS
 
 # head and logprobs shapes are (N, H, V); preference shapes (B, T, H, V)
@@ -52,6 +52,11 @@ def run(paths: list[str], shapes: list[tuple[int, ...]], *, dtype: str = "float3
         ok = [p for p in paths if not memory[p].error]
         times = time_interleaved(ok, n, h, v, dtype=dtype, device=device, ignore_frac=ignore_frac,
                                  rounds=rounds, batch=batch, frozen_weight=frozen_weight) if ok else {}
+        terms = times.get(PRODUCT_KEY)
+        if terms:
+            rate = max(terms["product_flops_per_s"].values())
+            log(f"  {label}  plain products of the {terms['labeled_rows']} labeled rows: " + ", ".join(
+                f"{name} {r / 1e9:.0f}" for name, r in terms["product_flops_per_s"].items()) + " GFLOP/s")
         for p in paths:
             rec = {"path": p, "shape": label, "n": n, "h": h, "v": v, "batch": batch, "dtype": dtype,
                    "device": device, "ignore_frac": ignore_frac, "frozen_weight": frozen_weight,
@@ -62,6 +67,11 @@ def run(paths: list[str], shapes: list[tuple[int, ...]], *, dtype: str = "float3
                 rec.update(rounds=len(times[p]), time_median_s=statistics.median(times[p]),
                            time_min_s=min(times[p]), time_max_s=max(times[p]))
                 log(f"  {label}  {p:28s} median {rec['time_median_s']:.3f} s over {len(times[p])} steps")
+            if terms and terms["matmul_flops"].get(p):  # 0: the path's matmuls run outside aten (fused kernels)
+                flops = terms["matmul_flops"][p]
+                rec.update(labeled_rows=terms["labeled_rows"], matmul_flops=flops,
+                           matmul_products=flops / terms["unit_flops"],
+                           product_gflops=rate / 1e9, floor_s=flops / rate)
             records.append(rec)
     return records
 
@@ -72,20 +82,35 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def is_peer(path: str) -> bool:
+    """Another library's path (not prefuse's own, not the materializing baseline)."""
+    return not path.startswith(("prefuse", "materialized"))
+
+
 def format_table(records: list[dict]) -> str:
-    """Markdown table; ratios are against the materializing path of the same shape when it was measured."""
-    lines = ["| shape | path | extra peak MiB | time s (median) | spread s | x materialized time | "
-             "x materialized memory |", "|---|---|---|---|---|---|---|"]
+    """Markdown table. Ratios are against the peers of the same shape: the fastest one's median time and the
+    leanest one's extra memory (blank when no peer was measured). "matmul products": the path's matmul FLOPs per
+    step in units of one [M, H] x [H, V] product over the M labeled rows; "floor s": those FLOPs at the rate of one
+    plain product timed beside the paths (prefuse.bench.floor)."""
+    lines = ["| shape | path | extra peak MiB | time s (median) | spread s | x fastest peer time | "
+             "x leanest peer memory | matmul products | floor s | x floor |", "|---" * 10 + "|"]
     for rec in records:
-        base = next((r for r in records if r["path"].startswith("materialized") and r["shape"] == rec["shape"]
-                     and "time_median_s" in r and "peak_extra_mib" in r), None)
         if "time_median_s" not in rec or "peak_extra_mib" not in rec:
-            lines.append(f"| {rec['shape']} | {rec['path']} | error: {rec['errors'][0][:60]} | | | | |")
+            lines.append(f"| {rec['shape']} | {rec['path']} | error: {rec['errors'][0][:60]} | | | | | | | |")
             continue
-        tr = f"{rec['time_median_s'] / base['time_median_s']:.2f}" if base else ""
-        mr = f"{rec['peak_extra_mib'] / base['peak_extra_mib']:.2f}" if base else ""
+        peers = [r for r in records if is_peer(r["path"]) and r["shape"] == rec["shape"]
+                 and "time_median_s" in r and "peak_extra_mib" in r]
+        fastest = min((r["time_median_s"] for r in peers), default=None)
+        leanest = min((r["peak_extra_mib"] for r in peers), default=None)
+        tr = f"{rec['time_median_s'] / fastest:.2f}" if fastest else ""
+        mr = f"{rec['peak_extra_mib'] / leanest:.2f}" if leanest else ""
+        if "floor_s" in rec:
+            over = rec["time_median_s"] / rec["floor_s"]
+            fl = f"{rec['matmul_products']:.2f} | {rec['floor_s']:.3f} | {over:.2f}"
+        else:
+            fl = "n/a | | "
         lines.append(f"| {rec['shape']} | {rec['path']} | {rec['peak_extra_mib']:.0f} | {rec['time_median_s']:.3f} "
-                     f"| {rec['time_min_s']:.3f}-{rec['time_max_s']:.3f} | {tr} | {mr} |")
+                     f"| {rec['time_min_s']:.3f}-{rec['time_max_s']:.3f} | {tr} | {mr} | {fl} |")
     return "\n".join(lines)
 
 
