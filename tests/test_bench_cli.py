@@ -94,3 +94,18 @@ def test_static_report_covers_every_kernel_and_the_roofline(tmp_path):
     # three matmuls of 2*N*H*V FLOPs each at 989 TFLOPS bound the in-forward step from below
     matmul_ms = 3 * 2 * 4096 * 4096 * 128256 / 989e12 * 1e3
     assert matmul_ms <= steps["in_forward"]["step_roofline_ms"] < steps["recompute"]["step_roofline_ms"]
+
+
+def test_reference_products_take_the_labeled_rows_of_any_leading_shape():
+    """The floor's plain products run m rows of hidden [..., H] (a preference task's is [2B, T, H]), the whole one
+    capped at MAX_PRODUCT_ELEMENTS outputs, the tiled one over whole 512 x 1024 tiles only."""
+    import torch
+
+    from prefuse.bench import floor
+
+    hidden, weight = torch.randn(2, 640, 16), torch.randn(3000, 16)
+    products = floor.reference_products(hidden, weight, 1100)
+    assert products["whole"][1] == 2 * 1100 * 16 * 3000
+    assert products["tiles"][1] == 2 * (2 * 512) * 16 * (2 * 1024)
+    products["whole"][0]()
+    products["tiles"][0]()

@@ -43,14 +43,15 @@ def product_flops(m: int, h: int, v: int) -> float:
 
 
 def reference_products(hidden: torch.Tensor, weight: torch.Tensor, m: int) -> dict:
-    """{name: (step, flops)}: plain products of m rows of hidden [N, H] with weight [V, H]^T into preallocated
+    """{name: (step, flops)}: plain products of m rows of hidden [..., H] with weight [V, H]^T into preallocated
     outputs, the rates a floor is measured against (the faster one counts): "whole", one product (columns capped
     so that the output stays below MAX_PRODUCT_ELEMENTS), and "tiles", the same product as [512, H] x [H, 1024]
     tiles into one buffer (cache-sized outputs, which run faster than the whole one on a CPU)."""
-    rows = max(1, min(m, hidden.shape[0]))
     h = hidden.shape[-1]
+    flat = hidden.detach().reshape(-1, h)  # [N, H]: a preference task's hidden is [2B, T, H]
+    rows = max(1, min(m, flat.shape[0]))
     cols = max(1, min(weight.shape[0], MAX_PRODUCT_ELEMENTS // rows))
-    a = hidden.detach().reshape(-1, h)[:rows].contiguous()
+    a = flat[:rows].contiguous()
     b = weight.detach()[:cols].t()
     whole = torch.empty(rows, cols, dtype=hidden.dtype, device=hidden.device)
     tile_rows, tile_cols = min(TILE[0], rows), min(TILE[1], cols)
