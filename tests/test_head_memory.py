@@ -38,6 +38,21 @@ def test_chunk_rows_follow_the_budget():
                      needs_grad=True, upstream_known=False).mode == "recompute"
 
 
+
+def test_default_vocabulary_tiles_are_2_mib_on_the_cpu_and_8_mib_elsewhere():
+    """The head's default logits buffer when it tiles the vocabulary: 512 rows x 1024 float32 columns on the CPU
+    (what keeps the trainable and frozen heads' extra peak at PyTorch's chunked op's, README), 512 x 4096 on a
+    GPU; the plan only, so no GPU is needed."""
+    from prefuse.kernels.plan import Plan, make_plan
+
+    common = dict(n_rows=3072, hidden_size=1024, vocab=32000, dtype=torch.float32, needs_grad=True,
+                  upstream_known=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert make_plan(device=cpu, **common) == Plan(512, "recompute", vocab_tile=1024)
+    assert make_plan(device=cpu, weight_frozen=True, **common) == Plan(512, "frozen_weight", vocab_tile=1024)
+    assert make_plan(device=gpu, **common) == Plan(512, "recompute", vocab_tile=4096)
+    assert make_plan(device=cpu, **dict(common, needs_grad=False)) == Plan(512, "forward_only", vocab_tile=1024)
+
 PEAK_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch, prefuse
     n, h, v, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
