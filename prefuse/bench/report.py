@@ -90,8 +90,8 @@ def is_peer(path: str) -> bool:
 def format_table(records: list[dict]) -> str:
     """Markdown table. Ratios are against the peers of the same shape: the fastest one's median time and the
     leanest one's extra memory (blank when no peer was measured). "matmul products": the path's matmul FLOPs per
-    step in units of one [M, H] x [H, V] product over the M labeled rows; "floor s": those FLOPs at the rate of one
-    plain product timed beside the paths (prefuse.bench.floor)."""
+    step in units of one [M, H] x [H, V] product over the M labeled rows; "floor s": those FLOPs at the faster rate
+    of the plain products timed beside the paths (prefuse.bench.floor)."""
     lines = ["| shape | path | extra peak MiB | time s (median) | spread s | x fastest peer time | "
              "x leanest peer memory | matmul products | floor s | x floor |", "|---" * 10 + "|"]
     for rec in records:

@@ -394,7 +394,7 @@ def _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg: HeadConfig, ba
     lse = run_max + run_sum.log()
     # basis = t (w_label - sum_v softmax_v w_v); the label rows go into the logits buffer, free after the last tile
     width = basis_rows * weight.shape[1]
-    into = buffer[:width].view(basis_rows, -1) if buffer.numel() >= width and buffer.dtype == weight.dtype else None
+    into = buffer[:width].view(basis_rows, -1) if buffer.numel() >= width else None  # H > tile width: a new one
     w_label = torch.index_select(weight, 0, lab[:basis_rows], out=into)
     basis = acc.div_(run_sum[:basis_rows, None]).neg_().add_(w_label)
     if cfg.inv_temperature != 1.0:

@@ -52,6 +52,14 @@ def rows_for_budget(vocab: int, itemsize: int, chunk_budget_bytes: int) -> int:
     return rows if rows < 8 else rows - rows % 8
 
 
+def vocab_tile(n_rows: int, itemsize: int, budget_bytes: int) -> tuple[int, int]:
+    """(rows, columns) of a vocabulary tile: up to TILE_ROWS rows, and the columns that fit the budget
+    (rows_for_budget over columns, a multiple of MIN_VOCAB_TILE)."""
+    rows = min(TILE_ROWS, max(n_rows, 1))
+    cols = rows_for_budget(rows, itemsize, budget_bytes)
+    return rows, max(MIN_VOCAB_TILE, cols - cols % MIN_VOCAB_TILE)
+
+
 def tile_budget(device: torch.device) -> int:
     """The default logits buffer of the paths that tile the vocabulary."""
     return CPU_TILE_BUDGET_BYTES if device.type == "cpu" else RECOMPUTE_CHUNK_BUDGET_BYTES
@@ -90,9 +98,7 @@ def make_plan(
     if needs_grad and weight_frozen and mode in ("auto", "frozen_weight"):
         if chunk_size is None and dtype == torch.float32 and device.type == "cpu":
             # the torch backend's online softmax over vocabulary tiles: 512 rows x budget-sized tiles
-            tile_rows = min(TILE_ROWS, max(n_rows, 1))
-            tile = rows_for_budget(tile_rows, itemsize, chunk_budget_bytes or tile_budget(device))
-            tile = max(MIN_VOCAB_TILE, tile - tile % MIN_VOCAB_TILE)
+            tile_rows, tile = vocab_tile(n_rows, itemsize, chunk_budget_bytes or tile_budget(device))
             if tile < vocab:
                 return Plan(tile_rows, "frozen_weight", vocab_tile=tile)
         rows = chunk_size or rows_for_budget(vocab, itemsize, chunk_budget_bytes or FROZEN_CHUNK_BUDGET_BYTES)
@@ -112,9 +118,7 @@ def make_plan(
         chunk_budget = tile_budget(device)
         rows = chunk_size or max(1, min(rows_for_budget(vocab, itemsize, chunk_budget), max(n_rows, 1)))
     if chunk_size is None and rows < min(TILE_ROWS, n_rows):
-        tile_rows = min(TILE_ROWS, n_rows)
-        tile = rows_for_budget(tile_rows, itemsize, chunk_budget)  # the same formula, over columns
-        tile = max(MIN_VOCAB_TILE, tile - tile % MIN_VOCAB_TILE)
+        tile_rows, tile = vocab_tile(n_rows, itemsize, chunk_budget)
         if tile < vocab:
             return Plan(tile_rows, kind, vocab_tile=tile)
     return Plan(rows, kind)
