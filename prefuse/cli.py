@@ -161,7 +161,6 @@ _TRAIN_HELP = {
     "judge": "online judge: a pairwise preference model directory, or 'copy' (the toy task's rule judge)",
     "max_new_tokens": "online: the longest sampled response",
     "num_generations": "online: samples per prompt of grpo, rloo and hypo",
-    "temperature": "online: sampling temperature (0: greedy)",
     "top_p": "online: nucleus sampling",
     "missing_eos_penalty": "online: subtracted from the score of a sample that did not end with EOS (TRL's)",
     "mixture_coef": "online: m of the geometric mixture softmax((1 - m) log pi + m log pi_ref) (Nash-MD, IPO-MD)",
@@ -345,7 +344,9 @@ def _config_flags(p: argparse.ArgumentParser, config_class, helps: dict | None =
         hint = str(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = (helps or {}).get(f.name, f.metadata.get("help", ""))
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{text} (default: {default!r})".strip())
+        # a None default that the objective fills says so in its help text
+        shown = "" if default is None and "(default:" in text else f" (default: {default!r})"
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{text}{shown}".strip())
         if f.name in (special or {}):
             kwargs.update(special[f.name])
         elif "bool" in hint:

@@ -266,20 +266,37 @@ def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path, flags):
         assert [r[key] for r in got] == [r[key] for r in expected], key
 
 
-def token_logps64(model, batch):
-    """Per-position float64 log-probs [S, T] of the labels from the model's own logits, 0 off the responses."""
+def row_temperatures(batch, head_t: float, rows_t: float) -> torch.Tensor:
+    """[S, 1, 1] the temperature of each row: rows_t on HyPO's online rows, head_t elsewhere."""
+    t = torch.full((batch.input_ids.shape[0],), head_t, dtype=torch.float64)
+    if "online" in batch.roles:
+        t[batch.roles["online"].reshape(-1)] = rows_t
+    return t.view(-1, 1, 1)
+
+
+def token_logps64(model, batch, temperature=1.0):
+    """Per-position float64 log-probs [S, T] of the labels from the model's own logits divided by the rows'
+    temperatures (log_softmax(logits / T)), 0 off the responses."""
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
-    logp = torch.log_softmax(logits, -1)
+    logp = torch.log_softmax(logits / temperature, -1)
     keep = batch.labels != -100
     picked = logp.gather(-1, torch.where(keep, batch.labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(keep, picked, torch.zeros_like(picked))
 
 
+# the methods whose loss reads log-probs at the sampling temperature (all rows; HyPO: its online rows)
+AT_SAMPLING_TEMPERATURE = {"nash_md", "grpo", "rloo", "hypo_kl"}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("loss_type", list(ONLINE) + ["hypo", "hypo_kl"])
-def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files, tmp_path, loss_type):
+def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files, tmp_path, loss_type, temperature):
     """The step's loss on an online batch (sampled, judged, built into roles) equals the objective on float64
-    log-probs of the same samples from the models' own logits (policy and reference)."""
+    log-probs of the same samples from the models' own logits (policy and reference): at T != 1, of
+    log_softmax(logits / T) where the method's estimator reads the sampled distribution (Nash-MD, GRPO, RLOO,
+    HyPO's KL rows: `AT_SAMPLING_TEMPERATURE`), of log_softmax(logits) for the contrastive losses (TRL's
+    OnlineDPOTrainer)."""
     from prefuse.algorithms.roles import role_inputs
     from prefuse.engine.config import TrainConfig
     from prefuse.engine.setup import build_run
@@ -294,7 +311,7 @@ def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files,
                       output_dir=str(tmp_path), loss_type=[name], online=True,
                       reward_funcs=None if judgeless else [f"{files['rewards']}:brevity"],
                       per_device_train_batch_size=4, max_new_tokens=6,
-                      temperature=1.0, report_to="none", max_steps=1, objective_args=hparams,
+                      temperature=temperature, report_to="none", max_steps=1, objective_args=hparams,
                       beta=float(extra.get("beta", 0.1)), online_sampler=extra.get("online_sampler", "policy"),
                       num_generations=3)
     run = build_run(cfg)
@@ -306,8 +323,11 @@ def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files,
     run.policy.eval()  # the same network both ways (no dropout)
     loss, metrics = run.step(batch)
     reference = run.step.models.reference
-    policy = token_logps64(run.policy, batch)
-    ref = token_logps64(reference, batch) if reference is not None else None
+    head_t = temperature if loss_type in AT_SAMPLING_TEMPERATURE else 1.0
+    rows_t = temperature if loss_type in AT_SAMPLING_TEMPERATURE | {"hypo"} else 1.0
+    temperatures = row_temperatures(batch, head_t, rows_t)
+    policy = token_logps64(run.policy, batch, temperatures)
+    ref = token_logps64(reference, batch, temperatures) if reference is not None else None
     mask = batch.labels != -100
     spec = prefuse.get_objective(name)
     inputs = {}
@@ -342,7 +362,7 @@ def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files,
     got = torch.autograd.grad(loss, params)
     # the plain path: the objective's gradient w.r.t. each row's log-probs, pushed through the model's logits
     logits = run.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
-    logp = torch.log_softmax(logits, -1).gather(-1, torch.where(mask, batch.labels, 0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(logits / temperatures, -1).gather(-1, torch.where(mask, batch.labels, 0).unsqueeze(-1)).squeeze(-1)
     logp = torch.where(mask, logp, torch.zeros_like(logp))
     upstream = torch.zeros_like(logp)
     for (key, leaf), grad in zip(policy_leaves.items(), grads):

@@ -56,7 +56,9 @@ class TrainConfig:
     # objective
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     loss_weights: list[float] | None = None
-    beta: float = 0.1
+    beta: float | None = field(default=None, metadata={
+        "help": "the objective's KL strength (default: the objective's own, from its paper or TRL 1.16: 0.1 for the "
+                "DPO family, grpo 0.0, rloo 0.05, selm 0.01; `prefuse objectives` lists them)"})
     objective_args: dict[str, Any] = field(default_factory=dict)
     precompute_ref_log_probs: bool = False
     revision_template: str | None = None   # SRPO: a file, or a string with {prompt} and {previous} (revision.py)
@@ -103,7 +105,10 @@ class TrainConfig:
     judge: str | None = None                     # a pairwise preference model directory: P(y > y')
     max_new_tokens: int = 64
     num_generations: int = 4                     # samples per prompt of grpo / rloo (pair methods draw 2)
-    temperature: float = 0.9
+    temperature: float | None = field(default=None, metadata={
+        "help": "online: sampling temperature, 0: greedy (default: the objective's own, TRL 1.16's or its paper's: "
+                "0.9 for online DPO and its family, 1.0 for grpo, rloo, nash_md, online_ipo, hypo); where the "
+                "objective's estimator reads it, the loss's log-probs are taken at it too (`prefuse objectives`)"})
     top_p: float = 1.0
     missing_eos_penalty: float | None = None
     mixture_coef: float = 0.5                    # the geometric mixture of policy and reference (Nash-MD, IPO-MD)
@@ -208,8 +213,24 @@ class TrainConfig:
                            else tuple(self.lora_target_modules),
                            gradient_checkpointing=self.gradient_checkpointing, train_vision=self.train_vision)
 
+    def apply_defaults(self) -> list[str]:
+        """Fill the settings left out (None) with the objective's own values (engine/method_defaults.py) -> one
+        line per setting filled, naming its source."""
+        from prefuse.engine.method_defaults import method_defaults
+
+        check_field(isinstance(self.loss_type, list) and len(self.loss_type) >= 1, "loss_type",
+                    "give at least one objective name")
+        filled = []
+        for name, (value, source) in method_defaults(self.loss_type).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+                filled.append(f"{name} {value} ({source})")
+        return filled
+
     def validate(self) -> "TrainConfig":
-        """Raise ValueError with one line naming the first bad field; return self."""
+        """Fill the defaults left out, then raise ValueError with one line naming the first bad field; return
+        self."""
+        self.defaults_applied = self.apply_defaults() or getattr(self, "defaults_applied", [])
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required")

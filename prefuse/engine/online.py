@@ -6,15 +6,18 @@
 How each objective's batch is made (`online_method`), the samples' log-probs then going through the fused head
 like any other role (their logits are never materialized, neither for the policy nor for the reference):
     judged_pair   the DPO family, SimPO, ...: 2 samples per prompt (the policy's, or the mixture's with
-                  --online_sampler mixture: IPO-MD), the judge's higher score is `chosen` (TRL's OnlineDPOTrainer)
+                  --online_sampler mixture: IPO-MD), the judge's preferred one is `chosen` (TRL's OnlineDPOTrainer:
+                  the first drawn on a tie); --pair_samples n > 2: the best against the worst (RLHF Workflow), a
+                  prompt whose n samples all tie dropped and counted (`online/tied_prompts`)
     soft_pair     online_ipo: 2 samples in drawn order, preference_probs = the judge's P(first > second)
     xpo           one policy sample and one reference sample (LoRA: adapters disabled), judged into chosen and
                   rejected; the reference sample is also the role `sample` (XPO's alpha log pi(y_ref) term)
-    selm          a judged pair of policy samples, and y_ref: the reference's greedy response (role `sample`)
+    selm          SELM's ranking: 2 policy samples and y_ref, the reference's greedy response, ranked together; the
+                  best is `chosen` and the worst `rejected` (y_ref may be either) and y_ref is the role `sample`
     nash_md       y from the policy and y' from the geometric mixture; the role `completion` is y and
                   preference_probs = P(y > y')
     groups        grpo, rloo: num_generations samples per prompt, the role `online` [P, k] and their scores as
-                  rewards [P, k]
+                  rewards [P, k] (a scoring judge only)
     hybrid        hypo: an offline pair of the (paired) dataset and num_generations policy samples of its prompt for
                   the KL term (role `online` [P, k]); no judge
     samples       hypo_kl: num_generations policy samples per prompt, no judge
@@ -25,14 +28,19 @@ like any other role (their logits are never materialized, neither for the policy
     avg           avg_dpo (on a paired dataset): the offline pair and y~-, one policy sample per prompt, as the role
                   `online_rejected` beside the shared `chosen` (the hook `generated_rejected`: BDHS plugs in there);
                   no judge
+Every judge kind serves every judged method (`judge_kinds`): a scoring judge (reward functions, a reward model, a
+vision-language or rule judge) ranks by score, after the missing-EOS penalty, and its P(a > b) is sigmoid(score(a)
+- score(b)); a pairwise preference model (`--judge DIR`) compares, a round robin where more than two candidates are
+ranked (each one's strength the sum of its P(a > b)), and gives no scores, so GRPO and RLOO refuse it.
 Each batch carries the rollout metrics under TRL's names: `objective/scores` (mean judge score of the policy's
-samples, after the missing-EOS penalty; with a pairwise judge `objective/chosen_prob`, its mean P(chosen >
-rejected)), `val/contain_eos_token`, and `rollout/tokens_per_second`; a Mixed-DPO batch also `mixed/online_fraction`
+samples; with a pairwise judge instead `objective/chosen_prob`, the mean P(chosen > rejected), where a pair is
+judged), `val/contain_eos_token`, and `rollout/tokens_per_second`; a Mixed-DPO batch also `mixed/online_fraction`
 (and the rollout metrics only when some example drew the online pair). Generation and Mixed-DPO's draws are seeded
 per batch from (seed, batches served), so a resumed run draws the same samples.
 
 Row r of every batch belongs to example r % B (each role's rows follow the examples' order; `shared` roles point
-at rows already there): per-example extras (a vision-language model's images) repeat along the roles so.
+at rows already there, SELM's own y_ref rows come last): per-example extras (a vision-language model's images)
+follow the rows.
 """
 from __future__ import annotations
 
@@ -52,10 +60,12 @@ PAIR_ROLES = {"chosen", "rejected"}
 SPECIAL = {"online_ipo": "soft_pair", "xpo": "xpo", "selm": "selm", "nash_md": "nash_md", "grpo": "groups",
            "rloo": "groups", "hypo": "hybrid", "hypo_kl": "samples", "mixed_dpo": "mixed", "avg_dpo": "avg"}
 ONLINE_DESCRIPTIONS = {
-    "judged_pair": "--online: 2 policy samples per prompt (or --pair_samples n: best vs worst), the judge picks",
+    "judged_pair": "--online: 2 policy samples per prompt (or --pair_samples n: best vs worst, all-tied prompts "
+                   "dropped), the judge picks",
     "soft_pair": "--online: 2 policy samples per prompt, preference_probs = the judge's P(first > second)",
     "xpo": "--online: a policy sample and a reference sample, judged; the reference sample is also `sample`",
-    "selm": "--online: a judged pair of policy samples and the reference's greedy response as `sample`",
+    "selm": "--online: two policy samples and the reference's greedy y_ref ranked by the judge, best against "
+            "worst (y_ref may be either); y_ref is also `sample`",
     "nash_md": "--online: a policy sample against a geometric-mixture sample, preference_probs from the judge",
     "groups": "--online: --num_generations samples per prompt, their judged scores as rewards",
     "hybrid": "--online on a paired dataset: its pairs and --num_generations policy samples per prompt; no judge",
@@ -69,6 +79,31 @@ ONLINE_DESCRIPTIONS = {
 JUDGELESS = {"hybrid": "HyPO learns from offline pairs and the samples' KL",
              "samples": "HyPO learns from offline pairs and the samples' KL",
              "avg": "Avg-DPO's generated y~- is the rejected response by construction"}
+# the judge kinds each method takes: a pairwise preference model compares, it gives no scores, so the methods
+# whose loss reads scores (GRPO's and RLOO's rewards) refuse it
+SCORING_JUDGES = ("reward functions (--reward_funcs)", "a reward model (--reward_model_path)",
+                  "a vision-language judge (--judge DIR)", "a rule judge (--judge copy)")
+NEEDS_SCORES = {"groups": "grpo and rloo take the judge's scores as rewards"}
+
+
+def judge_kinds(method: str) -> str:
+    """The judges `method` runs with, in words (`prefuse objectives`)."""
+    if method in JUDGELESS:
+        return "none (" + JUDGELESS[method] + ")"
+    kinds = list(SCORING_JUDGES) + ([] if method in NEEDS_SCORES else ["a pairwise preference model (--judge DIR)"])
+    return ", ".join(kinds)
+
+
+def check_judge(method: str, pairwise: bool, missing_eos_penalty: float | None) -> None:
+    """ValueError (`judge: ...`) for a pairwise judge where the method needs scores or a penalty is asked for."""
+    if pairwise and method in NEEDS_SCORES:
+        raise ValueError(f"judge: a pairwise preference model compares two samples and gives no scores; "
+                         f"{NEEDS_SCORES[method]}: use --reward_funcs or --reward_model_path")
+    if pairwise and missing_eos_penalty is not None:
+        raise ValueError("missing_eos_penalty: a pairwise judge gives no scores to lower; drop --missing_eos_penalty "
+                         "or judge with --reward_funcs / --reward_model_path")
+
+
 PAIRED = ("hybrid", "mixed", "avg")  # methods that read a paired dataset's pairs, not only its prompts
 SAMPLERS = ("policy", "mixture")
 AVG_REJECTED = ("policy", "bdhs")
@@ -170,9 +205,7 @@ class OnlineSource:
         from prefuse.engine.judges import PairwiseJudge
 
         self.pairwise = isinstance(judge, PairwiseJudge)  # compares two samples; gives no scores
-        if self.pairwise and (pair_samples != 2 or missing_eos_penalty is not None):
-            raise ValueError("judge: a pairwise judge compares 2 samples and gives no scores: use --pair_samples 2 "
-                             "and no --missing_eos_penalty, or a scoring judge (--reward_funcs, --reward_model_path)")
+        check_judge(self.method, self.pairwise, missing_eos_penalty)
         if self.method in ("mixed", "avg", "hybrid") and prompts.examples and "chosen_ids" not in prompts.examples[0]:
             raise ValueError(f"dataset_name: {loss_types} with --online read each example's offline pair: give a "
                              f"pairs file (prompt, chosen, rejected), not prompts only")
@@ -202,15 +235,25 @@ class OnlineSource:
             piece = self.orders[min(self.iterations.iteration(self.served), len(self.orders) - 1)]
             if piece is not self.order:  # a new iteration's slice of the prompts
                 self.order, self._iter = piece, iter(piece)
-        indices = next(self._iter, None)
-        if indices is None:
-            self._iter = iter(self.order)
-            indices = next(self._iter)
-        indices = [self.slices[self.orders.index(self.order)][i] for i in indices]
-        seed = self.seed * 1_000_003 + self.served
+        seed, tied = self.seed * 1_000_003 + self.served, 0
         self.served += 1
-        examples = [self.prompts.examples[i] for i in indices]
-        return getattr(self, f"_{self.method}")(examples, indices, seed)
+        for attempt in range(max(len(self.order), 1)):
+            indices = next(self._iter, None)
+            if indices is None:
+                self._iter = iter(self.order)
+                indices = next(self._iter)
+            indices = [self.slices[self.orders.index(self.order)][i] for i in indices]
+            examples = [self.prompts.examples[i] for i in indices]
+            # a retry's samples get a seed of their own, still fixed by (seed, served): a resume draws the same
+            batch = getattr(self, f"_{self.method}")(examples, indices, seed if not attempt else
+                                                       hash((seed, attempt)) % 2 ** 62)
+            if batch is not None:
+                if tied or "online/tied_prompts" in batch.metrics:
+                    batch.metrics["online/tied_prompts"] = batch.metrics.get("online/tied_prompts", 0) + tied
+                return batch
+            tied += len(examples)  # every example's samples tied: the next prompts instead
+        raise ValueError(f"judge: every sample of every prompt tied for {tied} prompts in a row (an epoch of them): "
+                         f"the judge cannot tell the samples apart; check the judge, or raise --temperature")
 
     # -- rollouts and the judge -------------------------------------------------------------------------------------
     @staticmethod
@@ -260,105 +303,191 @@ class OnlineSource:
                                  for e in examples for _ in range(repeat)]
         return columns
 
-    def _scores(self, examples, samples: Samples, repeat: int) -> torch.Tensor:
-        """The judge's scores of samples [N] (N = len(examples) * repeat, grouped by prompt), minus the missing-EOS
-        penalty for samples that did not end."""
+    def _scores(self, examples, completions: list[list[int]], contains_eos: list[bool], repeat: int) -> torch.Tensor:
+        """The judge's scores [N] of completions (N = len(examples) * repeat, grouped by prompt), minus the
+        missing-EOS penalty for those that did not end."""
         prompts = [e["prompt"] for e in examples for _ in range(repeat)]
-        scores = self.judge.score(prompts, self._texts(samples), **self._columns(examples, repeat)).float()
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        scores = self.judge.score(prompts, texts, **self._columns(examples, repeat)).float()
         unscored = torch.isnan(scores).nonzero().flatten().tolist()
         if unscored:  # a pair cannot be ranked on NaN, and a NaN reward would reach the loss silently
             raise ValueError(f"reward_funcs: no reward function scored sample(s) {unscored[:5]} of this batch "
                              f"(every one returned None); return a number for every completion")
         if self.penalty is not None:
-            scores = scores - self.penalty * (~torch.tensor(samples.contains_eos)).float()
+            scores = scores - self.penalty * (~torch.tensor(contains_eos)).float()
         return scores
 
+    def _wins(self, examples, candidates: list[list[list[int]]], contains_eos: list[list[bool]]):
+        """Each example's n candidates judged against each other -> (wins [N, n, n] with wins[i, a, b] = P(a > b),
+        scores [N, n] or None). A scoring judge: P(a > b) = sigmoid(score(a) - score(b)) of the scores after the
+        missing-EOS penalty (TRL's); a pairwise judge: compare() of every pair (a round robin, as PairRM ranks)."""
+        n = len(candidates[0])
+        if not self.pairwise:
+            scores = self._scores(examples, [c for cs in candidates for c in cs],
+                                  [e for es in contains_eos for e in es], n).view(-1, n)
+            return torch.sigmoid(scores.unsqueeze(-1) - scores.unsqueeze(-2)), scores
+        pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+        texts = [self.tokenizer.batch_decode(cs, skip_special_tokens=True) for cs in candidates]
+        probs = self.judge.compare([e["prompt"] for e in examples for _ in pairs],
+                                   [t[a] for t in texts for a, _ in pairs], [t[b] for t in texts for _, b in pairs],
+                                   **self._columns(examples, len(pairs))).float().view(len(examples), len(pairs))
+        wins = torch.full((len(examples), n, n), 0.5)
+        for j, (a, b) in enumerate(pairs):
+            wins[:, a, b], wins[:, b, a] = probs[:, j], 1 - probs[:, j]
+        return wins, None
+
+    def _rank(self, examples, candidates, contains_eos):
+        """(best [N], worst [N], wins, scores): the best and worst of each example's candidates by score (a
+        scoring judge) or by the sum of P(a > b) over the others (a pairwise judge); the first drawn wins a tie
+        for best, the last for worst, so two tied candidates make the pair (first, second) as TRL's online DPO
+        does. best == worst where every candidate ties."""
+        wins, scores = self._wins(examples, candidates, contains_eos)
+        strength = scores if scores is not None else wins.sum(-1)
+        n = strength.shape[1]
+        best = strength.argmax(-1)
+        worst = n - 1 - strength.flip(-1).argmin(-1)
+        tied = (strength == strength[:, :1]).all(-1)
+        worst = torch.where(tied, best, worst)
+        return best, worst, wins, scores
+
+    def _judged(self, examples, candidates, contains_eos, policy_count: int):
+        """The ranked pair of each example -> (kept example positions, chosen, rejected, best, worst, metrics).
+        With 2 candidates a tie keeps (first, second) (TRL's online DPO); with more, an example whose candidates
+        all tie teaches nothing and is dropped (RLHF Workflow's and SELM's ranking), counted as
+        `online/tied_prompts`. Metrics: the mean score of the first `policy_count` candidates (the policy's
+        samples) with a scoring judge, else the mean P(chosen > rejected)."""
+        best, worst, wins, scores = self._rank(examples, candidates, contains_eos)
+        n = len(candidates[0])
+        if n == 2:
+            worst = torch.where(best == worst, 1 - best, worst)
+        kept = [i for i in range(len(examples)) if int(best[i]) != int(worst[i])]
+        chosen = [candidates[i][int(best[i])] for i in kept]
+        rejected = [candidates[i][int(worst[i])] for i in kept]
+        rows = torch.tensor(kept, dtype=torch.long)
+        prob = wins[rows, best[rows], worst[rows]] if kept else torch.zeros(0)
+        metrics = {"objective/scores": float(scores[:, :policy_count].mean())} if scores is not None else {}
+        if scores is None and kept:
+            metrics["objective/chosen_prob"] = float(prob.mean())
+        if n > 2:
+            metrics["online/tied_prompts"] = len(examples) - len(kept)
+        return kept, chosen, rejected, best, worst, metrics
+
+    def _candidates(self, samples: Samples, n: int):
+        """Samples grouped by prompt (n each) -> per example the lists of completion ids and EOS flags."""
+        ids, eos = samples.completion_ids, samples.contains_eos
+        return ([ids[i:i + n] for i in range(0, len(ids), n)], [eos[i:i + n] for i in range(0, len(eos), n)])
+
     def _batch(self, examples, indices, responses: dict[str, list[list[int]]], inputs: dict, metrics: dict,
-               shared: dict[str, torch.Tensor] | None = None) -> Batch:
+               shared: dict[str, torch.Tensor] | None = None, extra: list | None = None) -> Batch:
         """Sequences prompt + response for each role in order (role r's rows [r * B, (r + 1) * B)); `shared` maps
-        a role onto rows of the others (a sample that is also a side of its pair)."""
+        a role onto rows of the others (a sample that is also a side of its pair) or onto `extra` rows, (prompt
+        ids, completion ids, example) appended after them."""
         prompts, sequences, roles = [e["prompt_ids"] for e in examples], [], {}
         for role, completions in responses.items():
             roles[role] = torch.arange(len(sequences), len(sequences) + len(examples))
             sequences += list(zip(prompts, completions))
+        extra = extra or []
+        sequences += [(p, c) for p, c, _ in extra]
         roles.update(shared or {})
         padded = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], self.pad_id)
+        images = self._images(examples)
+        vision = {} if images is None else vision_inputs(images * len(responses) + [e.get("images") for *_, e in extra])
         return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles, inputs,
-                     torch.tensor(indices, dtype=torch.long), metrics,
-                     vision=self._vision(examples, repeat=len(responses)))
+                     torch.tensor(indices, dtype=torch.long), metrics, vision=vision)
 
-    def _rollout_metrics(self, samples: Samples, scores: torch.Tensor) -> dict:
-        return {"objective/scores": float(scores.mean()),
-                "val/contain_eos_token": sum(samples.contains_eos) / len(samples.contains_eos),
-                "rollout/tokens_per_second": samples.tokens_per_second}
+    def _rollout_metrics(self, samples: Samples, scores: torch.Tensor | None = None) -> dict:
+        """TRL's rollout metrics; objective/scores only with a scoring judge's scores."""
+        return {**({"objective/scores": float(scores.mean())} if scores is not None else {}),
+                **self._sample_metrics(samples)}
+
+    def _preference(self, examples, first: Samples, second: Samples):
+        """P(first > second) [N] of one sample each per example -> (probs, the first's scores or None)."""
+        candidates = [[a, b] for a, b in zip(first.completion_ids, second.completion_ids)]
+        eos = [[a, b] for a, b in zip(first.contains_eos, second.contains_eos)]
+        wins, scores = self._wins(examples, candidates, eos)
+        return wins[:, 0, 1].contiguous(), None if scores is None else scores[:, 0]
 
     def _judge_pair(self, examples, seed):
-        """pair_samples samples per prompt; the judge's best is `chosen`, its worst `rejected` (the first drawn wins
-        a tie) -> (chosen, rejected, metrics). A pairwise judge: the first of 2 is chosen when P(first > second)
-        >= 1/2."""
+        """pair_samples samples per prompt ranked by the judge (`_judged`) -> (kept example positions, chosen,
+        rejected, metrics)."""
         n = self.pair_samples
         samples = self._sample(self.sampler, examples, seed, n)
-        if self.pairwise:
-            texts = self._texts(samples)
-            probs = self.judge.compare([e["prompt"] for e in examples], texts[0::2], texts[1::2],
-                                       **self._columns(examples, 1)).float()
-            first = (probs >= 0.5).tolist()
-            pairs = list(zip(samples.completion_ids[0::2], samples.completion_ids[1::2]))
-            chosen = [a if f else b for (a, b), f in zip(pairs, first)]
-            rejected = [b if f else a for (a, b), f in zip(pairs, first)]
-            metrics = {"objective/chosen_prob": float(torch.where(probs >= 0.5, probs, 1 - probs).mean()),
-                       **self._sample_metrics(samples)}
-            return chosen, rejected, metrics
-        scores = self._scores(examples, samples, n)
-        grouped = scores.view(-1, n)
-        best, worst = grouped.argmax(-1).tolist(), grouped.argmin(-1).tolist()
-        worst = [w if w != b else (b + 1) % n for b, w in zip(best, worst)]  # all tied: any other sample
-        chosen = [samples.completion_ids[i * n + b] for i, b in enumerate(best)]
-        rejected = [samples.completion_ids[i * n + w] for i, w in enumerate(worst)]
-        return chosen, rejected, self._rollout_metrics(samples, scores)
+        candidates, eos = self._candidates(samples, n)
+        kept, chosen, rejected, _, _, metrics = self._judged(examples, candidates, eos, n)
+        return kept, chosen, rejected, {**metrics, **self._sample_metrics(samples)}
 
     def _judged_pair(self, examples, indices, seed):
-        chosen, rejected, metrics = self._judge_pair(examples, seed)
-        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected}, {}, metrics)
+        kept, chosen, rejected, metrics = self._judge_pair(examples, seed)
+        if not kept:
+            return None
+        return self._batch([examples[i] for i in kept], [indices[i] for i in kept],
+                           {"chosen": chosen, "rejected": rejected}, {}, metrics)
 
     def _soft_pair(self, examples, indices, seed):
         samples = self._sample(self.sampler, examples, seed, 2)
-        texts = self._texts(samples)
-        prompts = [e["prompt"] for e in examples]
-        columns = self._columns(examples, 1)
-        probs = self.judge.compare(prompts, texts[0::2], texts[1::2], **columns).float()
-        scores = self._scores(examples, samples, 2)
-        return self._batch(examples, indices, {"chosen": samples.completion_ids[0::2],
-                                               "rejected": samples.completion_ids[1::2]},
+        first = Samples(samples.prompt_ids[0::2], samples.completion_ids[0::2], samples.contains_eos[0::2], 1)
+        second = Samples(samples.prompt_ids[1::2], samples.completion_ids[1::2], samples.contains_eos[1::2], 1)
+        probs, _ = self._preference(examples, first, second)
+        scores = None if self.pairwise else self._scores(examples, samples.completion_ids, samples.contains_eos, 2)
+        return self._batch(examples, indices, {"chosen": first.completion_ids, "rejected": second.completion_ids},
                            {"preference_probs": probs}, self._rollout_metrics(samples, scores))
 
     def _xpo(self, examples, indices, seed):
+        """The policy's sample against the reference's, judged into chosen and rejected (the policy's wins a
+        tie); the reference sample is also the role `sample`."""
         policy = self._sample("policy", examples, seed, 1)
         reference = self._sample("reference", examples, seed + 1, 1)
-        policy_scores = self._scores(examples, policy, 1)
-        reference_scores = self._scores(examples, reference, 1)
-        policy_wins = (policy_scores >= reference_scores).tolist()
+        probs, policy_scores = self._preference(examples, policy, reference)
+        policy_wins = (probs >= 0.5).tolist()
         chosen = [p if w else r for p, r, w in zip(policy.completion_ids, reference.completion_ids, policy_wins)]
         rejected = [r if w else p for p, r, w in zip(policy.completion_ids, reference.completion_ids, policy_wins)]
         n = len(examples)
         # the reference sample is the rejected row where the policy won, else the chosen row
         sample_rows = torch.tensor([n + i if w else i for i, w in enumerate(policy_wins)])
-        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected}, {},
-                           self._rollout_metrics(policy, policy_scores), shared={"sample": sample_rows})
+        metrics = self._rollout_metrics(policy, policy_scores)
+        if policy_scores is None:
+            metrics["objective/chosen_prob"] = float(torch.where(probs >= 0.5, probs, 1 - probs).mean())
+        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected}, {}, metrics,
+                           shared={"sample": sample_rows})
 
     def _selm(self, examples, indices, seed):
-        chosen, rejected, metrics = self._judge_pair(examples, seed)
+        """SELM's ranking: the candidates {y_1, y_2, y_ref} (two policy samples and the reference's greedy
+        response) ranked by the judge, the best `chosen` and the worst `rejected`, so y_ref may be either; y_ref
+        is also the role `sample` (its row shared with the pair's where it was picked). Examples whose three
+        candidates tie are dropped and counted."""
+        samples = self._sample(self.sampler, examples, seed, 2)
         greedy = self._sample("reference", examples, seed + 1, 1, greedy=True)
-        return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected,
-                                               "sample": greedy.completion_ids}, {}, metrics)
+        candidates, eos = self._candidates(samples, 2)
+        candidates = [c + [g] for c, g in zip(candidates, greedy.completion_ids)]
+        eos = [e + [g] for e, g in zip(eos, greedy.contains_eos)]
+        kept, chosen, rejected, best, worst, metrics = self._judged(examples, candidates, eos, 2)
+        if not kept:
+            return None
+        n = len(kept)
+        own = [i for i in kept if 2 not in (int(best[i]), int(worst[i]))]  # y_ref in neither side: a row of its own
+        sample_rows, extra = [], 0
+        for j, i in enumerate(kept):
+            if int(best[i]) == 2:
+                sample_rows.append(j)
+            elif int(worst[i]) == 2:
+                sample_rows.append(n + j)
+            else:
+                sample_rows.append(2 * n + extra)
+                extra += 1
+        metrics.update(self._sample_metrics(samples))
+        metrics["selm/reference_chosen"] = sum(int(best[i]) == 2 for i in kept) / n
+        metrics["selm/reference_rejected"] = sum(int(worst[i]) == 2 for i in kept) / n
+        return self._batch([examples[i] for i in kept], [indices[i] for i in kept],
+                           {"chosen": chosen, "rejected": rejected}, {}, metrics,
+                           shared={"sample": torch.tensor(sample_rows)},
+                           extra=[(examples[i]["prompt_ids"], candidates[i][2], examples[i]) for i in own])
 
     def _nash_md(self, examples, indices, seed):
+        """y from the policy against y' from the geometric mixture: preference_probs = P(y > y'), from the scores
+        after the missing-EOS penalty (a scoring judge, as TRL's Nash-MD) or the pairwise judge's compare()."""
         policy = self._sample("policy", examples, seed, 1)
         mixture = self._sample("mixture", examples, seed + 1, 1)
-        prompts = [e["prompt"] for e in examples]
-        probs = self.judge.compare(prompts, self._texts(policy), self._texts(mixture),
-                                   **self._columns(examples, 1)).float()
-        scores = self._scores(examples, policy, 1)
+        probs, scores = self._preference(examples, policy, mixture)
         return self._batch(examples, indices, {"completion": policy.completion_ids}, {"preference_probs": probs},
                            self._rollout_metrics(policy, scores))
 
@@ -367,7 +496,7 @@ class OnlineSource:
         if k < 2:
             raise ValueError(f"num_generations: grpo and rloo compare the samples of a prompt; need >= 2, got {k}")
         samples = self._sample(self.sampler, examples, seed, k)
-        scores = self._scores(examples, samples, k)
+        scores = self._scores(examples, samples.completion_ids, samples.contains_eos, k)
         prompts, sequences = [p for p in samples.prompt_ids], samples.completion_ids
         padded = collate_sequences(prompts, sequences, self.pad_id)
         roles = {"online": torch.arange(len(sequences)).view(len(examples), k)}
@@ -419,9 +548,17 @@ class OnlineSource:
         online = [i for i, offline in enumerate(use_offline) if not offline]
         metrics = {"mixed/online_fraction": len(online) / n}
         if online:
-            online_chosen, online_rejected, judged = self._judge_pair([examples[i] for i in online], seed)
-            for i, c, r in zip(online, online_chosen, online_rejected):
+            kept, online_chosen, online_rejected, judged = self._judge_pair([examples[i] for i in online], seed)
+            tied = [online[i] for i in range(len(online)) if i not in kept]
+            for i, c, r in zip([online[i] for i in kept], online_chosen, online_rejected):
                 chosen[i], rejected[i] = c, r
+            if tied:  # best of n > 2 samples all tied: the example keeps no pair
+                keep = [i for i in range(n) if i not in tied]
+                if not keep:
+                    return None
+                examples, indices = [examples[i] for i in keep], [indices[i] for i in keep]
+                chosen, rejected = [chosen[i] for i in keep], [rejected[i] for i in keep]
+                use_offline, n = [use_offline[i] for i in keep], len(keep)
             metrics.update(judged)
         return self._batch(examples, indices, {"chosen": chosen, "rejected": rejected},
                            {"use_offline": torch.tensor(use_offline)}, metrics,

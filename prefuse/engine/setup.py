@@ -75,6 +75,8 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     """The run `cfg` describes; `source` replaces the offline batches of dataset_name (an online source, a test's),
     which then still gives the held-out set and the tokenizer's data checks."""
     cfg.validate()
+    if cfg.defaults_applied:
+        print(f"defaults of {' '.join(cfg.loss_type)}: {', '.join(cfg.defaults_applied)}", flush=True)
     needs = cfg.needs()
     world = distributed.current()  # torchrun's ranks (engine/distributed.py), or this process alone
     distributed.check_supported(cfg, world)
@@ -98,14 +100,16 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     if tokenizer is None:
         raise ValueError(f"model_name_or_path: {cfg.model_name_or_path} has no tokenizer files")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head_temperature, row_temperature = online_temperatures(cfg, head_of(models.policy))
     loss_fn = PreferenceLoss(cfg.objective, beta=cfg.beta, loss_weights=cfg.loss_weights,
-                             softcap=head_of(models.policy).softcap, **cfg.objective_args)
+                             softcap=head_of(models.policy).softcap, temperature=head_temperature,
+                             **cfg.objective_args)
     if needs.slow_adapter:
         add_slow_adapter(models.policy)
         step = FastSlowStep(models, loss_fn, needs, bf16=cfg.bf16, interval=cfg.ofs_chasing_interval,
                             swap_mode=cfg.ofs_swap_mode)
     else:
-        step = Step(models, loss_fn, needs, bf16=cfg.bf16)
+        step = Step(models, loss_fn, needs, bf16=cfg.bf16, row_temperature=row_temperature)
 
     if cfg.online:
         online = distributed.shard_online(online_source(cfg, models, tokenizer, out), world,  # its own prompts
@@ -185,6 +189,32 @@ def _finish(cfg, out, device, needs, models, step, source, eval_data, total_step
         out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to, window=window)
     return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
                total_steps, start_step, pad_id, references, baseline, monitor=monitor, world=world)
+
+
+def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]]:
+    """(the fused head's temperature, {role: temperature} of rows scaled on their own) of a run: 1 and none
+    offline; online, what the method's loss reads (engine/method_defaults.py). HyPO's online rows alone are at T,
+    by dividing their hidden states by T before the head (logits / T, exact without an lm_head bias or softcap)."""
+    if not cfg.online:
+        return 1.0, {}
+    from prefuse.engine.method_defaults import LOSS_TEMPERATURE, loss_temperature
+    from prefuse.engine.online import online_method
+
+    method = online_method(cfg.loss_type)
+    head_t, rows_t = loss_temperature(method, cfg.temperature)
+    if LOSS_TEMPERATURE[method] != "one" and not cfg.temperature > 0:
+        raise ValueError(f"temperature: {' '.join(cfg.loss_type)} take their log-probs at the sampling temperature, "
+                         f"which must be > 0 (got {cfg.temperature}; greedy decoding has no log-probs to match)")
+    where = (f"log-probs at temperature {head_t}" if rows_t == head_t
+             else f"the online samples' log-probs at temperature {rows_t}, the offline pairs' at 1")
+    print(f"online ({method}): the loss reads {where}", flush=True)
+    if rows_t == head_t:
+        return head_t, {}
+    if head.bias is not None or head.softcap:
+        raise ValueError(f"temperature: {' '.join(cfg.loss_type)} read the online samples at --temperature "
+                         f"{rows_t} and the offline pairs at 1, which a head with an lm_head bias or a logit softcap "
+                         f"cannot do by scaling the hidden states; sample at --temperature 1")
+    return 1.0, {"online": rows_t}
 
 
 def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSource:

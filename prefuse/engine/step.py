@@ -25,8 +25,13 @@ from prefuse.preference import PreferenceLoss
 class Step:
     """(loss, metrics) of one Batch under the policy; the loss is the mean over the batch's examples."""
 
-    def __init__(self, models: Models, loss_fn: PreferenceLoss, needs: ObjectiveNeeds, *, bf16: bool = False):
+    def __init__(self, models: Models, loss_fn: PreferenceLoss, needs: ObjectiveNeeds, *, bf16: bool = False,
+                 row_temperature: dict[str, float] | None = None):
+        """row_temperature: {role: T} whose rows' log-probs (policy and reference) are taken at T apart from the
+        head's own temperature: their hidden states are divided by T (logits / T for a head without bias and
+        softcap: HyPO's online samples beside its offline pairs)."""
         self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
+        self.row_temperature = dict(row_temperature or {})
         head_of(models.policy)  # a LoRA lm_head is refused here
 
     @property
@@ -54,6 +59,10 @@ class Step:
         elif self.needs.reference:
             ref = dict(ref_hidden=self.reference_hidden(batch), ref_weight=self.ref_head.weight.detach(),
                        ref_bias=None if self.ref_head.bias is None else self.ref_head.bias.detach())
+        if self.row_temperature:
+            hidden = self.tempered(hidden, batch.roles)
+            if "ref_hidden" in ref:
+                ref["ref_hidden"] = self.tempered(ref["ref_hidden"], batch.roles)
         loss, metrics, inputs = self.loss_fn(hidden.to(self.head.weight.dtype), self.head.weight, batch.labels,
                                              roles=batch.roles, bias=self.head.bias, return_inputs=True, **ref,
                                              **batch.inputs, **inputs)
@@ -61,6 +70,14 @@ class Step:
             metrics = {**metrics, **{k: torch.tensor(float(v)) for k, v in batch.metrics.items()},
                        **sample_statistics(inputs, batch.roles)}
         return loss, metrics
+
+    def tempered(self, hidden: torch.Tensor, roles: dict) -> torch.Tensor:
+        """hidden [S, T, H] with the rows of each role in row_temperature divided by its temperature."""
+        scale = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+        for role, temperature in self.row_temperature.items():
+            if role in roles:
+                scale[roles[role].reshape(-1).to(hidden.device)] = 1.0 / temperature
+        return hidden * scale.view(-1, *([1] * (hidden.dim() - 1)))
 
     def after_update(self, step: int, metrics: dict, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Called after each optimizer step; a step with state of its own (OFS-DPO's roles) acts and logs here."""

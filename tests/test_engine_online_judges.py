@@ -1,0 +1,300 @@
+"""Every online method with every judge kind its paper allows, through `prefuse train --online`: reward functions,
+a Bradley-Terry reward model and a pairwise preference model (tiny models saved with save_pretrained and loaded by
+the judges' own code); the pairs a batch holds are the ones the judge prefers (checked against the judge's own
+calls); SELM ranks {y_1, y_2, y_ref}; RLHF Workflow's best-of-n drops and counts the prompts whose samples all
+tie; GRPO and RLOO refuse a judge that gives no scores."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from prefuse.cli import main  # noqa: E402
+from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
+
+REWARDS = '''
+def brevity(prompts, completions, **columns):
+    return [-len(c) / 8 for c in completions]
+
+def ties_where_flagged(prompts, completions, tie, **columns):
+    """0 for every sample of a flagged prompt (all its samples tie), else shorter is better."""
+    return [0.0 if t else -len(c) / 8 for c, t in zip(completions, tie)]
+
+def zero(prompts, completions, **columns):
+    return [0.0] * len(completions)
+'''
+
+
+def save_classifier(path, tokenizer):
+    """A tiny one-logit Llama classifier, initialized wide so that its logits depend clearly on the text."""
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1,
+                                      initializer_range=0.2)
+    model = transformers.LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online_judges")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    save_tiny_llama(root / "model", tokenizer)
+    save_classifier(root / "reward_model", tokenizer)
+    save_classifier(root / "pairwise", tokenizer)
+    with open(DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(8)]
+    (root / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"][:60], "tie": i % 2 == 0}) + "\n" for i, r in enumerate(rows)))
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"][:60], "chosen": r["chosen"][:40],
+                                                          "rejected": r["rejected"][:40]}) + "\n" for r in rows))
+    (root / "rewards.py").write_text(REWARDS)
+    return {"model": root / "model", "prompts": root / "prompts.jsonl", "pairs": root / "pairs.jsonl",
+            "rewards": root / "rewards.py", "reward_model": root / "reward_model", "pairwise": root / "pairwise"}
+
+
+def judge_flags(files, kind: str) -> list[str]:
+    return {"reward_funcs": ["--reward_funcs", f"{files['rewards']}:brevity"],
+            "reward_model": ["--reward_model_path", str(files["reward_model"])],
+            "pairwise": ["--judge", str(files["pairwise"])]}[kind]
+
+
+# method -> (loss_type, extra flags); IPO-MD: ipo with both samples from the mixture; RLHF Workflow: best of 3
+METHODS = {
+    "online_dpo": ("sigmoid", []),
+    "rlhf_workflow": ("sigmoid", ["--pair_samples", "3"]),
+    "ipo_md": ("ipo", ["--online_sampler", "mixture"]),
+    "online_ipo": ("online_ipo", []),
+    "xpo": ("xpo", []),
+    "selm": ("selm", []),
+    "nash_md": ("nash_md", []),
+    "mixed_dpo": ("mixed_dpo", ["--mixed_p", "0.25"]),
+}
+
+
+def argv(files, out, loss_type, *flags, steps=2, data="prompts"):
+    return ["train", "--online", "--model_name_or_path", str(files["model"]), "--dataset_name", str(files[data]),
+            "--output_dir", str(out), "--loss_type", loss_type, "--max_steps", str(steps), "--logging_steps", "1",
+            "--save_steps", "0", "--per_device_train_batch_size", "4", "--max_new_tokens", "6",
+            "--learning_rate", "1e-3", "--report_to", "none", *flags]
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["reward_funcs", "reward_model", "pairwise"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_judged_method_trains_with_every_judge_kind(files, tmp_path, method, kind, capsys):
+    loss_type, flags = METHODS[method]
+    data = "pairs" if method == "mixed_dpo" else "prompts"
+    code = main(argv(files, tmp_path, loss_type, *flags, *judge_flags(files, kind), data=data))
+    assert code == 0, capsys.readouterr().err
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert all(v == v for v in record.values() if isinstance(v, float))  # no NaN
+        if kind == "pairwise":  # no scores to log; where a pair was judged, its mean P(chosen > rejected)
+            assert "objective/scores" not in record
+        elif record.get("mixed/online_fraction", 1) > 0:
+            assert "objective/scores" in record
+    if kind == "pairwise" and method in ("online_dpo", "rlhf_workflow", "xpo", "selm"):
+        assert all(0.5 <= r["objective/chosen_prob"] <= 1 for r in records)
+
+
+class Recorder:
+    """A judge that records every call's arguments and answers, passing them through."""
+
+    def __init__(self, judge):
+        self.judge, self.calls = judge, []
+
+    def compare(self, prompts, first, second, **columns):
+        out = self.judge.compare(prompts, first, second, **columns)
+        self.calls.append(("compare", list(prompts), list(first), list(second), out.clone()))
+        return out
+
+    def score(self, prompts, completions, **columns):
+        out = self.judge.score(prompts, completions, **columns)
+        self.calls.append(("score", list(prompts), list(completions), None, out.clone()))
+        return out
+
+
+def build(files, tmp_path, loss_type, judge=None, reward=None, data="prompts", **settings):
+    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.setup import build_run
+
+    settings = {"per_device_train_batch_size": 4, "max_new_tokens": 6, **settings}
+    cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files[data]), output_dir=str(tmp_path),
+                      loss_type=[loss_type], online=True, report_to="none", max_steps=1, judge=judge,
+                      reward_funcs=[f"{files['rewards']}:{reward}"] if reward else None, **settings)
+    return build_run(cfg)
+
+
+def texts(run, batch, rows) -> list[str]:
+    """The decoded responses of batch rows (labels != -100 are the response tokens)."""
+    tokenizer = run.source.tokenizer
+    out = []
+    for r in rows.tolist():
+        ids = [t for t, lab in zip(batch.input_ids[r].tolist()[1:], batch.labels[r].tolist()) if lab != -100]
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["xpo", "sigmoid"])
+def test_a_pairwise_judge_picks_the_pairs_of_a_batch(files, tmp_path, loss_type):
+    """With the pairwise model, each pair's chosen is the response the model prefers: its own compare() of the
+    batch's chosen against its rejected is >= 1/2 (XPO: the policy's sample against the reference's)."""
+    from prefuse.engine.judges import PairwiseJudge
+
+    run = build(files, tmp_path, loss_type, judge=str(files["pairwise"]))
+    batch = run.source.next_batch()
+    judge = PairwiseJudge(files["pairwise"])
+    prompts = [run.source.prompts.examples[i]["prompt"] for i in batch.index.tolist()]
+    probs = judge.compare(prompts, texts(run, batch, batch.roles["chosen"]), texts(run, batch, batch.roles["rejected"]))
+    assert (probs >= 0.5).all(), probs
+    assert batch.metrics["objective/chosen_prob"] == pytest.approx(float(probs.mean()), abs=1e-5)
+    assert "objective/scores" not in batch.metrics
+
+
+def test_nash_md_and_online_ipo_preferences_are_the_pairwise_judges(files, tmp_path):
+    """preference_probs are the judge's P(y > y') of the two samples each example drew, in the drawn order."""
+    run = build(files, tmp_path / "nash", "nash_md", judge=str(files["pairwise"]))
+    run.source.judge = recorder = Recorder(run.source.judge)
+    batch = run.source.next_batch()
+    (call,) = recorder.calls
+    assert call[0] == "compare" and call[2] == texts(run, batch, batch.roles["completion"])
+    torch.testing.assert_close(batch.inputs["preference_probs"], call[4])
+    run = build(files, tmp_path / "ipo", "online_ipo", judge=str(files["pairwise"]))
+    run.source.judge = recorder = Recorder(run.source.judge)
+    batch = run.source.next_batch()
+    (call,) = recorder.calls
+    assert call[2] == texts(run, batch, batch.roles["chosen"]) and call[3] == texts(run, batch, batch.roles["rejected"])
+    torch.testing.assert_close(batch.inputs["preference_probs"], call[4])
+
+
+def test_nash_md_preference_takes_the_missing_eos_penalty(files, tmp_path):
+    """A scoring judge's P(y > y') is sigmoid of the scores after the missing-EOS penalty (TRL's Nash-MD): with
+    every score 0 and y' reported finished, P = sigmoid(-2) where y did not end and 1/2 where it did."""
+    run = build(files, tmp_path, "nash_md", reward="zero", missing_eos_penalty=2.0, max_new_tokens=2)
+    drawn, sample = {}, run.source._sample
+
+    def finished_mixture(kind, examples, seed, k, **kw):
+        samples = sample(kind, examples, seed, k, **kw)
+        if kind == "mixture":
+            samples.contains_eos = [True] * len(samples.contains_eos)
+        drawn[kind] = samples
+        return samples
+
+    run.source._sample = finished_mixture
+    batch = run.source.next_batch()
+    ended = torch.tensor(drawn["policy"].contains_eos)
+    assert not ended.all()
+    want = torch.where(ended, torch.tensor(0.5), torch.sigmoid(torch.tensor(-2.0)))
+    torch.testing.assert_close(batch.inputs["preference_probs"], want)
+
+
+def first_max_last_min(strength: torch.Tensor) -> tuple[int, int]:
+    """The ranking's tie rule: the first drawn of the best, the last of the worst."""
+    values = strength.tolist()
+    return values.index(max(values)), len(values) - 1 - values[::-1].index(min(values))
+
+
+def test_selm_ranks_the_reference_response_with_the_samples(files, tmp_path):
+    """SELM's batch: chosen and rejected are the best and the worst of {y_1, y_2, y_ref} by the judge's scores, and
+    `sample` is y_ref, the reference's greedy response: over a few batches y_ref is both chosen and rejected."""
+    run = build(files, tmp_path, "selm", reward="brevity", temperature=1.0)
+    run.source.judge = recorder = Recorder(run.source.judge)
+    seen = {"chosen": 0, "rejected": 0, "neither": 0}
+    for _ in range(4):
+        recorder.calls.clear()
+        batch = run.source.next_batch()
+        (call,) = recorder.calls  # one score() call over the three candidates of each example, grouped by prompt
+        scores = call[4].view(-1, 3)
+        candidates = [call[2][i:i + 3] for i in range(0, len(call[2]), 3)]
+        chosen, rejected = texts(run, batch, batch.roles["chosen"]), texts(run, batch, batch.roles["rejected"])
+        sample = texts(run, batch, batch.roles["sample"])
+        for j, (cands, s) in enumerate(zip(candidates, scores)):
+            assert s.max() > s.min()  # brevity on 6 sampled tokens: no example ties here
+            best, worst = first_max_last_min(s)
+            assert chosen[j] == cands[best] and rejected[j] == cands[worst]
+            assert sample[j] == cands[2]  # y_ref is the third candidate
+            seen["chosen" if best == 2 else "rejected" if worst == 2 else "neither"] += 1
+        # y_ref is the reference's greedy answer: the reference decoding greedily gives the same text
+        from prefuse.engine.rollout import RolloutConfig, sample_reference
+
+        prompts = [run.source.prompts.examples[i]["prompt_ids"] for i in batch.index.tolist()]
+        greedy = sample_reference(run.source.models, prompts, RolloutConfig(max_new_tokens=6, temperature=0.0,
+                                                                            num_generations=1),
+                                  seed=0, eos_id=run.source.eos_id, pad_id=run.source.pad_id)
+        assert sample == run.source.tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
+        assert batch.metrics["selm/reference_chosen"] == pytest.approx(
+            sum(first_max_last_min(s)[0] == 2 for s in scores) / len(scores))
+    assert seen["chosen"] > 0 and seen["rejected"] > 0, seen
+
+
+def test_selm_ranking_with_a_pairwise_judge_is_a_round_robin(files, tmp_path):
+    """Three candidates, a pairwise judge: all three pairs compared; chosen has the largest sum of P(a > b)."""
+    run = build(files, tmp_path, "selm", judge=str(files["pairwise"]))
+    run.source.judge = recorder = Recorder(run.source.judge)
+    batch = run.source.next_batch()
+    (call,) = recorder.calls
+    n = len(batch.index)
+    probs = call[4].view(n, 3)  # pairs (0, 1), (0, 2), (1, 2) of each example
+    wins = torch.stack([probs[:, 0] + probs[:, 1], 1 - probs[:, 0] + probs[:, 2], 2 - probs[:, 1] - probs[:, 2]], 1)
+    firsts = [call[2][i * 3:(i + 1) * 3] for i in range(n)]
+    candidates = [[f[0], f[2], call[3][i * 3 + 1]] for i, f in enumerate(firsts)]  # y_1, y_2, y_ref
+    chosen, rejected = texts(run, batch, batch.roles["chosen"]), texts(run, batch, batch.roles["rejected"])
+    for j in range(n):
+        best, worst = first_max_last_min(wins[j])
+        assert chosen[j] == candidates[j][best] and rejected[j] == candidates[j][worst]
+
+
+def test_best_of_n_drops_and_counts_the_prompts_whose_samples_all_tie(files, tmp_path):
+    """RLHF Workflow: a prompt whose 3 samples get equal rewards is dropped and counted; the others are kept."""
+    run = build(files, tmp_path, "sigmoid", reward="ties_where_flagged", pair_samples=3, temperature=1.0)
+    drawn, judged_pair = [], run.source._judged_pair
+
+    def recording(examples, indices, seed):
+        drawn.extend(examples)
+        return judged_pair(examples, indices, seed)
+
+    run.source._judged_pair = recording
+    tied = 0
+    for _ in range(3):
+        drawn.clear()
+        batch = run.source.next_batch()
+        flags = [e["columns"]["tie"] for e in drawn]
+        kept = [run.source.prompts.examples[i]["columns"]["tie"] for i in batch.index.tolist()]
+        assert not any(kept) and len(kept) == flags.count(False)  # exactly the prompts that did not tie
+        assert batch.metrics["online/tied_prompts"] == flags.count(True)
+        tied += flags.count(True)
+    assert tied > 0  # half the prompts are flagged
+
+
+def error_lines(capsys) -> list[str]:
+    """The command's error lines (stderr also holds transformers' loading progress bars)."""
+    return [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
+def test_a_run_whose_samples_always_tie_stops_in_one_line(files, tmp_path, capsys):
+    code = main(argv(files, tmp_path, "sigmoid", "--pair_samples", "3", "--reward_funcs", f"{files['rewards']}:zero"))
+    (error,) = error_lines(capsys)
+    assert code == 2 and "every sample of every prompt tied" in error
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "rloo"])
+def test_grpo_and_rloo_refuse_a_pairwise_judge(files, tmp_path, loss_type, capsys):
+    assert main(argv(files, tmp_path, loss_type, "--judge", str(files["pairwise"]))) == 2
+    (error,) = error_lines(capsys)
+    assert "gives no scores" in error and "--reward_model_path" in error
