@@ -503,7 +503,9 @@ def grpo_reference(x, b, *, grpo_loss_type="dapo", epsilon=0.2):
     per_token = -torch.min(coef_1 * adv, coef_2 * adv)
     if b != 0:
         d = x["ref_online_token_logps"] - lp
-        per_token = per_token + b * (torch.exp(d) - d - 1)
+        # TRL 1.16's default use_bias_correction_kl: k3 times the ratio pi / sg(pi) (1 in value; the reverse KL's
+        # gradient, -d per token, instead of the forward KL's 1 - exp(d))
+        per_token = per_token + b * (torch.exp(d) - d - 1) * coef_1
     sums = (per_token * m).sum(-1).reshape(-1)
     if grpo_loss_type == "grpo":
         return sums / m.sum(-1).reshape(-1).clamp(min=1)

@@ -106,8 +106,8 @@ def test_iterative_dpo_best_of_n_with_the_previous_iterate_as_reference(files, t
     """RLHF Workflow: 4 samples per prompt, the best against the worst; 2 iterations, the second with the policy
     after the first as its reference (written as iterate-1/, rewards measured from it: 0 at its first step)."""
     lora = ["--use_peft", "--lora_r", "8", "--lora_dropout", "0", "--learning_rate", "3e-2"] if peft else []
-    assert main(online_argv(files, tmp_path, "sigmoid", "--pair_samples", "4", "--iterations", "2", *lora,
-                            steps=8)) == 0
+    assert main(online_argv(files, tmp_path, "sigmoid", "--pair_samples", "4", "--iterations", "2",
+                            "--iteration_reference", "previous", *lora, steps=8)) == 0
     records = read_metrics(tmp_path)
     assert (tmp_path / "iterate-1" / "config.json").is_file()
     assert records[0]["rewards/margins"] == 0  # policy == reference

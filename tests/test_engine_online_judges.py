@@ -134,9 +134,9 @@ def build(files, tmp_path, loss_type, judge=None, reward=None, data="prompts", *
     from prefuse.engine.config import TrainConfig
     from prefuse.engine.setup import build_run
 
-    settings = {"per_device_train_batch_size": 4, "max_new_tokens": 6, **settings}
+    settings = {"per_device_train_batch_size": 4, "max_new_tokens": 6, "max_steps": 1, **settings}
     cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files[data]), output_dir=str(tmp_path),
-                      loss_type=[loss_type], online=True, report_to="none", max_steps=1, judge=judge,
+                      loss_type=[loss_type], online=True, report_to="none", judge=judge,
                       reward_funcs=[f"{files['rewards']}:{reward}"] if reward else None, **settings)
     return build_run(cfg)
 
@@ -298,3 +298,57 @@ def test_grpo_and_rloo_refuse_a_pairwise_judge(files, tmp_path, loss_type, capsy
     assert main(argv(files, tmp_path, loss_type, "--judge", str(files["pairwise"]))) == 2
     (error,) = error_lines(capsys)
     assert "gives no scores" in error and "--reward_model_path" in error
+
+
+def test_iterations_default_to_each_papers_reference(files, tmp_path):
+    """RLHF Workflow's iterative DPO keeps the SFT model as the reference; SELM's is the previous iterate."""
+    from prefuse.engine.config import TrainConfig
+
+    def resolved(loss_type):
+        cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files["prompts"]),
+                          output_dir=str(tmp_path), loss_type=[loss_type], online=True, iterations=2, max_steps=4,
+                          reward_funcs=[f"{files['rewards']}:brevity"])
+        return cfg.validate().iteration_reference, cfg.defaults_applied
+
+    reference, applied = resolved("sigmoid")
+    assert reference == "initial" and any(a.startswith("iteration_reference initial (RLHF Workflow") for a in applied)
+    assert resolved("selm")[0] == "previous"
+
+
+def test_iterations_sample_each_iterations_pairs_once_from_its_policy(files, tmp_path):
+    """--iteration_sampling once (the authors' loop): at an iteration's first batch every prompt is sampled once
+    from the policy as it is then, judged, and the iteration serves those batches in turn (a third batch of a
+    2-batch pool is the first again); the next iteration samples anew; a resumed source reads the saved pool."""
+    settings = dict(reward="brevity", pair_samples=3, iterations=2, max_steps=6, iteration_sampling="once",
+                    temperature=1.0)
+    run = build(files, tmp_path, "sigmoid", **settings)
+    sampled, sample = [], run.source._sample
+
+    def recording(kind, examples, seed, k, **kw):  # when the policy is sampled, and with which weights
+        sampled.append((len(served), kind, float(sum(p.double().sum() for p in run.policy.parameters()))))
+        return sample(kind, examples, seed, k, **kw)
+
+    run.source._sample = recording
+    served = []
+    for i in range(6):
+        if i == 3:  # the policy moves before iteration 2: its pool must be sampled from the moved policy
+            with torch.no_grad():
+                for p in run.policy.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+            state = run.source.state_dict()
+        served.append(run.source.next_batch())
+    moved = float(sum(p.double().sum() for p in run.policy.parameters()))
+    # 8 prompts in batches of 4: each iteration samples its 2 batches at its first batch, and only then
+    assert [(i, kind) for i, kind, _ in sampled] == [(0, "policy"), (0, "policy"), (3, "policy"), (3, "policy")]
+    assert [w == moved for *_, w in sampled] == [False, False, True, True]
+    assert torch.equal(served[0].input_ids, served[2].input_ids)  # the pool of 2 batches, served in turn
+    assert not torch.equal(served[0].input_ids, served[1].input_ids)
+    assert torch.equal(served[3].input_ids, served[5].input_ids)
+    first = served[0].index.tolist() + served[1].index.tolist()
+    assert len(set(first)) == len(first)  # each prompt at most once in an iteration's pool
+    assert (tmp_path / "iteration-0-batches.pt").is_file() and (tmp_path / "iteration-1-batches.pt").is_file()
+    resumed = build(files, tmp_path, "sigmoid", **settings)
+    resumed.source.load_state_dict(state)
+    for want in served[3:]:
+        got = resumed.source.next_batch()  # read from iteration-1-batches.pt: the same pairs, not new samples
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)

@@ -116,7 +116,13 @@ class TrainConfig:
     pair_samples: int = 2                        # judged pairs: 2 (online DPO), n > 2: best vs worst (iterative DPO)
     iterations: int = 1                          # > 1: the reference becomes the previous iterate each iteration
     iteration_slices: bool = False               # each iteration its own slice of the prompts (SELM, RLHF Workflow)
-    iteration_reference: str = "previous"        # "previous" iterate, or the "initial" (SFT) model throughout
+    iteration_reference: str | None = field(default=None, metadata={
+        "help": "online iterations: the reference, previous (iterate) or initial (the starting, SFT model "
+                "throughout); (default: the objective's, previous for selm, initial otherwise as RLHF Workflow)"})
+    iteration_sampling: str = field(default="per_batch", metadata={
+        "help": "online iterations: per_batch (fresh samples of the current policy at every batch) or once (the "
+                "authors' loop: at each iteration's start, its prompts' samples from pi_t, judged once and trained "
+                "on for the iteration; judged pairs and selm)"})
     use_vllm: bool = False                       # the policy's samples from vLLM on the same GPU (CUDA, optional)
     avg_rejected: str = field(default="policy", metadata={"help": "online avg_dpo: where y~- comes from, policy (a "
                               "policy sample per prompt) or bdhs (online BDHS from the current policy, "
@@ -224,7 +230,8 @@ class TrainConfig:
         for name, (value, source) in method_defaults(self.loss_type).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-                filled.append(f"{name} {value} ({source})")
+                if name == "beta" or self.online and (name == "temperature" or self.iterations > 1):
+                    filled.append(f"{name} {value} ({source})")
         return filled
 
     def validate(self) -> "TrainConfig":
@@ -305,6 +312,11 @@ class TrainConfig:
         check_field(not self.iteration_slices or self.iterations > 1, "iteration_slices", "needs --iterations > 1")
         check_field(self.iteration_reference in ("previous", "initial"), "iteration_reference",
                     f"{self.iteration_reference!r} is not previous or initial")
+        check_field(self.iteration_sampling in ("per_batch", "once"), "iteration_sampling",
+                    f"{self.iteration_sampling!r} is not per_batch or once")
+        check_field(self.iteration_sampling == "per_batch" or method in ("judged_pair", "selm"), "iteration_sampling",
+                    f"once samples a fixed set of judged pairs per iteration (online DPO's family, RLHF Workflow, "
+                    f"selm); {self.loss_type} sample per batch")
         check_field(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
                     "needs max_steps >= iterations (the steps are split evenly between the iterations)")
         check_field(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")

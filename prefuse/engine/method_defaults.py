@@ -1,6 +1,7 @@
 """Per-method defaults of `--beta` and `--temperature`, and the temperature each online method's loss reads.
 
     values = method_defaults(["grpo"])            # {"beta": (0.0, "TRL 1.16 GRPOConfig"), "temperature": ...}
+    # online --iterations: iteration_reference "previous" (SELM) or "initial" (RLHF Workflow's SFT model)
     loss_temperature("groups", 0.7)               # 0.7: GRPO's log-probs are taken at the sampling temperature
 
 A setting left out takes its objective's value from its paper or from TRL 1.16's trainer config (the source is
@@ -25,13 +26,15 @@ TRL_ONLINE_DPO = "TRL 1.16 OnlineDPOConfig"
 DEFAULTS: dict[str, dict[str, tuple[float, str]]] = {
     "grpo": {"beta": (0.0, "TRL 1.16 GRPOConfig"), "temperature": (1.0, "TRL 1.16 GRPOConfig")},
     "rloo": {"beta": (0.05, "TRL 1.16 RLOOConfig"), "temperature": (1.0, "TRL 1.16 RLOOConfig")},
-    "selm": {"beta": (0.01, "SELM (Zhang et al., 2024): every recipe's beta")},
+    "selm": {"beta": (0.01, "SELM (Zhang et al., 2024): every recipe's beta"),
+             "iteration_reference": ("previous", "SELM (Zhang et al., 2024): the model at the iteration's start")},
     "nash_md": {"temperature": (1.0, "Nash-MD (Munos et al., 2024): y sampled from the policy itself")},
     "online_ipo": {"temperature": (1.0, "online IPO (Calandriello et al., 2024): self-play samples of the policy")},
     "hypo": {"temperature": (1.0, "HyPO (Song et al., 2024): its KL term's samples from the policy")},
     "hypo_kl": {"temperature": (1.0, "HyPO (Song et al., 2024): its KL term's samples from the policy")},
 }
-FALLBACK = {"beta": (0.1, TRL_DPO), "temperature": (0.9, TRL_ONLINE_DPO)}
+FALLBACK = {"beta": (0.1, TRL_DPO), "temperature": (0.9, TRL_ONLINE_DPO),
+            "iteration_reference": ("initial", "RLHF Workflow (Dong et al., 2024): the SFT model in every iteration")}
 SETTINGS = tuple(FALLBACK)
 
 LOSS_TEMPERATURE = {"judged_pair": "one", "soft_pair": "one", "xpo": "one", "selm": "one", "mixed": "one",
@@ -54,9 +57,9 @@ def method_defaults(loss_types: list[str]) -> dict[str, tuple[float, str]]:
     for setting in SETTINGS:
         values = {DEFAULTS.get(n, {}).get(setting, FALLBACK[setting]) for n in names}
         if len({v for v, _ in values}) > 1:
-            listed = ", ".join(f"{v} ({s})" for v, s in sorted(values))
+            listed = ", ".join(f"{v} ({s})" for v, s in sorted(values, key=str))
             raise ValueError(f"{setting}: {loss_types} default to different values ({listed}); give --{setting}")
-        out[setting] = min(values)
+        out[setting] = min(values, key=str)
     return out
 
 

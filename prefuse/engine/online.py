@@ -164,13 +164,17 @@ class OnlineSource:
     def __init__(self, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig, *,
                  batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None,
                  pair_samples: int = 2, iterations=None, iteration_slices: bool = False, vllm=None,
-                 mixed_p: float = 0.5, avg_rejected: str = "policy", bdhs: dict | None = None):
+                 mixed_p: float = 0.5, avg_rejected: str = "policy", bdhs: dict | None = None,
+                 iteration_sampling: str = "per_batch"):
         """prompts: PromptData (engine.data.load_prompts); judge: engine.judges.Judge; batch_size: prompts per
         batch; rollout.num_generations: samples per prompt of grpo / rloo; pair_samples: samples per prompt of the
         judged-pair methods (2: TRL's online DPO; n > 2: the best against the worst, RLHF Workflow's iterative
         DPO); iterations: an engine.iterations.Iterations that moves the reference to the previous iterate;
         iteration_slices: iteration k draws its prompts from the k-th of as many disjoint, contiguous slices of the
-        prompts as there are iterations (SELM's and RLHF Workflow's fresh prompts per iteration); vllm: an
+        prompts as there are iterations (SELM's and RLHF Workflow's fresh prompts per iteration);
+        iteration_sampling: "per_batch" (samples of the current policy at every batch) or "once" (the authors' loop:
+        at an iteration's first batch, its prompts' samples from pi_t, judged into the batches the iteration then
+        serves in turn, written to output_dir/iteration-<k>-batches.pt so that a resumed run reads them); vllm: an
         engine.rollout_vllm.VLLMSampler that samples the policy (its weights pushed once per batch); mixed_p:
         Mixed-DPO's P(offline pair); avg_rejected: where Avg-DPO's y~- comes from (policy: a policy sample; bdhs:
         prefuse.engine.bdhs, see `generated_rejected`); bdhs: bdhs_rejected's keywords (cfg: a BDHSConfig,
@@ -189,6 +193,13 @@ class OnlineSource:
         if pair_samples < 2:
             raise ValueError(f"pair_samples: a judged pair needs at least 2 samples per prompt, got {pair_samples}")
         self.pair_samples, self.iterations, self.vllm, self._synced = pair_samples, iterations, vllm, None
+        if iteration_sampling not in ("per_batch", "once"):
+            raise ValueError(f"iteration_sampling: {iteration_sampling!r} is not per_batch or once")
+        self.once = iteration_sampling == "once" and iterations is not None
+        if self.once and self.method not in ("judged_pair", "selm"):
+            raise ValueError(f"iteration_sampling: once serves judged pairs (online DPO's family, selm), not "
+                             f"{loss_types}")
+        self._pool, self._pool_iteration = [], None
         n_slices = iterations.count if iteration_slices and iterations is not None else 1
         if n_slices > len(prompts):
             raise ValueError(f"iteration_slices: {len(prompts)} prompts cannot make {n_slices} slices")
@@ -235,6 +246,8 @@ class OnlineSource:
             piece = self.orders[min(self.iterations.iteration(self.served), len(self.orders) - 1)]
             if piece is not self.order:  # a new iteration's slice of the prompts
                 self.order, self._iter = piece, iter(piece)
+        if self.once:
+            return self._pooled_batch()
         seed, tied = self.seed * 1_000_003 + self.served, 0
         self.served += 1
         for attempt in range(max(len(self.order), 1)):
@@ -254,6 +267,46 @@ class OnlineSource:
             tied += len(examples)  # every example's samples tied: the next prompts instead
         raise ValueError(f"judge: every sample of every prompt tied for {tied} prompts in a row (an epoch of them): "
                          f"the judge cannot tell the samples apart; check the judge, or raise --temperature")
+
+    def _pooled_batch(self) -> Batch:
+        """--iteration_sampling once: the next of the iteration's batches, made at its first batch."""
+        k = self.iterations.iteration(self.served)
+        if self._pool_iteration != k:
+            self._pool, self._pool_iteration = self._iteration_pool(k), k
+        position = self.served - k * self.iterations.every
+        self.served += 1
+        return self._pool[position % len(self._pool)]
+
+    def _iteration_pool(self, k: int) -> list[Batch]:
+        """Iteration k's batches: every prompt of its slice once, in a seeded order, sampled from the policy as it
+        is now (pi_k) and judged; read from output_dir/iteration-<k>-batches.pt when a run before the resume made
+        them, else made and written there (to a temporary file, then renamed)."""
+        import dataclasses
+        import os
+
+        path = self.iterations.out / f"iteration-{k}-batches.pt"
+        if path.is_file():
+            return [Batch(**b) for b in torch.load(path, weights_only=True)]
+        piece = self.slices[min(k, len(self.slices) - 1)]
+        order = PairBatches(len(piece), batch_size=self.order.batch_size, seed=self.seed + 7919 * (k + 1))
+        pool, tied = [], 0
+        for j, positions in enumerate(order):
+            indices = [piece[i] for i in positions]
+            examples = [self.prompts.examples[i] for i in indices]
+            batch = getattr(self, f"_{self.method}")(examples, indices, self.seed * 1_000_003 + 10 ** 9 + k * 100_003 + j)
+            if batch is None:
+                tied += len(examples)
+                continue
+            pool.append(batch)
+        if not pool:
+            raise ValueError(f"judge: every sample of every prompt of iteration {k + 1} tied ({tied} prompts): the "
+                             f"judge cannot tell the samples apart; check the judge, or raise --temperature")
+        print(f"iteration {k + 1}: {len(pool)} batches of judged samples from the policy"
+              + (f" ({tied} prompts dropped: their samples all tied)" if tied else ""), flush=True)
+        temp = path.with_name(f".{path.name}.tmp")
+        torch.save([dataclasses.asdict(b) for b in pool], temp)
+        os.replace(temp, path)
+        return pool
 
     # -- rollouts and the judge -------------------------------------------------------------------------------------
     @staticmethod

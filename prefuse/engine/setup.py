@@ -252,7 +252,8 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
                         batch_size=cfg.per_device_train_batch_size * distributed.current().size, seed=cfg.seed,
                         sampler=cfg.online_sampler,
                         missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
-                        iterations=iterations, iteration_slices=cfg.iteration_slices, vllm=vllm,
+                        iterations=iterations, iteration_slices=cfg.iteration_slices,
+                        iteration_sampling=cfg.iteration_sampling, vllm=vllm,
                         mixed_p=cfg.objective_args.get("mixed_p", 0.5), avg_rejected=cfg.avg_rejected,
                         bdhs=_bdhs_settings(cfg))
 
