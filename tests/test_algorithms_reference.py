@@ -237,8 +237,13 @@ def xpo_reference(x, b, *, alpha=1e-5, loss_type="sigmoid"):
     return base + alpha * x["policy_sample_logps"]
 
 
-def online_ipo_reference(x, b):
-    return (dpo_margin(x, b) - (x["preference_probs"] - 0.5) / b) ** 2
+def online_ipo_reference(x, b, *, per_token=False):
+    """tau on whole-response log-ratios, or (per_token) on their means per token as the offline ipo reads it."""
+    if not per_token:
+        return (dpo_margin(x, b) - (x["preference_probs"] - 0.5) / b) ** 2
+    hc = (x["policy_chosen_logps"] - x["ref_chosen_logps"]) / x["chosen_lengths"].double()
+    hr = (x["policy_rejected_logps"] - x["ref_rejected_logps"]) / x["rejected_lengths"].double()
+    return (hc - hr - (x["preference_probs"] - 0.5) / b) ** 2
 
 
 def nash_md_reference(x, b, *, kl_estimator="sequence"):
@@ -444,6 +449,7 @@ CASES += [
     ("xpo", {}, (), xpo_reference),
     ("xpo", {"alpha": 0.01, "loss_type": "ipo"}, (), lambda x, b: xpo_reference(x, b, alpha=0.01, loss_type="ipo")),
     ("online_ipo", {}, (), online_ipo_reference),
+    ("online_ipo", {"average_log_prob": True}, LENGTHS, lambda x, b: online_ipo_reference(x, b, per_token=True)),
     ("nash_md", {}, (), nash_md_reference),
     (
         "nash_md",

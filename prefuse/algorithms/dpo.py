@@ -73,7 +73,8 @@ def hinge(*, beta, **stats):
 def ipo(*, beta, **stats):
     """IPO, length-normalized as TRL 1.16: (s_chosen/len_chosen - s_rejected/len_rejected - 1/(2 beta))^2.
 
-    beta plays the role of tau. Needs chosen_lengths and rejected_lengths (an empty response counts as one token).
+    beta plays the role of tau, on per-token log-ratios. Needs chosen_lengths and rejected_lengths (an empty response
+    counts as one token). `online_ipo` takes tau on whole-response log-ratios unless average_log_prob=True.
     """
     s = _scores("ipo", beta, stats)
     chosen, rejected = s.per_token_scores("ipo")

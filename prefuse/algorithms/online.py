@@ -2,8 +2,12 @@
 
 - selm        DPO + SELM's optimism bonus alpha * beta * log pi(y_ref)         (ALGORITHMS.md section 3)
 - xpo         DPO (sigmoid or ipo) + XPO's exploration term alpha * log pi(y_r) (section 10, TRL semantics)
-- online_ipo  IPO against a soft preference probability p = P(y > y')           (section 6)
-- nash_md     Nash-MD policy-gradient loss beta * KL term - (p - 1/2) log pi(y)  (section 6, TRL semantics)
+- online_ipo  IPO against a soft preference probability p = P(y > y')           (section 6); tau on whole-response
+              log-ratios (the paper's h), or per token with average_log_prob=True (what `ipo`, TRL's DPOTrainer,
+              takes)
+- nash_md     Nash-MD policy-gradient loss beta * KL term - (p - 1/2) log pi(y)  (section 6); its KL term's
+              default estimator is the sequence-level score function (unbiased for the sequence KL's gradient);
+              TRL's Nash-MD trainer's per-token one is kl_estimator="token"
 - hypo_kl     HyPO's online reverse-KL term, REINFORCE with a leave-one-out baseline (section 5, [UNVERIFIED])
 - hypo        DPO on offline pairs + kl_coef * hypo_kl on online samples
 Per-token inputs, where an option needs them, are [B, T] (or [P, k, T]) with a `*token_mask` of the same shape.
@@ -103,18 +107,28 @@ def xpo(
     return dpo_losses + exploration, metrics
 
 
-@register("online_ipo", requires=PAIR_INPUTS | {"preference_probs"}, hparams={})
+@register("online_ipo", requires=PAIR_INPUTS | {"preference_probs"},
+          optional={"chosen_lengths", "rejected_lengths"}, hparams={"average_log_prob": False})
 def online_ipo(
-    *, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, preference_probs, beta
+    *, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, preference_probs, beta,
+    chosen_lengths=None, rejected_lengths=None, average_log_prob=False,
 ):
     """Online IPO with soft labels: ((h(y) - h(y')) - (p - 1/2) / beta)^2, beta = tau. [UNVERIFIED form]
 
     Here "chosen" is y and "rejected" is y' (two samples, in either order) and preference_probs [B] is
-    p = P(y > y' | x) from the preference model; p = 1 gives the (summed, not length-normalized) IPO loss.
+    p = P(y > y' | x) from the preference model. h is the whole response's log-ratio log pi - log pi_ref (the
+    paper's), so p = 1 gives IPO on summed log-ratios; average_log_prob=True divides each by its token count
+    (chosen_lengths, rejected_lengths [B]), which is how the offline `ipo` (TRL's DPOTrainer) reads tau: the same
+    tau then means the same margin per token in both.
     """
     chosen_logratios, rejected_logratios = _dpo_pair(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
+    if average_log_prob:
+        require_inputs("online_ipo with average_log_prob=True", chosen_lengths=chosen_lengths,
+                       rejected_lengths=rejected_lengths)
+        chosen_logratios = chosen_logratios / chosen_lengths.clamp(min=1)
+        rejected_logratios = rejected_logratios / rejected_lengths.clamp(min=1)
     target = (preference_probs.detach() - 0.5) / beta
     losses = (chosen_logratios - rejected_logratios - target) ** 2
     metrics = _pair_metrics(beta, chosen_logratios, rejected_logratios, policy_chosen_logps, policy_rejected_logps)

@@ -26,15 +26,15 @@ TRL_ONLINE_DPO = "TRL 1.16 OnlineDPOConfig"
 DEFAULTS: dict[str, dict[str, tuple[float, str]]] = {
     "grpo": {"beta": (0.0, "TRL 1.16 GRPOConfig"), "temperature": (1.0, "TRL 1.16 GRPOConfig")},
     "rloo": {"beta": (0.05, "TRL 1.16 RLOOConfig"), "temperature": (1.0, "TRL 1.16 RLOOConfig")},
-    "selm": {"beta": (0.01, "SELM (Zhang et al., 2024): every recipe's beta"),
-             "iteration_reference": ("previous", "SELM (Zhang et al., 2024): the model at the iteration's start")},
-    "nash_md": {"temperature": (1.0, "Nash-MD (Munos et al., 2024): y sampled from the policy itself")},
-    "online_ipo": {"temperature": (1.0, "online IPO (Calandriello et al., 2024): self-play samples of the policy")},
-    "hypo": {"temperature": (1.0, "HyPO (Song et al., 2024): its KL term's samples from the policy")},
-    "hypo_kl": {"temperature": (1.0, "HyPO (Song et al., 2024): its KL term's samples from the policy")},
+    "selm": {"beta": (0.01, "SELM, Zhang et al. 2024: every recipe's beta"),
+             "iteration_reference": ("previous", "SELM, Zhang et al. 2024: the model at the iteration's start")},
+    "nash_md": {"temperature": (1.0, "Nash-MD, Munos et al. 2024: y sampled from the policy itself")},
+    "online_ipo": {"temperature": (1.0, "online IPO, Calandriello et al. 2024: self-play samples of the policy")},
+    "hypo": {"temperature": (1.0, "HyPO, Song et al. 2024: its KL term's samples from the policy")},
+    "hypo_kl": {"temperature": (1.0, "HyPO, Song et al. 2024: its KL term's samples from the policy")},
 }
 FALLBACK = {"beta": (0.1, TRL_DPO), "temperature": (0.9, TRL_ONLINE_DPO),
-            "iteration_reference": ("initial", "RLHF Workflow (Dong et al., 2024): the SFT model in every iteration")}
+            "iteration_reference": ("initial", "RLHF Workflow, Dong et al. 2024: the SFT model in every iteration")}
 SETTINGS = tuple(FALLBACK)
 
 LOSS_TEMPERATURE = {"judged_pair": "one", "soft_pair": "one", "xpo": "one", "selm": "one", "mixed": "one",
@@ -78,6 +78,8 @@ def describe_defaults(loss_types: list[str], online_method: str | None) -> str:
         values = method_defaults(loss_types)
     except ValueError as error:
         return str(error)
+    if online_method not in ("judged_pair", "selm"):  # the methods that run --iterations
+        values.pop("iteration_reference")
     text = ", ".join(f"{k} {v} ({s})" for k, (v, s) in values.items())
     if online_method is not None:
         text += "; online: " + LOSS_TEMPERATURE_WORDS[LOSS_TEMPERATURE[online_method]]

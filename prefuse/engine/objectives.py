@@ -139,15 +139,19 @@ def describe(name: str) -> dict:
                 ", " + c for c in needs.columns("pairs")) + "), each side one example")
     except ValueError as error:
         source = "not offline: " + str(error).split(": ", 2)[-1]
-    from prefuse.engine.online import ONLINE_DESCRIPTIONS, online_method
+    from prefuse.engine.method_defaults import describe_defaults
+    from prefuse.engine.online import ONLINE_DESCRIPTIONS, judge_kinds, online_method
 
     try:
-        online = ONLINE_DESCRIPTIONS[online_method([name])]
+        method = online_method([name])
+        online, judges = ONLINE_DESCRIPTIONS[method], judge_kinds(method)
     except ValueError:
-        online = "-"
+        method, online, judges = None, "-", "-"
     return {
         "name": spec.name,
         "online": online,
+        "judges": judges,
+        "defaults": describe_defaults([name], method),
         "roles": sorted({s.role for s in stats if s.required}),
         "inputs": sorted(spec.requires),
         "optional": sorted(spec.optional),
@@ -176,6 +180,9 @@ def format_objectives(names: list[str] | None = None) -> str:
             lines += wrapped("optional", ", ".join(d["optional"]))
         lines += wrapped("data", d["data"])
         lines += wrapped("online", d["online"])
+        if d["judges"] != "-":
+            lines += wrapped("judges", d["judges"])
+        lines += wrapped("defaults", d["defaults"])
         lines += wrapped("hparams", ", ".join(["beta"] + [f"{k}={v!r}" for k, v in sorted(d["hparams"].items())]))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
