@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(p, GenerateConfig)
     p.set_defaults(run=_generate)
 
+    from prefuse.engine.selm_data import SELMDataConfig
+
+    p = sub.add_parser("selm-data", help="SELM's offline data: each pair's y_w, y_l and the reference's greedy y_ref "
+                                         "ranked by a judge, best against worst",
+                       description="For every pair of --dataset_name, y_ref is --model_name_or_path's greedy "
+                                   "response; y_w, y_l and y_ref are ranked by the judge (--reward_funcs, "
+                                   "--reward_model_path or a pairwise --judge); writes prompt, chosen (the best), "
+                                   "rejected (the worst) and reference_response (y_ref) to --output, for prefuse "
+                                   "train --loss_type selm. Pairs whose three candidates tie are left out.")
+    _config_flags(p, SELMDataConfig)
+    p.set_defaults(run=_selm_data)
+
     from prefuse.engine.bdhs.offline import BDHSRunConfig
 
     p = sub.add_parser("bdhs", help="BDHS: rejected responses the policy writes with the image (or a part of the "
@@ -241,6 +253,17 @@ def _generate(args) -> int:
         generate(GenerateConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
     except (ValueError, OSError, ImportError) as error:  # DataError and JudgeError are ValueErrors
         print(f"prefuse generate: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _selm_data(args) -> int:
+    try:
+        from prefuse.engine.selm_data import SELMDataConfig, build_selm_data
+
+        build_selm_data(SELMDataConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
+    except (ValueError, OSError, ImportError) as error:  # DataError and JudgeError are ValueErrors
+        print(f"prefuse selm-data: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
         return 2
     return 0
 

@@ -27,6 +27,9 @@ def ties_where_flagged(prompts, completions, tie, **columns):
 
 def zero(prompts, completions, **columns):
     return [0.0] * len(completions)
+
+def length_mod_5(prompts, completions, **columns):
+    return [float(len(c) % 5) for c in completions]
 '''
 
 
@@ -352,3 +355,55 @@ def test_iterations_sample_each_iterations_pairs_once_from_its_policy(files, tmp
     for want in served[3:]:
         got = resumed.source.next_batch()  # read from iteration-1-batches.pt: the same pairs, not new samples
         assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
+
+
+def length_mod_5(text: str) -> float:
+    return float(len(text) % 5)
+
+
+def test_selm_data_ranks_each_pair_with_the_reference_greedy_response(files, tmp_path, capsys):
+    """prefuse selm-data: for each pair, y_ref = the model's greedy response (checked against transformers'
+    generate), {y_w, y_l, y_ref} scored by the judge, chosen = the best, rejected = the worst, y_ref kept as
+    reference_response; the file then trains offline SELM."""
+    out = tmp_path / "selm.jsonl"
+    assert main(["selm-data", "--model_name_or_path", str(files["model"]), "--dataset_name", str(files["pairs"]),
+                 "--output", str(out), "--reward_funcs", f"{files['rewards']}:length_mod_5",
+                 "--max_new_tokens", "6", "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pairs = {json.loads(line)["prompt"]: json.loads(line) for line in files["pairs"].read_text().splitlines()}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(files["model"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    reference_sides = set()
+    for row in rows:
+        ids = tokenizer(row["prompt"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            generated = model.generate(ids, do_sample=False, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        y_ref = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+        assert row["reference_response"] == y_ref
+        pair = pairs[row["prompt"]]
+        candidates = [pair["chosen"], pair["rejected"], y_ref]
+        scores = [length_mod_5(c) for c in candidates]
+        best, worst = first_max_last_min(torch.tensor(scores))
+        assert (row["chosen"], row["rejected"]) == (candidates[best], candidates[worst])
+        reference_sides.add("chosen" if best == 2 else "rejected" if worst == 2 else "neither")
+    assert 0 < len(rows) <= len(pairs)
+    assert len(reference_sides) >= 2  # y_ref is ranked, not always on one side
+    train = ["train", "--model_name_or_path", str(files["model"]), "--dataset_name", str(out), "--output_dir",
+             str(tmp_path / "run"), "--loss_type", "selm", "--max_steps", "1", "--save_steps", "0",
+             "--report_to", "none", "--per_device_train_batch_size", "2"]
+    assert main(train) == 0
+    assert "loss/optimism" in read_metrics(tmp_path / "run")[0]  # the reference_response reached SELM's term
+
+
+def test_selm_data_with_a_pairwise_judge(files, tmp_path, capsys):
+    out = tmp_path / "selm.jsonl"
+    assert main(["selm-data", "--model_name_or_path", str(files["model"]), "--dataset_name", str(files["pairs"]),
+                 "--output", str(out), "--judge", str(files["pairwise"]), "--max_new_tokens", "6",
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    from prefuse.engine.judges import PairwiseJudge
+
+    judge = PairwiseJudge(files["pairwise"])
+    probs = judge.compare([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    assert len(rows) > 0 and (probs >= 0.5).all()

@@ -51,6 +51,7 @@ import torch
 from prefuse.algorithms import get_objective
 from prefuse.algorithms.roles import role_inputs
 from prefuse.engine.data import PairBatches, collate_sequences, vision_inputs
+from prefuse.engine.judges.ranking import best_and_worst, is_pairwise, judge_candidates
 from prefuse.engine.model import Models
 from prefuse.engine.objectives import ObjectiveNeeds
 from prefuse.engine.rollout import RolloutConfig, Samples, sample_mixture, sample_policy, sample_reference
@@ -213,9 +214,7 @@ class OnlineSource:
         self.served = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
-        from prefuse.engine.judges import PairwiseJudge
-
-        self.pairwise = isinstance(judge, PairwiseJudge)  # compares two samples; gives no scores
+        self.pairwise = is_pairwise(judge)  # compares two samples; gives no scores
         check_judge(self.method, self.pairwise, missing_eos_penalty)
         if self.method in ("mixed", "avg", "hybrid") and prompts.examples and "chosen_ids" not in prompts.examples[0]:
             raise ValueError(f"dataset_name: {loss_types} with --online read each example's offline pair: give a "
@@ -359,49 +358,17 @@ class OnlineSource:
     def _scores(self, examples, completions: list[list[int]], contains_eos: list[bool], repeat: int) -> torch.Tensor:
         """The judge's scores [N] of completions (N = len(examples) * repeat, grouped by prompt), minus the
         missing-EOS penalty for those that did not end."""
-        prompts = [e["prompt"] for e in examples for _ in range(repeat)]
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        scores = self.judge.score(prompts, texts, **self._columns(examples, repeat)).float()
-        unscored = torch.isnan(scores).nonzero().flatten().tolist()
-        if unscored:  # a pair cannot be ranked on NaN, and a NaN reward would reach the loss silently
-            raise ValueError(f"reward_funcs: no reward function scored sample(s) {unscored[:5]} of this batch "
-                             f"(every one returned None); return a number for every completion")
-        if self.penalty is not None:
-            scores = scores - self.penalty * (~torch.tensor(contains_eos)).float()
-        return scores
+        candidates = [completions[i:i + repeat] for i in range(0, len(completions), repeat)]
+        eos = [contains_eos[i:i + repeat] for i in range(0, len(contains_eos), repeat)]
+        return self._wins(examples, candidates, eos)[1].flatten()
 
     def _wins(self, examples, candidates: list[list[list[int]]], contains_eos: list[list[bool]]):
-        """Each example's n candidates judged against each other -> (wins [N, n, n] with wins[i, a, b] = P(a > b),
-        scores [N, n] or None). A scoring judge: P(a > b) = sigmoid(score(a) - score(b)) of the scores after the
-        missing-EOS penalty (TRL's); a pairwise judge: compare() of every pair (a round robin, as PairRM ranks)."""
-        n = len(candidates[0])
-        if not self.pairwise:
-            scores = self._scores(examples, [c for cs in candidates for c in cs],
-                                  [e for es in contains_eos for e in es], n).view(-1, n)
-            return torch.sigmoid(scores.unsqueeze(-1) - scores.unsqueeze(-2)), scores
-        pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+        """Each example's n candidates (completion ids) judged against each other -> (wins [N, n, n] = P(a > b),
+        scores [N, n] or None): judges.ranking.judge_candidates on their texts."""
         texts = [self.tokenizer.batch_decode(cs, skip_special_tokens=True) for cs in candidates]
-        probs = self.judge.compare([e["prompt"] for e in examples for _ in pairs],
-                                   [t[a] for t in texts for a, _ in pairs], [t[b] for t in texts for _, b in pairs],
-                                   **self._columns(examples, len(pairs))).float().view(len(examples), len(pairs))
-        wins = torch.full((len(examples), n, n), 0.5)
-        for j, (a, b) in enumerate(pairs):
-            wins[:, a, b], wins[:, b, a] = probs[:, j], 1 - probs[:, j]
-        return wins, None
-
-    def _rank(self, examples, candidates, contains_eos):
-        """(best [N], worst [N], wins, scores): the best and worst of each example's candidates by score (a
-        scoring judge) or by the sum of P(a > b) over the others (a pairwise judge); the first drawn wins a tie
-        for best, the last for worst, so two tied candidates make the pair (first, second) as TRL's online DPO
-        does. best == worst where every candidate ties."""
-        wins, scores = self._wins(examples, candidates, contains_eos)
-        strength = scores if scores is not None else wins.sum(-1)
-        n = strength.shape[1]
-        best = strength.argmax(-1)
-        worst = n - 1 - strength.flip(-1).argmin(-1)
-        tied = (strength == strength[:, :1]).all(-1)
-        worst = torch.where(tied, best, worst)
-        return best, worst, wins, scores
+        return judge_candidates(self.judge, [e["prompt"] for e in examples], texts,
+                                columns=self._columns(examples, 1), contains_eos=contains_eos,
+                                missing_eos_penalty=self.penalty, pairwise=self.pairwise)
 
     def _judged(self, examples, candidates, contains_eos, policy_count: int):
         """The ranked pair of each example -> (kept example positions, chosen, rejected, best, worst, metrics).
@@ -409,7 +376,8 @@ class OnlineSource:
         all tie teaches nothing and is dropped (RLHF Workflow's and SELM's ranking), counted as
         `online/tied_prompts`. Metrics: the mean score of the first `policy_count` candidates (the policy's
         samples) with a scoring judge, else the mean P(chosen > rejected)."""
-        best, worst, wins, scores = self._rank(examples, candidates, contains_eos)
+        wins, scores = self._wins(examples, candidates, contains_eos)
+        best, worst = best_and_worst(wins, scores)
         n = len(candidates[0])
         if n == 2:
             worst = torch.where(best == worst, 1 - best, worst)
