@@ -1,6 +1,6 @@
 """Every online method with every judge kind its paper allows, through `prefuse train --online`: reward functions,
-a Bradley-Terry reward model and a pairwise preference model (tiny models saved with save_pretrained and loaded by
-the judges' own code); the pairs a batch holds are the ones the judge prefers (checked against the judge's own
+a Bradley-Terry reward model, a pairwise preference model and a vision-language judge (tiny models saved with
+save_pretrained and loaded by the judges' own code); the pairs a batch holds are the ones the judge prefers (checked against the judge's own
 calls); SELM ranks {y_1, y_2, y_ref}; RLHF Workflow's best-of-n drops and counts the prompts whose samples all
 tie; GRPO and RLOO refuse a judge that gives no scores."""
 import json
@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
-from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
+from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
@@ -56,6 +56,7 @@ def files(tmp_path_factory):
     save_tiny_llama(root / "model", tokenizer)
     save_classifier(root / "reward_model", tokenizer)
     save_classifier(root / "pairwise", tokenizer)
+    save_tiny_llava(root / "vlm_judge", tokenizer)  # a vision-language judge: log-odds of " yes" after the response
     with open(DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl", encoding="utf-8") as f:
         rows = [json.loads(next(f)) for _ in range(8)]
     (root / "prompts.jsonl").write_text("".join(
@@ -64,13 +65,15 @@ def files(tmp_path_factory):
                                                           "rejected": r["rejected"][:40]}) + "\n" for r in rows))
     (root / "rewards.py").write_text(REWARDS)
     return {"model": root / "model", "prompts": root / "prompts.jsonl", "pairs": root / "pairs.jsonl",
-            "rewards": root / "rewards.py", "reward_model": root / "reward_model", "pairwise": root / "pairwise"}
+            "rewards": root / "rewards.py", "reward_model": root / "reward_model", "pairwise": root / "pairwise",
+            "vlm_judge": root / "vlm_judge"}
 
 
 def judge_flags(files, kind: str) -> list[str]:
     return {"reward_funcs": ["--reward_funcs", f"{files['rewards']}:brevity"],
             "reward_model": ["--reward_model_path", str(files["reward_model"])],
-            "pairwise": ["--judge", str(files["pairwise"])]}[kind]
+            "pairwise": ["--judge", str(files["pairwise"])],
+            "vision_language": ["--judge", str(files["vlm_judge"])]}[kind]
 
 
 # method -> (loss_type, extra flags); IPO-MD: ipo with both samples from the mixture; RLHF Workflow: best of 3
@@ -97,7 +100,7 @@ def read_metrics(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["reward_funcs", "reward_model", "pairwise"])
+@pytest.mark.parametrize("kind", ["reward_funcs", "reward_model", "pairwise", "vision_language"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_judged_method_trains_with_every_judge_kind(files, tmp_path, method, kind, capsys):
     loss_type, flags = METHODS[method]
@@ -311,7 +314,8 @@ def test_iterations_default_to_each_papers_reference(files, tmp_path):
         cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files["prompts"]),
                           output_dir=str(tmp_path), loss_type=[loss_type], online=True, iterations=2, max_steps=4,
                           reward_funcs=[f"{files['rewards']}:brevity"])
-        return cfg.validate().iteration_reference, cfg.defaults_applied
+        filled = cfg.apply_defaults()
+        return cfg.validate().iteration_reference, filled
 
     reference, applied = resolved("sigmoid")
     assert reference == "initial" and any(a.startswith("iteration_reference initial (RLHF Workflow") for a in applied)

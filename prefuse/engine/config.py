@@ -235,9 +235,9 @@ class TrainConfig:
         return filled
 
     def validate(self) -> "TrainConfig":
-        """Fill the defaults left out, then raise ValueError with one line naming the first bad field; return
-        self."""
-        self.defaults_applied = self.apply_defaults() or getattr(self, "defaults_applied", [])
+        """Fill the defaults left out (apply_defaults), then raise ValueError with one line naming the first bad
+        field; return self."""
+        self.apply_defaults()
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required")

@@ -198,6 +198,9 @@ def check_supported(cfg, world: World) -> None:
         return
     refused = [("avg_rejected", cfg.online and bool(cfg.fsdp) and cfg.avg_rejected == "bdhs" and "avg_dpo" in cfg.loss_type,
                 "--avg_rejected bdhs with --fsdp (each rank's retries would run different numbers of forwards)"),
+               ("pair_samples", cfg.online and bool(cfg.fsdp) and (cfg.pair_samples > 2 or "selm" in cfg.loss_type),
+                "best-of-n and SELM's ranking with --fsdp (a rank whose prompts all tie samples again: the ranks "
+                "would run different numbers of forwards)"),
                ("iterations", cfg.online and cfg.iterations > 1, "--iterations"),
                ("use_vllm", cfg.online and cfg.use_vllm, "--use_vllm"),
                ("sampling_strategy", cfg.sampling_strategy != "random", "--sampling_strategy good_priority"),

@@ -74,9 +74,10 @@ class Run:
 def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     """The run `cfg` describes; `source` replaces the offline batches of dataset_name (an online source, a test's),
     which then still gives the held-out set and the tokenizer's data checks."""
+    filled = cfg.apply_defaults()
     cfg.validate()
-    if cfg.defaults_applied:
-        print(f"defaults of {' '.join(cfg.loss_type)}: {', '.join(cfg.defaults_applied)}", flush=True)
+    if filled:
+        print(f"defaults of {' '.join(cfg.loss_type)}: {', '.join(filled)}", flush=True)
     needs = cfg.needs()
     world = distributed.current()  # torchrun's ranks (engine/distributed.py), or this process alone
     distributed.check_supported(cfg, world)
