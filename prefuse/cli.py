@@ -246,37 +246,46 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
-def _generate(args) -> int:
+def _reported(command: str, action) -> int:
+    """Run action(); a ValueError (DataError, JudgeError, ...), OSError or ImportError is one line on stderr
+    naming the command, and exit status 2."""
     try:
-        from prefuse.engine.generate import GenerateConfig, generate
-
-        generate(GenerateConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
-    except (ValueError, OSError, ImportError) as error:  # DataError and JudgeError are ValueErrors
-        print(f"prefuse generate: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        action()
+    except (ValueError, OSError, ImportError) as error:
+        print(f"prefuse {command}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
         return 2
     return 0
+
+
+def _settings(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+
+
+def _generate(args) -> int:
+    def run():  # an ImportError of the command's module is reported in one line too
+        from prefuse.engine.generate import GenerateConfig, generate
+
+        generate(GenerateConfig(**_settings(args)))
+
+    return _reported("generate", run)
 
 
 def _selm_data(args) -> int:
-    try:
+    def run():  # an ImportError of the command's module is reported in one line too
         from prefuse.engine.selm_data import SELMDataConfig, build_selm_data
 
-        build_selm_data(SELMDataConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
-    except (ValueError, OSError, ImportError) as error:  # DataError and JudgeError are ValueErrors
-        print(f"prefuse selm-data: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        return 2
-    return 0
+        build_selm_data(SELMDataConfig(**_settings(args)))
+
+    return _reported("selm-data", run)
 
 
 def _bdhs(args) -> int:
-    try:
+    def run():  # an ImportError of the command's module is reported in one line too
         from prefuse.engine.bdhs.offline import BDHSRunConfig, run_bdhs
 
-        run_bdhs(BDHSRunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
-    except (ValueError, OSError, ImportError) as error:  # DataError and EmbedderError are ValueErrors
-        print(f"prefuse bdhs: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        return 2
-    return 0
+        run_bdhs(BDHSRunConfig(**_settings(args)))
+
+    return _reported("bdhs", run)
 
 
 def _rlhs(args) -> int:

@@ -21,7 +21,7 @@ from prefuse.engine.judges import (
     pairwise_ids,
     reward_model_ids,
 )
-from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama
+from tests.tokenizer_fixture import build_tokenizer, save_tiny_classifier, save_tiny_llama
 
 REWARDS = '''
 import os
@@ -240,19 +240,7 @@ def test_reward_function_call_errors(rewards_file):
 
 
 # -- model judges -----------------------------------------------------------------------------------------------------
-def _save_classifier(path, tokenizer, **config):
-    """A tiny Llama sequence classifier with one logit, initialized wide (initializer_range 0.2, score head std 1)
-    so that its scores depend clearly on the whole text."""
-    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=0,
-                    bos_token_id=1, eos_token_id=2, num_labels=1, initializer_range=0.2)
-    torch.manual_seed(1)
-    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**settings, **config}))
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, 1.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+_save_classifier = save_tiny_classifier
 
 
 def _reference_logit(path, ids: list[int], pad_token_id=None) -> float:

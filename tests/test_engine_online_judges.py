@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
-from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
+from tests.tokenizer_fixture import (DATA_DIR, build_tokenizer, save_tiny_classifier, save_tiny_llama,
+                                     save_tiny_llava)  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
@@ -33,29 +34,14 @@ def length_mod_5(prompts, completions, **columns):
 '''
 
 
-def save_classifier(path, tokenizer):
-    """A tiny one-logit Llama classifier, initialized wide so that its logits depend clearly on the text."""
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1,
-                                      initializer_range=0.2)
-    model = transformers.LlamaForSequenceClassification(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, 1.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("online_judges")
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     save_tiny_llama(root / "model", tokenizer)
-    save_classifier(root / "reward_model", tokenizer)
-    save_classifier(root / "pairwise", tokenizer)
+    save_tiny_classifier(root / "reward_model", tokenizer)
+    save_tiny_classifier(root / "pairwise", tokenizer)
     save_tiny_llava(root / "vlm_judge", tokenizer)  # a vision-language judge: log-odds of " yes" after the response
     with open(DATA_DIR / "ultrafeedback_binarized_sample_train.jsonl", encoding="utf-8") as f:
         rows = [json.loads(next(f)) for _ in range(8)]

@@ -90,3 +90,22 @@ def save_tiny_llava(path, tokenizer, *, chat_template=None):
         tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=chat_template).save_pretrained(path)
     return tokenizer
+
+
+def save_tiny_classifier(path, tokenizer, **config):
+    """A tiny Llama sequence classifier with one logit (a reward model or, read over the pairwise template, a
+    pairwise judge), initialized wide (initializer_range 0.2, score head std 1) so that its scores depend clearly
+    on the whole text; saved with the tokenizer under `path`, which it returns."""
+    import torch
+    import transformers
+
+    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2, num_labels=1, initializer_range=0.2)
+    torch.manual_seed(1)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**settings, **config}))
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
