@@ -226,6 +226,11 @@ class TrainConfig:
 
         check_field(isinstance(self.loss_type, list) and len(self.loss_type) >= 1, "loss_type",
                     "give at least one objective name")
+        for name in self.loss_type:
+            try:
+                get_objective(name)
+            except ValueError as error:
+                raise ValueError(f"loss_type: {error}") from None
         filled = []
         for name, (value, source) in method_defaults(self.loss_type).items():
             if getattr(self, name) is None:
