@@ -437,6 +437,9 @@ def make_copy(folder: Path, source: Path = ROOT) -> None:
     shutil.copy2(source / "pyproject.toml", folder / "pyproject.toml")
 
 
+IMPORT = "<import>"  # the coverage map's key for the lines run at import (collection), not by a test
+
+
 class _LineCoverage:
     """pytest plugin: the lines of prefuse/algorithms/ each test executes (setup, call and teardown)."""
 
@@ -457,15 +460,24 @@ class _LineCoverage:
             self.current.add((frame.f_code.co_filename, frame.f_lineno))
         return self._local
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_protocol(self, item, nextitem):
+    def _record(self, key):
         self.current = set()
         sys.settrace(self._global)
         try:
             yield
         finally:
             sys.settrace(None)
-            self.by_test[item.nodeid] = sorted([f[len(self.folder):], line] for f, line in self.current)
+            self.by_test[key] = sorted([f[len(self.folder):], line] for f, line in self.current)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_collection(self, session):
+        # what runs while the test modules are imported (the registry's decorators call helpers such as
+        # dpo._family): a mutant there is seen by every test, not only by those that run its line again
+        yield from self._record(IMPORT)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        yield from self._record(item.nodeid)
 
 
 class _Select:
@@ -576,11 +588,13 @@ def baseline(folder: Path, tests: list[str]) -> tuple[float, dict[str, list]]:
 
 
 def covering_tests(mutant: Mutant, coverage: dict[str, list]) -> set[str] | None:
-    """The tests that execute the mutant's statement; None (every test) for code that runs at import."""
-    if mutant.import_time:
-        return None
+    """The tests that execute the mutant's statement; None (every test) for code that runs at import (module level,
+    defaults, decorators, and function bodies that module-level code calls)."""
     wanted = {(mutant.file, line) for line in mutant.lines}
-    return {test for test, lines in coverage.items() if any((f, line) in wanted for f, line in lines)}
+    if mutant.import_time or any((f, line) in wanted for f, line in coverage.get(IMPORT, ())):
+        return None
+    return {test for test, lines in coverage.items() if test != IMPORT and any((f, line) in wanted
+                                                                                for f, line in lines)}
 
 
 def run(snapshot: Path, mutants: list[Mutant], tests: list[str], jobs: int, timeout: float | None, verbose: bool,
