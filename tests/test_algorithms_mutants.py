@@ -426,3 +426,410 @@ def test_srpo_default_alpha_is_the_community_value():
     close(losses, [0.2 * generate + 0.8 * improve])
     close(metrics["loss/improve"], [improve])
     close(metrics["loss/generate"], [generate])
+
+
+# -------------------------------------------------------------------------------------------------------- OFS-DPO
+def test_ofs_two_sided_default_clamp_is_ten():
+    """ALGORITHMS.md section 1, option B: the chasing terms' inner value beta (m_F - m_S) is clamped to [-10, 10].
+    Pair 0 has beta (m_F - m_S) = 12 (clamped to 10), pair 1 has 7 (inside)."""
+    beta, alpha = 1.0, 0.1
+    fast = {"policy_chosen_logps": vec(-3.0, -4.0), "policy_rejected_logps": vec(-20.0, -12.0)}  # m_F = 17, 8
+    slow = {"slow_chosen_logps": vec(-5.0, -6.0), "slow_rejected_logps": vec(-10.0, -7.0)}  # m_S = 5, 1
+    ref = {"ref_chosen_logps": vec(-4.0, -4.0), "ref_rejected_logps": vec(-9.0, -9.0)}  # m_ref = 5, 5
+    losses, metrics = get_objective("ofs_dpo").fn(beta=beta, ofs_variant="two_sided", **fast, **slow, **ref)
+    fast_dpo, slow_dpo = [-logsigmoid(17.0 - 5.0), -logsigmoid(8.0 - 5.0)], [-logsigmoid(0.0), -logsigmoid(-4.0)]
+    chase = [-logsigmoid(10.0), -logsigmoid(7.0)]  # -logsigmoid(clamp(beta (m_F - sg m_S)))
+    flee = chase  # -logsigmoid(clamp(beta (sg m_F - m_S))): the same value
+    close(losses, [fast_dpo[i] + alpha * chase[i] + slow_dpo[i] - alpha * flee[i] for i in range(2)])
+    close(metrics["ofs/gap"], chase)
+    close(metrics["ofs/fast_dpo_loss"], fast_dpo)
+    close(metrics["ofs/slow_dpo_loss"], slow_dpo)
+    # the clamp cuts the gradient of pair 0's chasing terms: d loss / d m_F = -beta sigmoid(-z) for the DPO term,
+    # and -alpha beta sigmoid(-7) for pair 1's chase (its flee term has no gradient to the fast module)
+    leaf = fast["policy_chosen_logps"].clone().requires_grad_(True)
+    losses, _ = get_objective("ofs_dpo").fn(beta=beta, ofs_variant="two_sided", **{**fast, "policy_chosen_logps": leaf},
+                                            **slow, **ref)
+    (grad,) = torch.autograd.grad(losses.sum(), [leaf])
+    close(grad, [-sigmoid(-12.0), -sigmoid(-3.0) - alpha * sigmoid(-7.0)])
+
+
+# ------------------------------------------------------------------------------------------- online IPO, SELM, XPO
+def test_online_ipo_metrics():
+    """The pair's TRL metrics from the whole-response log-ratios, and the judge's probabilities."""
+    beta = 0.5
+    probs = vec(0.9, 0.2)
+    losses, metrics = get_objective("online_ipo").fn(beta=beta, preference_probs=probs, **PAIR)
+    close(losses, [((H["chosen"][i] - H["rejected"][i]) - (p - 0.5) / beta) ** 2 for i, p in enumerate((0.9, 0.2))])
+    close(metrics["rewards/chosen"], [beta * c for c in H["chosen"]])
+    close(metrics["rewards/rejected"], [beta * r for r in H["rejected"]])
+    close(metrics["rewards/margins"], [beta * (c - r) for c, r in zip(H["chosen"], H["rejected"])])
+    close(metrics["logps/chosen"], PAIR["policy_chosen_logps"])
+    close(metrics["logps/rejected"], PAIR["policy_rejected_logps"])
+    close(metrics["rewards/probabilities"], [0.9, 0.2])
+
+
+# ------------------------------------------------------------------------------------------- DPO family: options
+def test_alpha_divergence_near_one_is_the_reverse_kl():
+    """f'(t) = (t^(a-1) - 1) / (a - 1) tends to log t as a -> 1; within 1e-6 of 1 the log-ratio itself is used
+    (the general form there would differ from it by about (a - 1) h^2 / 2)."""
+    from prefuse.algorithms.pair_scores import f_divergence_scores
+
+    h = vec(-4.0, 0.5, 6.0)
+    for a in (1.0, 1.0 + 7e-7, 1.0 - 7e-7):
+        close(f_divergence_scores(h, "alpha_divergence", a), h, rtol=0, atol=0)
+    a = 1.0 + 1e-4  # outside: the general form
+    close(f_divergence_scores(h, "alpha_divergence", a), [math.expm1((a - 1) * v) / (a - 1) for v in (-4.0, 0.5, 6.0)])
+
+
+def test_wpo_weight_of_one_response():
+    """WPO: w = exp((sum_t log pi(y_t) - sum_t log sum_v pi(v)^2) / len), no gradient; an empty response counts as one
+    token."""
+    from prefuse.algorithms.pair_scores import wpo_weights
+
+    logps = vec(-6.0, -1.0, -3.0, grad=True)
+    weights = wpo_weights(logps, vec(-2.0, -0.5, -1.0), torch.tensor([2, 0, 4]))
+    close(weights, [math.exp(-2.0), math.exp(-0.5), math.exp(-0.5)])
+    assert not weights.requires_grad
+
+
+def test_sft_with_only_the_chosen_reference_reports_no_rewards():
+    """The rewards metrics need the whole pair: a chosen reference without a rejected one gives log-probs only."""
+    losses, metrics = get_objective("sft").fn(beta=0.1, policy_chosen_logps=vec(-6.0, -2.0),
+                                              chosen_lengths=torch.tensor([3, 1]), ref_chosen_logps=vec(-5.0, -1.0))
+    close(losses, [2.0, 2.0])
+    assert set(metrics) == {"logps/chosen"}
+
+
+# -------------------------------------------------------------------------------------------------- GRPO and RLOO
+def test_grpo_and_rloo_rewards_get_no_gradient():
+    """The rewards are the judge's scores: constants of the policy gradient (group_advantages and
+    leave_one_out_advantages work on sg(rewards))."""
+    from prefuse.algorithms.policy_gradient import group_advantages, leave_one_out_advantages
+
+    rewards = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.2, 0.8]], dtype=F64, requires_grad=True)
+    assert not group_advantages(rewards).requires_grad and not group_advantages(rewards, "batch").requires_grad
+    assert not leave_one_out_advantages(rewards).requires_grad
+    token_logps = -torch.rand(2, 3, 4, dtype=F64).requires_grad_(True)
+    loss, _ = objective_loss("grpo", policy_online_token_logps=token_logps,
+                             online_token_mask=torch.ones(2, 3, 4, dtype=torch.bool), rewards=rewards, beta=0.0)
+    no_grad(torch.autograd.grad(loss, [rewards], allow_unused=True)[0], "rewards (grpo)")
+    sums = -5 * torch.rand(2, 3, dtype=F64).requires_grad_(True)
+    loss, _ = objective_loss("rloo", policy_online_logps=sums, rewards=rewards, beta=0.0)
+    no_grad(torch.autograd.grad(loss, [rewards], allow_unused=True)[0], "rewards (rloo)")
+    sums = torch.tensor([[-3.0, -5.0], [-1.0, -2.0]], dtype=F64)
+    ref = (sums - torch.tensor([[1.0, -3.0], [0.5, -1.0]], dtype=F64)).requires_grad_(True)
+    leaf = sums.clone().requires_grad_(True)
+    loss, _ = objective_loss("rloo", policy_online_logps=leaf, ref_online_logps=ref, rewards=rewards[:, :2], beta=0.05)
+    no_grad(torch.autograd.grad(loss, [ref], allow_unused=True)[0], "ref_online_logps (rloo's KL penalty)")
+
+
+def _grpo_one_token(**options):
+    """P = 1 prompt, k = 2 samples of T = 2 tokens; one unmasked token in the whole batch."""
+    logps = torch.tensor([[[-1.0, -9.0], [-2.0, -9.0]]], dtype=F64, requires_grad=True)
+    ref = torch.tensor([[[-1.5, 3.0], [-2.0, 3.0]]], dtype=F64, requires_grad=True)
+    mask = torch.tensor([[[True, False], [False, False]]])
+    rewards = torch.tensor([[1.0, 0.0]], dtype=F64)
+    losses, metrics = get_objective("grpo").fn(policy_online_token_logps=logps, online_token_mask=mask,
+                                               rewards=rewards, ref_online_token_logps=ref, **options)
+    return losses, metrics, logps, ref
+
+
+def test_grpo_normalizers_and_kl_metric_with_one_token():
+    """dapo: the batch's token sum over its token count (1 here), spread as n = 2 per-sample terms; the kl metric is
+    the mean of k3 = e^d - d - 1 (d = log pi_ref - log pi) over the unmasked tokens; the reference gets no gradient."""
+    beta = 0.5
+    losses, metrics, logps, ref = _grpo_one_token(beta=beta)
+    advantage = 0.5 / (math.sqrt(0.5) + 1e-4)  # (r - mean) / (std + 1e-4), std of (1, 0) = sqrt(1/2)
+    d = -0.5
+    k3 = math.exp(d) - d - 1
+    close(losses, [2 * (-advantage + beta * k3), 0.0])
+    close(metrics["kl"], k3)
+    grad_ref = torch.autograd.grad(losses.mean(), [ref], allow_unused=True)[0]
+    no_grad(grad_ref, "ref_online_token_logps")
+    losses, _, _, _ = _grpo_one_token(beta=beta, grpo_loss_type="grpo")  # each sample's token mean, then the mean
+    close(losses, [-advantage + beta * k3, 0.0])
+
+
+def test_grpo_clip_metrics_use_strict_bounds():
+    """TRL's clip_ratio/*: ratio < 1 - epsilon (with A < 0) and ratio > 1 + epsilon_high (with A > 0), strictly; the
+    on-policy ratio is exactly 1, so even a zero-width clip range clips nothing. k = 8 samples with one rewarded
+    (advantage 7 / sqrt(8) = 2.47 for it)."""
+    logps = -torch.rand(1, 8, 3, dtype=F64)
+    mask = torch.ones(1, 8, 3, dtype=torch.bool)
+    rewards = torch.tensor([[1.0] + [0.0] * 7], dtype=F64)
+    for options in ({"epsilon": 0.0}, {"epsilon": 0.2, "epsilon_high": 0.0}, {}):
+        _, metrics = get_objective("grpo").fn(policy_online_token_logps=logps, online_token_mask=mask,
+                                              rewards=rewards, beta=0.0, **options)
+        for name in ("low_mean", "high_mean", "region_mean"):
+            assert float(metrics[f"clip_ratio/{name}"]) == 0.0, (options, name)
+    for options in ({"epsilon": 0.0}, {"epsilon": 0.2, "epsilon_high": 0.0}, {}):
+        _, metrics = get_objective("rloo").fn(policy_online_logps=logps.sum(-1), rewards=5 * rewards, beta=0.0,
+                                              **options)
+        for name in ("low_mean", "high_mean", "region_mean"):
+            assert float(metrics[f"clip_ratio/{name}"]) == 0.0, (options, name)
+
+
+def test_clip_metrics_off_policy():
+    """TRL's clip fractions where the ratio is not 1 (as after a second update on the same samples): low = r < 0.8
+    with A < 0, high = r > 1 + epsilon_high with A > 0, region = either; shares of the unmasked entries."""
+    from prefuse.algorithms.policy_gradient import _clip_metrics
+
+    ratio = vec(0.5, 0.8, 0.7, 1.2, 1.3, 1.3, 0.5, 0.3)
+    advantages = vec(-1.0, -1.0, 1.0, 1.0, 1.0, 0.0, 0.0, -1.0)
+    mask = torch.tensor([True] * 7 + [False])  # the last one would count as low-clipped
+    got = _clip_metrics(ratio, advantages, 0.2, None, mask)
+    close(got["clip_ratio/low_mean"], 1 / 7, rtol=1e-6)
+    close(got["clip_ratio/high_mean"], 1 / 7, rtol=1e-6)
+    close(got["clip_ratio/region_mean"], 2 / 7, rtol=1e-6)
+    got = _clip_metrics(ratio, advantages, 0.2, 0.05, mask)  # 1.2 > 1.05 now clips too
+    close(got["clip_ratio/high_mean"], 2 / 7, rtol=1e-6)
+    close(got["clip_ratio/region_mean"], 3 / 7, rtol=1e-6)
+    got = _clip_metrics(ratio[:1], advantages[:1], 0.2, None, torch.tensor([False]))  # nothing unmasked: 0
+    assert float(got["clip_ratio/region_mean"]) == 0.0
+    got = _clip_metrics(ratio[:1], advantages[:1], 0.2, None, torch.tensor([True]))  # one token, clipped
+    assert float(got["clip_ratio/region_mean"]) == 1.0
+
+
+def test_clipped_surrogate_off_policy():
+    """TRL's per-token loss -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) and its gradient in log r: -r A where
+    the unclipped term is the minimum, 0 where the clipped one is (and r outside the range)."""
+    from prefuse.algorithms.policy_gradient import _clipped_surrogate
+
+    r = [0.5, 0.9, 1.5, 1.5, 0.5]
+    advantages = vec(1.0, -1.0, 1.0, -1.0, -1.0)
+    log_ratio = torch.log(vec(*r)).requires_grad_(True)
+    losses, ratio = _clipped_surrogate(log_ratio, advantages, 0.2, None)
+    close(ratio, r, rtol=1e-14)
+    close(losses, [-0.5, 0.9, -1.2, 1.5, 0.8], rtol=1e-14)
+    (grad,) = torch.autograd.grad(losses.sum(), [log_ratio])
+    close(grad, [-0.5, 0.9, 0.0, 1.5, 0.0], rtol=1e-14)
+    losses, _ = _clipped_surrogate(log_ratio, advantages, 0.2, 0.4)
+    close(losses, [-0.5, 0.9, -1.4, 1.5, 0.8], rtol=1e-14)
+
+
+@pytest.mark.parametrize("scale_rewards, frac", [("group", 0.5), ("none", 0.5), ("batch", 0.0)])
+def test_grpo_frac_reward_zero_std(scale_rewards, frac):
+    """TRL: the share of samples whose advantage std is 0 (isclose to 0): the group's std, or the batch's with
+    scale_rewards="batch". Group 0 is constant."""
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=F64)
+    logps = -torch.rand(2, 3, 2, dtype=F64)
+    _, metrics = get_objective("grpo").fn(policy_online_token_logps=logps, online_token_mask=torch.ones(2, 3, 2,
+                                          dtype=torch.bool), rewards=rewards, beta=0.0, scale_rewards=scale_rewards)
+    close(metrics["frac_reward_zero_std"], frac, rtol=1e-7)
+    close(metrics["reward"], 4 / 6, rtol=1e-7)
+
+
+def test_zero_std_is_isclose_std_to_zero():
+    """TRL's torch.isclose(std, 0): |std| <= atol = 1e-8 (no relative part). A std of 1.000005e-8 is not zero."""
+    std = 1.000005e-8
+    rewards = torch.tensor([[0.0, std * math.sqrt(2.0)]], dtype=F64)  # Bessel std of two values: |a - b| / sqrt(2)
+    logps = -torch.rand(1, 2, 2, dtype=F64)
+    _, metrics = get_objective("grpo").fn(policy_online_token_logps=logps,
+                                          online_token_mask=torch.ones(1, 2, 2, dtype=torch.bool), rewards=rewards,
+                                          beta=0.0)
+    assert float(metrics["frac_reward_zero_std"]) == 0.0
+    _, metrics = get_objective("rloo").fn(policy_online_logps=logps.sum(-1), rewards=rewards, beta=0.0)
+    assert float(metrics["frac_reward_zero_std"]) == 0.0
+
+
+def test_rloo_metrics():
+    """TRL 1.16's RLOO logs reward and reward_std (over the batch) of the judged rewards, frac_reward_zero_std of the
+    groups, and kl = the summed log-ratios over the batch's token count."""
+    import statistics
+
+    rewards = torch.tensor([[5.0, 0.0], [1.0, 1.0]], dtype=F64)
+    policy = torch.tensor([[-3.0, -5.0], [-1.0, -2.0]], dtype=F64)
+    ref = torch.tensor([[-4.0, -2.0], [-1.5, -1.0]], dtype=F64)  # log-ratios (1, -3), (0.5, -1)
+    for lengths, kl in (([[2, 3], [1, 4]], -2.5 / 10), ([[1, 0], [0, 0]], -2.5)):
+        _, metrics = get_objective("rloo").fn(policy_online_logps=policy, ref_online_logps=ref, rewards=rewards,
+                                              online_lengths=torch.tensor(lengths), beta=0.05)
+        close(metrics["kl"], kl)
+        close(metrics["reward"], 7 / 4, rtol=1e-7)
+        close(metrics["reward_std"], statistics.stdev([5.0, 0.0, 1.0, 1.0]), rtol=1e-6)
+        for name in ("low_mean", "high_mean", "region_mean"):
+            assert float(metrics[f"clip_ratio/{name}"]) == 0.0
+    _, metrics = get_objective("rloo").fn(policy_online_logps=policy, rewards=rewards, beta=0.0)
+    close(metrics["frac_reward_zero_std"], 0.5, rtol=1e-7)
+    assert "kl" not in metrics
+
+
+# ------------------------------------------------------------------------------------------------ A-LoL family
+def test_alol_seq_default_clip_and_one_token_rows():
+    """ALGORITHMS.md section 8: per-token ratios clamped to [1 - 0.9, 1 + 0.9] by default; alol/weights is the mean
+    clamped ratio over a row's tokens times A+. Row 0 has one token (ratio e^1.5 -> 1.9), row 1 two (e^-3 -> 0.1,
+    e^0.25 inside); the padding holds garbage."""
+    policy = torch.tensor([[-1.0, 5.0], [-4.0, -0.5]], dtype=F64, requires_grad=True)
+    ref = torch.tensor([[-2.5, -7.0], [-1.0, -0.75]], dtype=F64)
+    mask = torch.tensor([[True, False], [True, True]])
+    losses, metrics = get_objective("alol_seq").fn(policy_token_logps=policy, ref_token_logps=ref, token_mask=mask,
+                                                   advantages=vec(2.0, 0.5), beta=0.1)
+    w = [[1.9], [0.1, math.exp(0.25)]]
+    close(losses, [-(-1.0 * w[0][0]) * 2.0, -(-4.0 * w[1][0] - 0.5 * w[1][1]) * 0.5])
+    close(metrics["alol/weights"], [w[0][0] * 2.0, (w[1][0] + w[1][1]) / 2 * 0.5])
+    close(metrics["logps/chosen"], [-1.0, -4.5])
+    close(metrics["objective/kl"], [1.5, -2.75])
+
+
+def test_r_gold_default_floor_and_one_token_rows():
+    """R-GOLD: sum_t NLL_t * max(pi(y_t), 0.1) * R, the weight without gradient and at most 1 (a log-prob rounded above
+    0 still weighs 1); alol/weights the row's mean weight times R."""
+    policy = torch.tensor([[-3.0, 9.0], [-0.5, 1e-3]], dtype=F64, requires_grad=True)
+    mask = torch.tensor([[True, False], [True, True]])
+    losses, metrics = get_objective("r_gold").fn(policy_token_logps=policy, token_mask=mask, rewards=vec(1.5, -2.0),
+                                                 beta=0.1)
+    w = [[0.1], [math.exp(-0.5), 1.0]]  # e^-3 = 0.05 is floored at 0.1
+    close(losses, [-(-3.0 * 0.1) * 1.5, -(-0.5 * w[1][0] + 1e-3 * 1.0) * -2.0])
+    close(metrics["alol/weights"], [0.1 * 1.5, (w[1][0] + 1.0) / 2 * -2.0])
+    (grad,) = torch.autograd.grad(losses.sum(), [policy])
+    close(grad, [[-0.1 * 1.5, 0.0], [-w[1][0] * -2.0, -1.0 * -2.0]])
+
+
+def test_alol_signs_and_weights():
+    """A-LoL: NLL * clamp(pi / pi_ref) * A+ (gradient -w per log-prob); A-LoL KL: NLL * A+ + beta (log pi - log pi_ref)
+    (gradient -A+ + beta, and -beta for the reference); ref-free: NLL * A (A not clipped)."""
+    policy, ref, advantages = vec(-2.0, -3.0, grad=True), vec(-2.5, -1.0, grad=True), vec(1.5, -0.5)
+    losses, metrics = get_objective("alol").fn(policy_logps=policy, ref_logps=ref, advantages=advantages, beta=0.1)
+    w = [math.exp(0.5) * 1.5, math.exp(-2.0) * 0.0]
+    close(losses, [2.0 * w[0], 3.0 * w[1]])
+    close(metrics["alol/weights"], w)
+    close(metrics["objective/kl"], [0.5, -2.0])
+    beta = 0.3
+    losses, metrics = get_objective("alol_kl").fn(policy_logps=policy, ref_logps=ref, advantages=advantages,
+                                                  beta=beta)
+    close(losses, [2.0 * 1.5 + beta * 0.5, 0.0 + beta * -2.0])
+    grads = torch.autograd.grad(losses.sum(), [policy, ref])
+    close(grads[0], [-1.5 + beta, 0.0 + beta])
+    close(grads[1], [-beta, -beta])
+    close(metrics["alol/weights"], [1.5, 0.0])
+    losses, metrics = get_objective("alol_ref_free").fn(policy_logps=policy, advantages=advantages, beta=0.1)
+    close(losses, [2.0 * 1.5, 3.0 * -0.5])
+    close(metrics["alol/weights"], [1.5, -0.5])
+    assert "objective/kl" not in metrics
+
+
+# --------------------------------------------------------------------------------------------------------- ORPO
+def test_orpo_prompt_inputs_come_together():
+    stats = {"policy_chosen_logps": vec(-6.0), "policy_rejected_logps": vec(-9.0),
+             "chosen_lengths": torch.tensor([3]), "rejected_lengths": torch.tensor([3])}
+    for extra in ({"policy_chosen_prompt_logps": vec(-4.0)}, {"chosen_prompt_lengths": torch.tensor([2])}):
+        with pytest.raises(ValueError):
+            get_objective("orpo").fn(beta=0.1, **stats, **extra)
+
+
+def test_orpo_response_of_probability_one_stays_finite():
+    """ORPO's log odds log(p / (1 - p)) of the per-token mean log-prob avg, with avg kept at most -1e-12 (a response
+    of probability 1 would give log(1 - 1) = -inf): chosen avg 0 -> log odds -1e-12 - log(1 - e^-1e-12)."""
+    beta = 0.5
+    stats = {"policy_chosen_logps": vec(0.0), "policy_rejected_logps": vec(-3.0),
+             "chosen_lengths": torch.tensor([2]), "rejected_lengths": torch.tensor([3])}
+    losses, metrics = get_objective("orpo").fn(beta=beta, **stats)
+    avg_c, avg_r = -1e-12, -1.0
+    log_odds = (avg_c - math.log(-math.expm1(avg_c))) - (avg_r - math.log(-math.expm1(avg_r)))
+    close(metrics["log_odds_chosen"], [log_odds])
+    close(losses, [0.0 - beta * logsigmoid(log_odds)])
+
+
+# ------------------------------------------------------------------------------------------------ SFT without pairs
+def test_sft_metrics_without_a_reference():
+    losses, metrics = get_objective("sft").fn(beta=0.1, policy_chosen_logps=vec(-6.0, -2.0),
+                                              policy_rejected_logps=vec(-7.0, -1.0),
+                                              chosen_lengths=torch.tensor([3, 1]))
+    close(losses, [2.0, 2.0])
+    assert set(metrics) == {"logps/chosen", "logps/rejected"}
+    close(metrics["logps/chosen"], [-6.0, -2.0])
+    close(metrics["logps/rejected"], [-7.0, -1.0])
+
+
+# ------------------------------------------------------------------------------------------ API and registry
+def test_a_list_of_objectives_logs_each_loss():
+    """objective_loss([...]): the weighted sum of the batch means (weights 1 by default), and loss/<name> for each
+    objective only when there are several."""
+    beta = 0.5
+    margins = [H["chosen"][i] - H["rejected"][i] for i in range(2)]
+    sigmoid_mean = sum(-logsigmoid(beta * m) for m in margins) / 2
+    hinge_mean = sum(max(0.0, 1 - beta * m) for m in margins) / 2
+    loss, metrics = objective_loss(["sigmoid", "hinge"], beta=beta, **PAIR)
+    close(loss, sigmoid_mean + hinge_mean)
+    close(metrics["loss/sigmoid"], sigmoid_mean, rtol=1e-6)
+    close(metrics["loss/hinge"], hinge_mean, rtol=1e-6)
+    loss, metrics = objective_loss(["sigmoid", "hinge"], loss_weights=[0.25, 2.0], beta=beta, **PAIR)
+    close(loss, 0.25 * sigmoid_mean + 2.0 * hinge_mean)
+    _, metrics = objective_loss("sigmoid", beta=beta, **PAIR)
+    assert "loss/sigmoid" not in metrics
+
+
+def test_objective_spec_is_frozen_with_its_defaults():
+    import dataclasses
+
+    from prefuse.algorithms.registry import ObjectiveSpec
+
+    spec = ObjectiveSpec(name="x", fn=lambda **_: None, requires=frozenset({"a"}), hparams={})
+    assert spec.separable is True and spec.optional == frozenset() and spec.aliases == () and spec.doc == ""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.separable = False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_objective("sigmoid").separable = False
+
+
+def test_accepts_lists_inputs_and_hparams():
+    assert get_objective("wbc").accepts() == (
+        "'wbc': inputs [policy_logps, rewards], optional inputs [-], hparams [beta, -]")
+    assert get_objective("selm").accepts() == (
+        "'selm': inputs [policy_chosen_logps, policy_rejected_logps, policy_sample_logps, ref_chosen_logps, "
+        "ref_rejected_logps], optional inputs [ref_sample_logps], hparams [beta, alpha=0.001]")
+
+
+# ----------------------------------------------------------------------------------------------------------- roles
+def test_input_names_of_role_statistics():
+    """roles' module docstring: policy_<role>_logps, ref_<role>_logps, <role>_lengths, <role>_token_mask, ...; the role
+    "completion" is written without its name, except in completion_lengths."""
+    from prefuse.algorithms.roles import COMPLETION, input_name
+
+    assert input_name("chosen", "logps", "policy") == "policy_chosen_logps"
+    assert input_name("online", "token_logps", "ref") == "ref_online_token_logps"
+    assert input_name("rejected", "verbose_logps", "policy") == "policy_rejected_verbose_logps"
+    assert input_name("chosen", "lengths") == "chosen_lengths"
+    assert input_name("online", "token_mask") == "online_token_mask"
+    assert input_name(COMPLETION, "logps", "ref") == "ref_logps"
+    assert input_name(COMPLETION, "token_logps", "policy") == "policy_token_logps"
+    assert input_name(COMPLETION, "token_mask") == "token_mask"
+    assert input_name(COMPLETION, "lengths") == "completion_lengths"
+
+
+def test_parse_input():
+    from prefuse.algorithms.roles import COMPLETION, RoleInput, parse_input
+
+    assert parse_input("policy_chosen_logps") == RoleInput("policy_chosen_logps", "chosen", "logps", "policy", True)
+    assert parse_input("ref_logps", required=False) == RoleInput("ref_logps", COMPLETION, "logps", "ref", False)
+    assert parse_input("policy_token_logps") == RoleInput("policy_token_logps", COMPLETION, "token_logps", "policy")
+    assert parse_input("ref_online_token_logps") == RoleInput("ref_online_token_logps", "online", "token_logps", "ref")
+    assert parse_input("policy_chosen_given_rejected_logps").role == "chosen_given_rejected"
+    assert parse_input("ref_rejected_verbose_logps") == RoleInput("ref_rejected_verbose_logps", "rejected",
+                                                                  "verbose_logps", "ref")
+    assert parse_input("chosen_lengths") == RoleInput("chosen_lengths", "chosen", "lengths", None)
+    assert parse_input("token_mask") == RoleInput("token_mask", COMPLETION, "token_mask", None)
+    assert parse_input("online_token_mask", required=False) == RoleInput("online_token_mask", "online", "token_mask",
+                                                                         None, False)
+    for passed_through in ("policy_sample_verbose_logps", "lengths", "preference_probs", "labels", "advantages",
+                           "slow_chosen_logps", "policy_chosen_log_sum_sq_probs", "policy_xlogps", "refs_logps"):
+        assert parse_input(passed_through) is None, passed_through
+    assert RoleInput("n", "r", "logps", "policy").required is True
+
+
+def test_role_inputs_required_wins_over_optional():
+    from prefuse.algorithms.roles import declared_roles, role_inputs
+
+    sft, sigmoid = get_objective("sft"), get_objective("sigmoid")
+    alone = {item.name: item.required for item in role_inputs([sft])}
+    assert alone["policy_chosen_logps"] and alone["chosen_lengths"]
+    assert not alone["policy_rejected_logps"] and not alone["ref_chosen_logps"]
+    assert "policy_chosen_log_sum_sq_probs" not in alone  # a pass-through input
+    for specs in ([sft, sigmoid], [sigmoid, sft]):
+        items = role_inputs(specs)
+        assert [item.name for item in items] == sorted(item.name for item in items)
+        required = {item.name: item.required for item in items}
+        assert required["policy_rejected_logps"] and required["ref_chosen_logps"] and required["chosen_lengths"]
+        assert not required["rejected_lengths"]  # optional in both
+    assert declared_roles([sft]) == ["chosen", "rejected"]
+    assert declared_roles([get_objective("kto")]) == ["completion", "kl"]
+    assert declared_roles([get_objective("hypo_kl")]) == ["online"]
