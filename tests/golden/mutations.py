@@ -29,9 +29,12 @@ import torch  # noqa: F401  (imported once here, so each forked test run starts 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = "tests/test_algorithms_seed_golden.py"
 HYPO = "tests/test_algorithms_hypo_kl.py"
-TEST_FILES = ["tests/__init__.py", "tests/conftest.py", "tests/golden/seed_golden.json", SEED, HYPO]
+MUTANTS = "tests/test_algorithms_mutants.py"  # it borrows make_inputs from the reference test
+TEST_FILES = ["tests/__init__.py", "tests/conftest.py", "tests/golden/seed_golden.json", SEED, HYPO, MUTANTS,
+              "tests/test_algorithms_reference.py"]
 
 ONLINE, ALOL, OFS, SRPO, COMMON = (f"prefuse/algorithms/{m}.py" for m in ("online", "alol", "ofs", "srpo", "common"))
+KTO, MIXED, PG, DPO = (f"prefuse/algorithms/{m}.py" for m in ("kto", "mixed", "policy_gradient", "dpo"))
 
 # name -> (file, original text, mutated text, test file that must fail)
 MUTATIONS = {
@@ -110,6 +113,38 @@ MUTATIONS = {
     "hypo_k3_pathwise": (
         ONLINE, "ref_minus_policy = masked(ref_online_token_logps - policy_online_token_logps).detach()",
         "ref_minus_policy = masked(ref_online_token_logps - policy_online_token_logps)", HYPO),
+    # survivors of an audit of the algorithm and preference-loss tests, killed by tests/test_algorithms_mutants.py
+    "hypo_rloo_baseline_at_k1": (ONLINE, "and num_samples > 1", "and num_samples >= 1", MUTANTS),
+    "hypo_rloo_baseline_mean": (ONLINE, "/ (num_samples - 1)", "/ num_samples", MUTANTS),
+    "kto_ref_kl_detach": (
+        KTO, "ref_kl_logps.detach()).mean().clamp(min=0)", "ref_kl_logps).mean().clamp(min=0)", MUTANTS),
+    "kto_kl_point_clamp": (
+        KTO, "ref_kl_logps.detach()).mean().clamp(min=0)", "ref_kl_logps.detach()).mean()", MUTANTS),
+    "mixed_drawn_pair_metrics": (
+        MIXED, "return torch.where(drawn, offline_value, online_value)",
+        "return torch.where(drawn, online_value, offline_value)", MUTANTS),
+    "mixed_drawn_loss_metric_swap": (
+        MIXED, '"loss/offline": (weight * offline).detach(), "loss/online": ((1 - weight) * online).detach()',
+        '"loss/offline": ((1 - weight) * online).detach(), "loss/online": (weight * offline).detach()', MUTANTS),
+    "grpo_clip_low_bound": (
+        PG, "low = (ratio < 1 - epsilon) & (advantages < 0)", "low = (ratio <= 1 - epsilon) & (advantages < 0)",
+        MUTANTS),
+    "grpo_clip_high_bound": (
+        PG, "high = (ratio > 1 + (epsilon if", "high = (ratio >= 1 + (epsilon if", MUTANTS),
+    "alol_kl_metric_sign": (
+        ALOL, 'metrics["objective/kl"] = (policy_logps - ref_logps).detach()',
+        'metrics["objective/kl"] = (ref_logps - policy_logps).detach()', MUTANTS),
+    "alol_seq_sign": (
+        ALOL, "losses = -masked_sum(policy_token_logps * token_weights) * positive",
+        "losses = masked_sum(policy_token_logps * token_weights) * positive", MUTANTS),
+    "srpo_default_alpha": (SRPO, 'hparams={"srpo_alpha": 0.8', 'hparams={"srpo_alpha": 0.5', MUTANTS),
+    "exo_label_smoothing_upper_bound": (
+        DPO, "if not 0.0 < label_smoothing < 1.0:", "if not 0.0 < label_smoothing <= 1.0:", MUTANTS),
+    "robust_label_smoothing_upper_bound": (
+        DPO, "if not 0.0 <= label_smoothing < 0.5:", "if not 0.0 <= label_smoothing <= 0.5:", MUTANTS),
+    "token_counts_zero_clamp": (
+        COMMON, ".to(like.dtype).clamp(min=1.0)", ".to(like.dtype).clamp(min=0.5)", MUTANTS),
+    "batch_nll_zero_clamp": (COMMON, ".sum().clamp(min=1.0)", ".sum().clamp(min=0.5)", MUTANTS),
 }
 
 
