@@ -113,6 +113,7 @@ def _all_inputs(seed=0, batch=4):
     from tests.test_algorithms_reference import make_inputs
 
     x = {k: v.detach() for k, v in make_inputs(seed, batch).items()}
+    x["online_lengths"] = torch.randint(1, 9, x["policy_online_logps"].shape)  # rloo's per-token kl metric
     return x
 
 
@@ -157,13 +158,21 @@ def test_separable_means_no_example_reads_another(name):
         "did not change" if unchanged else "changed")
 
 
+@pytest.mark.parametrize("optional", [True, False], ids=["all_inputs", "required_only"])
 @pytest.mark.parametrize("name", list_objectives())
-def test_metrics_carry_no_graph(name):
+def test_metrics_carry_no_graph(name, optional):
     """Metrics are logged values: detached (common.reward_metrics and every family's own), so logging them keeps
-    no autograd graph alive."""
+    no autograd graph alive. With every input it reads and with the required ones (and the lengths) only: mixed_dpo
+    without a draw, selm without its reference sample, grpo and rloo without a reference (beta 0), ..."""
     spec = get_objective(name)
-    inputs = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in _inputs_for(name, _all_inputs()).items()}
-    losses, metrics = spec.fn(beta=0.1, **inputs)
+    inputs = _inputs_for(name, _all_inputs())
+    beta = 0.1
+    if not optional:
+        keep = spec.requires | {"chosen_lengths", "rejected_lengths"}
+        inputs = {k: v for k, v in inputs.items() if k in keep}
+        beta = 0.0 if name in ("grpo", "rloo") else beta
+    inputs = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+    losses, metrics = spec.fn(beta=beta, **inputs)
     assert losses.requires_grad
     for key, value in metrics.items():
         assert not torch.as_tensor(value).requires_grad, f"{name}: metric {key} carries a graph"
@@ -409,6 +418,16 @@ def test_hypo_adds_the_mean_kl_over_prompts_and_logs_it():
     close(metrics["objective/kl"], (1.0 - 3.0 + 0.5 - 1.0) / 4)
     close(metrics["rewards/chosen"], [beta * c for c in H["chosen"]])
     close(metrics["rewards/rejected"], [beta * r for r in H["rejected"]])
+    close(metrics["logps/chosen"], PAIR["policy_chosen_logps"])
+    close(metrics["logps/rejected"], PAIR["policy_rejected_logps"])
+
+
+def test_online_kl_surrogate_defaults_to_the_rloo_baseline():
+    """ALGORITHMS.md section 5 (f): the default estimator is sequence-level REINFORCE with the RLOO baseline."""
+    from prefuse.algorithms.online import online_kl_surrogate
+
+    policy, ref = torch.tensor([[-3.0, -5.0]], dtype=F64), torch.tensor([[-4.0, -2.0]], dtype=F64)
+    close(online_kl_surrogate(policy, ref), [4.0])  # the k = 2 closed form above
 
 
 # ----------------------------------------------------------------------------------------------------------- SRPO
@@ -731,11 +750,12 @@ def test_orpo_response_of_probability_one_stays_finite():
 
 # ------------------------------------------------------------------------------------------------ SFT without pairs
 def test_sft_metrics_without_a_reference():
-    losses, metrics = get_objective("sft").fn(beta=0.1, policy_chosen_logps=vec(-6.0, -2.0),
-                                              policy_rejected_logps=vec(-7.0, -1.0),
+    losses, metrics = get_objective("sft").fn(beta=0.1, policy_chosen_logps=vec(-6.0, -2.0, grad=True),
+                                              policy_rejected_logps=vec(-7.0, -1.0, grad=True),
                                               chosen_lengths=torch.tensor([3, 1]))
     close(losses, [2.0, 2.0])
     assert set(metrics) == {"logps/chosen", "logps/rejected"}
+    assert not any(value.requires_grad for value in metrics.values())
     close(metrics["logps/chosen"], [-6.0, -2.0])
     close(metrics["logps/rejected"], [-7.0, -1.0])
 
@@ -814,6 +834,17 @@ def test_parse_input():
                            "slow_chosen_logps", "policy_chosen_log_sum_sq_probs", "policy_xlogps", "refs_logps"):
         assert parse_input(passed_through) is None, passed_through
     assert RoleInput("n", "r", "logps", "policy").required is True
+
+
+def test_role_input_is_frozen_and_partners_pair_up():
+    import dataclasses
+
+    from prefuse.algorithms.roles import PARTNER, RoleInput
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RoleInput("n", "r", "logps", "policy").required = False
+    # LD-DPO measures a response's verbose part against the other response of its pair
+    assert PARTNER == {"chosen": "rejected", "rejected": "chosen"}
 
 
 def test_role_inputs_required_wins_over_optional():
