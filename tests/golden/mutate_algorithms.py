@@ -74,7 +74,56 @@ TESTS = [
 ]
 
 # key -> why the mutant cannot change what any caller observes. Not run; reported as "equivalent".
-EQUIVALENT: dict[str, str] = {}
+_REDUNDANT_DETACH = "a second detach: every value reaching it is detached already"
+_SAME_MARGIN = ("the same DPO margin regrouped: (pc - rc) - (pr - rr) = (pc - pr) - (rc - rr); only the float "
+                "rounding (1 ulp) differs")
+_LOG1MEXP = ("both branches compute log(1 - e^x) exactly in real arithmetic; the switch only picks the accurate one, "
+             "and between -log 2 and -log 2 / 2 both are accurate to about 1e-16 (1 - e^x >= 0.29, no cancellation)")
+_DPO = "_dpo(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)"
+_DPO_SWAPPED = "_dpo(beta, policy_chosen_logps, ref_chosen_logps, policy_rejected_logps, ref_rejected_logps)"
+EQUIVALENT: dict[str, str] = {
+    "alol::_metrics::detach: weights.detach() -> weights": (
+        "every caller's weights are built from detached values (clipped_ratio, advantages/rewards .detach())"),
+    "alol::_metrics::detach: weights.detach() -> weights.clone()": (
+        "every caller's weights are built from detached values (clipped_ratio, advantages/rewards .detach())"),
+    "api::objective_loss::detach: losses.detach() -> losses": (
+        "the loss/<name> metric goes through reduce_metrics, which detaches every metric"),
+    "api::objective_loss::detach: losses.detach() -> losses.clone()": (
+        "the loss/<name> metric goes through reduce_metrics, which detaches every metric"),
+    f"mixed::mixed_dpo::argswap: {_DPO} -> {_DPO_SWAPPED}": _SAME_MARGIN,
+    "mixed::mixed_dpo::argswap: _dpo( beta, policy_online_chosen_logps, policy_online_rejected_logps, "
+    "ref_online_chosen_logps, ref_online_rejected_logps, ) -> _dpo(beta, policy_online_chosen_logps, "
+    "ref_online_chosen_logps, policy_online_rejected_logps, ref_online_rejected_logps)": _SAME_MARGIN,
+    f"mixed::avg_dpo::argswap: {_DPO} -> {_DPO_SWAPPED}": _SAME_MARGIN,
+    "mixed::avg_dpo::argswap: _dpo( beta, policy_chosen_logps, policy_online_rejected_logps, ref_chosen_logps, "
+    "ref_online_rejected_logps ) -> _dpo(beta, policy_chosen_logps, ref_chosen_logps, policy_online_rejected_logps, "
+    "ref_online_rejected_logps)": _SAME_MARGIN,
+    "pair_scores::f_divergence_scores::compare: abs(alpha_coef - 1.0) < 1e-6 -> abs(alpha_coef - 1.0) <= 1e-06": (
+        "near 1, alpha_coef - 1.0 is exact and a multiple of 2^-53, so it never equals the double 1e-6"),
+    "policy_gradient::_clipped_surrogate::argswap: torch.min(ratio * advantages, clipped * advantages) -> "
+    "torch.min(clipped * advantages, ratio * advantages)": (
+        "torch.min of two tensors is symmetric, its gradient at ties too (half to each)"),
+    "policy_gradient::_clip_metrics::detach: ((flags & mask).sum() / count).float().detach() -> "
+    "((flags & mask).sum() / count).float()": "counts of boolean flags carry no gradient",
+    "policy_gradient::_clip_metrics::detach: ((flags & mask).sum() / count).float().detach() -> "
+    "((flags & mask).sum() / count).float().clone()": "counts of boolean flags carry no gradient",
+    "policy_gradient::_reward_metrics::detach: rewards.detach() -> rewards": (
+        _REDUNDANT_DETACH + " (grpo and rloo pass detached rewards)"),
+    "policy_gradient::_reward_metrics::detach: rewards.detach() -> rewards.clone()": (
+        _REDUNDANT_DETACH + " (grpo and rloo pass detached rewards)"),
+    "policy_gradient::grpo::detach: rewards.detach() -> rewards": (
+        "these rewards only reach _reward_metrics (which detaches) and isclose(std, 0) (a boolean)"),
+    "policy_gradient::grpo::detach: rewards.detach() -> rewards.clone()": (
+        "these rewards only reach _reward_metrics (which detaches) and isclose(std, 0) (a boolean)"),
+    "policy_gradient::rloo::detach: rewards.detach() -> rewards": (
+        "the judged rewards only reach leave_one_out_advantages and _reward_metrics, which both detach, and the "
+        "KL penalty subtracted from them is detached"),
+    "policy_gradient::rloo::detach: rewards.detach() -> rewards.clone()": (
+        "the judged rewards only reach leave_one_out_advantages and _reward_metrics, which both detach, and the "
+        "KL penalty subtracted from them is detached"),
+    "reference_free::log1mexp::compare: x < -0.6931471805599453 -> x <= -0.6931471805599453": _LOG1MEXP,
+    "reference_free::log1mexp::const: -0.6931471805599453 -> -0.34657359027997264": _LOG1MEXP,
+}
 
 
 # --------------------------------------------------------------------------------------------------- the generator
