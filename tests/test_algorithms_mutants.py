@@ -82,7 +82,8 @@ DOCUMENTED_DEFAULTS = {
     **{name: {"ppo_clip": 0.9} for name in ("alol", "alol_seq", "r_lol")},
     **{name: {} for name in ("alol_ref_free", "alol_kl", "wbc")},
     "r_gold": {"gold_min_prob": 0.1},
-    "grpo": {"epsilon": 0.2, "epsilon_high": None, "scale_rewards": "group", "grpo_loss_type": "dapo"},
+    "grpo": {"epsilon": 0.2, "epsilon_high": None, "scale_rewards": "group", "grpo_loss_type": "dapo",
+             "use_bias_correction_kl": True},
     "rloo": {"epsilon": 0.2, "epsilon_high": None},
 }
 
