@@ -1,4 +1,4 @@
-"""Every mutation of tests/golden/mutations.py is killed by the seed objectives' tests (about 40 s, so opt-in).
+"""Every mutation of tests/golden/mutations.py is killed by the seed objectives' tests (about 90 s, so opt-in).
 
     PREFUSE_MUTATIONS=1 .venv/bin/python -m pytest -q tests/test_seed_mutations.py
 """
