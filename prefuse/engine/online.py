@@ -484,17 +484,11 @@ class OnlineSource:
         kept, chosen, rejected, best, worst, metrics = self._judged(examples, candidates, eos, 2)
         if not kept:
             return None
-        n = len(kept)
-        own = [i for i in kept if 2 not in (int(best[i]), int(worst[i]))]  # y_ref in neither side: a row of its own
-        sample_rows, extra = [], 0
-        for j, i in enumerate(kept):
-            if int(best[i]) == 2:
-                sample_rows.append(j)
-            elif int(worst[i]) == 2:
-                sample_rows.append(n + j)
-            else:
-                sample_rows.append(2 * n + extra)
-                extra += 1
+        n, sample_rows, own = len(kept), [], []
+        for j, i in enumerate(kept):  # y_ref's row: the chosen's, the rejected's, or one of its own after them
+            place = {int(best[i]): j, int(worst[i]): n + j}.get(2)
+            sample_rows.append(2 * n + len(own) if place is None else place)
+            own += [] if place is not None else [i]
         metrics.update(self._sample_metrics(samples))
         metrics["selm/reference_chosen"] = sum(int(best[i]) == 2 for i in kept) / n
         metrics["selm/reference_rejected"] = sum(int(worst[i]) == 2 for i in kept) / n
