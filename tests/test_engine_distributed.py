@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from tests.rendezvous import hosted_store, rank_env  # noqa: E402
 from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,15 +41,13 @@ pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
 
 def free_port() -> int:
+    """A port free now, for torchrun's own c10d rendezvous (a command line takes a number); the ranks spawned here
+    use `hosted_store` instead."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def rank_env(rank: int, port: int) -> dict:
-    """What torchrun sets for rank `rank` of WORLD on this machine; gloo on the loopback interface only."""
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +197,7 @@ def _rank_worker(rank, ports, files, out_root):
     heads = []
     spy_on_the_head(heads)
     for (name, data, flags), port in zip(jobs(out_root), ports):  # a torchrun launch each: its own port
-        os.environ.update(rank_env(rank, port))
+        os.environ.update(rank_env(rank, WORLD, port))
         if "online" in flags:
             flags = online_flags(files, flags["online"])
         batches.clear(), heads.clear()
@@ -216,8 +215,8 @@ def read_metrics(output_dir) -> list[dict]:
 def two_ranks(files, tmp_path_factory):
     """Every case on 2 spawned ranks (one process group per train() call, from the torchrun environment)."""
     out = tmp_path_factory.mktemp("ranks")
-    ports = [free_port() for _ in jobs(out)]
-    mp.spawn(_rank_worker, args=(ports, files, str(out)), nprocs=WORLD, join=True)
+    stores = [hosted_store() for _ in jobs(out)]  # held open until the ranks are done
+    mp.spawn(_rank_worker, args=([store.port for store in stores], files, str(out)), nprocs=WORLD, join=True)
     return out
 
 
@@ -406,7 +405,7 @@ def _early_finish_worker(rank, port, model_dir, prompts, eos_id, out):
     from prefuse.engine.rollout import RolloutConfig, sample_mixture, sample_policy
 
     torch.set_num_threads(1)
-    os.environ.update(rank_env(rank, port))
+    os.environ.update(rank_env(rank, WORLD, port))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # an unsynced rank fails, not hangs
     try:
         load = transformers.AutoModelForCausalLM.from_pretrained
@@ -437,7 +436,8 @@ def test_fsdp_generation_keeps_the_ranks_in_step_when_one_finishes_first(files, 
     want = {kind: [sampler(models, [p], cfg, seed=0, eos_id=eos_id, pad_id=0).completion_ids for p in prompts]
             for kind, sampler in (("policy", sample_policy), ("mixture", sample_mixture))}
     assert [len(c[0]) for c in want["policy"]] == [1, 8] and [len(c[0]) for c in want["mixture"]] == [1, 8]
-    mp.spawn(_early_finish_worker, args=(free_port(), str(files["tied"]), prompts, eos_id, str(tmp_path)),
+    store = hosted_store()
+    mp.spawn(_early_finish_worker, args=(store.port, str(files["tied"]), prompts, eos_id, str(tmp_path)),
              nprocs=WORLD, join=True)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"{rank}.pt")

@@ -2,7 +2,6 @@
 reference: per-token log-probs, cross-entropy and DPO, values and gradients of hidden and of the whole weight
 (the shards' gradients put together), at an odd V."""
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from prefuse import linear_cross_entropy, linear_logprobs
 from prefuse.kernels.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_logprobs, vocab_shard
 from prefuse.preference import PreferenceLoss
 from prefuse.preference_parallel import vocab_parallel_preference_loss
+from tests.rendezvous import client_store, hosted_store
 
 WORLD, V, H, B, T = 2, 37, 16, 3, 9  # 37 ids: shards of 19 and 18
 SETTINGS = [dict(), dict(temperature=0.7, softcap=5.0)]
@@ -31,7 +31,7 @@ def inputs(seed=0):
 
 
 def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", store=client_store(port), rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     hidden, ref_hidden, weight, labels, upstream = inputs()
     start, size = vocab_shard(V, rank, WORLD)
@@ -58,16 +58,11 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    store = hosted_store()  # held open until the ranks are done
+    mp.spawn(_worker, args=(store.port, str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
