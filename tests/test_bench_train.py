@@ -61,8 +61,9 @@ def test_quick_reports_liger_not_available_on_the_cpu_and_writes_the_table(quick
     assert markdown.startswith("    prefuse bench --task train") and "| 64x2x2048 | lora | trl |" in markdown
 
 
-def record(path, losses, digest="a"):
-    return {"path": path, "peft": "lora", "losses": losses, "batch_digest": digest, "errors": []}
+def record(path, losses, digest="a", logps=(-90.0, -80.0)):
+    metrics = [{"logps/chosen": logps[0], "logps/rejected": logps[1]}] * len(losses)
+    return {"path": path, "peft": "lora", "losses": losses, "metrics": metrics, "batch_digest": digest, "errors": []}
 
 
 def test_loss_check_fails_on_a_difference_or_other_tokens():
@@ -73,6 +74,15 @@ def test_loss_check_fails_on_a_difference_or_other_tokens():
     assert records[1]["loss_max_diff"] == pytest.approx(5e-5)
     assert records[2]["errors"] == ["losses differ from prefuse's by 2.00e-04 (tolerance 1e-04)"]
     assert records[3]["errors"] == ["the batch's token ids differ from prefuse's"]
+
+
+def test_sequence_logps_are_checked_relative_to_their_size():
+    """The tokenization differences the loss may hide (a newline more per response) show in the log-prob sums."""
+    records = [record("prefuse", [0.6]), record("trl", [0.6], logps=(-90.0 * (1 + 5e-5), -80.0)),
+               record("other", [0.6], logps=(-90.0, -80.022))]
+    train.check_losses(records)
+    assert records[1]["errors"] == [] and records[1]["metrics_max_rel_diff"]["logps/chosen"] == pytest.approx(5e-5)
+    assert records[2]["errors"] == ["logps/rejected differs from prefuse's by 2.75e-04 of its size (tolerance 1e-04)"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -130,10 +130,12 @@ def test_conversational_token_ids_explicit_and_implicit_agree(tokenizer):
             {k: im[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
         rendered = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         assert tokenizer.decode(ex["prompt_ids"]) == rendered and rendered.endswith("<|assistant|>\n")
-        for name in ("chosen", "rejected"):
+        for name in ("chosen", "rejected"):  # as TRL's DPOTrainer: what the template writes after the prompt
             ids = ex[f"{name}_ids"]
-            assert ids[-1] == eos and ids.count(eos) == 1  # the template's EOS, not a second one
-            assert tokenizer.decode(ids) == r[name][0]["content"] + tokenizer.eos_token
+            whole = tokenizer.apply_chat_template(r["prompt"] + r[name], tokenize=False)
+            assert ids == tokenizer(whole, add_special_tokens=False).input_ids[len(ex["prompt_ids"]):]
+            assert ids.count(eos) == 1  # the template's EOS, not a second one appended
+            assert tokenizer.decode(ids) == r[name][0]["content"] + tokenizer.eos_token + "\n"  # the turn's end
 
 
 def test_truncation_policy(tokenizer):

@@ -172,7 +172,7 @@ def test_reference_response_in_conversational_and_implicit_formats(tokenizer):
     eos = tokenizer.eos_token_id
     for r, ex in zip(rows, explicit.examples):
         assert ex["reference_ids"] == ex["rejected_ids"] and ex["reference_ids"].count(eos) == 1
-        assert tokenizer.decode(ex["reference_ids"]) == r["rejected"][0]["content"] + tokenizer.eos_token
+        assert tokenizer.decode(ex["reference_ids"]) == r["rejected"][0]["content"] + tokenizer.eos_token + "\n"
     implicit_rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"],
                       "reference_response": r["prompt"] + r["rejected"]} for r in rows]
     implicit = tokenize_preferences(datasets.Dataset.from_list(implicit_rows), tokenizer)

@@ -38,10 +38,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefuse.bench.train_workers import SEED
+from prefuse.bench.train_workers import SEED, SHARED_METRICS
+from prefuse.engine.gguf import is_gguf, plain_directory
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ultrafeedback_binarized_sample_train.jsonl"
 LOSS_TOLERANCE = 1e-4  # |loss - prefuse's loss| at every step, float32 on both sides
+METRIC_TOLERANCE = 1e-4  # |logps - prefuse's| / max(|prefuse's|, 1): the same tokens scored by the same weights
 LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
 
 
@@ -72,6 +74,69 @@ class TrainShape:
     @property
     def label(self) -> str:
         return f"{self.hidden}x{self.layers}x{self.vocab}"
+
+    def describe(self) -> dict:
+        return {"shape": self.label, "hidden": self.hidden, "layers": self.layers, "vocab": self.vocab,
+                "pairs": self.pairs, "max_length": self.max_length}
+
+    def prepare(self, work: Path) -> tuple[Path, Path]:
+        return prepare(self, work)
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A pretrained model (a directory, or a GGUF file: its plain copy, engine/gguf.py) and the first `pairs` rows
+    of a preference file that fit `max_length` tokens whole (nothing is truncated, so both paths see the same
+    tokens): conversational rows through the model's chat template."""
+    model: str
+    dataset: str
+    pairs: int = 8
+    max_length: int = 256
+
+    @property
+    def label(self) -> str:
+        return Path(self.model).stem if is_gguf(self.model) else Path(self.model).name
+
+    def describe(self) -> dict:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(plain_directory(self.model), local_files_only=True)
+        return {"shape": self.label, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
+                "vocab": config.vocab_size, "pairs": self.pairs, "max_length": self.max_length,
+                "dataset": str(self.dataset)}
+
+    def prepare(self, work: Path) -> tuple[Path, Path]:
+        return plain_directory(self.model), write_fitting_pairs(self.model, self.dataset, work / "pairs.jsonl",
+                                                                 self.pairs, self.max_length)
+
+
+def write_fitting_pairs(model: str, dataset: str, out: Path, pairs: int, max_length: int) -> Path:
+    """The first `pairs` rows of `dataset` (JSON lines, a TRL preference format) whose prompt with either response
+    is at most `max_length` tokens as prefuse train tokenizes them, written to `out`; ValueError when fewer fit."""
+    import datasets
+
+    from prefuse.engine.data import tokenize_preferences
+    from prefuse.engine.model import load_tokenizer
+
+    path = Path(dataset)
+    if not path.is_file():
+        raise ValueError(f"--dataset: no such file: {dataset}")
+    tokenizer = load_tokenizer(plain_directory(model))
+    rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+    kept = []
+    for start in range(0, len(rows), 4 * pairs):
+        chunk = rows[start:start + 4 * pairs]
+        tokenized = tokenize_preferences(datasets.Dataset.from_list(chunk), tokenizer, truncation=False,
+                                         max_length=max_length, skip_bad_rows=True, source=str(path))
+        fitting = {e["where"] for e in tokenized.examples}
+        kept += [row for k, row in enumerate(chunk) if f"{path}:{k + 1}" in fitting]
+        if len(kept) >= pairs:
+            break
+    if len(kept) < pairs:
+        raise ValueError(f"--dataset: {len(kept)} rows of {dataset} fit --max_length {max_length}, --pairs asks "
+                         f"for {pairs}")
+    out.write_text("".join(json.dumps(row) + "\n" for row in kept[:pairs]), encoding="utf-8")
+    return out
 
 
 DEFAULT_SHAPE = TrainShape(256, 4, 32000)
@@ -173,23 +238,25 @@ class _Worker:
         self.stderr.close()
 
 
-def run(shape: TrainShape, modes=MODES, paths=tuple(TRAIN_PATHS), *, rounds: int = 5, warmup: int = 1,
-        device: str = "cpu", work_dir: str | None = None, timeout: float = 1800, log=print) -> list[dict]:
-    """One record per (mode, path): losses of every step, step time (median, min, max over the `rounds` timed
-    steps), tokens per second, peak memory; a path the device cannot run gets `available: False` and why.
-    The losses are checked against prefuse's (`check_losses`)."""
+def run(shape: "TrainShape | RealModel", modes=MODES, paths=tuple(TRAIN_PATHS), *, rounds: int = 5,
+        warmup: int = 1, device: str = "cpu", work_dir: str | None = None, timeout: float = 1800,
+        log=print) -> list[dict]:
+    """One record per (mode, path): losses and SHARED_METRICS of every step, step time (median, min, max over the
+    `rounds` timed steps), tokens per second, peak memory; a path the device cannot run gets `available: False` and
+    why. One mode's workers at a time (a real model's full fine-tuning holds several GiB per worker). The losses and
+    metrics are checked against prefuse's (`check_losses`)."""
     with tempfile.TemporaryDirectory(prefix="prefuse-bench-train-") as tmp:
         work = Path(work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model_dir, pairs_file = prepare(shape, work)
-        records, workers = [], {}
+        model_dir, pairs_file = shape.prepare(work)
+        records = []
         for mode in modes:
+            workers = {}
             for name in paths:
-                rec = {"task": "train", "peft": mode, "path": name, "shape": shape.label, "hidden": shape.hidden,
-                       "layers": shape.layers, "vocab": shape.vocab, "pairs": shape.pairs,
-                       "max_length": shape.max_length, "device": device, "dtype": "float32",
-                       "learning_rate": LEARNING_RATE[mode], "available": device in TRAIN_PATHS[name].devices,
-                       "losses": [], "times_s": [], "errors": []}
+                rec = {"task": "train", "peft": mode, "path": name, **shape.describe(), "device": device,
+                       "dtype": "float32", "learning_rate": LEARNING_RATE[mode],
+                       "available": device in TRAIN_PATHS[name].devices, "losses": [], "metrics": [],
+                       "times_s": [], "errors": []}
                 records.append(rec)
                 if not rec["available"]:
                     rec["why_not"] = f"not available on {device}: {TRAIN_PATHS[name].why_not}"
@@ -200,11 +267,11 @@ def run(shape: TrainShape, modes=MODES, paths=tuple(TRAIN_PATHS), *, rounds: int
                             pairs=shape.pairs, max_length=shape.max_length, steps=warmup + rounds, warmup=warmup,
                             learning_rate=LEARNING_RATE[mode])
                 workers[len(records) - 1] = _Worker(spec, timeout)
-        try:
-            _drive(records, workers, warmup + rounds, warmup, log)
-        finally:
-            for worker in workers.values():
-                worker.close()
+            try:
+                _drive(records, workers, warmup + rounds, warmup, log)
+            finally:
+                for worker in workers.values():
+                    worker.close()
     check_losses(records)
     return records
 
@@ -225,6 +292,7 @@ def _drive(records: list[dict], workers: dict, steps: int, warmup: int, log) -> 
                 rec["errors"].append(worker.error)
                 continue
             rec["losses"].append(answer["loss"])
+            rec["metrics"].append(answer.get("metrics", {}))
             rec["tokens_per_step"], rec["batch_digest"] = answer["tokens"], answer["digest"]
             if step >= warmup:
                 rec["times_s"].append(answer["seconds"])
@@ -258,6 +326,15 @@ def check_losses(records: list[dict], tolerance: float = LOSS_TOLERANCE) -> None
         rec["loss_max_diff"] = diff
         if diff > tolerance:
             rec["errors"].append(f"losses differ from prefuse's by {diff:.2e} (tolerance {tolerance:.0e})")
+        for key in SHARED_METRICS:  # the sequence log-probs: relative to their size (sums over the tokens)
+            pairs = [(m[key], r[key]) for m, r in zip(rec.get("metrics", []), ref.get("metrics", []))
+                     if key in m and key in r]
+            if pairs:
+                rel = max(abs(a - b) / max(abs(b), 1.0) for a, b in pairs)
+                rec.setdefault("metrics_max_rel_diff", {})[key] = rel
+                if key.startswith("logps/") and rel > METRIC_TOLERANCE:
+                    rec["errors"].append(f"{key} differs from prefuse's by {rel:.2e} of its size "
+                                         f"(tolerance {METRIC_TOLERANCE:.0e})")
         if rec.get("batch_digest") != ref.get("batch_digest"):
             rec["errors"].append("the batch's token ids differ from prefuse's")
 

@@ -23,6 +23,8 @@ from prefuse.bench.measure import _rss_kib
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 SEED = 0
+# Logged by both paths under the same names, compared step by step (train.check_losses).
+SHARED_METRICS = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
 
 def init_adapters(model, seed: int = SEED) -> int:
@@ -74,13 +76,15 @@ class _Protocol:
 
             torch.cuda.synchronize()
 
-    def stepped(self, started: float, loss: float, tokens: int, digest: str) -> None:
+    def stepped(self, started: float, loss: float, tokens: int, digest: str, metrics: dict) -> None:
+        """metrics: the step's logged numbers under TRL's names (those of SHARED_METRICS the path has)."""
         self.sync()
         seconds = time.perf_counter() - started
         self.done += 1
         if self.done == self.warmup:
             self.base = _reset_peak(self.device)
-        self.send(step=self.done, seconds=seconds, loss=loss, tokens=tokens, digest=digest)
+        self.send(step=self.done, seconds=seconds, loss=loss, tokens=tokens, digest=digest,
+                  metrics={k: float(metrics[k]) for k in SHARED_METRICS if k in metrics})
 
     def finish(self) -> None:
         peak, base = _peak(self.device), self.base
@@ -104,9 +108,10 @@ def _peak(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_kib("VmHWM") / 1024
 
 
-def prefuse_worker(spec: dict, proto: _Protocol) -> None:
+def prefuse_run(spec: dict):
+    """prefuse's side, built: `prefuse train`'s run (engine/setup.build_run) with the bench's settings; LoRA adapters
+    from `init_adapters`. Returns (run, cfg)."""
     from prefuse.engine.config import TrainConfig
-    from prefuse.engine.loop import clip_grad_norms
     from prefuse.engine.setup import build_run
 
     lora = spec["mode"] == "lora"
@@ -122,22 +127,40 @@ def prefuse_worker(spec: dict, proto: _Protocol) -> None:
     if lora:
         init_adapters(run.policy)
     run.policy.train()
-    proto.send(ready=True)
-    for _ in range(spec["steps"]):
-        started = proto.wait()
-        batch = run.source.next_batch().to(run.device)  # the body of engine/loop.py:train, one micro-batch
-        loss, _ = run.step(batch, run.references.get("train"))
+    return run, cfg
+
+
+def prefuse_steps(run, cfg, steps: int, wait=lambda: None):
+    """The body of engine/loop.py:train for one micro-batch, `steps` times; `wait()` before each. Yields
+    (loss, metrics, batch)."""
+    from prefuse.engine.loop import clip_grad_norms
+
+    for _ in range(steps):
+        wait()
+        batch = run.source.next_batch().to(run.device)
+        loss, metrics = run.step(batch, run.references.get("train"))
         loss.backward()
         clip_grad_norms(run.optimizer, cfg.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        proto.stepped(started, float(loss.detach()), batch.n_tokens,
-                      batch_digest(batch.input_ids, batch.attention_mask))
+        yield float(loss.detach()), metrics, batch
+
+
+def prefuse_worker(spec: dict, proto: _Protocol) -> None:
+    run, cfg = prefuse_run(spec)
+    proto.send(ready=True)
+    clock = {}
+    for loss, metrics, batch in prefuse_steps(run, cfg, spec["steps"],
+                                              wait=lambda: clock.__setitem__("started", proto.wait())):
+        proto.stepped(clock["started"], loss, batch.n_tokens, batch_digest(batch.input_ids, batch.attention_mask),
+                      metrics)
     proto.finish()
 
 
-def trl_worker(spec: dict, proto: _Protocol) -> None:
+def trl_trainer(spec: dict, wait=lambda: None, stepped=lambda loss, metrics, inputs: None):
+    """TRL's side, built: a `DPOTrainer` with the same settings, whose `.train()` calls `wait()` at each step's start
+    and `stepped(loss, metrics, inputs)` at its end (metrics: SHARED_METRICS as TRL logged them)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -150,16 +173,16 @@ def trl_worker(spec: dict, proto: _Protocol) -> None:
     class BenchDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            seen.update(loss=loss.detach(), input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            logged = {k: v[-1] for k, v in self._metrics["train"].items() if k in SHARED_METRICS and v}
+            seen.update(loss=loss.detach(), inputs=inputs, metrics=logged)
             return loss
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            seen["started"] = proto.wait()
+            wait()
 
         def on_step_end(self, args, state, control, **kwargs):
-            proto.stepped(seen["started"], float(seen["loss"]), int(seen["attention_mask"].sum()),
-                          batch_digest(seen["input_ids"], seen["attention_mask"]))
+            stepped(float(seen["loss"]), seen["metrics"], seen["inputs"])
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, local_files_only=True)
@@ -177,6 +200,17 @@ def trl_worker(spec: dict, proto: _Protocol) -> None:
     if lora:
         init_adapters(trainer.model)
     trainer.add_callback(Clock())
+    return trainer
+
+
+def trl_worker(spec: dict, proto: _Protocol) -> None:
+    clock = {}
+
+    def stepped(loss, metrics, inputs):
+        proto.stepped(clock["started"], loss, int(inputs["attention_mask"].sum()),
+                      batch_digest(inputs["input_ids"], inputs["attention_mask"]), metrics)
+
+    trainer = trl_trainer(spec, wait=lambda: clock.__setitem__("started", proto.wait()), stepped=stepped)
     proto.send(ready=True)
     trainer.train()
     proto.finish()

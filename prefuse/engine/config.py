@@ -34,6 +34,7 @@ class TrainConfig:
     # model
     model_name_or_path: str = ""
     ref_model_name_or_path: str | None = None
+    gguf_file: str | None = None  # model_name_or_path is the directory of this GGUF file (engine/gguf.py)
     torch_dtype: str = "float32"
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
@@ -239,6 +240,17 @@ class TrainConfig:
                     filled.append(f"{name} {value} ({source})")
         return filled
 
+    def plain_model_paths(self) -> None:
+        """A GGUF policy or reference (`x.gguf`, or model_name_or_path DIR with gguf_file NAME) becomes its plain
+        safetensors copy (engine/gguf.py), so everything after loads a model directory; gguf_file is then spent."""
+        from prefuse.engine.gguf import plain_directory
+
+        self.model_name_or_path = plain_directory(self.model_name_or_path, self.gguf_file)
+        if self.ref_model_name_or_path:
+            self.ref_model_name_or_path = plain_directory(self.ref_model_name_or_path,
+                                                          field="ref_model_name_or_path")
+        self.gguf_file = None
+
     def validate(self) -> "TrainConfig":
         """Fill the defaults left out (apply_defaults), then raise ValueError with one line naming the first bad
         field; return self."""
@@ -246,6 +258,7 @@ class TrainConfig:
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required")
+        self.plain_model_paths()
         for name in ("model_name_or_path", "ref_model_name_or_path"):
             path = getattr(self, name)
             if path and not Path(path).exists() and _looks_local(path):

@@ -93,6 +93,9 @@ class RewardModelConfig:
         """Raise ValueError with one line naming the first bad field; return self."""
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
             check_field(bool(getattr(self, name)), name, "required")
+        from prefuse.engine.gguf import plain_directory
+
+        self.model_name_or_path = plain_directory(self.model_name_or_path)  # a GGUF file: its plain copy
         check_field(Path(self.model_name_or_path).is_dir(), "model_name_or_path",
                     f"no such model directory: {self.model_name_or_path} (a local directory written by "
                     f"save_pretrained)")

@@ -1,10 +1,11 @@
 """Rows -> token ids: prompt ids and completion ids per example, truncated by a fixed policy.
 
 Text of the standard formats: the prompt is tokenized with the tokenizer's own special tokens (e.g. its BOS), each
-completion without them. Conversational formats go through the tokenizer's chat template: the prompt messages are
-rendered with `add_generation_prompt=True`, the completion is what rendering prompt + completion adds after that
-(tokenized without special tokens, since the template writes them). The tokenizer's EOS ends every completion: it is
-appended unless the completion already ends with it (trailing whitespace a template writes after its EOS is cut).
+completion without them, and the tokenizer's EOS ends every completion (appended unless it is already there).
+Conversational formats go through the chat template, as TRL's DPOTrainer does: the prompt messages are rendered with
+`add_generation_prompt=True`, prompt + completion without it, both tokenized without special tokens (the template
+writes them); the completion is the tokens after the longest prefix the two share, and ends as the template ends an
+assistant turn (ChatML: `<|im_end|>` and a newline), nothing appended.
 
 Truncation policy, in this order:
 1. `max_prompt_length`: the prompt keeps its last `max_prompt_length` tokens (cut from the left: the text nearest
@@ -161,9 +162,10 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
 
     if fmt.startswith("conversational"):
         texts = _render_chat(tokenizer, parts, names, bad, wheres, template=processor)
+        ids = _tokenize_chat(tokenizer, texts)
     else:
         texts = {i: (p.prompt, [p.completions[n] for n in names]) for i, p in parts.items()}
-    ids = _tokenize_texts(tokenizer, texts, prompt_special_tokens=not fmt.startswith("conversational"))
+        ids = _tokenize_texts(tokenizer, texts, prompt_special_tokens=True)
     if images:  # the prompts again, by the processor with their images: placeholders become image tokens
         ids = images.tokenize(ids, texts, row_images, names, bad, wheres, not fmt.startswith("conversational"))
 
@@ -203,7 +205,6 @@ def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: d
     tokenizer's); rows it rejects go to `bad`."""
     template = template if template is not None else tokenizer
     require_chat_template(template)
-    eos = tokenizer.eos_token
     texts = {}
     for index, row in parts.items():
         try:
@@ -223,10 +224,7 @@ def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: d
                     "chat_template", name, "the chat template does not render the prompt as a prefix of the "
                     "prompt followed by this response"))
                 break
-            completion = full_text[len(prompt_text):]
-            if eos and completion.rstrip().endswith(eos):
-                completion = completion.rstrip()
-            completions.append(completion)
+            completions.append(full_text[len(prompt_text):])
         else:
             texts[index] = (prompt_text, completions)
     return texts
@@ -256,6 +254,33 @@ def tokenize_prompt_texts(tokenizer, texts: list[str], special_tokens: bool) -> 
     if not texts:
         return []
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]]
+
+
+def _tokenize_chat(tokenizer, texts: dict) -> dict:
+    """{index: (prompt ids, [completion ids])} of rendered chats: prompt and prompt + completion tokenized whole
+    (no special tokens: the template wrote them); the completions start after the longest prefix that the prompt's
+    ids share with every prompt + completion (tokens may merge across the boundary; TRL's rule)."""
+    indices = list(texts)
+    if not indices:
+        return {}
+    prompts = tokenize_prompt_texts(tokenizer, [texts[i][0] for i in indices], special_tokens=False)
+    width = len(texts[indices[0]][1])
+    fulls = tokenizer([texts[i][0] + c for i in indices for c in texts[i][1]], add_special_tokens=False)["input_ids"]
+    out = {}
+    for k, index in enumerate(indices):
+        prompt, full = prompts[k], [list(ids) for ids in fulls[k * width:(k + 1) * width]]
+        shared = min(_common_prefix(prompt, ids) for ids in full)
+        out[index] = (prompt[:shared], [ids[shared:] for ids in full])
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _tokenize_texts(tokenizer, texts: dict, prompt_special_tokens: bool) -> dict:
