@@ -232,7 +232,10 @@ def test_prompt_only_file_without_online_is_refused(files, tmp_path, capsys):
 @pytest.mark.parametrize("flags", [[], ["--iterations", "2", "--pair_samples", "3"]], ids=["plain", "iterations"])
 def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path, flags):
     """Killed after the checkpoint of step 4 (with iterations: inside the second, whose reference is reloaded
-    from iterate-1/), the resumed run logs the uninterrupted run's losses, scores and margins."""
+    from iterate-1/), the resumed run logs the uninterrupted run's losses, scores and margins, bit for bit: the
+    three runs (this process, the killed one, the resumed `python -m prefuse`) on one thread each, since a matmul's
+    float32 rounding may depend on how many threads split it."""
+    assert torch.get_num_threads() == 1  # the one_thread fixture
     full, killed = tmp_path / "full", tmp_path / "killed"
     argv = online_argv(files, full, "sigmoid", *flags, steps=6)
     argv[argv.index("--save_steps") + 1] = "2"
@@ -253,7 +256,7 @@ def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path, flags):
         from prefuse.cli import main
         sys.exit(main({json.dumps([a if a != str(full) else str(killed) for a in argv])}))
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # torch's default thread count: 1
     died = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert died.returncode == -9, died.stderr[-2000:]
     resumed = subprocess.run([sys.executable, "-m", "prefuse", *[a if a != str(full) else str(killed) for a in argv],
