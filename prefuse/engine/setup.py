@@ -25,6 +25,7 @@ from prefuse.engine.data import (DataError, TokenizedData, check_response_tokens
 from prefuse.engine.data.formats import UNPAIRED_FORMATS
 from prefuse.engine.data.images import IMAGES_COLUMN
 from prefuse.engine import distributed
+from prefuse.engine.allocator import return_freed_memory
 from prefuse.engine.metrics import MetricsLog
 from prefuse.engine.model import load_models
 from prefuse.engine.monitor import Monitor, build_monitor
@@ -90,6 +91,8 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     torch.manual_seed(cfg.seed)
     device = world.device if world.distributed else torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cpu":
+        return_freed_memory()  # before the models: activations stop fragmenting glibc's heap (engine/allocator.py)
 
     # online methods that sample from the reference or the mixture need it even when their loss does not
     samples_reference = cfg.online and (needs.reference or "sample" in needs.roles or "nash_md" in cfg.loss_type
