@@ -222,7 +222,9 @@ def two_ranks(files, tmp_path_factory):
 
 # After step 1 (the same weights, the exact check), a tied embedding carries a few gradients near Adam's epsilon
 # whose last bits move their update by a visible fraction of the learning rate: the later steps drift by ~1e-6.
-DRIFT = {"fsdp_sigmoid_tied": 30, "fsdp_online_nash_md_tied": 30}
+# The same holds after a resume (fsdp_tied_long): its first step starts from the checkpoint's weights and
+# optimizer state (the exact check), the next ones from updates computed from differently reduced gradients.
+DRIFT = {"fsdp_sigmoid_tied": 30, "fsdp_online_nash_md_tied": 30, "fsdp_tied_long": 30}
 
 
 def close(got: list, expected: list, rel: float, abs_: float, drift: float) -> bool:
@@ -280,9 +282,12 @@ def test_fsdp_checkpoint_resumes_on_two_ranks_and_in_one_process(files, two_rank
                            resume_from_checkpoint=str(two_ranks / name / "checkpoint-3")))
     on_one = read_metrics(tmp_path)
     assert [r["step"] for r in on_one] == [4, 5, 6]
+    drift = DRIFT.get(name, 1)
     for key in ("loss", "grad_norm", "epoch", "learning_rate"):
         assert [r[key] for r in on_two] == [r[key] for r in uninterrupted[3:]], key  # the same ranks: exactly
-        assert [r[key] for r in on_one] == pytest.approx([r[key] for r in uninterrupted[3:]], rel=1e-6), key
+        # one process reduces the gradients in another order: step 4 (the checkpoint's weights) to 1e-6, the
+        # next steps as DRIFT allows
+        assert close([r[key] for r in on_one], [r[key] for r in uninterrupted[3:]], 1e-6, 0, drift), key
     assert len({r["loss"] for r in on_one}) == 3
 
 
