@@ -8,14 +8,17 @@ response by the number of positions it copies right, and prefers the higher scor
    answers in the right form, and its greedy answer is mostly the wrong habit.
 3. DPO through LoRA, with the warmed-up model (adapters disabled) as the reference, on pairs of such answers
    ranked by the judge: prefuse's fused `PreferenceLoss` on the decoder's last hidden states.
-4. The judge's win rate of the model's greedy answers on held-out prompts, against a fixed opponent (a noisy copy
-   with `--opponent_noise`), before and after alignment: a table, and a PNG of the training curves.
+4. The judge's win rate of the model's greedy answers on held-out prompts (distinct, never drawn in training)
+   against an opponent that copies with `--opponent_noise` of its letters replaced at random: the probability
+   that the judge prefers the model's answer (a tie counts a half), exact over the opponent's answers, averaged
+   over the prompts with its 95% interval; before and after alignment: a table, and a PNG of the training curves.
 Scale it up with --letters, --length, --hidden_size, --layers, --sft_steps, --dpo_steps, --batch_size.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -57,15 +60,29 @@ def build_model(tokenizer, args, path: Path):
 class CopyTask:
     """Prompts, noisy answers and the judge. Token ids are built directly (every word is one token)."""
 
-    def __init__(self, tokenizer, letters: list[str], length: int, seed: int):
+    def __init__(self, tokenizer, letters: list[str], length: int, seed: int, held_out=()):
         self.tok, self.letters, self.length = tokenizer, letters, length
+        self.held_out = {tuple(p) for p in held_out}  # prompts prompt() never draws
         self.ids = [tokenizer.convert_tokens_to_ids(c) for c in letters]
         self.rng = random.Random(seed)
         self.prefix = tokenizer.convert_tokens_to_ids(["<s>", "copy", ":"])
         self.eq, self.eos = tokenizer.convert_tokens_to_ids("="), tokenizer.eos_token_id
 
     def prompt(self) -> list[int]:
-        return [self.rng.choice(self.ids) for _ in range(self.length)]
+        while True:
+            letters = [self.rng.choice(self.ids) for _ in range(self.length)]
+            if tuple(letters) not in self.held_out:
+                return letters
+
+    def distinct_prompts(self, n: int) -> list[list[int]]:
+        """n different prompts (at most every prompt there is)."""
+        n, seen, prompts = min(n, len(self.ids) ** self.length), set(), []
+        while len(prompts) < n:
+            p = self.prompt()
+            if tuple(p) not in seen:
+                seen.add(tuple(p))
+                prompts.append(p)
+        return prompts
 
     def prompt_ids(self, letters: list[int]) -> list[int]:
         return self.prefix + letters + [self.eq]
@@ -74,10 +91,12 @@ class CopyTask:
         return [self.rng.choice(self.ids) if self.rng.random() < noise else c for c in letters]
 
     def habit(self, letters: list[int], shift: float, noise: float) -> list[int]:
-        """The warm-up distribution: the letters shifted by one with probability `shift`, else copied; then
-        each letter replaced at random with probability `noise`."""
-        if self.rng.random() < shift:
-            letters = [self.ids[(self.ids.index(c) + 1) % len(self.ids)] for c in letters]
+        """The warm-up distribution: each letter shifted by one place with probability `shift`, else copied; then
+        replaced at random with probability `noise`. Letter by letter, so that what the warm-up converges to is
+        a habit per letter (greedy: all shifted), not a choice made once per answer that a small model learns
+        only after a plateau of a length that varies with the float rounding."""
+        letters = [self.ids[(self.ids.index(c) + 1) % len(self.ids)] if self.rng.random() < shift else c
+                   for c in letters]
         return self.noisy(letters, noise)
 
     def score(self, letters: list[int], answer: list[int]) -> int:
@@ -95,23 +114,38 @@ def sequences(task: CopyTask, prompts, answers):
     return input_ids, torch.ones_like(input_ids), labels
 
 
+def opponent_scores(length: int, letters: int, noise: float) -> list[float]:
+    """P(the opponent's score = k), k = 0..length: each letter of its copy is replaced with probability `noise` by
+    one drawn uniformly (which may be the same letter), so each position is right with probability q."""
+    q = 1 - noise + noise / letters
+    return [math.comb(length, k) * q ** k * (1 - q) ** (length - k) for k in range(length + 1)]
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """The mean and its 95% interval (normal approximation over the prompts)."""
+    n = len(values)
+    mean = sum(values) / n
+    half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1) / n)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
 @torch.no_grad()
 def win_rate(model, task: CopyTask, prompts, opponent_noise: float) -> dict:
-    """Greedy answers of `model` against noisy-copy opponents, as the judge sees them (a tie counts a half)."""
+    """The judge on the greedy answers of `model`: per prompt, the probability that it prefers the answer to the
+    noisy-copy opponent's (a tie counts a half), exact over the opponent's answers rather than one drawn."""
     model.eval()
     batch = torch.tensor([task.prompt_ids(p) for p in prompts])
     out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=task.length + 1,
                          do_sample=False, pad_token_id=task.tok.pad_token_id)
     model.train()
     answers = out[:, batch.shape[1]:].tolist()
-    wins, exact, total = 0.0, 0, 0
-    for p, a in zip(prompts, answers):
-        mine, theirs = task.score(p, a), task.score(p, task.noisy(p, opponent_noise))
-        wins += 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
-        exact += mine == task.length
-        total += mine
+    theirs = opponent_scores(task.length, len(task.ids), opponent_noise)
+    scores = [task.score(p, a) for p, a in zip(prompts, answers)]
+    wins = [sum(theirs[:s]) + 0.5 * theirs[s] for s in scores]
+    mean, low, high = mean_interval(wins)
     n = len(prompts)
-    return {"win_rate": wins / n, "exact_copies": exact / n, "mean_score": total / n / task.length}
+    return {"win_rate": mean, "win_rate_95": [low, high], "exact_copies": sum(s == task.length for s in scores) / n,
+            "mean_score": sum(scores) / n / task.length}
 
 
 def warm_up(models, task: CopyTask, args, curves: dict) -> None:
@@ -250,10 +284,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dpo_steps", type=int, default=600)
     parser.add_argument("--dpo_lr", type=float, default=3e-3)
     parser.add_argument("--loss_type", default="sigmoid", help="any paired objective (prefuse.list_objectives())")
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=0.5,
+                        help="DPO's beta; at 0.1 the policy drifts from the reference (letters neither copied nor "
+                             "shifted, no end of answer) and how far depends on the float rounding")
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--eval_prompts", type=int, default=200)
+    parser.add_argument("--eval_prompts", type=int, default=1000, help="distinct held-out prompts")
     parser.add_argument("--opponent_noise", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--online", action="store_true",
@@ -274,8 +310,8 @@ def run(args) -> int:
     tokenizer = build_tokenizer(letters)
     base = out / "base_model"
     build_model(tokenizer, args, base)
-    task = CopyTask(tokenizer, letters, args.length, args.seed)
-    held_out = [CopyTask(tokenizer, letters, args.length, args.seed + 1).prompt() for _ in range(args.eval_prompts)]
+    held_out = CopyTask(tokenizer, letters, args.length, args.seed + 1).distinct_prompts(args.eval_prompts)
+    task = CopyTask(tokenizer, letters, args.length, args.seed, held_out=held_out)
     curves = {"sft_loss": [], "dpo_loss": [], "reward_margin": [], "reward_accuracy": []}
     start = time.perf_counter()
 
@@ -285,7 +321,7 @@ def run(args) -> int:
     warmed_dir = out / "warmed_up"
     warmed.policy.save_pretrained(warmed_dir)
     tokenizer.save_pretrained(warmed_dir)
-    before = win_rate(warmed.policy, CopyTask(tokenizer, letters, args.length, 7), held_out, args.opponent_noise)
+    before = win_rate(warmed.policy, task, held_out, args.opponent_noise)
 
     models = load_models(ModelConfig(str(warmed_dir), use_peft=True, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                                      lora_dropout=0.0))
@@ -300,23 +336,27 @@ def run(args) -> int:
     else:
         print(f"2. alignment: {args.dpo_steps} steps of {args.loss_type} through LoRA (r={args.lora_r})")
         align(models, task, args, curves)
-    after = win_rate(models.policy, CopyTask(tokenizer, letters, args.length, 7), held_out, args.opponent_noise)
+    after = win_rate(models.policy, task, held_out, args.opponent_noise)
     if args.online:
         after["judged_score"] = after_score
     elapsed = time.perf_counter() - start
 
-    print(f"\nheld-out prompts: {args.eval_prompts}; opponent: a copy with {args.opponent_noise:.0%} of its letters "
-          f"wrong; {elapsed:.0f}s on the CPU\n")
-    print(f"{'':18s}{'before':>10s}{'after':>10s}")
+    print(f"\nheld-out prompts: {len(held_out)}; opponent: a copy with {args.opponent_noise:.0%} of its letters "
+          f"replaced at random; {elapsed:.0f}s on the CPU\n")
+    print(f"{'':18s}{'before':>22s}{'after':>22s}")
     for key in ("win_rate", "exact_copies", "mean_score") + (("judged_score",) if args.online else ()):
-        print(f"  {key:16s}{before[key]:10.3f}{after[key]:10.3f}")
+        cells = [f"{r[key]:.3f}" + (" [{:.3f}, {:.3f}]".format(*r[key + "_95"]) if key + "_95" in r else "")
+                 for r in (before, after)]
+        print(f"  {key:16s}{cells[0]:>22s}{cells[1]:>22s}")
+    print("  (win_rate: the judge's preference for the greedy answer over the opponent's, a tie a half, with its "
+          "95% interval over the prompts)")
     if args.online:
         print(f"  (judged_score: the judge's mean score of the sampled answers, first and last {window} steps)")
     plot(curves, out / "demo_curves.png")
     (out / "demo_results.json").write_text(json.dumps({"before": before, "after": after, "args": vars(args)},
                                                       indent=1, default=str))
     print(f"\ncurves: {out / 'demo_curves.png'}   results: {out / 'demo_results.json'}")
-    improved = after["win_rate"] > before["win_rate"] + 0.1
+    improved = after["win_rate_95"][0] > before["win_rate_95"][1] + 0.1
     print("result: " + ("alignment clearly improved the judge's win rate" if improved
                         else "the win rate did not improve clearly"))
     return 0 if improved else 1
