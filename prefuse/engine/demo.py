@@ -3,9 +3,9 @@
 The task: the prompt is `copy : <letters> =` and a good response repeats the letters. A rule-based judge scores a
 response by the number of positions it copies right, and prefers the higher score.
 1. A tokenizer (the `tokenizers` library) and a small Llama are built from scratch and saved to the output folder.
-2. Supervised warm-up on answers that are, most of the time (`--sft_shift`), the letters shifted one place in the
-   alphabet (a plausible but wrong habit), else copies; a little per-letter noise on top. The warmed-up model
-   answers in the right form, and its greedy answer is mostly the wrong habit.
+2. Supervised warm-up on answers whose letters are, most of the time (`--sft_shift`, letter by letter), shifted one
+   place in the alphabet (a plausible but wrong habit), else copied; a little per-letter noise on top. The
+   warmed-up model answers in the right form, and its greedy answer is the wrong habit.
 3. DPO through LoRA, with the warmed-up model (adapters disabled) as the reference, on pairs of such answers
    ranked by the judge: prefuse's fused `PreferenceLoss` on the decoder's last hidden states.
 4. The judge's win rate of the model's greedy answers on held-out prompts (distinct, never drawn in training)
@@ -279,7 +279,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sft_steps", type=int, default=300)
     parser.add_argument("--sft_lr", type=float, default=3e-3)
     parser.add_argument("--sft_shift", type=float, default=0.7,
-                        help="share of warm-up answers (and of the answers ranked into pairs) shifted by one letter")
+                        help="share of the letters of warm-up answers (and of answers ranked into pairs) shifted one place")
     parser.add_argument("--noise", type=float, default=0.1, help="letters replaced at random in those answers")
     parser.add_argument("--dpo_steps", type=int, default=600)
     parser.add_argument("--dpo_lr", type=float, default=3e-3)
@@ -315,7 +315,7 @@ def run(args) -> int:
     curves = {"sft_loss": [], "dpo_loss": [], "reward_margin": [], "reward_accuracy": []}
     start = time.perf_counter()
 
-    print(f"1. warm-up: {args.sft_steps} steps of supervised fine-tuning ({args.sft_shift:.0%} shifted answers)")
+    print(f"1. warm-up: {args.sft_steps} steps of supervised fine-tuning ({args.sft_shift:.0%} of the letters shifted)")
     warmed = load_models(ModelConfig(str(base)), need_reference=False)
     warm_up(warmed, task, args, curves)
     warmed_dir = out / "warmed_up"
