@@ -279,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sft_steps", type=int, default=300)
     parser.add_argument("--sft_lr", type=float, default=3e-3)
     parser.add_argument("--sft_shift", type=float, default=0.7,
-                        help="share of the letters of warm-up answers (and of answers ranked into pairs) shifted one place")
+                        help="share of the letters of warm-up answers (and of answers ranked into pairs) "
+                             "shifted one place")
     parser.add_argument("--noise", type=float, default=0.1, help="letters replaced at random in those answers")
     parser.add_argument("--dpo_steps", type=int, default=600)
     parser.add_argument("--dpo_lr", type=float, default=3e-3)
