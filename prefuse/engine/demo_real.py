@@ -47,11 +47,11 @@ def brevity(prompts, completions, **columns):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The --real demo's own flags (`prefuse demo --real ...`)."""
     group = parser.add_argument_group("--real", "the real-model demo's settings")
-    group.add_argument("--real_steps", type=int, default=12, help="online DPO steps")
-    group.add_argument("--real_prompts_per_step", type=int, default=8)
-    group.add_argument("--real_max_new_tokens", type=int, default=64)
+    group.add_argument("--real_steps", type=int, default=16, help="online DPO steps")
+    group.add_argument("--real_prompts_per_step", type=int, default=4)
+    group.add_argument("--real_max_new_tokens", type=int, default=48)
     group.add_argument("--real_held_out", type=int, default=12, help="held-out prompts (topics unseen in training)")
-    group.add_argument("--real_learning_rate", type=float, default=5e-4)
+    group.add_argument("--real_learning_rate", type=float, default=1e-3)
 
 
 def prompts(seed: int, held_out: int) -> tuple[list[str], list[str]]:

@@ -92,7 +92,7 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     device = world.device if world.distributed else torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if device.type == "cpu":
-        return_freed_memory()  # before the models: activations stop fragmenting glibc's heap (engine/allocator.py)
+        return_freed_memory()  # PREFUSE_CPU_ALLOCATOR=release: freed activations go back (engine/allocator.py)
 
     # online methods that sample from the reference or the mixture need it even when their loss does not
     samples_reference = cfg.online and (needs.reference or "sample" in needs.roles or "nash_md" in cfg.loss_type

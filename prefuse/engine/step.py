@@ -51,14 +51,14 @@ class Step:
 
     def __call__(self, batch: Batch, reference=None, **inputs) -> tuple[torch.Tensor, dict]:
         """inputs: further objective inputs beside the batch's (OFS-DPO's slow adapter's sums)."""
-        with self.autocast(batch.input_ids.device):
-            hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask, **batch.vision)
         ref = {}
         if self.needs.reference and reference is not None:
             ref = reference.lookup(batch)
-        elif self.needs.reference:
+        elif self.needs.reference:  # first: its temporaries are freed before the policy's activations are made
             ref = dict(ref_hidden=self.reference_hidden(batch), ref_weight=self.ref_head.weight.detach(),
                        ref_bias=None if self.ref_head.bias is None else self.ref_head.bias.detach())
+        with self.autocast(batch.input_ids.device):
+            hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask, **batch.vision)
         if self.row_temperature:
             hidden = self.tempered(hidden, batch.roles)
             if "ref_hidden" in ref:
