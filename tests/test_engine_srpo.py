@@ -121,7 +121,9 @@ def test_each_role_row_is_the_revision_prompt_then_the_answer(tmp_path):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     prompt = "<s><|user|>\nWhat is 2+2?\n<|assistant|>\n"
-    answer = {name: ids(f"It is {n}.") + [tokenizer.eos_token_id] for name, n in (("chosen", 4), ("rejected", 5))}
+    # what the chat template writes after the prompt, as TRL tokenizes it: the answer, the EOS and the turn's newline
+    answer = {name: ids(f"It is {n}.") + [tokenizer.eos_token_id] + ids("\n")
+              for name, n in (("chosen", 4), ("rejected", 5))}
     for role in ROLES:
         answer_of, _, context = role.partition("_given_")
         expected_prompt = prompt if not context else (
