@@ -346,6 +346,8 @@ def _convert(args) -> int:
     def run():
         from prefuse.engine.gguf import BUNDLED, bundled, convert
 
+        if args.gguf not in BUNDLED and not args.gguf.lower().endswith(".gguf"):
+            raise ValueError(f"gguf: {args.gguf!r} is neither a .gguf file nor a bundled model ({', '.join(BUNDLED)})")
         source = bundled(args.gguf) if args.gguf in BUNDLED else args.gguf
         print(f"model written to {convert(source, args.output, dtype=args.dtype)}")
 
