@@ -109,3 +109,31 @@ def test_reference_products_take_the_labeled_rows_of_any_leading_shape():
     assert products["tiles"][1] == 2 * (2 * 512) * 16 * (2 * 1024)
     products["whole"][0]()
     products["tiles"][0]()
+
+
+def test_compiled_peers_are_left_out_where_torch_compile_cannot_build():
+    """With no working C++ compiler (CXX pointing nowhere: a machine without a toolchain, or ATen's vector headers
+    cut by ATEN_CPU_CAPABILITY=default) the torch.compile peers are not installed paths, and asking for one by name
+    is a one-line refusal that lists what is installed, not a failed bench."""
+    import os
+
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_CACHE_DIR": "/nonexistent/cache"}
+    listed = subprocess.run([sys.executable, "-c", "from prefuse.bench.report import available_paths as a; "
+                             "print(a('cpu', 'preference'), a('cpu', 'logprobs'), a('cpu', 'head'))"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    for name in ("liger_dpo", "cce_torch_compile_logprobs", "cce_torch_compile"):
+        assert f"'{name}'" not in listed.stdout
+    assert "'prefuse_preference'" in listed.stdout and "'materialized'" in listed.stdout
+    from prefuse.bench.paths import PATHS
+
+    compiled = [p.name for p in PATHS.values() if p.compiled and p.available("cpu")]
+    if compiled:  # here the toolchain works: the same paths are listed
+        assert f"'{compiled[0]}'" in subprocess.run(
+            [sys.executable, "-c", "from prefuse.bench.report import available_paths as a; "
+             f"print(a('cpu', {PATHS[compiled[0]].task!r}))"], capture_output=True, text=True, timeout=600).stdout
+        refused = subprocess.run([sys.executable, "-m", "prefuse", "bench", "--quick", "--task",
+                                  PATHS[compiled[0]].task, "--paths", compiled[0]],
+                                 capture_output=True, text=True, env=env, timeout=600)
+        assert refused.returncode == 2 and f"['{compiled[0]}'] not available on cpu" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1

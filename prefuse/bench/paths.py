@@ -15,7 +15,10 @@ trainable one and beside the recompute path with the same frozen weight.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,11 +36,32 @@ class Path:
     requires: str | None = None  # module that must import
     warmup: int = 1  # compiled peers need their first call to compile
     task: str = "head"
+    compiled: bool = False  # built by torch.compile: on the CPU it needs inductor's C++ toolchain
 
     def available(self, device: str) -> bool:
         if device not in self.devices:
             return False
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+        if self.requires is not None and importlib.util.find_spec(self.requires) is None:
+            return False
+        return not (self.compiled and device == "cpu") or inductor_compiles_for_cpu()
+
+
+_PROBE = """
+import torch
+f = torch.compile(lambda x: (x.exp() * 2).sum())
+assert float(f(torch.zeros(8))) == 16.0
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def inductor_compiles_for_cpu() -> bool:
+    """Whether torch.compile builds a CPU kernel here, probed once in a fresh process. It fails where no C++
+    compiler is installed, or where ATen's vector headers are cut to the scalar set (ATEN_CPU_CAPABILITY=default);
+    a compiled peer is then left out of the bench like one whose package is missing."""
+    try:
+        return subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=300).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _step(loss_fn, hidden, weight):
@@ -79,7 +103,8 @@ PATHS: dict[str, Path] = {p.name: p for p in [
     Path("prefuse_triton", prefuse_path("triton", "auto"), devices=("cuda",), requires="triton"),
     Path("materialized", materialized),
     Path("torch_linear_cross_entropy", torch_linear_cross_entropy),
-    Path("cce_torch_compile", cut_cross_entropy("torch_compile"), requires="cut_cross_entropy", warmup=2),
+    Path("cce_torch_compile", cut_cross_entropy("torch_compile"), requires="cut_cross_entropy", warmup=2,
+         compiled=True),
     Path("cce_triton", cut_cross_entropy("cce"), devices=("cuda",), requires="cut_cross_entropy"),
     Path("liger_fused_linear_cross_entropy", None, devices=("cuda",), requires="liger_kernel"),
 ]}
@@ -225,7 +250,7 @@ PATHS.update({p.name: p for p in [
     Path("prefuse_logprobs_triton", prefuse_logprobs_triton, devices=("cuda",), requires="triton", task="logprobs"),
     Path("torch_linear_logprobs", torch_linear_logprobs, task="logprobs"),
     Path("cce_torch_compile_logprobs", cce_compile_logprobs, requires="cut_cross_entropy", warmup=2,
-         task="logprobs"),
+         task="logprobs", compiled=True),
     Path("cce_triton_logprobs", cce_logprobs, devices=("cuda",), requires="cut_cross_entropy", task="logprobs"),
     Path("liger_logprobs", liger_logprobs, devices=("cuda",), requires="liger_kernel", task="logprobs"),
     Path("prefuse_logprobs_recompute", prefuse_logprobs_recompute, task="logprobs"),
@@ -236,7 +261,7 @@ PATHS.update({p.name: p for p in [
     Path("prefuse_preference", prefuse_preference, task="preference"),
     Path("prefuse_preference_separate_reference", prefuse_preference_separate_reference, task="preference"),
     Path("materialized_preference", materialized_preference, task="preference"),
-    Path("liger_dpo", liger_dpo, requires="liger_kernel", task="preference", warmup=2),
+    Path("liger_dpo", liger_dpo, requires="liger_kernel", task="preference", warmup=2, compiled=True),
 ]})
 
 
