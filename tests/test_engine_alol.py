@@ -14,8 +14,8 @@ pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
 from prefuse.engine.data.order import PriorityBatches  # noqa: E402
-from prefuse.engine.model import Models  # noqa: E402
-from prefuse.engine.value_head import (PromptEncoder, ValueHead, attention_heads, fit_value_head,  # noqa: E402
+from prefuse.engine.models.loading import Models  # noqa: E402
+from prefuse.engine.methods.alol_value_head import (PromptEncoder, ValueHead, attention_heads, fit_value_head,  # noqa: E402
                                        predict_values)
 from prefuse.preference import PreferenceLoss  # noqa: E402
 from tests.test_engine_objectives import train_argv  # noqa: E402  (the same short LoRA run)
@@ -226,7 +226,7 @@ def test_advantages_are_reward_minus_value_computed_once_and_cached(files, tmp_p
     """The training examples' advantages are R - V(x) with R the meta file's scores; the value split's prompts are
     not trained on; a second run over the same output_dir reads the cache instead of fitting again."""
     from prefuse.cli import _train_config, build_parser
-    from prefuse.engine.setup import build_run
+    from prefuse.engine.train.build import build_run
 
     argv = train_argv(files, tmp_path, "alol", **VALUE_FLAGS)
     run = build_run(_train_config(build_parser().parse_args(argv)))
@@ -371,12 +371,12 @@ def test_value_head_fits_the_judged_samples_of_the_reference(files, tmp_path, ca
     holds their texts and rewards and a second build reads it without sampling or judging again. The policy's
     adapters are randomized first, so samples of the policy (not its reference) would differ. The sampling leaves
     the run's RNG state, the policy's weights and its training mode as they were."""
-    import prefuse.engine.setup as setup
-    import prefuse.engine.value_head as value_head
+    import prefuse.engine.train.build as setup
+    import prefuse.engine.methods.alol_value_head as value_head
     from prefuse.cli import _train_config, build_parser
-    from prefuse.engine.advantages import value_split
+    from prefuse.engine.methods.alol_advantages import value_split
     from prefuse.engine.data import load_preference_data
-    from prefuse.engine.rollout import RolloutConfig, sample_reference
+    from prefuse.engine.online.rollout import RolloutConfig, sample_reference
     from safetensors import safe_open
 
     spec, log = recording_length_judge(tmp_path)
@@ -458,9 +458,9 @@ def test_value_head_fits_the_judged_samples_of_the_reference(files, tmp_path, ca
 def test_value_targets_data_is_the_default_and_reads_the_data_rewards(files, tmp_path, monkeypatch, capsys):
     """Without --value_targets V's rows are the value split's data rewards (8 responses of 4 prompts) and no sample is
     drawn, so the cache file keeps its name from before the flag."""
-    import prefuse.engine.value_head as value_head
+    import prefuse.engine.methods.alol_value_head as value_head
     from prefuse.cli import _train_config, build_parser
-    from prefuse.engine.advantages import cache_path
+    from prefuse.engine.methods.alol_advantages import cache_path
 
     rows_seen = []
     real_fit = value_head.fit_value_head
@@ -471,7 +471,7 @@ def test_value_targets_data_is_the_default_and_reads_the_data_rewards(files, tmp
     argv = train_argv(files, tmp_path, "alol", **VALUE_FLAGS)
     cfg = _train_config(build_parser().parse_args(argv))
     assert cfg.value_targets == "data" and cfg.value_samples == 1
-    from prefuse.engine.setup import build_run
+    from prefuse.engine.train.build import build_run
 
     build_run(cfg)
     table = read_cache(tmp_path)

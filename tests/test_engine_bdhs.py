@@ -1,4 +1,4 @@
-"""BDHS (prefuse.engine.bdhs): the image-token mask on the attention inputs of every layer and head (rho_th = 1 hides
+"""BDHS (prefuse.engine.methods.bdhs): the image-token mask on the attention inputs of every layer and head (rho_th = 1 hides
 every image token, rho_th = 0 generates what the unmasked model does), the text analogue's mask, sentence cuts and
 the yes/no swap, the similarity filter with its unguided last attempt, the embedders, the online hook, and
 `prefuse bdhs` writing a pairs file that `prefuse train` trains on. Tiny models built from configs only."""
@@ -11,11 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from prefuse.cli import main  # noqa: E402
-from prefuse.engine import bdhs, embedders  # noqa: E402
-from prefuse.engine.bdhs import sampler as bdhs_sampler  # noqa: E402
-from prefuse.engine.embedders import LexicalEmbedder, TransformerEmbedder, load_embedder, similarity  # noqa: E402
-from prefuse.engine.model import Models  # noqa: E402
-from prefuse.engine.rollout import RolloutConfig, _seeded  # noqa: E402
+from prefuse.engine.methods import bdhs  # noqa: E402
+from prefuse.engine.models import embedders
+from prefuse.engine.methods.bdhs import sampler as bdhs_sampler  # noqa: E402
+from prefuse.engine.models.embedders import LexicalEmbedder, TransformerEmbedder, load_embedder, similarity  # noqa: E402
+from prefuse.engine.models.loading import Models  # noqa: E402
+from prefuse.engine.online.rollout import RolloutConfig, _seeded  # noqa: E402
 from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
@@ -189,7 +190,7 @@ def test_rho_th_0_generates_what_the_unmasked_model_does(llava, tok):
     assert hidden == [[], []]
     masked = bdhs.masked_generate(llava, contexts, hidden, pad_id=PAD, stop_ids=[EOS], max_new_tokens=8, seed=7,
                                   model_inputs=[{"pixel_values": pixel_values[i:i + 1]} for i in range(2)])
-    from prefuse.engine.rollout import left_padded
+    from prefuse.engine.online.rollout import left_padded
 
     input_ids, attention_mask = left_padded(contexts, PAD, torch.device("cpu"))
     with torch.no_grad(), _seeded(7, torch.device("cpu")):

@@ -84,7 +84,7 @@ def files(tmp_path_factory):
 
 
 def config(files, out, data, ranks, **flags):
-    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.train.config import TrainConfig
 
     # a small learning rate: Adam moves a weight whose gradient is near its epsilon (1e-8) by an amount that depends
     # on that gradient's last bits, and a large step would carry such float32 differences into the next losses
@@ -111,7 +111,7 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def train_recording(cfg) -> list[list[torch.Tensor]]:
     """train(cfg); every step's gradients of the trainable parameters (before clipping), in optimizer order."""
-    from prefuse.engine import loop
+    from prefuse.engine.train import loop
 
     grads, clip = [], loop.clip_grad_norms
 
@@ -166,7 +166,7 @@ def spy_on_the_head(seen: list):
     parameters are unsharded at that moment (FSDP2 registers a resharded parameter as a DTensor shard)."""
     from torch.distributed.tensor import DTensor
 
-    from prefuse.engine import distributed
+    from prefuse.engine.train import distributed
     from prefuse.heads import causal_lm_of
     from prefuse.preference import PreferenceLoss
 
@@ -189,7 +189,7 @@ def spy_on_the_head(seen: list):
 
 
 def _rank_worker(rank, ports, files, out_root):
-    from prefuse.engine.online import OnlineSource
+    from prefuse.engine.online.source import OnlineSource
 
     torch.set_num_threads(1)
     batches, next_batch = [], OnlineSource.next_batch
@@ -294,7 +294,7 @@ def test_fsdp_checkpoint_resumes_on_two_ranks_and_in_one_process(files, two_rank
 def merge(shares: list) -> "Batch":
     """The global batch whose ranks' shares these are: rows after rows (right-padded to the longest), every
     role's examples in rank order, the judges' numbers weighted by examples."""
-    from prefuse.engine.sources import Batch
+    from prefuse.engine.core.sources import Batch
 
     length = max(b.input_ids.shape[1] for b in shares)
 
@@ -336,7 +336,7 @@ class Replay:
 def test_online_ranks_sample_their_own_prompts_and_train_as_one_process(files, two_ranks, tmp_path, name):
     """--online on 2 ranks: each rank samples its own share of every global batch of prompts; one process on the
     global batches they make (their shares put together) gives the same losses and gradients."""
-    from prefuse.engine import loop
+    from prefuse.engine.train import loop
     from prefuse.engine.data import PairBatches
 
     shares = [torch.load(two_ranks / name / f"batches-rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -374,8 +374,8 @@ def test_online_ranks_sample_their_own_prompts_and_train_as_one_process(files, t
 def assert_sampled_as_one_whole_model(files, name, batch, seed):
     """A rank's first batch (the initial weights; LoRA's B = 0) was sampled under FSDP2 as the whole model samples
     its prompts in one process: the same completions from the same seed (rank r's: (seed + 7919 r) * 1_000_003)."""
-    from prefuse.engine.model import Models
-    from prefuse.engine.rollout import RolloutConfig, sample_policy
+    from prefuse.engine.models.loading import Models
+    from prefuse.engine.online.rollout import RolloutConfig, sample_policy
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(files["model"])
     model = transformers.AutoModelForCausalLM.from_pretrained(files["tied" if "tied" in name else "model"])
@@ -405,9 +405,9 @@ def _early_finish_worker(rank, port, model_dir, prompts, eos_id, out):
 
     import torch.distributed as dist
 
-    from prefuse.engine.distributed import current, fully_shard_step
-    from prefuse.engine.model import Models
-    from prefuse.engine.rollout import RolloutConfig, sample_mixture, sample_policy
+    from prefuse.engine.train.distributed import current, fully_shard_step
+    from prefuse.engine.models.loading import Models
+    from prefuse.engine.online.rollout import RolloutConfig, sample_mixture, sample_policy
 
     torch.set_num_threads(1)
     os.environ.update(rank_env(rank, WORLD, port))
@@ -430,8 +430,8 @@ def test_fsdp_generation_keeps_the_ranks_in_step_when_one_finishes_first(files, 
     """Under FSDP2 every forward all-gathers, so a rank whose samples are done keeps decoding with the others
     (synced rollouts): rank 0 stops after one token and rank 1 after eight, and both get what the whole model
     decodes in one process, from the policy and from the mixture."""
-    from prefuse.engine.model import Models
-    from prefuse.engine.rollout import RolloutConfig, sample_mixture, sample_policy
+    from prefuse.engine.models.loading import Models
+    from prefuse.engine.online.rollout import RolloutConfig, sample_mixture, sample_policy
 
     model = transformers.AutoModelForCausalLM.from_pretrained(files["tied"])
     models = Models(policy=model, reference=model, tokenizer=None)
@@ -453,7 +453,7 @@ def test_fsdp_generation_keeps_the_ranks_in_step_when_one_finishes_first(files, 
 
 KILL_AT_STEP_5 = """
 import os, signal, sys
-import prefuse.engine.metrics as metrics
+import prefuse.engine.core.metrics as metrics
 flush = metrics.MetricsLog.flush
 def flush_then_die(self, step, **kw):
     record = flush(self, step, **kw)
@@ -568,7 +568,7 @@ def test_export_writes_what_from_pretrained_loads(files, two_ranks, tmp_path):
 
     from prefuse.cli import main
     from prefuse.engine.checkpoint import load_weights
-    from prefuse.engine.model import ModelConfig, load_models
+    from prefuse.engine.models.loading import ModelConfig, load_models
 
     ids = torch.tensor([[1, 5, 9, 13, 2]])
 
@@ -605,7 +605,8 @@ def test_export_writes_what_from_pretrained_loads(files, two_ranks, tmp_path):
 
 def test_what_one_process_or_several_ranks_refuse_in_one_line(files, tmp_path, capsys):
     from prefuse.cli import build_parser, main
-    from prefuse.engine.distributed import World, check_last_batch, check_supported, shard_batch, shard_bounds
+    from prefuse.engine.core.shards import check_last_batch, shard_batch, shard_bounds
+    from prefuse.engine.train.distributed import World, check_supported
 
     argv = train_argv(files, tmp_path, 1, max_steps=1)
     assert build_parser().parse_args(argv + ["--fsdp"]).fsdp == "full_shard"  # transformers' spelling, or bare
@@ -624,7 +625,7 @@ def test_what_one_process_or_several_ranks_refuse_in_one_line(files, tmp_path, c
         check_last_batch(9, 4, two, "per_device_train_batch_size")
     check_last_batch(10, 4, two, "per_device_train_batch_size")
     assert [shard_bounds(5, r, 2) for r in (0, 1)] == [(0, 3), (3, 5)]
-    from prefuse.engine.sources import Batch
+    from prefuse.engine.core.sources import Batch
 
     ids = torch.ones(4, 3, dtype=torch.long)
     pictures = Batch(ids, ids, ids, {"chosen": torch.tensor([0, 1]), "rejected": torch.tensor([2, 3])}, {}, None,
@@ -632,7 +633,7 @@ def test_what_one_process_or_several_ranks_refuse_in_one_line(files, tmp_path, c
     with pytest.raises(ValueError, match=r"^images: offline batches with images are not split over ranks yet"):
         shard_batch(pictures, 0, 2)
     # what DDP wraps: head_of finds the policy's lm_head through DDP's and the StepModule's `module`
-    from prefuse.engine.distributed import StepModule
+    from prefuse.engine.train.distributed import StepModule
     from prefuse.heads import head_of
 
     policy = transformers.AutoModelForCausalLM.from_pretrained(files["model"])

@@ -1,4 +1,4 @@
-"""engine/gguf.py without a model: which paths name a GGUF file, the cache key, and the one-line errors of every
+"""engine/models/gguf.py without a model: which paths name a GGUF file, the cache key, and the one-line errors of every
 command that takes one (the SmolLM2 conversion itself: tests/test_real_smollm2.py)."""
 import os
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from prefuse.cli import main
-from prefuse.engine import gguf
+from prefuse.engine.models import gguf
 
 
 def test_a_gguf_file_is_named_by_its_path_or_by_a_directory_and_gguf_file(tmp_path):

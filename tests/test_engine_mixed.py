@@ -15,9 +15,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
-from prefuse.engine.config import TrainConfig  # noqa: E402
-from prefuse.engine.online import mixed_draws  # noqa: E402
-from prefuse.engine.setup import build_run  # noqa: E402
+from prefuse.engine.train.config import TrainConfig  # noqa: E402
+from prefuse.engine.online.methods import mixed_draws  # noqa: E402
+from prefuse.engine.train.build import build_run  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama, save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
@@ -342,9 +342,9 @@ def test_a_bad_generated_rejected_is_a_one_line_row_error(files, tmp_path, capsy
 
 # -- online BDHS as Avg-DPO's y~- ----------------------------------------------------------------------------------
 def test_avg_dpo_with_online_bdhs_rejected(files, tmp_path):
-    """--avg_rejected bdhs: y~- of each example is prefuse.engine.bdhs.bdhs_rejected from the current policy (the
+    """--avg_rejected bdhs: y~- of each example is prefuse.engine.methods.bdhs.bdhs_rejected from the current policy (the
     same call, made again here, gives the same rows), and its metrics reach the batch."""
-    from prefuse.engine.bdhs import bdhs_rejected
+    from prefuse.engine.methods.bdhs import bdhs_rejected
 
     cfg = config(files, tmp_path, "avg_dpo", reward=None, avg_rejected="bdhs", embedder="lexical", n_bdhs=2)
     run = perturbed(build_run(cfg))
@@ -534,7 +534,7 @@ def test_the_mixture_sampler_reads_each_prompts_images(vlm, tmp_path):
     """Nash-MD's geometric mixture on a tiny LLaVA: both models read each sample's pixel values with its prompt;
     the first step's mixture log-probs equal softmax((1 - m) log pi + m log pi_ref) of the two models' own
     multimodal logits (and not those with another example's picture)."""
-    from prefuse.engine.rollout import RolloutConfig, sample_mixture
+    from prefuse.engine.online.rollout import RolloutConfig, sample_mixture
 
     cfg = TrainConfig(model_name_or_path=str(vlm["model"]), dataset_name=str(vlm["pairs"]), output_dir=str(tmp_path),
                       loss_type=["nash_md"], online=True, per_device_train_batch_size=4, max_new_tokens=3,

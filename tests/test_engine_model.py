@@ -1,4 +1,4 @@
-"""prefuse.engine.model: tiny Llama, Qwen2 and Gemma-2 models saved and loaded back; the fused path against the
+"""prefuse.engine.models.loading: tiny Llama, Qwen2 and Gemma-2 models saved and loaded back; the fused path against the
 models' own logits, the lm_head never called, LoRA's reference, the frozen reference copy, the errors."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from prefuse.engine.data import collate_pairs  # noqa: E402
-from prefuse.engine.model import (  # noqa: E402
+from prefuse.engine.models.loading import (  # noqa: E402
     ModelConfig,
     decoder_hidden_states,
     head_of,

@@ -1,4 +1,4 @@
-"""The over-optimisation monitor (engine/monitor.py, ALGORITHMS.md section 11): its indicators (k = 10 and the
+"""The over-optimisation monitor (engine/methods/monitor.py, ALGORITHMS.md section 11): its indicators (k = 10 and the
 extra k) against a float64 computation from the model's full logits, the EMA and turning-point rule (min_delta
 included) on synthetic sequences, and `prefuse train` runs: one pushed into over-optimisation that early stopping
 stops with best/ at the peak (and that a resume leaves stopped), one whose training the monitor must leave exactly
@@ -17,8 +17,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from prefuse.cli import main  # noqa: E402
 from prefuse.engine.data import collate_sequences, load_records, tokenize_preferences  # noqa: E402
-from prefuse.engine.model import Models  # noqa: E402
-from prefuse.engine.monitor import (MAX_TOP_K, HeldOut, Monitor, TurningPoint, build_monitor,  # noqa: E402
+from prefuse.engine.models.loading import Models  # noqa: E402
+from prefuse.engine.methods.monitor import (MAX_TOP_K, HeldOut, Monitor, TurningPoint, build_monitor,  # noqa: E402
                                     held_out_prompts, indicator_for, indicators, load_monitor_prompts)
 from prefuse.heads import head_of  # noqa: E402
 from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama  # noqa: E402
@@ -460,7 +460,7 @@ def test_extra_k_and_min_delta_flags_reach_the_monitor(files, tmp_path):
     """--monitor_extra_top_k: numbers (distinct, sorted), none or nothing (off), the default 5 20 50; YAML lists
     too; --monitor_min_delta: the rule's min_delta."""
     from prefuse.cli import _train_config, build_parser
-    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.train.config import TrainConfig
 
     def config(*flags):
         cfg = _train_config(build_parser().parse_args(args(files, tmp_path, max_steps=1, monitor_steps=2)

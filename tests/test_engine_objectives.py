@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 import prefuse  # noqa: E402
 from prefuse.cli import main  # noqa: E402
-from prefuse.engine.objectives import NOT_OFFLINE, objective_needs  # noqa: E402
+from prefuse.engine.core.objectives import NOT_OFFLINE, objective_needs  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
@@ -100,7 +100,7 @@ def test_rewards_from_an_unpaired_reward_column(files, tmp_path):
 def test_advantage_is_reward_minus_the_mean_reward(files):
     """A-LoL's advantages without an `advantage` column: the reward minus the training set's mean reward."""
     from prefuse.engine.data import load_preference_data, pairs_to_completions
-    from prefuse.engine.sources import OfflineSource
+    from prefuse.engine.core.sources import OfflineSource
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(files["model"])
     data = pairs_to_completions(load_preference_data(files["pairs"], tokenizer, max_length=48))

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
-from prefuse.engine.config import TrainConfig  # noqa: E402
-from prefuse.engine.ofs import FAST, SLOW, FastSlowStep, adapter_parameters  # noqa: E402
-from prefuse.engine.setup import build_run  # noqa: E402
+from prefuse.engine.train.config import TrainConfig  # noqa: E402
+from prefuse.engine.methods.ofs_adapters import FAST, SLOW, FastSlowStep, adapter_parameters  # noqa: E402
+from prefuse.engine.train.build import build_run  # noqa: E402
 from tests.test_engine_train import KILL_AT_STEP_5  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
 

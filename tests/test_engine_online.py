@@ -141,7 +141,7 @@ def test_iterations_with_the_initial_model_as_reference(files, tmp_path):
 def test_selm_iterations_on_disjoint_slices_of_the_prompts(files, tmp_path, monkeypatch):
     """SELM with 2 iterations and iteration slices: the first iteration's prompts are the first half of the file,
     the second's the second half; the reference moves to the previous iterate."""
-    from prefuse.engine import online
+    from prefuse.engine.online import source as online
 
     seen = []
     original = online.OnlineSource._selm
@@ -251,7 +251,7 @@ def test_resume_after_sigkill_draws_the_same_samples(files, tmp_path, flags):
                 os.kill(os.getpid(), signal.SIGKILL)
             return path
         checkpoint.save_checkpoint = save_then_die
-        import prefuse.engine.loop as loop
+        import prefuse.engine.train.loop as loop
         loop.save_checkpoint = save_then_die
         from prefuse.cli import main
         sys.exit(main({json.dumps([a if a != str(full) else str(killed) for a in argv])}))
@@ -301,8 +301,8 @@ def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files,
     HyPO's KL rows: `AT_SAMPLING_TEMPERATURE`), of log_softmax(logits) for the contrastive losses (TRL's
     OnlineDPOTrainer)."""
     from prefuse.algorithms.roles import role_inputs
-    from prefuse.engine.config import TrainConfig
-    from prefuse.engine.setup import build_run
+    from prefuse.engine.train.config import TrainConfig
+    from prefuse.engine.train.build import build_run
 
     flags, _ = ONLINE.get(loss_type, ([], 0))
     name = "ipo" if loss_type == "ipo_md" else loss_type

@@ -123,8 +123,8 @@ class Recorder:
 
 
 def build(files, tmp_path, loss_type, judge=None, reward=None, data="prompts", **settings):
-    from prefuse.engine.config import TrainConfig
-    from prefuse.engine.setup import build_run
+    from prefuse.engine.train.config import TrainConfig
+    from prefuse.engine.train.build import build_run
 
     settings = {"per_device_train_batch_size": 4, "max_new_tokens": 6, "max_steps": 1, **settings}
     cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files[data]), output_dir=str(tmp_path),
@@ -223,7 +223,7 @@ def test_selm_ranks_the_reference_response_with_the_samples(files, tmp_path):
             assert sample[j] == cands[2]  # y_ref is the third candidate
             seen["chosen" if best == 2 else "rejected" if worst == 2 else "neither"] += 1
         # y_ref is the reference's greedy answer: the reference decoding greedily gives the same text
-        from prefuse.engine.rollout import RolloutConfig, sample_reference
+        from prefuse.engine.online.rollout import RolloutConfig, sample_reference
 
         prompts = [run.source.prompts.examples[i]["prompt_ids"] for i in batch.index.tolist()]
         greedy = sample_reference(run.source.models, prompts, RolloutConfig(max_new_tokens=6, temperature=0.0,
@@ -294,7 +294,7 @@ def test_grpo_and_rloo_refuse_a_pairwise_judge(files, tmp_path, loss_type, capsy
 
 def test_iterations_default_to_each_papers_reference(files, tmp_path):
     """RLHF Workflow's iterative DPO keeps the SFT model as the reference; SELM's is the previous iterate."""
-    from prefuse.engine.config import TrainConfig
+    from prefuse.engine.train.config import TrainConfig
 
     def resolved(loss_type):
         cfg = TrainConfig(model_name_or_path=str(files["model"]), dataset_name=str(files["prompts"]),

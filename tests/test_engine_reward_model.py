@@ -19,9 +19,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
-from prefuse.engine import metrics as metrics_module  # noqa: E402
+from prefuse.engine.core import metrics as metrics_module  # noqa: E402
 from prefuse.engine.judges import PairwiseJudge, RewardModelJudge, reward_model_ids  # noqa: E402
-from prefuse.engine.reward_model import (  # noqa: E402
+from prefuse.engine.reward.train import (  # noqa: E402
     RewardModelConfig,
     bradley_terry_loss,
     load_reward_model,
@@ -30,7 +30,7 @@ from prefuse.engine.reward_model import (  # noqa: E402
     pairwise_loss,
     train_reward_model,
 )
-from prefuse.engine.reward_pairs import load_reward_pairs  # noqa: E402
+from prefuse.engine.reward.pairs import load_reward_pairs  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")

@@ -12,12 +12,12 @@ import torch
 pytest.importorskip("transformers")
 
 from prefuse.cli import main  # noqa: E402
-from prefuse.engine.rlhs import environment as env  # noqa: E402
-from prefuse.engine.rlhs.labels import label_pairs, label_summary, wilson_interval  # noqa: E402
-from prefuse.engine.rlhs.parties import (RuleCustomer, RuleEvaluator, RuleWorldModel, check_feedback,  # noqa: E402
+from prefuse.engine.methods.rlhs import environment as env  # noqa: E402
+from prefuse.engine.methods.rlhs.labels import label_pairs, label_summary, wilson_interval  # noqa: E402
+from prefuse.engine.methods.rlhs.parties import (RuleCustomer, RuleEvaluator, RuleWorldModel, check_feedback,  # noqa: E402
                                          evaluator_view)
-from prefuse.engine.rlhs.rollouts import play  # noqa: E402
-from prefuse.engine.rlhs.toy_policy import build_tokenizer, build_toy_policy, sample_style, template_response  # noqa
+from prefuse.engine.methods.rlhs.rollouts import play  # noqa: E402
+from prefuse.engine.methods.rlhs.toy_policy import build_tokenizer, build_toy_policy, sample_style, template_response  # noqa
 
 TV = env.Scenario(7, "tv", (env.Option("A", 40, {"8K": False, "HDR": True, "smart": False, "warranty": True}),
                             env.Option("B", 60, {"8K": True, "HDR": False, "smart": True, "warranty": False}),
@@ -241,7 +241,7 @@ def tiny_models(tmp_path_factory):
 
 
 def test_lm_customer_reads_the_choice_logprobs_the_model_gives(tiny_models, one_thread, offline_hf_home):
-    from prefuse.engine.rlhs.llm import CUSTOMER_PROMPT, DECISIONS, LMCustomer
+    from prefuse.engine.methods.rlhs.llm import CUSTOMER_PROMPT, DECISIONS, LMCustomer
 
     customer = LMCustomer(tiny_models["lm"])
     prompts = ["customer : I need 8K .\nAnswer :", "a shorter prompt"]
@@ -264,7 +264,7 @@ def test_lm_customer_reads_the_choice_logprobs_the_model_gives(tiny_models, one_
 def test_prefuse_rlhs_with_local_models_as_customer_world_model_and_evaluator(tiny_models, tmp_path, capsys,
                                                                              one_thread, offline_hf_home):
     from prefuse.engine.judges import make_judge
-    from prefuse.engine.rlhs.llm import OUTCOME_PREFIX, JudgeEvaluator, LMWorldModel
+    from prefuse.engine.methods.rlhs.llm import OUTCOME_PREFIX, JudgeEvaluator, LMWorldModel
 
     out = tmp_path / "pairs.jsonl"
     argv = ["rlhs", "--model_name_or_path", tiny_models["lm"], "--scenarios", "6", "--feedback", "oracle",
@@ -296,12 +296,12 @@ def test_prefuse_rlhs_with_local_models_as_customer_world_model_and_evaluator(ti
 def test_dpo_on_immediate_labels_deceives_and_on_hindsight_labels_serves(toy_policy, tmp_path, one_thread,
                                                                          offline_hf_home):
     """The warmed-up consultant's rollouts on 400 scenarios, labelled with immediate feedback and with partial
-    hindsight; one run of DPO + NLL (`sigmoid sft`, 60 steps, full fine-tuning through prefuse.engine.loop.train)
+    hindsight; one run of DPO + NLL (`sigmoid sft`, 60 steps, full fine-tuning through prefuse.engine.train.loop.train)
     per label set; 400 held-out scenarios answered by each. Measured with seed 0 (README, RLHS): true utility
     warmed-up +0.255, immediate +0.272, partial +0.445; partial - immediate +0.173, paired bootstrap 95% interval
     [+0.128, +0.219] (over seeds 0-3 the gap ran from +0.173 to +0.436, its lower bound never below +0.128);
     deception 0.128 -> 0.215 (immediate) and 0.000 (partial). The margins asserted lie below all four seeds'."""
-    from prefuse.engine.rlhs.direction import run_direction
+    from prefuse.commands.rlhs_direction import run_direction
 
     result = run_direction(tmp_path, policy=toy_policy, scenarios=400, eval_scenarios=400, steps=60)
     labels, policies = result["labels"], result["policies"]

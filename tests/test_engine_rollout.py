@@ -7,8 +7,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from prefuse.engine.model import ModelConfig, load_models  # noqa: E402
-from prefuse.engine.rollout import (RolloutConfig, sample_mixture, sample_policy,  # noqa: E402
+from prefuse.engine.models.loading import ModelConfig, load_models  # noqa: E402
+from prefuse.engine.online.rollout import (RolloutConfig, sample_mixture, sample_policy,  # noqa: E402
                                     sample_reference)
 from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama  # noqa: E402
 
@@ -40,7 +40,7 @@ def test_reference_samples_are_the_base_models_samples(model_dir):
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     cfg = RolloutConfig(max_new_tokens=12, temperature=1.0, num_generations=3)
     reference = sample_reference(models, PROMPTS, cfg, seed=7, eos_id=EOS, pad_id=PAD)
-    from prefuse.engine.model import Models
+    from prefuse.engine.models.loading import Models
 
     plain = sample_policy(Models(base, None, None), PROMPTS, cfg, seed=7, eos_id=EOS, pad_id=PAD)
     assert reference.completion_ids == plain.completion_ids

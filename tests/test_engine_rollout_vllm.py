@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from prefuse.engine.model import ModelConfig, load_models  # noqa: E402
-from prefuse.engine.rollout import RolloutConfig  # noqa: E402
+from prefuse.engine.models.loading import ModelConfig, load_models  # noqa: E402
+from prefuse.engine.online.rollout import RolloutConfig  # noqa: E402
 from tests.tokenizer_fixture import build_tokenizer, save_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
@@ -72,7 +72,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_sync_pushes_base_names_with_the_lora_update_merged(fake_vllm, model_dir):
-    from prefuse.engine.rollout_vllm import VLLMSampler
+    from prefuse.engine.online.vllm import VLLMSampler
 
     models = load_models(ModelConfig(str(model_dir), use_peft=True, lora_r=4, lora_dropout=0.0))
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_sync_pushes_base_names_with_the_lora_update_merged(fake_vllm, model_dir
 
 
 def test_sample_maps_the_settings_and_cuts_at_eos(fake_vllm, model_dir):
-    from prefuse.engine.rollout_vllm import VLLMSampler
+    from prefuse.engine.online.vllm import VLLMSampler
 
     sampler = VLLMSampler(str(model_dir))
     cfg = RolloutConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, num_generations=2)
@@ -109,7 +109,7 @@ def test_sample_maps_the_settings_and_cuts_at_eos(fake_vllm, model_dir):
 
 
 def test_without_vllm_or_cuda_one_line(monkeypatch, model_dir):
-    from prefuse.engine.rollout_vllm import VLLMSampler
+    from prefuse.engine.online.vllm import VLLMSampler
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ValueError, match=r"^use_vllm: needs the vllm package"):
@@ -122,8 +122,8 @@ def test_without_vllm_or_cuda_one_line(monkeypatch, model_dir):
 
 def test_the_online_source_samples_the_policy_through_vllm_once_synced_per_batch(fake_vllm, model_dir):
     from prefuse.engine.judges import RuleJudge
-    from prefuse.engine.online import OnlineSource
-    from prefuse.engine.rollout_vllm import VLLMSampler
+    from prefuse.engine.online.source import OnlineSource
+    from prefuse.engine.online.vllm import VLLMSampler
 
     models = load_models(ModelConfig(str(model_dir), use_peft=True, lora_r=4, lora_dropout=0.0))
     sampler = VLLMSampler(str(model_dir))

@@ -13,14 +13,15 @@ pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
 from prefuse.engine.data import IGNORE_INDEX, load_records, tokenize_preferences  # noqa: E402
-from prefuse.engine.generate import evaluate_revisions, load_generator, revise  # noqa: E402
+from prefuse.engine.methods.self_revision import evaluate_revisions, revise  # noqa: E402
+from prefuse.engine.models.loading import load_generator
 from prefuse.engine.judges import RuleJudge, copy_reward  # noqa: E402
-from prefuse.engine.model import ModelConfig, load_models  # noqa: E402
-from prefuse.engine.objectives import objective_needs  # noqa: E402
-from prefuse.engine.revision import (DEFAULT_TEMPLATE, add_revision_rows, load_template,  # noqa: E402
+from prefuse.engine.models.loading import ModelConfig, load_models  # noqa: E402
+from prefuse.engine.core.objectives import objective_needs  # noqa: E402
+from prefuse.engine.methods.srpo import (DEFAULT_TEMPLATE, add_revision_rows, load_template,  # noqa: E402
                                      revision_prompt_ids, revision_prompt_text)
-from prefuse.engine.sources import build_batch  # noqa: E402
-from prefuse.engine.step import Step  # noqa: E402
+from prefuse.engine.core.sources import build_batch  # noqa: E402
+from prefuse.engine.core.step import Step  # noqa: E402
 from prefuse.preference import PreferenceLoss  # noqa: E402
 from tests.data_helpers import read_rows, write_jsonl  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
@@ -144,7 +145,7 @@ def test_revision_rows_are_cut_by_the_truncation_policy_and_counted(files):
             for answer in ("chosen", "rejected"):
                 given = e[f"{answer}_given_{context}_ids"]
                 assert len(prompt) + len(given) <= 64 and given == e[f"{answer}_ids"][:len(given)]
-    from prefuse.engine.revision import revision_report
+    from prefuse.engine.methods.srpo import revision_report
 
     assert revision_report(data) == (
         "revision rows: 2 of 5 pairs have no response tokens to compare under a revision prompt after truncation "

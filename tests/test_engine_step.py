@@ -12,10 +12,10 @@ pytest.importorskip("peft")
 
 import prefuse  # noqa: E402
 from prefuse.engine.data import IGNORE_INDEX, load_preference_data  # noqa: E402
-from prefuse.engine.model import ModelConfig, decoder_hidden_states, load_models  # noqa: E402
-from prefuse.engine.objectives import objective_needs  # noqa: E402
-from prefuse.engine.sources import OfflineSource, build_batch  # noqa: E402
-from prefuse.engine.step import Step  # noqa: E402
+from prefuse.engine.models.loading import ModelConfig, decoder_hidden_states, load_models  # noqa: E402
+from prefuse.engine.core.objectives import objective_needs  # noqa: E402
+from prefuse.engine.core.sources import OfflineSource, build_batch  # noqa: E402
+from prefuse.engine.core.step import Step  # noqa: E402
 from prefuse.heads import head_of  # noqa: E402
 from prefuse.preference import PreferenceLoss  # noqa: E402
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
@@ -182,8 +182,8 @@ def test_step_equals_the_objective_on_the_models_own_logits(setup, loss_type):
 
 def test_a_batch_source_plugs_into_the_loop(setup, tmp_path):
     """The loop takes batches from any BatchSource: one that serves the same batch each step trains on it."""
-    from prefuse.engine.config import TrainConfig
-    from prefuse.engine.loop import train
+    from prefuse.engine.train.config import TrainConfig
+    from prefuse.engine.train.loop import train
 
     root, _, data = setup
     needs = objective_needs(["sigmoid"])

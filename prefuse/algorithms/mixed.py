@@ -61,7 +61,7 @@ def mixed_dpo(
     The draw is the caller's (this function is pure): pass `use_offline` [B] bool. Without it, a = mixed_p, the
     expected loss (same expected gradient, no sampling noise). A loop that draws first can skip the forward pass of
     the pair it will not use: its weight is 0, so its inputs may be any finite values (prefuse's online source
-    passes the drawn pair's log-probs for both, `engine/online.py`).
+    passes the drawn pair's log-probs for both, `engine/online/source.py`).
 
     Metrics: with a draw, rewards/* and logps/* are of the pair each example drew, and loss/offline, loss/online
     are each example's loss under the pair it drew (0 under the other), so their batch means add up to the loss;

@@ -7,7 +7,7 @@ saved with save_pretrained beside a byte-level BPE tokenizer trained here on the
 the text cannot fill is padded: the model keeps V rows); a few pairs of the shared UltraFeedback sample, written to
 one JSON-lines file that both paths read, cut to a fixed max_length. Paths:
 
-- prefuse: `prefuse train`'s run (`engine/setup.build_run`) and the body of `engine/loop.py:train` for one
+- prefuse: `prefuse train`'s run (`engine/train/build.build_run`) and the body of `engine/train/loop.py:train` for one
   micro-batch: decoder -> fused head -> objective -> backward -> clip -> AdamW -> schedule;
 - trl: TRL's `DPOTrainer(...).train()` (its own chunked log-prob head);
 - trl_liger: the same with `use_liger_kernel=True`, which swaps Liger's Triton layer kernels (RMSNorm, SwiGLU,
@@ -21,7 +21,7 @@ already differs from log 2). Full: the reference is a second copy of the model.
 
 Measurement: every (mode, path) runs in its own fresh worker process (prefuse/bench/train_workers.py), so its peak
 memory is its own, with the allocator settings a user's process has (glibc's defaults; prefuse's run sets its own
-on the CPU, engine/allocator.py); one mode's workers at a time; the workers build concurrently, then take one training step at a time in turn, the order
+on the CPU, engine/train/allocator.py); one mode's workers at a time; the workers build concurrently, then take one training step at a time in turn, the order
 rotating each round, so the shared machine's drift falls on all of them alike. After `warmup` steps each worker resets its high-water mark: peak
 memory is the resident high-water mark over the timed steps (CPU) or `torch.cuda.max_memory_allocated` (CUDA),
 absolute and above the resident (allocated) size at the reset. The losses of every step are kept and checked
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefuse.bench.train_workers import SEED, SHARED_METRICS
-from prefuse.engine.gguf import is_gguf, plain_directory
+from prefuse.engine.models.gguf import is_gguf, plain_directory
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ultrafeedback_binarized_sample_train.jsonl"
 LOSS_TOLERANCE = 1e-4  # |loss - prefuse's loss| at every step, float32 on both sides
@@ -86,7 +86,7 @@ class TrainShape:
 
 @dataclass(frozen=True)
 class RealModel:
-    """A pretrained model (a directory, or a GGUF file: its plain copy, engine/gguf.py) and the first `pairs` rows
+    """A pretrained model (a directory, or a GGUF file: its plain copy, engine/models/gguf.py) and the first `pairs` rows
     of a preference file that fit `max_length` tokens whole (nothing is truncated, so both paths see the same
     tokens): conversational rows through the model's chat template."""
     model: str
@@ -117,7 +117,7 @@ def write_fitting_pairs(model: str, dataset: str, out: Path, pairs: int, max_len
     import datasets
 
     from prefuse.engine.data import tokenize_preferences
-    from prefuse.engine.model import load_tokenizer
+    from prefuse.engine.models.loading import load_tokenizer
 
     path = Path(dataset)
     if not path.is_file():
@@ -195,7 +195,7 @@ def prepare(shape: TrainShape, work: Path, data: Path = DATA) -> tuple[Path, Pat
 class _Worker:
     def __init__(self, spec: dict, timeout: float):
         # the allocator each path has for its users: glibc's defaults, which `prefuse train` adjusts for itself on
-        # the CPU (engine/allocator.py); the head bench's fixed thresholds would hide the difference
+        # the CPU (engine/train/allocator.py); the head bench's fixed thresholds would hide the difference
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")
         for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"):

@@ -6,7 +6,7 @@ stdout (what the libraries print goes to stderr):
     {"step": k, "seconds": s, "loss": x, "tokens": n, "digest": h}     after each step
     {"finished": true, "peak_mib": p, "base_mib": b}  after the last one
 
-prefuse: `prefuse train`'s run and the body of `engine/loop.py:train` for one micro-batch; trl and trl_liger:
+prefuse: `prefuse train`'s run and the body of `engine/train/loop.py:train` for one micro-batch; trl and trl_liger:
 `trl.DPOTrainer(...).train()`, a callback waiting for "step" at each step's start.
 """
 from __future__ import annotations
@@ -109,10 +109,10 @@ def _peak(device: str) -> float:
 
 
 def prefuse_run(spec: dict):
-    """prefuse's side, built: `prefuse train`'s run (engine/setup.build_run) with the bench's settings; LoRA adapters
+    """prefuse's side, built: `prefuse train`'s run (engine/train/build.build_run) with the bench's settings; LoRA adapters
     from `init_adapters`. Returns (run, cfg)."""
-    from prefuse.engine.config import TrainConfig
-    from prefuse.engine.setup import build_run
+    from prefuse.engine.train.config import TrainConfig
+    from prefuse.engine.train.build import build_run
 
     lora = spec["mode"] == "lora"
     cfg = TrainConfig(model_name_or_path=spec["model_dir"], dataset_name=spec["pairs_file"],
@@ -131,9 +131,9 @@ def prefuse_run(spec: dict):
 
 
 def prefuse_steps(run, cfg, steps: int, wait=lambda: None):
-    """The body of engine/loop.py:train for one micro-batch, `steps` times; `wait()` before each. Yields
+    """The body of engine/train/loop.py:train for one micro-batch, `steps` times; `wait()` before each. Yields
     (loss, metrics, batch)."""
-    from prefuse.engine.loop import clip_grad_norms
+    from prefuse.engine.train.loop import clip_grad_norms
 
     for _ in range(steps):
         wait()

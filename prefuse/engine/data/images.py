@@ -32,7 +32,8 @@ import datasets
 import torch
 
 from prefuse.engine.data.errors import BadRow, DataError
-from prefuse.engine.data.formats import RowIssue, _source_of
+from prefuse.engine.data.errors import source_of
+from prefuse.engine.data.formats import RowIssue
 
 IMAGES_COLUMN = "images"
 
@@ -154,7 +155,7 @@ class ImageRows:
         if getattr(processor, "image_token", None) is None:
             raise DataError(f"{source}: column 'images' holds images, and the model's {type(processor).__name__} "
                             f"has no image_token to mark them in the prompt")
-        base = Path(_source_of(dataset) or source)
+        base = Path(source_of(dataset) or source)
         return cls(processor, base if base.is_dir() else base.parent)
 
     def prepare(self, dataset: datasets.Dataset) -> datasets.Dataset:

@@ -18,11 +18,10 @@ from typing import Any
 import datasets
 
 from prefuse.engine.data.columns import EXTRA_COLUMNS
-from prefuse.engine.data.errors import DataError, RowProblem
+from prefuse.engine.data.errors import WHERE_COLUMN, DataError, RowProblem
 from prefuse.engine.data.formats import message_list_problem
 from prefuse.engine.data.images import IMAGES_COLUMN
 
-WHERE_COLUMN = "__where__"
 PROBLEM_COLUMN = "__problem__"
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
 # columns whose per-row type problems are reported

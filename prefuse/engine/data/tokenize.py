@@ -33,7 +33,8 @@ from prefuse.engine.data.columns import (REFERENCE_COLUMN, RESPONSE_COLUMNS, car
 from prefuse.engine.data.errors import BadRow, DataError, RowProblem, SkippedRows
 from prefuse.engine.data.formats import UNPAIRED_FORMATS, RowIssue, RowParts, detect_format, split_row
 from prefuse.engine.data.images import ImageRows
-from prefuse.engine.data.loading import WHERE_COLUMN, row_problem
+from prefuse.engine.data.errors import WHERE_COLUMN
+from prefuse.engine.data.loading import row_problem
 
 
 @dataclass

@@ -26,7 +26,7 @@ from prefuse.engine.judges.models import (
     reward_model_ids,
 )
 from prefuse.engine.judges.rules import RULE_JUDGES, RuleJudge, copy_prompts, copy_reward
-from prefuse.engine.judges.vision import VLM_JUDGE_TEMPLATE, VisionLanguageJudge
+from prefuse.engine.judges.vision_language import VLM_JUDGE_TEMPLATE, VisionLanguageJudge
 
 __all__ = ["Judge", "JudgeError", "RewardFunctions", "load_reward_function", "RewardModelJudge", "PairwiseJudge",
            "PAIRWISE_TEMPLATE", "VisionLanguageJudge", "VLM_JUDGE_TEMPLATE", "reward_model_ids", "pairwise_ids",
@@ -65,7 +65,7 @@ def _is_vision_language(where: Path) -> bool:
     """Whether a model directory's config describes a vision-language model (engine.vision's test)."""
     import transformers
 
-    from prefuse.engine.vision import is_vision_language
+    from prefuse.engine.models.vision import is_vision_language
 
     try:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)

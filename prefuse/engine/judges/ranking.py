@@ -6,8 +6,8 @@
 A scoring judge (reward functions, a reward model, a vision-language or rule judge) scores every candidate once;
 P(a > b) = sigmoid(score(a) - score(b)), after the missing-EOS penalty where one is given (TRL's online trainers).
 A pairwise preference model compares every pair (a round robin, as PairRM ranks), each candidate's strength the
-sum of its P(a > b), and gives no scores. Online (engine/online.py: judged pairs, best-of-n, SELM's {y_1, y_2,
-y_ref}) and offline (engine/selm_data.py: SELM's {y_w, y_l, y_ref}) rank through these two functions.
+sum of its P(a > b), and gives no scores. Online (engine/online/source.py: judged pairs, best-of-n, SELM's {y_1, y_2,
+y_ref}) and offline (engine/methods/selm.py: SELM's {y_w, y_l, y_ref}) rank through these two functions.
 """
 from __future__ import annotations
 

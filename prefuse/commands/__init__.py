@@ -1,0 +1,1 @@
+"""The drivers of single CLI commands (demo, export, generate) above the engine."""

@@ -1,0 +1,1 @@
+"""`prefuse train-rm`: the reward models the judges read, and their data."""

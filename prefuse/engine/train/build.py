@@ -1,0 +1,344 @@
+"""Everything a training run is made of, built from its TrainConfig: `build_run(cfg) -> Run`.
+
+    seed -> what the objective needs -> models -> data -> batch source -> step -> (reference cache) ->
+    optimizer and schedule -> resume -> log
+
+The loop (`engine/train/loop.py`) then only drives a Run; nothing here trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefuse.engine.methods.alol_advantages import prepare_advantages, priority_order, priority_steps, required_columns
+from prefuse.engine.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
+from prefuse.engine.train.config import TrainConfig
+from prefuse.engine.data import (DataError, TokenizedData, check_response_tokens_left, detect_format,
+                                 held_out_split, load_preference_data, load_records, pairs_to_completions,
+                                 tokenize_preferences)
+from prefuse.engine.data.formats import UNPAIRED_FORMATS
+from prefuse.engine.data.images import IMAGES_COLUMN
+from prefuse.engine.core.shards import ShardedSource, check_last_batch, shard_batch, shard_online
+from prefuse.engine.train import distributed
+from prefuse.engine.train.allocator import return_freed_memory
+from prefuse.engine.core.metrics import MetricsLog
+from prefuse.engine.models.loading import load_models
+from prefuse.engine.methods.monitor import Monitor, build_monitor
+from prefuse.engine.core.objectives import ObjectiveNeeds
+from prefuse.engine.methods.ofs_adapters import FastSlowStep, add_slow_adapter, param_groups
+from prefuse.engine.online.iterations import Iterations
+from prefuse.engine.online.source import OnlineSource
+from prefuse.engine.online.rollout import RolloutConfig
+from prefuse.engine.core.reference_cache import ReferenceCache, cache_path
+from prefuse.engine.methods.srpo import add_revision_rows, revision_report, revision_unlearnable
+from prefuse.engine.core.sources import BatchSource, OfflineSource, batches
+from prefuse.engine.core.step import Step
+from prefuse.heads import head_of
+from prefuse.preference import PreferenceLoss
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    needs: ObjectiveNeeds
+    policy: torch.nn.Module
+    step: Step
+    source: BatchSource
+    eval_data: TokenizedData | None
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    log: MetricsLog
+    total_steps: int
+    start_step: int
+    pad_id: int
+    references: dict  # split -> ReferenceCache (precomputed reference log-probs)
+    baseline: float   # the training set's mean reward (advantages without an `advantage` column)
+    monitor: Monitor | None = None  # the over-optimisation monitor (--monitor_steps)
+    world: distributed.World = field(default_factory=distributed.World)  # the ranks (torchrun), one by default
+
+    def eval_batches(self):
+        """The held-out set in global batches (ranks x per_device_eval_batch_size), this rank's share of each."""
+        walk = batches(self.eval_data, self.needs, batch_size=self.cfg.per_device_eval_batch_size * self.world.size,
+                       pad_id=self.pad_id, max_length=self.cfg.max_length, baseline=self.baseline)
+        return (shard_batch(b, self.world.rank, self.world.size) for b in walk) if (
+            self.world.distributed) else walk
+
+
+def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
+    """The run `cfg` describes; `source` replaces the offline batches of dataset_name (an online source, a test's),
+    which then still gives the held-out set and the tokenizer's data checks."""
+    filled = cfg.apply_defaults()
+    cfg.validate()
+    if filled:
+        print(f"defaults of {' '.join(cfg.loss_type)}: {', '.join(filled)}", flush=True)
+    needs = cfg.needs()
+    world = distributed.current()  # torchrun's ranks (engine/train/distributed.py), or this process alone
+    distributed.check_supported(cfg, world)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = world.device if world.distributed else torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cpu":
+        return_freed_memory()  # PREFUSE_CPU_ALLOCATOR=release: freed activations go back (engine/train/allocator.py)
+
+    # online methods that sample from the reference or the mixture need it even when their loss does not
+    samples_reference = cfg.online and (needs.reference or "sample" in needs.roles or "nash_md" in cfg.loss_type
+                                        or cfg.online_sampler == "mixture")
+    value_reference = cfg.advantages == "value_head" and cfg.ref_model_name_or_path is not None  # V_ref(x)
+    models = load_models(cfg.model_config(), device=device,
+                         need_reference=needs.reference or samples_reference or value_reference)
+    tokenizer = models.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"model_name_or_path: {cfg.model_name_or_path} has no tokenizer files")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head_temperature, row_temperature = online_temperatures(cfg, head_of(models.policy))
+    loss_fn = PreferenceLoss(cfg.objective, beta=cfg.beta, loss_weights=cfg.loss_weights,
+                             softcap=head_of(models.policy).softcap, temperature=head_temperature,
+                             **cfg.objective_args)
+    if needs.slow_adapter:
+        add_slow_adapter(models.policy)
+        step = FastSlowStep(models, loss_fn, needs, bf16=cfg.bf16, interval=cfg.ofs_chasing_interval,
+                            swap_mode=cfg.ofs_swap_mode)
+    else:
+        step = Step(models, loss_fn, needs, bf16=cfg.bf16, row_temperature=row_temperature)
+
+    if cfg.online:
+        online = shard_online(online_source(cfg, models, tokenizer, out), world,  # its own prompts
+                                          sharded=bool(cfg.fsdp))
+        source = online if source is None else source
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+            cfg.num_train_epochs * online.batches_per_epoch / cfg.gradient_accumulation_steps)
+        return _finish(cfg, out, device, needs, models, step, source, None, total_steps, pad_id, {}, 0.0, world)
+    train_data, eval_data = load_data(cfg, tokenizer, needs, processor=models.processor)
+    print(f"data: {len(train_data)} training examples ({train_data.format})"
+          + (f", {len(eval_data)} held out" if eval_data is not None else "")
+          + (f", {train_data.skipped.count} bad rows skipped" if train_data.skipped.count else ""), flush=True)
+    if train_data.unlearnable:
+        print(f"data: {train_data.truncation_report()}", flush=True)
+    if needs.revision and sum(revision_unlearnable(train_data)):
+        print(f"data: {revision_report(train_data)}", flush=True)
+    # A-LoL: rewards (data or judge), advantages (--advantages), once before training
+    train_data, eval_data, advantages = prepare_advantages(cfg, models, tokenizer, train_data, eval_data, pad_id)
+    if value_reference and not needs.reference:
+        models.reference = None  # loaded only for the value head's prompt states
+    global_batch = cfg.per_device_train_batch_size * world.size  # every rank takes its share of each
+    check_last_batch(len(train_data), global_batch, world, "per_device_train_batch_size")
+    if eval_data is not None:
+        check_last_batch(len(eval_data), cfg.per_device_eval_batch_size * world.size, world,
+                                     "per_device_eval_batch_size")
+    offline = OfflineSource(train_data, needs, batch_size=global_batch, seed=cfg.seed,
+                            pad_id=pad_id, max_length=cfg.max_length, order=priority_order(cfg, advantages))
+    source = (ShardedSource(offline, world) if world.distributed else offline) if source is None else source
+    total_steps = (cfg.max_steps if cfg.max_steps > 0
+                   else math.ceil(cfg.num_train_epochs * source.batches_per_epoch / cfg.gradient_accumulation_steps))
+    total_steps = priority_steps(cfg, source, total_steps)  # good_priority: max_steps x the positive fraction
+
+    references = {}
+    if cfg.precompute_ref_log_probs and needs.reference:
+        parts = (cfg.dataset_name, cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.torch_dtype, cfg.bf16,
+                 needs.roles)
+        for split, data in (("train", train_data), ("eval", eval_data)):
+            if data is not None:
+                walk = batches(data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
+                               max_length=cfg.max_length, baseline=offline.baseline)
+                references[split] = world.main_first(lambda: ReferenceCache.load_or_build(  # rank 0 writes it
+                    cache_path(out, split, parts, data.examples), len(data), walk, step.reference_sums, device))
+        models.reference = None  # the cache replaces it
+
+    return _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
+                   offline.baseline, world)
+
+
+def _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
+            baseline, world) -> Run:
+    """Optimizer, schedule, resume and log: the same for every kind of run."""
+    from transformers import get_scheduler
+
+    step = world.wrap(step, models, fsdp=cfg.fsdp, bf16=cfg.bf16)  # DDP / FSDP2 around the step (distributed.py)
+    params = [p for p in models.policy.parameters() if p.requires_grad]
+    groups = (param_groups(models.policy, cfg.learning_rate, cfg.ofs_slow_lr_ratio) if needs.slow_adapter
+              else [{"params": params}])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    start_step, window = 0, None
+    monitor = build_monitor(cfg, models, eval_data, out, pad_id)
+    if cfg.init_adapters:  # COFS-DPO's next domain: the previous one's adapters (and OFS roles), a fresh optimizer
+        step.load_state_dict(load_weights(cfg.init_adapters, model=models.policy).get("step_state", {}))
+        print(f"adapters from {cfg.init_adapters}", flush=True)
+    if cfg.resume_from_checkpoint:
+        path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+        state = load_checkpoint(path, model=models.policy, optimizer=optimizer, scheduler=scheduler, output_dir=out)
+        world.restore_rank_rng(state)  # each rank's own generators, when it ran on as many ranks
+        start_step, window = int(state["step"]), state.get("window")
+        source.load_state_dict(state["batches"])
+        step.load_state_dict(state.get("step_state", {}))
+        if monitor is not None:
+            monitor.load_state_dict(state.get("monitor"))
+        print(f"resumed from {path} at step {start_step}", flush=True)
+    log = (MetricsLog if world.main else distributed.RankLog)(  # rank 0 writes the log
+        out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to, window=window)
+    return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
+               total_steps, start_step, pad_id, references, baseline, monitor=monitor, world=world)
+
+
+def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]]:
+    """(the fused head's temperature, {role: temperature} of rows scaled on their own) of a run: 1 and none
+    offline; online, what the method's loss reads (engine/core/method_defaults.py). HyPO's online rows alone are at T,
+    by dividing their hidden states by T before the head (logits / T, exact without an lm_head bias or softcap)."""
+    if not cfg.online:
+        return 1.0, {}
+    from prefuse.engine.core.method_defaults import LOSS_TEMPERATURE, loss_temperature
+    from prefuse.engine.online.methods import online_method
+
+    method = online_method(cfg.loss_type)
+    head_t, rows_t = loss_temperature(method, cfg.temperature)
+    if LOSS_TEMPERATURE[method] != "one" and not cfg.temperature > 0:
+        raise ValueError(f"temperature: {' '.join(cfg.loss_type)} take their log-probs at the sampling temperature, "
+                         f"which must be > 0 (got {cfg.temperature}; greedy decoding has no log-probs to match)")
+    where = (f"log-probs at temperature {head_t}" if rows_t == head_t
+             else f"the online samples' log-probs at temperature {rows_t}, the offline pairs' at 1")
+    print(f"online ({method}): the loss reads {where}", flush=True)
+    if rows_t == head_t:
+        return head_t, {}
+    if head.bias is not None or head.softcap:
+        raise ValueError(f"temperature: {' '.join(cfg.loss_type)} read the online samples at --temperature "
+                         f"{rows_t} and the offline pairs at 1, which a head with an lm_head bias or a logit softcap "
+                         f"cannot do by scaling the hidden states; sample at --temperature 1")
+    return 1.0, {"online": rows_t}
+
+
+def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSource:
+    """The prompts of dataset_name, the judge the flags name and the rollout settings, as a batch source."""
+    from prefuse.engine.data import load_prompts
+    from prefuse.engine.judges import make_judge
+    from prefuse.engine.online.methods import JUDGELESS, PAIRED, online_method
+
+    method = online_method(cfg.loss_type)
+    # a vision-language model's prompts come with their images: samples are drawn with them and every row of a
+    # batch gets its example's pixel values (engine/online/source.py)
+    if method in PAIRED:  # HyPO, Mixed-DPO, Avg-DPO: the offline pairs themselves, their prompts sampled from
+        prompts = paired_prompts(cfg, tokenizer, processor=models.processor)
+    else:
+        prompts = load_prompts(cfg.dataset_name, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                               skip_bad_rows=cfg.skip_bad_rows, processor=models.processor)
+    print(f"data: {len(prompts)} {'pairs' if method in PAIRED else 'prompts'} ({prompts.format})"
+          + (f", {prompts.skipped.count} bad rows skipped" if prompts.skipped.count else ""), flush=True)
+    judge = None if method in JUDGELESS else make_judge(
+        reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights, reward_model_path=cfg.reward_model_path,
+        judge=cfg.judge, device=str(models.policy.device))
+    rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            num_generations=cfg.num_generations, mixture_coef=cfg.mixture_coef)
+    iterations = None
+    if cfg.iterations > 1:  # max_steps is set (validated): the steps split evenly between the iterations
+        iterations = Iterations(models, out, math.ceil(cfg.max_steps / cfg.iterations)
+                                * cfg.gradient_accumulation_steps, cfg.iterations, cfg.iteration_reference)
+    vllm = None
+    if cfg.use_vllm:
+        from prefuse.engine.online.vllm import VLLMSampler
+
+        vllm = VLLMSampler(cfg.model_name_or_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                           seed=cfg.seed)
+    return OnlineSource(prompts, cfg.loss_type, models, tokenizer, judge, rollout,
+                        batch_size=cfg.per_device_train_batch_size * distributed.current().size, seed=cfg.seed,
+                        sampler=cfg.online_sampler,
+                        missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
+                        iterations=iterations, iteration_slices=cfg.iteration_slices,
+                        iteration_sampling=cfg.iteration_sampling, vllm=vllm,
+                        mixed_p=cfg.objective_args.get("mixed_p", 0.5), avg_rejected=cfg.avg_rejected,
+                        bdhs=_bdhs_settings(cfg))
+
+
+def _bdhs_settings(cfg: TrainConfig) -> dict | None:
+    """Online BDHS (--avg_rejected bdhs): its config and its embedder, loaded now (EmbedderError: one line)."""
+    if cfg.avg_rejected != "bdhs":
+        return None
+    from prefuse.engine.models.embedders import load_embedder
+
+    return {"cfg": cfg.bdhs_config(), "embedder": load_embedder(cfg.embedder)}
+
+
+def paired_prompts(cfg: TrainConfig, tokenizer, processor=None) -> TokenizedData:
+    """The pairs of dataset_name (tokenized and cut as offline training cuts them; `images` with a
+    vision-language model's processor), each example also with its `prompt` (text or messages) and `columns` as
+    load_prompts gives them, for a judge of online samples of the same prompt (Mixed-DPO). A file of prompts only
+    is refused in one line: these methods read the offline pairs."""
+    from prefuse.engine.data import DataError, tokenize_prompts
+    from prefuse.engine.data.formats import holds_prompts_only
+
+    records = load_records(cfg.dataset_name)
+    if holds_prompts_only(records.column_names):
+        raise DataError(f"dataset_name: {' '.join(cfg.loss_type)} with --online read each prompt's offline pair: "
+                        f"{cfg.dataset_name} holds prompts only; give a pairs file (prompt, chosen, rejected)")
+    data = load_preference_data(cfg.dataset_name, tokenizer, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                                skip_bad_rows=cfg.skip_bad_rows, processor=processor)
+    images = IMAGES_COLUMN in records.column_names  # the pairs hold them (read by the processor, not as text)
+    texts = tokenize_prompts(records.remove_columns([IMAGES_COLUMN]) if images else records, tokenizer,
+                             max_prompt_length=cfg.max_prompt_length, skip_bad_rows=True, fmt=data.format,
+                             source=str(cfg.dataset_name))
+    by_where = {e["where"]: e for e in texts.examples}
+    for example in data.examples:  # a row whose pair tokenized has a readable prompt (the judge's `images`
+        # column: the example's own images, OnlineSource._columns)
+        prompt = by_where[example["where"]]
+        example["prompt"], example["columns"] = prompt["prompt"], dict(prompt["columns"])
+    return data
+
+
+def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds,
+              processor=None) -> tuple[TokenizedData, TokenizedData | None]:
+    """The training examples and the held-out ones (eval_split, or eval_fraction of the file, drawn by the seed),
+    as the objective reads them: pairs, or completions (scored pairs become two completions each). processor: a
+    vision-language model's, for data with an `images` column (data/images.py)."""
+    options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                   skip_bad_rows=cfg.skip_bad_rows)
+
+    def load(path, split="train"):
+        records = load_records(path, split=split)  # read once: its format decides what the objective gets
+        fmt = detect_format(records)
+        kind = "completions" if fmt in UNPAIRED_FORMATS else "pairs"
+        if needs.data == "pairs" and kind == "completions":
+            raise DataError(f"{path}: loss_type {cfg.loss_type} learns from pairs (prompt, chosen, rejected); "
+                            f"this file holds unpaired completions")
+        hint = (f"needed by loss_type {' '.join(cfg.loss_type)} (`prefuse objectives` lists the columns each "
+                f"objective reads)")
+        require, hint = required_columns(cfg, needs, kind, str(path), hint)  # a judge replaces reward columns
+        data = tokenize_preferences(records, tokenizer, fmt=fmt, source=str(path), require=require,
+                                    require_hint=hint, processor=processor, **options)
+        check_response_tokens_left(data, str(path))
+        if needs.revision and IMAGES_COLUMN in records.column_names:
+            raise DataError(f"{path}: srpo's revision prompts are text and would lose the images; train srpo on "
+                            f"text pairs")
+        if needs.revision:  # SRPO: the four rows with a revision prompt
+            data = add_revision_rows(data, records, tokenizer, template=cfg.revision_template, source=str(path),
+                                     **options)
+        return pairs_to_completions(data) if needs.data == "completions" and kind == "pairs" else data
+
+    data = load(cfg.dataset_name)
+    eval_data = None
+    if cfg.eval_split:
+        eval_data = (load(cfg.eval_split) if Path(cfg.eval_split).exists()
+                     else load(cfg.dataset_name, split=cfg.eval_split))
+    elif cfg.eval_fraction:
+        held_out, kept = held_out_split(len(data), cfg.eval_fraction, cfg.seed)
+        eval_data = TokenizedData(data.format, [data.examples[i] for i in held_out])
+        data = TokenizedData(data.format, [data.examples[i] for i in kept], data.skipped)
+    if len(data) == 0:
+        raise DataError(f"dataset_name: {cfg.dataset_name} leaves no training examples")
+    if eval_data is not None and len(eval_data) == 0:
+        raise DataError("eval_split: the held-out set is empty")
+    return data, eval_data
