@@ -6,7 +6,7 @@ Inputs, as keywords (one row per example (x, y) of the offline data):
     rewards [B]                       R(x, y) (wbc, r_lol and r_gold)
     policy_token_logps [B, T], ref_token_logps [B, T], token_mask [B, T]   (alol_seq, r_gold) per-token log-probs
 NLL(y) = -policy_logps; A+ = max(A, 0). Importance weights carry no gradient and are clamped to
-[1 - ppo_clip, 1 + ppo_clip] (ppo_clip = 0.9, the default recorded in ALGORITHMS.md section 8).
+[1 - ppo_clip, 1 + ppo_clip] (ppo_clip = 0.9, the authors' code default; docs/methods/alol.md).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def alol_ref_free(*, policy_logps, advantages, beta):
 def alol_kl(*, policy_logps, ref_logps, advantages, beta):
     """A-LoL KL: NLL(y) * A+ + beta * (log pi(y) - log pi_ref(y)), no importance weight (the code's ppo_clip = 0).
 
-    beta is the KL weight (kl_beta in ALGORITHMS.md section 8); the paper's value is unknown, prefuse's default
+    beta is the KL weight (kl_beta, docs/methods/alol.md); the paper's value is unknown, prefuse's default
     beta is 0.1. [UNVERIFIED]
     """
     weights = advantages.detach().clamp(min=0)

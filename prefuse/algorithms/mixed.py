@@ -1,4 +1,4 @@
-"""Mixed-DPO and Avg-DPO: DPO over an offline pair and a policy-generated pair (ALGORITHMS.md section 2, eqs. 4-5).
+"""Mixed-DPO and Avg-DPO: DPO over an offline pair and a policy-generated pair (arXiv 2407.02477, eqs. 4-5).
 
 Inputs, as keywords, all [B]:
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps   the offline pair (y+, y-)

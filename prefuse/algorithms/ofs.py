@@ -1,6 +1,6 @@
 """OFS-DPO: two LoRA modules on one base, a fast one and a slow one, with a chasing regularizer.
 
-[UNVERIFIED] Everything below the abstract level of the paper is a reconstruction (ALGORITHMS.md section 1); both
+[UNVERIFIED] Everything below the abstract level of the paper is a reconstruction (docs/methods/ofs-dpo.md); both
 readings are selectable with `ofs_variant`, and results made with either should be labelled "reconstruction".
 
 Inputs, as keywords:
@@ -10,7 +10,7 @@ Inputs, as keywords:
 With m = log pi(y_w) - log pi(y_l) of a module:
     ofs_variant="slow_chases_fast" (default, option A):
         L_DPO(F) + L_DPO(S) + ofs_alpha * -logsigmoid(beta (m_S - sg m_F))
-    ofs_variant="two_sided" (option B of ALGORITHMS.md section 1):
+    ofs_variant="two_sided" (option B of docs/methods/ofs-dpo.md):
         L_DPO(F) + ofs_alpha * -logsigmoid(clamp(beta (m_F - sg m_S)))
       + L_DPO(S) - ofs_alpha * -logsigmoid(clamp(beta (sg m_F - m_S))),  clamp to [-ofs_clamp, ofs_clamp]
       (option B's scale `s` is read as beta [UNVERIFIED]).

@@ -1,14 +1,15 @@
 """Objectives of the online methods: terms computed on responses sampled during training.
 
-- selm        DPO + SELM's optimism bonus alpha * beta * log pi(y_ref)         (ALGORITHMS.md section 3)
-- xpo         DPO (sigmoid or ipo) + XPO's exploration term alpha * log pi(y_r) (section 10, TRL semantics)
-- online_ipo  IPO against a soft preference probability p = P(y > y')           (section 6); tau on whole-response
-              log-ratios (the paper's h), or per token with average_log_prob=True (what `ipo`, TRL's DPOTrainer,
-              takes)
-- nash_md     Nash-MD policy-gradient loss beta * KL term - (p - 1/2) log pi(y)  (section 6); its KL term's
-              default estimator is the sequence-level score function (unbiased for the sequence KL's gradient);
+- selm        DPO + SELM's optimism bonus alpha * beta * log pi(y_ref)         (arXiv 2405.19332)
+- xpo         DPO (sigmoid or ipo) + XPO's exploration term alpha * log pi(y_r) (arXiv 2405.21046, TRL semantics)
+- online_ipo  IPO against a soft preference probability p = P(y > y')           (arXiv 2403.08635); tau on
+              whole-response log-ratios (the paper's h), or per token with average_log_prob=True (what `ipo`,
+              TRL's DPOTrainer, takes)
+- nash_md     Nash-MD policy-gradient loss beta * KL term - (p - 1/2) log pi(y)  (arXiv 2403.08635); its KL
+              term's default estimator is the sequence-level score function (unbiased for the sequence KL's gradient);
               TRL's Nash-MD trainer's per-token one is kl_estimator="token"
-- hypo_kl     HyPO's online reverse-KL term, REINFORCE with a leave-one-out baseline (section 5, [UNVERIFIED])
+- hypo_kl     HyPO's online reverse-KL term, REINFORCE with a leave-one-out baseline
+              (arXiv 2406.01462, [UNVERIFIED])
 - hypo        DPO on offline pairs + kl_coef * hypo_kl on online samples
 Per-token inputs, where an option needs them, are [B, T] (or [P, k, T]) with a `*token_mask` of the same shape.
 """
@@ -53,8 +54,8 @@ def selm(
     """SELM: -logsigmoid(beta (h_c - h_r)) + alpha * beta * (log pi(y_ref) - sg log pi_ref(y_ref)).
 
     policy_sample_logps [B]: log pi_theta of the response y_ref sampled (greedily) from the reference model.
-    ref_sample_logps [B] (optional, no gradient) is subtracted as in the authors' reference form (ALGORITHMS.md
-    section 3); it changes the value, not the gradient. alpha * beta follows the paper's eq. 4.2 (Algorithm 1 omits
+    ref_sample_logps [B] (optional, no gradient) is subtracted as in the authors' reference form (docs/methods/
+    selm.md); it changes the value, not the gradient. alpha * beta follows the paper's eq. 4.2 (Algorithm 1 omits
     beta).
     """
     chosen_logratios, rejected_logratios = _dpo_pair(

@@ -34,7 +34,7 @@ def srpo(
     **context_logps,
 ):
     """Community-form SRPO loss per pair (see the module docstring). srpo_alpha = 0.8 is the community form's value
-    (ALGORITHMS.md section 7) [UNVERIFIED against the paper]; srpo_variant has one value, "community", kept so
+    (docs/methods/srpo.md) [UNVERIFIED against the paper]; srpo_variant has one value, "community", kept so
     results can be labelled. The loss matches the community code (frasermince/trl @ 295b8e8, `srpo_loss`); its
     rewards/* metrics are the unscaled log-ratios, here beta * log-ratio as in TRL's DPO (a deliberate difference).
     """

@@ -1,5 +1,5 @@
 """COFS-DPO: OFS-DPO domain after domain, the best fast adapter of each kept, combined exactly, and the forgetting
-report (ALGORITHMS.md section 1).
+report (docs/methods/ofs-dpo.md).
 
     prefuse train --loss_type ofs_dpo --use_peft --eval_fraction 0.2 --domains a.jsonl b.jsonl --output_dir out
 

@@ -1,6 +1,6 @@
 """Per-token statistics of the head's distribution, for monitoring (no gradient), from one chunked pass.
 
-The top-k indicators follow ALGORITHMS.md section 11 (k, renormalization and aggregation are the project's
+The top-k indicators follow docs/methods/monitor.md (k, renormalization and aggregation are the project's
 choices there, marked unverified against the paper): with p = softmax(z) and S the k most probable tokens,
 topk_mass = sum_S p, topk_entropy = entropy of p restricted to S and renormalized, topk_entropy_unnormalized =
 -sum_S p log p.

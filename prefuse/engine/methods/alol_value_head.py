@@ -5,13 +5,13 @@
     fit.losses                                              # the value split's MSE after each epoch
     values = predict_values(fit.head, encoder, prompts)     # V(x) [P], one per prompt
 
-ALGORITHMS.md section 8: a learnable query vector attends over the prompt's last-layer states (MultiheadAttention,
-8 heads), a linear layer gives one number, and sigmoid * max_value bounds it. Here the bound is the rewards' range,
-V = low + (high - low) * sigmoid(.), which is the authors' sigmoid * max_value when low = 0 (rewards in [0, 1]); a
-run whose rewards go below 0 gets a low below 0 instead of a V that cannot fit them. The head is trained with MSE
-on (prompt, reward) rows of a split of the data that training does not see, AdamW, and the epoch of the lowest
-MSE on that split is kept. The reference is the separate reference model, the policy with its LoRA adapters
-disabled, or, before the first update, the policy itself (it still is pi_ref then).
+The authors' ValueHeadAttention (docs/methods/alol.md): a learnable query vector attends over the prompt's
+last-layer states (MultiheadAttention, 8 heads), a linear layer gives one number, and sigmoid * max_value bounds it.
+Here the bound is the rewards' range, V = low + (high - low) * sigmoid(.), which is the authors' sigmoid * max_value
+when low = 0 (rewards in [0, 1]); a run whose rewards go below 0 gets a low below 0 instead of a V that cannot fit
+them. The head is trained with MSE on (prompt, reward) rows of a split of the data that training does not see,
+AdamW, and the epoch of the lowest MSE on that split is kept. The reference is the separate reference model, the
+policy with its LoRA adapters disabled, or, before the first update, the policy itself (it still is pi_ref then).
 
     texts, rewards = reference_samples(cfg, models, tokenizer, judge, prompts, pad_id)  # the authors' targets
 

@@ -1,4 +1,4 @@
-"""The over-optimisation monitor (ALGORITHMS.md section 11): the top-k entropy and top-k mass of the policy's
+"""The over-optimisation monitor (docs/methods/monitor.md): the top-k entropy and top-k mass of the policy's
 distribution on held-out prompts, an EMA of them, and the turning-point rule that flags over-optimisation.
 
     monitor = build_monitor(cfg, models, eval_data, out, pad_id)   # None unless --monitor_steps N > 0
@@ -13,7 +13,7 @@ Every `monitor_steps` optimizer steps, on a fixed set of `monitor_samples` held-
    positions that produced a response token: top-k mass, top-k entropy (renormalized over the top k), the
    unnormalized variant and the full entropy; the mean over a response's positions, then over the prompts; and
    the top-k mass and entropy of each `--monitor_extra_top_k` k (`monitor/topk_entropy@5`, ...), from the same
-   chunks of logits (section 11 asks for k in {5, 20, 50} besides 10; the rule reads `--monitor_top_k`'s);
+   chunks of logits (the paper's study asks for k in {5, 20, 50} besides 10; the rule reads `--monitor_top_k`'s);
 3. the same under teacher forcing on the prompts' held-out chosen responses, when the data has them
    (`monitor/chosen/...`);
 4. an EMA of each indicator, `ema = decay * ema + (1 - decay) * value` (`--monitor_ema` is the decay; the first
@@ -21,16 +21,16 @@ Every `monitor_steps` optimizer steps, on a fixed set of `monitor_samples` held-
    DPO / IPO-style objectives, the top-k mass for the hinge (SLiC), or `--monitor_indicator`; a fall is a drop
    of the EMA by more than `--monitor_min_delta` (default 0: any drop).
 
-k, the renormalization, the tokens and the aggregation are the project's choices (section 11(f): unverified
-against the paper). With `--early_stopping` the run stops when the rule fires; with it or `--monitor_keep_best`, a
-full checkpoint (the loop's writer, so it also resumes) is saved as `output_dir/best/` whenever the EMA reaches a
-new peak, so `best/` is the checkpoint at the turning point. It is written complete under `.best-staging/` and
-then renamed into place (`checkpoint.files.move_into_place`): a crash leaves the old `best/` or the new one, never
-a partial one (between the two renames of a replacement, the new one waits complete in `.best-staging/`, and the
-next run's monitor moves it into place). The monitor's state (EMAs, peak, fall count, history, whether it stopped
-the run) is part of the trainer state, so a resumed run goes on with it, and resuming a run the monitor stopped
-(under `--early_stopping`) trains nothing: the loop says so in one line and returns. `monitor.png` plots the
-history.
+k, the renormalization, the tokens and the aggregation are the project's choices (unverified against the paper;
+docs/methods/monitor.md). With `--early_stopping` the run stops when the rule fires; with it or
+`--monitor_keep_best`, a full checkpoint (the loop's writer, so it also resumes) is saved as `output_dir/best/`
+whenever the EMA reaches a new peak, so `best/` is the checkpoint at the turning point. It is written complete under
+`.best-staging/` and then renamed into place (`checkpoint.files.move_into_place`): a crash leaves the old `best/` or
+the new one, never a partial one (between the two renames of a replacement, the new one waits complete in
+`.best-staging/`, and the next run's monitor moves it into place). The monitor's state (EMAs, peak, fall count,
+history, whether it stopped the run) is part of the trainer state, so a resumed run goes on with it, and resuming a
+run the monitor stopped (under `--early_stopping`) trains nothing: the loop says so in one line and returns.
+`monitor.png` plots the history.
 """
 from __future__ import annotations
 

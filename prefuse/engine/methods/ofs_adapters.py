@@ -2,7 +2,7 @@
 
     step = FastSlowStep(models, loss_fn, needs, interval=50, swap_mode="roles")
     loss, metrics = step(batch)                    # F-role adapter -> PreferenceLoss, S-role adapter -> slow_*_logps
-    events = step.after_update(k, metrics, opt)    # every `interval` steps: the swap criterion of ALGORITHMS.md 1
+    events = step.after_update(k, metrics, opt)    # every `interval` steps: the swap (docs/methods/ofs-dpo.md)
 
 The adapters: peft's "default" adapter trains at the learning rate (the fast module), "slow" at
 learning_rate * ofs_slow_lr_ratio; both start identical (one LoRA initialisation copied). Each is a parameter group
@@ -11,7 +11,7 @@ gradient is clipped on its own. The *roles* of the objective (`ofs_dpo`: the F r
 loss with the chasing term) start with F = the fast adapter. Every `interval` steps the two roles' mean DPO losses
 over those steps are compared; when the S role's is lower the roles swap:
     swap_mode "roles":  the F role moves to the other adapter; each adapter keeps its weights, optimizer state and
-                        learning rate (the reading of the third-party port, ALGORITHMS.md section 1);
+                        learning rate (the reading of the third-party port, docs/methods/ofs-dpo.md);
     swap_mode "params": the two adapters exchange their weights and optimizer states, so the F role stays on the
                         fast (high learning rate) adapter.
 [UNVERIFIED] a reconstruction, as the objective itself (prefuse/algorithms/ofs.py).

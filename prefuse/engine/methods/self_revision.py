@@ -5,7 +5,7 @@ the revision template (`engine/methods/srpo.py`) from the prompt and the previou
     result = evaluate_revisions(model, tokenizer, prompts, judge, opponents, revisions=5)
     result["win_rates"]                                 # [6]: the judge's win rate of stage n against the opponents
 
-y^(0) ~ pi(. | x), then y^(n) ~ pi(. | revision prompt(x, y^(n-1))) for n = 1..N (ALGORITHMS.md section 7).
+y^(0) ~ pi(. | x), then y^(n) ~ pi(. | revision prompt(x, y^(n-1))) for n = 1..N (docs/methods/srpo.md).
 Sampling is transformers' `generate` through `engine/online/rollout.py` (batched, left-padded, without gradient, in eval
 mode): greedy at temperature 0, else sampled with temperature and top_p under a seed per stage and batch, so the
 same seed gives the same stages. An answer is the generated text up to its first EOS, decoded without special

@@ -446,7 +446,7 @@ class OnlineSource:
                      {"online": torch.arange(n * k).view(n, k)}, {}, torch.tensor(indices, dtype=torch.long),
                      self._sample_metrics(samples), vision=self._vision(examples, per_example=k))
 
-    # -- Mixed-DPO and Avg-DPO (ALGORITHMS.md section 2, eqs. 4-5) -------------------------------------------------
+    # -- Mixed-DPO and Avg-DPO (arXiv 2407.02477, eqs. 4-5; docs/methods/mixed-avg-dpo.md) ------------------------
     def _mixed(self, examples, indices, seed):
         """Each example's drawn pair, two rows: the offline (y+, y-) where a = 1, else the judged pair of its
         policy samples (sampled, with the batch's seed, only for those examples: at p = 0 exactly the samples of

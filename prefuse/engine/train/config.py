@@ -147,7 +147,7 @@ class TrainConfig:
     init_adapters: str | None = None    # a checkpoint of a LoRA run whose adapters start this one (fresh optimizer)
     report_to: str = "auto"             # "auto": TensorBoard when installed; "none"; "tensorboard"
     device: str = "auto"
-    # the over-optimisation monitor (engine/methods/monitor.py, ALGORITHMS.md section 11)
+    # the over-optimisation monitor (engine/methods/monitor.py, docs/methods/monitor.md)
     monitor_steps: int = field(default=0, metadata={"help": "every N steps: top-k entropy and mass of the policy's "
                                                             "samples on held-out prompts (0: no monitor)"})
     monitor_prompts: str | None = field(default=None, metadata={"help": "the monitor's prompts (default: the eval "

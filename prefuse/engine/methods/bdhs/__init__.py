@@ -1,5 +1,5 @@
 """BDHS, Bias-Driven Hallucination Sampling (Algorithm 1 of "Understanding Alignment in Multimodal LLMs", Apple,
-arXiv 2407.02477; ALGORITHMS.md section 2): a rejected response y~- written by the policy itself with the image
+arXiv 2407.02477; docs/methods/bdhs.md): a rejected response y~- written by the policy itself with the image
 hidden from its attention, guided by the ground truth y+ so that it differs from y+ only where the language prior
 takes over.
 

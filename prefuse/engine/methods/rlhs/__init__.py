@@ -1,4 +1,4 @@
-"""RLHS, hindsight simulation (ALGORITHMS.md section 9): preference labels from a toy consultancy environment, given
+"""RLHS, hindsight simulation (docs/methods/rlhs.md): preference labels from a toy consultancy environment, given
 by an evaluator right after the dialogue (immediate feedback, foresight) or after seeing its outcome (hindsight).
 
     environment.py   scenarios (options with prices and hidden features, a customer's need and budget), the texts

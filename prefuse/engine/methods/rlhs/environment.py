@@ -1,4 +1,4 @@
-"""The toy consultancy environment of RLHS (ALGORITHMS.md section 9): scenarios, the texts every party reads, and
+"""The toy consultancy environment of RLHS (docs/methods/rlhs.md): scenarios, the texts every party reads, and
 the true utility.
 
 A scenario is a shop of one of DOMAINS with three options A, B, C. Each option has a price and hidden features (the
