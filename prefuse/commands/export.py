@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["export"]
+__all__ = ["export", "add_arguments", "run"]
 
 
 def export(checkpoint: str, output: str, *, merge_lora: bool = False,
@@ -47,3 +47,30 @@ def export(checkpoint: str, output: str, *, merge_lora: bool = False,
     if models.tokenizer is not None:
         models.tokenizer.save_pretrained(str(out))
     return out
+
+
+NAME = "export"
+HELP = "a checkpoint as a plain save_pretrained directory (LoRA merged optionally)"
+DESCRIPTION = ("Rebuilds the run's model (its train_config.json beside the checkpoints), loads the checkpoint's "
+               "weights (full, LoRA adapters, or an FSDP2 run's distributed checkpoint) and saves it with its "
+               "tokenizer for from_pretrained.")
+
+
+def add_arguments(parser) -> None:
+    from prefuse.commands.models import add_gguf_file
+
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint-<step> directory of prefuse train")
+    parser.add_argument("--output", required=True, help="where the model directory goes")
+    parser.add_argument("--merge_lora", action="store_true", help="merge LoRA adapters into the base weights")
+    parser.add_argument("--model_name_or_path", default=None, help="the base model (default: the run's)")
+    add_gguf_file(parser)
+
+
+def run(args) -> int:
+    """`prefuse export`: the command's flags -> export()."""
+    from prefuse.commands.models import plain_models
+
+    plain_models(args)
+    path = export(args.checkpoint, args.output, merge_lora=args.merge_lora, model_name_or_path=args.model_name_or_path)
+    print(f"model written to {path}")
+    return 0

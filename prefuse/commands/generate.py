@@ -154,3 +154,28 @@ def generate(cfg: GenerateConfig) -> dict:
         print(f"win rate against {cfg.opponent_column!r} by revision: "
               + ", ".join(f"{n}: {rate:.3f}" for n, rate in enumerate(rates)))
     return {"stages": stages, "win_rates": rates}
+
+
+NAME = "generate"
+HELP = "answers of a local model, then N self-revisions of them (SRPO)"
+DESCRIPTION = ("prompt -> answer -> revised answer, --revisions times, each revision prompt made by the revision "
+               "template from the prompt and the previous answer. Writes every stage's prompt and answer per prompt "
+               "to --output (JSON lines); with --judge (or --reward_model_path) and --opponent_column, the win rate "
+               "of each stage.")
+
+
+def add_arguments(parser) -> None:
+    from prefuse.commands.flags import config_flags
+    from prefuse.commands.models import add_gguf_file
+
+    config_flags(parser, GenerateConfig)
+    add_gguf_file(parser)
+
+
+def run(args) -> int:
+    """`prefuse generate`: the command's flags -> GenerateConfig -> generate()."""
+    from prefuse.commands.models import plain_models, settings
+
+    plain_models(args)
+    generate(GenerateConfig(**settings(args)))
+    return 0

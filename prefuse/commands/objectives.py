@@ -69,3 +69,29 @@ def format_objectives(names: list[str] | None = None) -> str:
         lines += wrapped("hparams", ", ".join(["beta"] + [f"{k}={v!r}" for k, v in sorted(d["hparams"].items())]))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+NAME = "objectives"
+HELP = "every objective: its roles and inputs, the data columns that feed it offline, its hyper-parameters"
+DESCRIPTION = ("Lists the registered objectives. Roles are the sequences an objective scores (chosen, rejected, "
+               "sample, completion, kl, ...); `data` says which dataset columns give them to `prefuse train`, or "
+               "which flag will run an objective that offline data cannot feed.")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("names", nargs="*", help="only these objectives")
+    parser.add_argument("--json", action="store_true", help="one JSON object per objective")
+
+
+def run(args) -> int:
+    """`prefuse objectives [NAMES] [--json]` (and `prefuse train --list_objectives`); an unknown name is a
+    ValueError."""
+    import json
+
+    names = [describe(n)["name"] for n in args.names] or None
+    if args.json:
+        for name in names or list_objectives():
+            print(json.dumps(describe(name)))
+    else:
+        print(format_objectives(names))
+    return 0
