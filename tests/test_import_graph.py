@@ -11,6 +11,7 @@ LAYERS = [
     ("prefuse.kernels",),
     ("prefuse.algorithms",),
     ("prefuse.heads", "prefuse.preference", "prefuse.preference_parallel"),
+    ("prefuse.engine.core.checks",),  # settings' one-line errors: no prefuse import, used by every settings section
     ("prefuse.engine.data", "prefuse.engine.checkpoint", "prefuse.engine.models"),
     ("prefuse.engine.core", "prefuse.engine.judges"),
     ("prefuse.engine.online", "prefuse.engine.methods"),

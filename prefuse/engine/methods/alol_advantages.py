@@ -36,9 +36,6 @@ import torch
 from prefuse.engine.data import DataError, TokenizedData
 from prefuse.engine.data.order import PriorityBatches
 
-ADVANTAGE_MODES = ("auto", "column", "mean", "value_head")
-SAMPLING_STRATEGIES = ("random", "good_priority")
-VALUE_TARGETS = ("data", "reference_samples")
 JUDGE_FLAGS = ("reward_funcs", "reward_model_path", "judge")
 REWARD_COLUMNS = ("reward", "score_chosen", "score_rejected")
 NO_REWARD_HINT = ("or score the responses with a judge: --reward_funcs file.py:name or --reward_model_path DIR")
@@ -53,48 +50,6 @@ def reads_rewards(needs) -> bool:
 
 def judges_of(cfg) -> list[str]:
     return [name for name in JUDGE_FLAGS if getattr(cfg, name)]
-
-
-def check_settings(cfg, needs) -> None:
-    """The A-LoL settings of a TrainConfig and, offline, its judge flags: one-line errors naming the field."""
-    from prefuse.engine.core.checks import check_field
-
-    check_field(cfg.advantages in ADVANTAGE_MODES, "advantages",
-                f"{cfg.advantages!r} is not one of {', '.join(ADVANTAGE_MODES)}")
-    check_field(cfg.sampling_strategy in SAMPLING_STRATEGIES, "sampling_strategy",
-                f"{cfg.sampling_strategy!r} is not one of {', '.join(SAMPLING_STRATEGIES)}")
-    check_field(cfg.value_head_epochs >= 1, "value_head_epochs", f"must be at least 1, got {cfg.value_head_epochs}")
-    check_field(cfg.value_head_lr > 0, "value_head_lr", f"must be positive, got {cfg.value_head_lr}")
-    check_field(0 < cfg.value_fraction < 1, "value_fraction", f"must be in (0, 1), got {cfg.value_fraction}")
-    check_field(cfg.value_targets in VALUE_TARGETS, "value_targets",
-                f"{cfg.value_targets!r} is not one of {', '.join(VALUE_TARGETS)}")
-    check_field(cfg.value_samples >= 1, "value_samples", f"must be at least 1, got {cfg.value_samples}")
-    if cfg.value_targets == "reference_samples":
-        check_field(cfg.advantages == "value_head", "value_targets",
-                    "reference_samples are the value head's targets: add --advantages value_head")
-        if not judges_of(cfg):
-            raise ValueError(NO_SAMPLE_JUDGE)
-        check_field(cfg.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {cfg.max_new_tokens}")
-        check_field(cfg.temperature >= 0, "temperature", f"must be >= 0, got {cfg.temperature}")
-        check_field(0 < cfg.top_p <= 1, "top_p", f"must be in (0, 1], got {cfg.top_p}")
-    flag = "advantages" if cfg.advantages != "auto" else "sampling_strategy"
-    used = cfg.advantages != "auto" or cfg.sampling_strategy != "random"
-    if cfg.online:
-        check_field(not used, flag, "A-LoL's advantages and sampling weigh offline examples; drop it with --online")
-        return
-    judges = judges_of(cfg)
-    check_field(not judges or reads_rewards(needs), judges[0] if judges else "judge",
-                f"a judge scores the samples of online runs (add --online), or the responses of offline data for "
-                f"objectives that read rewards or advantages (wbc, r_lol, r_gold, alol*); {cfg.loss_type} read "
-                f"neither")
-    check_field(len(judges) <= 1, judges[-1] if judges else "judge",
-                f"give one judge of the rewards, got {' and '.join('--' + j for j in judges)}")
-    check_field(cfg.reward_weights is None or bool(cfg.reward_funcs), "reward_weights", "needs --reward_funcs")
-    check_field(not cfg.reward_model_path or Path(cfg.reward_model_path).is_dir(), "reward_model_path",
-                f"no such model directory: {cfg.reward_model_path}")
-    check_field(not used or reads_rewards(needs), flag,
-                f"--{flag} {getattr(cfg, flag)} weighs examples by A-LoL's advantages; {cfg.loss_type} read neither "
-                f"advantages nor rewards (use wbc, r_lol, r_gold, alol, alol_seq, alol_kl or alol_ref_free)")
 
 
 def required_columns(cfg, needs, kind: str, source: str, hint: str) -> tuple[tuple[str, ...], str]:

@@ -46,66 +46,18 @@ from typing import Callable
 import torch
 
 from prefuse.engine.checkpoint import files as checkpoint_files
-from prefuse.engine.core.checks import check_field
 from prefuse.engine.data import collate_sequences
 from prefuse.engine.models.loading import Models, decoder_hidden_states, eval_mode
+from prefuse.engine.methods.monitor_settings import INDICATORS, MAX_TOP_K, extra_top_ks  # noqa: F401
 from prefuse.engine.online.rollout import RolloutConfig, sample_policy
 from prefuse.heads import Head, head_of
 from prefuse.kernels.stats import linear_token_stats
 
-INDICATORS = {"entropy": "topk_entropy", "mass": "topk_mass"}
 # what is logged of each evaluation (monitor/<name>, and monitor/chosen/<name> under teacher forcing)
 STATISTICS = ("topk_entropy", "topk_mass", "topk_entropy_unnormalized", "entropy")
 MASS_OBJECTIVES = ("hinge",)  # SLiC: the paper reads its top-k mass; every other objective its top-k entropy
-# the fused statistics kernel keeps a running top-64 (kernels/triton_ops.py MAX_TOP_K): larger k fail on the GPU
-MAX_TOP_K = 64
 BEST = "best"
 STAGING = ".best-staging"
-
-
-def check_monitor_settings(cfg) -> None:
-    """The monitor's flags of a TrainConfig: one-line errors naming the flag."""
-    on = cfg.monitor_steps > 0
-    check_field(cfg.monitor_steps >= 0, "monitor_steps", f"must be >= 0 (0: no monitor), got {cfg.monitor_steps}")
-    for name in ("early_stopping", "monitor_keep_best", "monitor_prompts"):
-        check_field(on or not getattr(cfg, name), name, "needs --monitor_steps N > 0 (how often the monitor "
-                                                         "evaluates)")
-    check_field(cfg.monitor_samples >= 1, "monitor_samples", f"must be at least 1, got {cfg.monitor_samples}")
-    check_field(cfg.monitor_top_k >= 1, "monitor_top_k", f"must be at least 1, got {cfg.monitor_top_k}")
-    check_field(cfg.monitor_top_k <= MAX_TOP_K, "monitor_top_k",
-                f"must be at most {MAX_TOP_K} (the fused statistics kernel's top-k), got {cfg.monitor_top_k}")
-    cfg.monitor_extra_top_k = extra_top_ks(cfg.monitor_extra_top_k)  # "none" / [] -> [], numbers as text -> ints
-    check_field(math.isfinite(cfg.monitor_min_delta) and cfg.monitor_min_delta >= 0, "monitor_min_delta",
-                f"must be >= 0 (a fall is a drop of the EMA by more than this), got {cfg.monitor_min_delta}")
-    check_field(0 <= cfg.monitor_ema < 1, "monitor_ema",
-                f"must be in [0, 1) (the EMA's decay; 0: no smoothing), got {cfg.monitor_ema}")
-    check_field(cfg.monitor_patience >= 1, "monitor_patience", f"must be at least 1, got {cfg.monitor_patience}")
-    check_field(cfg.monitor_max_new_tokens >= 1, "monitor_max_new_tokens",
-                f"must be at least 1, got {cfg.monitor_max_new_tokens}")
-    check_field(cfg.monitor_indicator in (None, *INDICATORS), "monitor_indicator",
-                f"{cfg.monitor_indicator!r} is not entropy or mass (default: by the objective)")
-    if cfg.monitor_prompts:
-        check_field(Path(cfg.monitor_prompts).is_file(), "monitor_prompts",
-                    f"no such file: {cfg.monitor_prompts}")
-    check_field(not on or bool(cfg.monitor_prompts) or bool(cfg.eval_split or cfg.eval_fraction), "monitor_steps",
-                "needs held-out prompts: set --monitor_prompts FILE, or --eval_split / --eval_fraction")
-
-
-def extra_top_ks(value) -> list[int]:
-    """--monitor_extra_top_k as distinct ints, smallest first: a list of whole numbers (text from the command
-    line), one number, or none / an empty list (off). ValueError `monitor_extra_top_k: ...`."""
-    items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-    if [str(item).strip().lower() for item in items] == ["none"]:
-        return []
-    ks = []
-    for item in items:
-        text = str(item).strip()
-        whole = not isinstance(item, (bool, float)) and text.isascii() and text.isdigit()
-        check_field(whole, "monitor_extra_top_k", f"expected whole numbers (or none), got {item!r}")
-        check_field(1 <= int(text) <= MAX_TOP_K, "monitor_extra_top_k",
-                    f"each k must be in [1, {MAX_TOP_K}] (the fused statistics kernel's top-k), got {text}")
-        ks.append(int(text))
-    return sorted(set(ks))
 
 
 def indicator_for(loss_types, objective_args: dict | None = None) -> str:

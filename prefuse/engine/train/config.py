@@ -4,171 +4,52 @@
     cfg = TrainConfig.from_dict(yaml.safe_load(open("run.yaml")))   # the same keys as the command-line flags
     cfg.validate()                                                  # ValueError: one line naming the field
 
+The settings come in sections, one dataclass per concern, each defined beside the code that reads it and checking
+its own fields (`check()`); each field's metadata holds its --help text. TrainConfig inherits them all, so its
+fields stay flat (`cfg.max_length`, `--max_length`, a YAML key, a key of train_config.json) and in SECTIONS' order.
+TrainConfig's own `check()` holds the rules where a setting of one section constrains another's (CROSS_SECTION),
+each a named function below.
+
 Objective hyper-parameters (`simpo_gamma`, `label_smoothing`, `desirable_weight`, ...) go in `objective_args`; the
 CLI also takes each as its own flag.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefuse.algorithms import get_objective
-from prefuse.algorithms.registry import OBJECTIVES
-from prefuse.engine.core.objectives import objective_needs
 from prefuse.engine.core.checks import check_field
+from prefuse.engine.core.objectives import objective_needs
+from prefuse.engine.core.settings import ObjectiveSettings, objective_hparam_names
+from prefuse.engine.data.settings import DataSettings, check_held_out
+from prefuse.engine.methods.alol_advantages import NO_SAMPLE_JUDGE, judges_of, reads_rewards
+from prefuse.engine.methods.alol_settings import ALoLSettings
+from prefuse.engine.methods.bdhs.settings import BDHSSettings
+from prefuse.engine.methods.monitor_settings import MonitorSettings
+from prefuse.engine.methods.ofs_settings import OFSSettings
+from prefuse.engine.methods.srpo_settings import RevisionSettings
+from prefuse.engine.models.settings import TORCH_DTYPES, ModelSettings, check_precision_and_lora
+from prefuse.engine.online.methods import JUDGELESS, online_method
+from prefuse.engine.online.settings import OnlineSettings, VLLMSettings
+from prefuse.engine.train.settings import (SCHEDULERS, OptimisationSettings, RunSettings, check_logging_and_saving,
+                                           check_optimisation, check_resume)
 
-TORCH_DTYPES = ("float32", "bfloat16", "float16", "auto")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+__all__ = ["TrainConfig", "SECTIONS", "CROSS_SECTION", "TORCH_DTYPES", "SCHEDULERS", "objective_hparam_names",
+           "check_training_settings", "check_held_out_and_resume"]
 
-
-def objective_hparam_names() -> list[str]:
-    """Every hyper-parameter some registered objective accepts (the CLI offers each as a flag)."""
-    return sorted(set().union(*(spec.hparams for spec in OBJECTIVES.values())) - {"loss_type"})
+# the sections, in the order of their fields (the flags, --help, train_config.json)
+SECTIONS = (ModelSettings, DataSettings, ObjectiveSettings, RevisionSettings, OFSSettings, ALoLSettings,
+            OptimisationSettings, OnlineSettings, BDHSSettings, VLLMSettings, RunSettings, MonitorSettings)
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model_name_or_path: str = ""
-    ref_model_name_or_path: str | None = None
-    gguf_file: str | None = None  # model_name_or_path is the directory of this GGUF file (engine/models/gguf.py)
-    torch_dtype: str = "float32"
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None
-    train_vision: str = field(default="none", metadata={"help": "a vision-language model: none (the vision tower "
-                              "and projector frozen; LoRA on the language model only), projector, or all (projector "
-                              "and vision tower train too)"})
-    # data
-    dataset_name: str = ""
-    eval_split: str | None = None       # a split of a saved dataset folder, or a file of its own
-    eval_fraction: float = 0.0          # or hold out this fraction of the training examples
-    max_length: int | None = 1024
-    max_prompt_length: int | None = 512
-    truncation: bool = True
-    skip_bad_rows: bool = False
-    # objective
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
-    beta: float | None = field(default=None, metadata={
-        "help": "the objective's KL strength (default: the objective's own, from its paper or TRL 1.16: 0.1 for the "
-                "DPO family, grpo 0.0, rloo 0.05, selm 0.01; `prefuse objectives` lists them)"})
-    objective_args: dict[str, Any] = field(default_factory=dict)
-    precompute_ref_log_probs: bool = False
-    revision_template: str | None = None   # SRPO: a file, or a string with {prompt} and {previous} (revision.py)
-    # OFS-DPO's two adapters (engine/methods/ofs_adapters.py) and COFS-DPO's domains (commands/cofs.py)
-    ofs_slow_lr_ratio: float = 0.1      # the slow adapter's learning rate = learning_rate * this
-    ofs_chasing_interval: int = 50      # steps between two checks of the role-swap criterion
-    ofs_swap_mode: str = "roles"        # "roles" (the F role moves) or "params" (the adapters' weights swap)
-    domains: list[str] | None = None    # COFS-DPO: preference files trained on one after another
-    domain_weights: list[float] | None = None   # lambda_k of the combined fast adapters (default: uniform)
-    # A-LoL's advantages and sampling (engine/methods/alol_advantages.py, engine/methods/alol_value_head.py)
-    advantages: str = field(default="auto", metadata={"help": "A-LoL's advantages: auto (the advantage column, else "
-                            "reward minus the mean reward), column, mean, or value_head (reward minus V_ref(x))"})
-    value_head_epochs: int = field(default=10, metadata={"help": "--advantages value_head: epochs of its fit"})
-    value_head_lr: float = field(default=1e-5, metadata={"help": "--advantages value_head: its AdamW learning rate"})
-    value_fraction: float = field(default=0.1, metadata={"help": "--advantages value_head: the fraction of the "
-                                  "training prompts held out to fit V (training does not see them)"})
-    value_targets: str = field(default="data", metadata={"help": "--advantages value_head: V's targets, the data's "
-                               "rewards of the value split's responses (data), or the judge's rewards of "
-                               "--value_samples samples of the reference per value prompt (reference_samples)"})
-    value_samples: int = field(default=1, metadata={"help": "--value_targets reference_samples: samples of the "
-                               "reference per value prompt (--max_new_tokens, --temperature, --top_p)"})
-    sampling_strategy: str = field(default="random", metadata={"help": "random (shuffled epochs), or good_priority "
-                                   "(draw examples with probability proportional to their positive advantage)"})
-    # optimization
-    learning_rate: float = 1e-6
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    bf16: bool = False
-    seed: int = 42
-    fsdp: str = field(default="", metadata={"help": "under torchrun: shard the policy with FSDP2 (full_shard: "
-                      "fully_shard per decoder layer and at the root; --fsdp alone means full_shard); empty: DDP"})
-    # online: generate -> judge -> update (dataset_name gives the prompts)
-    online: bool = False
-    reward_funcs: list[str] | None = None        # "file.py:name" reward functions (TRL's signature), summed
-    reward_weights: list[float] | None = None
-    reward_model_path: str | None = None         # a Bradley-Terry reward model directory (prefuse train-rm)
-    judge: str | None = None                     # a pairwise preference model directory: P(y > y')
-    max_new_tokens: int = 64
-    num_generations: int = 4                     # samples per prompt of grpo / rloo (pair methods draw 2)
-    temperature: float | None = field(default=None, metadata={
-        "help": "online: sampling temperature, 0: greedy (default: the objective's own, TRL 1.16's or its paper's: "
-                "0.9 for online DPO and its family, 1.0 for grpo, rloo, nash_md, online_ipo, hypo); where the "
-                "objective's estimator reads it, the loss's log-probs are taken at it too (`prefuse objectives`)"})
-    top_p: float = 1.0
-    missing_eos_penalty: float | None = None
-    mixture_coef: float = 0.5                    # the geometric mixture of policy and reference (Nash-MD, IPO-MD)
-    online_sampler: str = "policy"               # "policy" or "mixture" (IPO-MD: both samples from the mixture)
-    pair_samples: int = 2                        # judged pairs: 2 (online DPO), n > 2: best vs worst (iterative DPO)
-    iterations: int = 1                          # > 1: the reference becomes the previous iterate each iteration
-    iteration_slices: bool = False               # each iteration its own slice of the prompts (SELM, RLHF Workflow)
-    iteration_reference: str | None = field(default=None, metadata={
-        "help": "online iterations: the reference, previous (iterate) or initial (the starting, SFT model "
-                "throughout); (default: the objective's, previous for selm, initial otherwise as RLHF Workflow)"})
-    iteration_sampling: str = field(default="per_batch", metadata={
-        "help": "online iterations: per_batch (fresh samples of the current policy at every batch) or once (the "
-                "authors' loop: at each iteration's start, its prompts' samples from pi_t, judged once and trained "
-                "on for the iteration; judged pairs and selm)"})
-    use_vllm: bool = False                       # the policy's samples from vLLM on the same GPU (CUDA, optional)
-    avg_rejected: str = field(default="policy", metadata={"help": "online avg_dpo: where y~- comes from, policy (a "
-                              "policy sample per prompt) or bdhs (online BDHS from the current policy, "
-                              "prefuse.engine.methods.bdhs; --rho_th, --epsilon_s, --n_bdhs, --embedder as prefuse bdhs)"})
-    rho_th: float = field(default=0.99, metadata={"help": "--avg_rejected bdhs: a masked token stays visible iff "
-                          "rho ~ U(0,1) >= rho_th"})
-    epsilon_s: float = field(default=0.97, metadata={"help": "--avg_rejected bdhs: accept y~- below this cosine "
-                             "similarity to y+"})
-    n_bdhs: int = field(default=5, metadata={"help": "--avg_rejected bdhs: attempts at most (the last unguided)"})
-    embedder: str = field(default="all-MiniLM-L6-v2", metadata={"help": "--avg_rejected bdhs: the sentence "
-                          "embedder (packaged all-MiniLM-L6-v2, a local sentence-transformers directory, lexical)"})
-    vllm_gpu_memory_utilization: float = 0.3
-    # run
-    output_dir: str = ""
-    logging_steps: int = 10
-    save_steps: int = 500               # 0: no periodic checkpoints
-    save_total_limit: int | None = None
-    eval_steps: int | None = None       # default: logging_steps, when there is an eval set
-    resume_from_checkpoint: str | None = None   # "latest" or a checkpoint directory
-    init_adapters: str | None = None    # a checkpoint of a LoRA run whose adapters start this one (fresh optimizer)
-    report_to: str = "auto"             # "auto": TensorBoard when installed; "none"; "tensorboard"
-    device: str = "auto"
-    # the over-optimisation monitor (engine/methods/monitor.py, docs/methods/monitor.md)
-    monitor_steps: int = field(default=0, metadata={"help": "every N steps: top-k entropy and mass of the policy's "
-                                                            "samples on held-out prompts (0: no monitor)"})
-    monitor_prompts: str | None = field(default=None, metadata={"help": "the monitor's prompts (default: the eval "
-                                                                        "split's); chosen responses too if it has"})
-    monitor_samples: int = field(default=16, metadata={"help": "how many held-out prompts the monitor reads"})
-    monitor_top_k: int = field(default=10, metadata={"help": "k of the top-k indicators"})
-    monitor_extra_top_k: list[int] | None = field(
-        default_factory=lambda: [5, 20, 50],
-        metadata={"help": "further k whose top-k entropy and mass are logged too (monitor/topk_entropy@k); none: off"})
-    monitor_ema: float = field(default=0.5, metadata={"help": "decay of the indicators' EMA (0: none)"})
-    monitor_patience: int = field(default=3, metadata={"help": "falls of the EMA in a row after its peak that flag "
-                                                               "over-optimisation"})
-    monitor_min_delta: float = field(default=0.0, metadata={"help": "a fall counts only when the EMA drops by more "
-                                                                    "than this"})
-    monitor_indicator: str | None = field(default=None, metadata={"help": "entropy or mass (default: mass for "
-                                                                          "hinge, entropy otherwise)"})
-    monitor_max_new_tokens: int = field(default=64, metadata={"help": "the monitor's longest sampled response"})
-    monitor_keep_best: bool = field(default=False, metadata={"help": "keep the checkpoint at the EMA's peak as "
-                                                                     "output_dir/best/ (on with --early_stopping)"})
-    early_stopping: bool = field(default=False, metadata={"help": "stop when the monitor flags over-optimisation; "
-                                                                  "output_dir/best/ holds the peak"})
+class TrainConfig(*reversed(SECTIONS)):  # a dataclass takes its bases' fields from the last base to the first
+    """Every setting of `prefuse train`: the fields of SECTIONS, flat, in their order."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -205,34 +86,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def objective(self) -> str | list[str]:
-        """The objective as PreferenceLoss and objective_loss take it: a name, or a list of names."""
-        return self.loss_type[0] if len(self.loss_type) == 1 else list(self.loss_type)
-
-    def model_config(self):
-        from prefuse.engine.models.loading import ModelConfig
-
-        return ModelConfig(model_name_or_path=self.model_name_or_path,
-                           ref_model_name_or_path=self.ref_model_name_or_path, torch_dtype=self.torch_dtype,
-                           attn_implementation=self.attn_implementation, use_peft=self.use_peft, lora_r=self.lora_r,
-                           lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                           lora_target_modules=None if self.lora_target_modules is None
-                           else tuple(self.lora_target_modules),
-                           gradient_checkpointing=self.gradient_checkpointing, train_vision=self.train_vision)
-
     def apply_defaults(self) -> list[str]:
         """Fill the settings left out (None) with the objective's own values (engine/core/method_defaults.py) -> one
         line per setting filled, naming its source."""
         from prefuse.engine.core.method_defaults import method_defaults
 
-        check_field(isinstance(self.loss_type, list) and len(self.loss_type) >= 1, "loss_type",
-                    "give at least one objective name")
-        for name in self.loss_type:
-            try:
-                get_objective(name)
-            except ValueError as error:
-                raise ValueError(f"loss_type: {error}") from None
+        self.check_names()  # loss_type: registered objectives
         filled = []
         for name, (value, source) in method_defaults(self.loss_type).items():
             if getattr(self, name) is None:
@@ -241,52 +100,24 @@ class TrainConfig:
                     filled.append(f"{name} {value} ({source})")
         return filled
 
-    def plain_model_paths(self) -> None:
-        """A GGUF policy or reference (`x.gguf`, or model_name_or_path DIR with gguf_file NAME) becomes its plain
-        safetensors copy (engine/models/gguf.py), so everything after loads a model directory; gguf_file is then spent."""
-        from prefuse.engine.models.gguf import plain_directory
-
-        self.model_name_or_path = plain_directory(self.model_name_or_path, self.gguf_file)
-        if self.ref_model_name_or_path:
-            self.ref_model_name_or_path = plain_directory(self.ref_model_name_or_path,
-                                                          field="ref_model_name_or_path")
-        self.gguf_file = None
-
     def validate(self) -> "TrainConfig":
         """Fill the defaults left out (apply_defaults), then raise ValueError with one line naming the first bad
-        field; return self."""
+        field: the required ones, each section's own (its check()), then the cross-section rules (check()); return
+        self."""
         self.apply_defaults()
-        for name in ("model_name_or_path", "dataset_name", "output_dir"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: required")
+        for name in ("model_name_or_path", "dataset_name", "output_dir"):  # before a GGUF file is converted
+            check_field(bool(getattr(self, name)), name, "required")
         self.plain_model_paths()
-        for name in ("model_name_or_path", "ref_model_name_or_path"):
-            path = getattr(self, name)
-            if path and not Path(path).exists() and _looks_local(path):
-                raise ValueError(f"{name}: no such model directory: {path}")
-        if not Path(self.dataset_name).exists():
-            raise ValueError(f"dataset_name: no such file or directory: {self.dataset_name}")
-        self._validate_objective()
-        check_training_settings(self)
-        check_field(self.train_vision in ("none", "projector", "all"), "train_vision",
-                    f"{self.train_vision!r} is not none, projector or all")
-        check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
-        check_field(self.max_length is None or self.max_length >= 2, "max_length",
-                    f"must be >= 2, got {self.max_length}")
-        check_field(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
-                    f"must be >= 1, got {self.max_prompt_length}")
-        check_held_out_and_resume(self)
-        check_field(self.fsdp in ("", "full_shard"), "fsdp", f"{self.fsdp!r} is not full_shard (or empty: DDP)")
-        check_field(not self.domains, "domains", "domain after domain is prefuse.commands.cofs.train_domains "
-                                                 "(prefuse train --domains), not train()")
-        from prefuse.engine.methods.monitor import check_monitor_settings
-
-        check_monitor_settings(self)
-        check_field(self.init_adapters is None or self.use_peft, "init_adapters",
-                    "starts LoRA adapters: add --use_peft")
-        check_field(self.init_adapters is None or (Path(self.init_adapters) / "checkpoint.json").is_file(),
-                    "init_adapters", f"{self.init_adapters} is not a prefuse checkpoint directory (checkpoint-<step>)")
+        for section in SECTIONS:
+            section.check(self)
+        self.check()
         return self
+
+    def check(self) -> None:
+        """The cross-section rules (CROSS_SECTION), in order: one-line ValueErrors naming the field."""
+        needs = self.needs()  # ValueError "loss_type: ..." for an objective this kind of run cannot feed
+        for rule in CROSS_SECTION:
+            rule(self, needs)
 
     def needs(self):
         """What the objective needs from the run (engine.objectives / engine.online); ValueError `loss_type: ...`."""
@@ -297,155 +128,167 @@ class TrainConfig:
         return objective_needs(self.loss_type)
 
     def bdhs_config(self):
-        """Online BDHS's settings (--avg_rejected bdhs) as prefuse.engine.methods.bdhs.BDHSConfig, validated; the rollout
-        settings (max_new_tokens, temperature, top_p) are the run's."""
+        """Online BDHS's settings (--avg_rejected bdhs) as prefuse.engine.methods.bdhs.BDHSConfig, validated; the
+        rollout settings (max_new_tokens, temperature, top_p) are the run's."""
         from prefuse.engine.methods.bdhs import BDHSConfig
 
         return BDHSConfig(rho_th=self.rho_th, epsilon_s=self.epsilon_s, n_bdhs=self.n_bdhs,
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                           top_p=self.top_p).validate()
 
-    def _validate_online(self) -> None:
-        from prefuse.engine.online.methods import JUDGELESS, online_method
 
-        judges = [n for n in ("reward_funcs", "reward_model_path", "judge") if getattr(self, n)]
-        method = online_method(self.loss_type)
-        if method in JUDGELESS:
-            check_field(not judges, judges[0] if judges else "reward_funcs",
-                        f"{self.loss_type} use no judge ({JUDGELESS[method]}); drop it")
-        else:
-            check_field(len(judges) == 1, "reward_funcs",
-                        f"--online needs one judge: --reward_funcs file.py:name, --reward_model_path DIR or --judge "
-                        f"DIR (got {judges or 'none'})")
-        check_field(self.reward_weights is None or bool(self.reward_funcs), "reward_weights", "needs --reward_funcs")
-        check_field(not (self.eval_split or self.eval_fraction), "eval_split",
-                    "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
-        check_field(not self.precompute_ref_log_probs, "precompute_ref_log_probs",
-                    "online samples are new every step: their reference log-probs cannot be precomputed")
-        check_field(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization",
-                    f"must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
-        check_field(self.pair_samples >= 2, "pair_samples", f"must be at least 2, got {self.pair_samples}")
-        check_field(self.iterations >= 1, "iterations", f"must be at least 1, got {self.iterations}")
-        check_field(self.iterations == 1 or self.needs().reference, "iterations",
-                    f"{self.loss_type} read no reference, so there is none to move to the previous iterate")
-        check_field(not self.iteration_slices or self.iterations > 1, "iteration_slices", "needs --iterations > 1")
-        check_field(self.iteration_reference in ("previous", "initial"), "iteration_reference",
-                    f"{self.iteration_reference!r} is not previous or initial")
-        check_field(self.iteration_sampling in ("per_batch", "once"), "iteration_sampling",
-                    f"{self.iteration_sampling!r} is not per_batch or once")
-        check_field(self.iteration_sampling == "per_batch" or method in ("judged_pair", "selm"), "iteration_sampling",
-                    f"once samples a fixed set of judged pairs per iteration (online DPO's family, RLHF Workflow, "
-                    f"selm); {self.loss_type} sample per batch")
-        check_field(self.iterations == 1 or self.max_steps >= self.iterations, "iterations",
-                    "needs max_steps >= iterations (the steps are split evenly between the iterations)")
-        check_field(self.num_generations >= 2, "num_generations", f"must be at least 2, got {self.num_generations}")
-        check_field(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
-        check_field(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        check_field(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check_field(0 <= self.mixture_coef <= 1, "mixture_coef", f"must be in [0, 1], got {self.mixture_coef}")
-        check_field(self.online_sampler in ("policy", "mixture"), "online_sampler", "must be policy or mixture")
-        from prefuse.engine.judges import RULE_JUDGES
+# -- the cross-section rules: (cfg, needs) -> None, or ValueError naming the field ---------------------------------
 
-        check_field(self.reward_model_path is None or Path(self.reward_model_path).is_dir(), "reward_model_path",
-                    f"no such model directory: {self.reward_model_path}")
-        check_field(self.judge is None or self.judge in RULE_JUDGES or Path(self.judge).is_dir(), "judge",
-                    f"no such model directory: {self.judge} (nor a rule judge: {', '.join(RULE_JUDGES)})")
-        check_field(self.avg_rejected in ("policy", "bdhs"), "avg_rejected",
-                    f"{self.avg_rejected!r} is not policy or bdhs")
-        check_field(self.avg_rejected == "policy" or method == "avg", "avg_rejected", "is read by avg_dpo only")
-        if self.avg_rejected == "bdhs":
-            import importlib.util
+def sampling_needs_online(cfg: TrainConfig, needs) -> None:
+    """vLLM and a generated y~- (online section) sample during training: offline runs have neither."""
+    if not cfg.online:
+        check_field(not cfg.use_vllm, "use_vllm", "vLLM samples online runs: add --online")
+        check_field(cfg.avg_rejected == "policy", "avg_rejected", "generates y~- during training: add --online "
+                    "(offline, avg_dpo reads the generated_rejected column)")
 
-            found = importlib.util.find_spec("prefuse.engine.methods.bdhs") is not None
-            check_field(found and hasattr(importlib.import_module("prefuse.engine.methods.bdhs"), "bdhs_rejected"),
-                        "avg_rejected", "'bdhs' needs prefuse.engine.methods.bdhs.bdhs_rejected, which this build does not "
-                        "have; use policy")
-            self.bdhs_config()  # ValueError "rho_th: ...", "n_bdhs: ..." 
 
-    def _validate_objective(self) -> None:
-        check_field(len(self.loss_type) >= 1, "loss_type", "give at least one objective name")
-        needs = self.needs()  # ValueError "loss_type: ..." for an objective this kind of run cannot feed
-        if self.online:
-            self._validate_online()
-        else:
-            check_field(not self.use_vllm, "use_vllm", "vLLM samples online runs: add --online")
-            check_field(self.avg_rejected == "policy", "avg_rejected", "generates y~- during training: add --online "
-                        "(offline, avg_dpo reads the generated_rejected column)")
-        from prefuse.engine.methods.alol_advantages import check_settings  # offline judges give A-LoL's rewards
+def online_judges(cfg: TrainConfig, needs) -> None:
+    """The objective's online method (objective section) takes one judge (online section), or none."""
+    if not cfg.online:
+        return
+    judges = judges_of(cfg)
+    method = online_method(cfg.loss_type)
+    if method in JUDGELESS:
+        check_field(not judges, judges[0] if judges else "reward_funcs",
+                    f"{cfg.loss_type} use no judge ({JUDGELESS[method]}); drop it")
+    else:
+        check_field(len(judges) == 1, "reward_funcs",
+                    f"--online needs one judge: --reward_funcs file.py:name, --reward_model_path DIR or --judge "
+                    f"DIR (got {judges or 'none'})")
 
-        check_settings(self, needs)
-        specs = [get_objective(n) for n in self.loss_type]
-        check_field(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
-                    f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
-        accepted = set().union(*(spec.hparams for spec in specs))
-        for name in ("mixed_p", "avg_gamma"):  # Mixed-DPO's P(offline pair), Avg-DPO's weight of the external y-
-            value = self.objective_args.get(name, 0.5)
-            check_field(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1, name,
-                        f"must be a number in [0, 1], got {value!r}")
-        unknown = sorted(set(self.objective_args) - accepted)
-        check_field(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
-                                                   f"{sorted(accepted) or 'none'}")
-        check_field(not self.objective_args.get("use_weighting"), "use_weighting",
-                    "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute "
-                    "yet")
-        check_field(self.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
-                    "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
-                    "completion)")
-        if self.revision_template is not None:  # SRPO's revision prompt: ValueError "revision_template: ..."
-            from prefuse.engine.methods.srpo import load_template
 
-            check_field(needs.revision, "revision_template", f"{self.loss_type} read no revision rows (srpo does)")
-            load_template(self.revision_template)
-        check_field(not (self.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
-                    "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
-        check_field(not needs.slow_adapter or self.use_peft, "use_peft",
-                    f"{self.loss_type} train two LoRA adapters (fast and slow) on one base model; add --use_peft")
-        check_field(not needs.slow_adapter or len(self.loss_type) == 1, "loss_type",
-                    "ofs_dpo trains its two adapters alone; do not combine it with other objectives")
-        check_field(self.ofs_slow_lr_ratio > 0, "ofs_slow_lr_ratio", f"must be positive, got {self.ofs_slow_lr_ratio}")
-        check_field(self.ofs_chasing_interval >= 1, "ofs_chasing_interval",
-                    f"must be at least 1, got {self.ofs_chasing_interval}")
-        check_field(self.ofs_swap_mode in ("roles", "params"), "ofs_swap_mode",
-                    f"{self.ofs_swap_mode!r} is not roles or params")
+def online_has_no_held_out_nor_cached_reference(cfg: TrainConfig, needs) -> None:
+    """--online (online section) runs no held-out set (data section) and caches no reference (objective section)."""
+    if not cfg.online:
+        return
+    check_field(not (cfg.eval_split or cfg.eval_fraction), "eval_split",
+                "held-out evaluation is not run with --online; drop eval_split / eval_fraction")
+    check_field(not cfg.precompute_ref_log_probs, "precompute_ref_log_probs",
+                "online samples are new every step: their reference log-probs cannot be precomputed")
 
+
+def online_iterations(cfg: TrainConfig, needs) -> None:
+    """Iterations (online section) move a reference the objective reads, sample once only for the judged-pair
+    methods, and split max_steps (optimisation section)."""
+    if not cfg.online:
+        return
+    check_field(cfg.iterations == 1 or needs.reference, "iterations",
+                f"{cfg.loss_type} read no reference, so there is none to move to the previous iterate")
+    check_field(cfg.iteration_sampling == "per_batch" or online_method(cfg.loss_type) in ("judged_pair", "selm"),
+                "iteration_sampling", f"once samples a fixed set of judged pairs per iteration (online DPO's "
+                f"family, RLHF Workflow, selm); {cfg.loss_type} sample per batch")
+    check_field(cfg.iterations == 1 or cfg.max_steps >= cfg.iterations, "iterations",
+                "needs max_steps >= iterations (the steps are split evenly between the iterations)")
+
+
+def avg_rejected_by_bdhs(cfg: TrainConfig, needs) -> None:
+    """--avg_rejected (online section) is avg_dpo's (objective section); bdhs needs the BDHS package and its
+    settings with the online rollout's (BDHS section)."""
+    if not cfg.online:
+        return
+    check_field(cfg.avg_rejected == "policy" or online_method(cfg.loss_type) == "avg", "avg_rejected",
+                "is read by avg_dpo only")
+    if cfg.avg_rejected == "bdhs":
+        found = importlib.util.find_spec("prefuse.engine.methods.bdhs") is not None
+        check_field(found and hasattr(importlib.import_module("prefuse.engine.methods.bdhs"), "bdhs_rejected"),
+                    "avg_rejected", "'bdhs' needs prefuse.engine.methods.bdhs.bdhs_rejected, which this build does "
+                    "not have; use policy")
+        cfg.bdhs_config()  # ValueError "max_new_tokens: ...", "temperature: ..."
+
+
+def alol_weighting_and_judges(cfg: TrainConfig, needs) -> None:
+    """A-LoL's advantages and sampling (A-LoL section) against the judges and rollout settings (online section) and
+    the objective: the reference's samples need a judge; online runs weigh no examples; offline, a judge scores the
+    data's responses only for objectives that read rewards or advantages, and one judge at most."""
+    if cfg.value_targets == "reference_samples":
+        if not judges_of(cfg):
+            raise ValueError(NO_SAMPLE_JUDGE)
+        check_field(cfg.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {cfg.max_new_tokens}")
+        check_field(cfg.temperature >= 0, "temperature", f"must be >= 0, got {cfg.temperature}")
+        check_field(0 < cfg.top_p <= 1, "top_p", f"must be in (0, 1], got {cfg.top_p}")
+    flag = "advantages" if cfg.advantages != "auto" else "sampling_strategy"
+    used = cfg.weighs_examples()
+    if cfg.online:
+        check_field(not used, flag, "A-LoL's advantages and sampling weigh offline examples; drop it with --online")
+        return
+    judges = judges_of(cfg)
+    check_field(not judges or reads_rewards(needs), judges[0] if judges else "judge",
+                f"a judge scores the samples of online runs (add --online), or the responses of offline data for "
+                f"objectives that read rewards or advantages (wbc, r_lol, r_gold, alol*); {cfg.loss_type} read "
+                f"neither")
+    check_field(len(judges) <= 1, judges[-1] if judges else "judge",
+                f"give one judge of the rewards, got {' and '.join('--' + j for j in judges)}")
+    check_field(not used or reads_rewards(needs), flag,
+                f"--{flag} {getattr(cfg, flag)} weighs examples by A-LoL's advantages; {cfg.loss_type} read neither "
+                f"advantages nor rewards (use wbc, r_lol, r_gold, alol, alol_seq, alol_kl or alol_ref_free)")
+
+
+def kto_batches_and_cached_reference(cfg: TrainConfig, needs) -> None:
+    """KTO's KL completions (objective section) pair examples of one batch (optimisation section), and depend on
+    the batch, so their reference log-probs are not cached."""
+    check_field(cfg.per_device_train_batch_size >= 2 or "kl" not in needs.roles, "per_device_train_batch_size",
+                "kto needs at least 2 examples per batch (its KL term pairs each prompt with another example's "
+                "completion)")
+    check_field(not (cfg.precompute_ref_log_probs and "kl" in needs.roles), "precompute_ref_log_probs",
+                "KTO's KL completions depend on the batch, so their reference log-probs cannot be cached")
+
+
+def revision_template_for_srpo(cfg: TrainConfig, needs) -> None:
+    """A revision template (SRPO section) is read only by objectives with revision rows."""
+    check_field(cfg.revision_template is None or needs.revision, "revision_template",
+                f"{cfg.loss_type} read no revision rows (srpo does)")
+
+
+def ofs_two_adapters(cfg: TrainConfig, needs) -> None:
+    """ofs_dpo's two adapters (objective section) are LoRA adapters (model section), trained alone."""
+    check_field(not needs.slow_adapter or cfg.use_peft, "use_peft",
+                f"{cfg.loss_type} train two LoRA adapters (fast and slow) on one base model; add --use_peft")
+    check_field(not needs.slow_adapter or len(cfg.loss_type) == 1, "loss_type",
+                "ofs_dpo trains its two adapters alone; do not combine it with other objectives")
+
+
+def eval_steps_have_held_out(cfg, needs=None) -> None:
+    """eval_steps (run section) needs a held-out set (data section); RewardModelConfig's too."""
+    check_field(cfg.eval_steps is None or bool(cfg.eval_split or cfg.eval_fraction), "eval_steps",
+                "needs a held-out set: set eval_split or eval_fraction")
+
+
+def monitor_has_held_out_prompts(cfg: TrainConfig, needs) -> None:
+    """The monitor (monitor section) reads held-out prompts: its own file, or the held-out set (data section)."""
+    check_field(cfg.monitor_steps <= 0 or bool(cfg.monitor_prompts) or bool(cfg.eval_split or cfg.eval_fraction),
+                "monitor_steps", "needs held-out prompts: set --monitor_prompts FILE, or --eval_split / "
+                "--eval_fraction")
+
+
+def init_adapters_need_peft(cfg: TrainConfig, needs) -> None:
+    """init_adapters (run section) starts LoRA adapters (model section)."""
+    check_field(cfg.init_adapters is None or cfg.use_peft, "init_adapters", "starts LoRA adapters: add --use_peft")
+
+
+CROSS_SECTION = (sampling_needs_online, online_judges, online_has_no_held_out_nor_cached_reference, online_iterations,
+                 avg_rejected_by_bdhs, alol_weighting_and_judges, kto_batches_and_cached_reference,
+                 revision_template_for_srpo, ofs_two_adapters, eval_steps_have_held_out, monitor_has_held_out_prompts,
+                 init_adapters_need_peft)
+
+
+# -- the rules TrainConfig's sections share with RewardModelConfig (prefuse train-rm) -------------------------------
 
 def check_training_settings(cfg) -> None:
-    """The optimization and run settings TrainConfig and RewardModelConfig share: one-line errors naming the
-    field."""
-    check_field(cfg.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{cfg.torch_dtype!r} is not one of {TORCH_DTYPES}")
-    check_field(cfg.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
-                f"{cfg.lr_scheduler_type!r} is not one of {SCHEDULERS}")
-    check_field(cfg.report_to in ("auto", "none", "tensorboard"), "report_to", "must be auto, none or tensorboard")
-    check_field(cfg.learning_rate > 0, "learning_rate", f"must be positive, got {cfg.learning_rate}")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "logging_steps", "lora_r"):
-        check_field(int(getattr(cfg, name)) >= 1, name, f"must be at least 1, got {getattr(cfg, name)}")
-    check_field(cfg.max_steps > 0 or cfg.num_train_epochs > 0, "max_steps", "set max_steps > 0 or num_train_epochs > 0")
-    check_field(cfg.save_steps >= 0, "save_steps", f"must be >= 0 (0: never), got {cfg.save_steps}")
-    check_field(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit",
-                f"must be >= 1, got {cfg.save_total_limit}")
-    check_field(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
-    check_field(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
-    check_field(0 <= cfg.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
-    check_field(0 <= cfg.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {cfg.eval_fraction}")
+    """Precision and LoRA, optimisation, logging and saving of a training config (TrainConfig, RewardModelConfig):
+    one-line errors naming the field."""
+    check_precision_and_lora(cfg)
+    check_optimisation(cfg)
+    check_logging_and_saving(cfg)
 
 
 def check_held_out_and_resume(cfg) -> None:
     """The held-out set (eval_split / eval_fraction / eval_steps) and resume_from_checkpoint of a training config
     (TrainConfig, RewardModelConfig): one-line errors naming the field."""
-    check_field(not (cfg.eval_split and cfg.eval_fraction), "eval_split", "give eval_split or eval_fraction, not both")
-    check_field(cfg.eval_steps is None or cfg.eval_steps >= 1, "eval_steps", f"must be >= 1, got {cfg.eval_steps}")
-    check_field(cfg.eval_steps is None or bool(cfg.eval_split or cfg.eval_fraction), "eval_steps",
-                "needs a held-out set: set eval_split or eval_fraction")
-    if cfg.eval_split and not Path(cfg.eval_split).exists():
-        check_field(Path(cfg.dataset_name).is_dir(), "eval_split",
-                    f"{cfg.eval_split!r} is not a file, and dataset_name is a single file with no other splits")
-    if cfg.resume_from_checkpoint not in (None, "latest"):
-        check_field(Path(cfg.resume_from_checkpoint).is_dir()
-                    or (Path(cfg.output_dir) / cfg.resume_from_checkpoint).is_dir(),
-                    "resume_from_checkpoint", f"no such checkpoint directory: {cfg.resume_from_checkpoint}")
-
-
-def _looks_local(path: str) -> bool:
-    """A path that cannot be a Hub id ("org/name"): absolute, relative with ./ or ../, or with more than one /."""
-    return path.startswith(("/", "./", "../", "~", ".")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    check_held_out(cfg)
+    eval_steps_have_held_out(cfg)
+    check_resume(cfg)

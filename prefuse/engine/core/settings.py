@@ -1,0 +1,63 @@
+"""The objective section of `prefuse train`'s settings: which objectives (prefuse.algorithms' registry), their weights
+and hyper-parameters, and the reference's cached log-probs (engine/core/reference_cache.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefuse.algorithms import get_objective
+from prefuse.algorithms.registry import OBJECTIVES
+from prefuse.engine.core.checks import check_field, setting
+
+
+def objective_hparam_names() -> list[str]:
+    """Every hyper-parameter some registered objective accepts (the CLI offers each as a flag)."""
+    return sorted(set().union(*(spec.hparams for spec in OBJECTIVES.values())) - {"loss_type"})
+
+
+@dataclass
+class ObjectiveSettings:
+    loss_type: list[str] = setting(["sigmoid"], "objective name(s); several are summed with --loss_weights (see "
+                                                "prefuse.list_objectives())")
+    loss_weights: list[float] | None = setting(None, "one weight per --loss_type objective (default: 1 each)")
+    beta: float | None = setting(None, "the objective's KL strength (default: the objective's own, from its paper or "
+                                       "TRL 1.16: 0.1 for the DPO family, grpo 0.0, rloo 0.05, selm 0.01; `prefuse "
+                                       "objectives` lists them)")
+    objective_args: dict[str, Any] = setting({}, "objective hyper-parameters as key=value (each also has its own "
+                                                 "flag below)")
+    precompute_ref_log_probs: bool = setting(False, "compute the reference's sums once and cache them in "
+                                                    "--output_dir")
+
+    @property
+    def objective(self) -> str | list[str]:
+        """The objective as PreferenceLoss and objective_loss take it: a name, or a list of names."""
+        return self.loss_type[0] if len(self.loss_type) == 1 else list(self.loss_type)
+
+    def check_names(self) -> None:
+        """loss_type: a non-empty list of registered objectives (before their defaults are read)."""
+        check_field(isinstance(self.loss_type, list) and len(self.loss_type) >= 1, "loss_type",
+                    "give at least one objective name")
+        for name in self.loss_type:
+            try:
+                get_objective(name)
+            except ValueError as error:
+                raise ValueError(f"loss_type: {error}") from None
+
+    def check(self) -> None:
+        """One-line ValueErrors naming the field (beta filled by the objective's default first)."""
+        self.check_names()
+        specs = [get_objective(n) for n in self.loss_type]
+        check_field(self.loss_weights is None or len(self.loss_weights) == len(specs), "loss_weights",
+                    f"{len(self.loss_weights or [])} weight(s) for {len(specs)} objective(s) {self.loss_type}")
+        accepted = set().union(*(spec.hparams for spec in specs))
+        for name in ("mixed_p", "avg_gamma"):  # Mixed-DPO's P(offline pair), Avg-DPO's weight of the external y-
+            value = self.objective_args.get(name, 0.5)
+            check_field(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1, name,
+                        f"must be a number in [0, 1], got {value!r}")
+        unknown = sorted(set(self.objective_args) - accepted)
+        check_field(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
+                                                   f"{sorted(accepted) or 'none'}")
+        check_field(not self.objective_args.get("use_weighting"), "use_weighting",
+                    "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute "
+                    "yet")
+        check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
