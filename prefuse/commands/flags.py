@@ -19,7 +19,7 @@ TRAIN_HELP = {
     "report_to": "auto: TensorBoard when installed; none; tensorboard",
     "precompute_ref_log_probs": "compute the reference's sums once and cache them in --output_dir",
     "lora_target_modules": "module names for LoRA (default: peft's for the architecture)",
-    "online": "generate -> judge -> update: dataset_name gives the prompts (see README, Online training)",
+    "online": "generate -> judge -> update: dataset_name gives the prompts (see docs/online.md)",
     "reward_funcs": "online judge: reward functions file.py:name with TRL's signature, scores summed",
     "reward_weights": "weights of the reward functions (default 1 each)",
     "reward_model_path": "online judge: a Bradley-Terry reward model directory (prefuse train-rm)",
@@ -34,7 +34,8 @@ TRAIN_HELP = {
     "iterations": "online: split the steps into iterations; the reference becomes the previous iterate",
     "iteration_slices": "online: each iteration draws its prompts from its own slice of the prompts",
     "iteration_reference": "online iterations: previous (iterate) or initial (the starting model throughout)",
-    "revision_template": "srpo: the revision prompt, a file or a string with {prompt} and {previous} (README, SRPO)",
+    "revision_template": "srpo: the revision prompt, a file or a string with {prompt} and {previous} "
+                         "(docs/methods/srpo.md)",
     "use_vllm": "online: sample the policy with vLLM on the same GPU (CUDA, pip install vllm)",
     "vllm_gpu_memory_utilization": "online, --use_vllm: the share of GPU memory vLLM may take",
 }

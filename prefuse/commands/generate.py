@@ -31,7 +31,7 @@ class GenerateConfig:
     revisions: int = field(default=0, metadata={"help": "N: the answer, then N revisions of it"})
     revision_template: str | None = field(default=None, metadata={"help": "a file, or a string with {prompt} and "
                                                                           "{previous}; None: prefuse's plain "
-                                                                          "template (README, SRPO)"})
+                                                                          "template (docs/methods/srpo.md)"})
     base: str | None = field(default=None, metadata={"help": "the base model of a LoRA adapter directory; None: "
                                                              "its adapter_config.json's"})
     max_new_tokens: int = field(default=64, metadata={"help": "the longest answer of a stage"})

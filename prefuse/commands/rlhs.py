@@ -13,7 +13,7 @@ HELP = ("RLHS: preference pairs from two rollouts per scenario of the toy consul
 DESCRIPTION = ("Two responses of the policy per scenario, each played out by the simulated customer and rated by the "
                "evaluator after the dialogue (immediate), with the world model's outcome (partial) or with the true "
                "feature table (oracle). Writes the pairs of --feedback to --output (TRL pairs with the ratings and "
-               "true utilities), for prefuse train, and a JSON report (README, RLHS).")
+               "true utilities), for prefuse train, and a JSON report (docs/methods/rlhs.md).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

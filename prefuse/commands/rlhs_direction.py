@@ -10,8 +10,8 @@ to serve the customer.
    (`labels.label_summary`: how often the chosen response has the higher true utility, how often it is the
    deceptive one, with Wilson intervals).
 3. One training run per label set through `prefuse.engine.train.loop.train` (full fine-tuning; --loss_type, default DPO
-   with an NLL term on the chosen responses, `sigmoid sft`; see the README for plain `sigmoid`), from the same
-   warmed-up model.
+   with an NLL term on the chosen responses, `sigmoid sft`; see docs/methods/rlhs.md for plain `sigmoid`), from the
+   same warmed-up model.
 4. Each trained policy (and the warmed-up one) answers the same held-out scenarios under the same seed: its true
    utility, the evaluator's immediate rating, its deception rate; and per pair of runs the difference of true
    utility with a paired bootstrap interval over the held-out scenarios.

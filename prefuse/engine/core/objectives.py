@@ -30,7 +30,7 @@ CONTEXT_ROLES = CONTEXT_PAIRS
 PAIR_ROLES = ("chosen", "rejected", "sample", "online_rejected") + CONTEXT_ROLES
 COMPLETION_ROLES = ("completion", "kl")
 
-# input -> the data columns it comes from, as the README and `prefuse objectives` show them
+# input -> the data columns it comes from, as docs/training.md and `prefuse objectives` show them
 INPUT_COLUMNS = {
     "sample": "reference_response",
     "labels": "label (or chosen=True / rejected=False)",
