@@ -9,7 +9,7 @@ from prefuse.engine.core.checks import setting
 @dataclass
 class RevisionSettings:
     revision_template: str | None = setting(None, "srpo: the revision prompt, a file or a string with {prompt} and "
-                                                  "{previous} (README, SRPO)")
+                                                  "{previous} (docs/methods/srpo.md)")
 
     def check(self) -> None:
         """A template that does not load: ValueError `revision_template: ...` (engine/methods/srpo.py)."""

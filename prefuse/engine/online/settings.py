@@ -14,8 +14,8 @@ ITERATION_SAMPLING = ("per_batch", "once")
 
 @dataclass
 class OnlineSettings:
-    online: bool = setting(False, "generate -> judge -> update: dataset_name gives the prompts (see README, Online "
-                                  "training)")
+    online: bool = setting(False, "generate -> judge -> update: dataset_name gives the prompts (see "
+                                  "docs/online.md)")
     reward_funcs: list[str] | None = setting(None, "online judge: reward functions file.py:name with TRL's "
                                                    "signature, scores summed")
     reward_weights: list[float] | None = setting(None, "weights of the reward functions (default 1 each)")
