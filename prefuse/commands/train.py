@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prefuse.commands.flags import TRAIN_HELP, config_flags, flag_value
+from prefuse.commands.flags import config_flags, flag_value
 from prefuse.commands.models import settings
 
 NAME = "train"
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list_objectives", action="store_true", default=argparse.SUPPRESS,
                         help="print every objective with its inputs, data columns and hyper-parameters, and exit")
     # --monitor_extra_top_k 5 20 50, or none (or nothing): the values as given, checked by the config
-    config_flags(parser, TrainConfig, helps=TRAIN_HELP,
+    config_flags(parser, TrainConfig,
                  special={"objective_args": {"nargs": "+", "metavar": "KEY=VALUE"},
                           "monitor_extra_top_k": {"nargs": "*", "metavar": "K"},
                           "fsdp": {"nargs": "?", "const": "full_shard"}})
