@@ -305,12 +305,14 @@ def merge(shares: list) -> "Batch":
     for b in shares:
         offsets.append(offsets[-1] + b.input_ids.shape[0])
     n = sum(b.n_examples for b in shares)
-    return Batch(torch.cat([pad(b.input_ids, 0) for b in shares]), torch.cat([pad(b.attention_mask, 0) for b in shares]),
-                 torch.cat([pad(b.labels, -100) for b in shares]),
-                 {role: torch.cat([b.roles[role] + o for b, o in zip(shares, offsets)]) for role in shares[0].roles},
-                 {k: torch.cat([b.inputs[k] for b in shares]) for k in shares[0].inputs},
-                 torch.cat([b.index for b in shares]),
-                 {k: sum(b.metrics[k] * b.n_examples for b in shares) / n for k in shares[0].metrics},
+    return Batch(input_ids=torch.cat([pad(b.input_ids, 0) for b in shares]),
+                 attention_mask=torch.cat([pad(b.attention_mask, 0) for b in shares]),
+                 labels=torch.cat([pad(b.labels, -100) for b in shares]),
+                 roles={role: torch.cat([b.roles[role] + o for b, o in zip(shares, offsets)])
+                        for role in shares[0].roles},
+                 inputs={k: torch.cat([b.inputs[k] for b in shares]) for k in shares[0].inputs},
+                 index=torch.cat([b.index for b in shares]),
+                 metrics={k: sum(b.metrics[k] * b.n_examples for b in shares) / n for k in shares[0].metrics},
                  vision={k: torch.cat([b.vision[k] for b in shares]) for k in shares[0].vision})  # in row order
 
 
@@ -628,8 +630,9 @@ def test_what_one_process_or_several_ranks_refuse_in_one_line(files, tmp_path, c
     from prefuse.engine.core.sources import Batch
 
     ids = torch.ones(4, 3, dtype=torch.long)
-    pictures = Batch(ids, ids, ids, {"chosen": torch.tensor([0, 1]), "rejected": torch.tensor([2, 3])}, {}, None,
-                     {}, vision={"pixel_values": torch.zeros(4, 3, 8, 8)})
+    pictures = Batch(input_ids=ids, attention_mask=ids, labels=ids,
+                     roles={"chosen": torch.tensor([0, 1]), "rejected": torch.tensor([2, 3])},
+                     vision={"pixel_values": torch.zeros(4, 3, 8, 8)})
     with pytest.raises(ValueError, match=r"^images: offline batches with images are not split over ranks yet"):
         shard_batch(pictures, 0, 2)
     # what DDP wraps: head_of finds the policy's lm_head through DDP's and the StepModule's `module`

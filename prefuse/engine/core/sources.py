@@ -5,8 +5,9 @@
     state = source.state_dict()          # resumable: the next batch after load_state_dict(state) is the same
 
 A `BatchSource` has `next_batch()`, `state_dict()`, `load_state_dict()`, `epoch` and `batches_per_epoch`; the
-online source (generate -> judge -> build) plugs in beside `OfflineSource`. `batches(data, needs, ...)` walks a
-data set once in order (evaluation, the reference cache).
+online source (generate -> judge -> build) plugs in beside `OfflineSource`; `ShuffledSource` is the resumable
+shuffled order under OfflineSource and `prefuse train-rm`'s pairs (engine/reward/pairs.py:PairSource).
+`batches(data, needs, ...)` walks a data set once in order (evaluation, the reference cache).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ ROLE_PROMPT = {role: f"{role.split('_given_')[1]}_context_ids" for role in CONTE
 ROLE_RESPONSE = {role: f"{role}_ids" for role in CONTEXT_PAIRS}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
     """input_ids, attention_mask, labels [S, T] (labels in the next-token layout, -100 off the responses); roles:
     {role: row indices [B]}; inputs: pass-through objective inputs [B] (rewards, labels, ...); index [B]: the
@@ -52,10 +53,11 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = {k: v.to(device) for k, v in self.roles.items()}
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), move,
-                     {k: v.to(device) for k, v in self.inputs.items()},
-                     None if self.index is None else self.index.to(device), self.metrics,
-                     {k: v.to(device) for k, v in self.vision.items()})
+        return Batch(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                     labels=self.labels.to(device), roles=move,
+                     inputs={k: v.to(device) for k, v in self.inputs.items()},
+                     index=None if self.index is None else self.index.to(device), metrics=self.metrics,
+                     vision={k: v.to(device) for k, v in self.vision.items()})
 
 
 class BatchSource(Protocol):
@@ -111,29 +113,29 @@ def build_batch(examples: list[dict], indices: list[int], needs: ObjectiveNeeds,
                                              else float(e["reward"]) - baseline for e in examples])
     if "preference_probs" in needs.inputs:
         inputs["preference_probs"] = torch.tensor([float(e["preference_prob"]) for e in examples])
-    return Batch(sequences["input_ids"], sequences["attention_mask"], sequences["labels"], roles, inputs,
-                 torch.tensor(indices, dtype=torch.long), vision=vision)
+    return Batch(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"],
+                 labels=sequences["labels"], roles=roles, inputs=inputs, index=torch.tensor(indices, dtype=torch.long),
+                 vision=vision)
 
 
-class OfflineSource:
-    """Batches of a tokenized data set in a resumable shuffled order (epoch after epoch); `order`: another order
-    with PairBatches' interface (A-LoL's good_priority draws, `engine/data/order.py:PriorityBatches`)."""
+class ShuffledSource:
+    """Batches of a data set's indices in a resumable shuffled order (PairBatches', epoch after epoch, or another
+    order with its interface); a subclass's `batch(indices)` says what a Batch of those examples is."""
 
-    def __init__(self, data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, seed: int, pad_id: int,
-                 max_length: int | None = None, order=None):
-        self.data, self.needs, self.pad_id, self.max_length = data, needs, pad_id, max_length
-        self.baseline = _mean_reward(data)
-        self.order = PairBatches(len(data), batch_size=batch_size, seed=seed) if order is None else order
+    def __init__(self, size: int, *, batch_size: int, seed: int, order=None):
+        self.order = PairBatches(size, batch_size=batch_size, seed=seed) if order is None else order
         self.batches_per_epoch = len(self.order)
         self._iter = iter(self.order)
+
+    def batch(self, indices: list[int]) -> Batch:
+        raise NotImplementedError
 
     def next_batch(self) -> Batch:
         indices = next(self._iter, None)
         if indices is None:  # the epoch is done: PairBatches starts the next one
             self._iter = iter(self.order)
             indices = next(self._iter)
-        return build_batch([self.data.examples[i] for i in indices], indices, self.needs, self.pad_id,
-                           self.max_length, self.baseline)
+        return self.batch(indices)
 
     @property
     def epoch(self) -> float:
@@ -146,6 +148,21 @@ class OfflineSource:
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state)
         self._iter = iter(self.order)
+
+
+class OfflineSource(ShuffledSource):
+    """Batches of a tokenized data set in a resumable shuffled order (epoch after epoch); `order`: another order
+    with PairBatches' interface (A-LoL's good_priority draws, `engine/data/order.py:PriorityBatches`)."""
+
+    def __init__(self, data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, seed: int, pad_id: int,
+                 max_length: int | None = None, order=None):
+        super().__init__(len(data), batch_size=batch_size, seed=seed, order=order)
+        self.data, self.needs, self.pad_id, self.max_length = data, needs, pad_id, max_length
+        self.baseline = _mean_reward(data)
+
+    def batch(self, indices: list[int]) -> Batch:
+        return build_batch([self.data.examples[i] for i in indices], indices, self.needs, self.pad_id,
+                           self.max_length, self.baseline)
 
 
 def batches(data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, pad_id: int,

@@ -79,6 +79,10 @@ class Step:
                 scale[roles[role].reshape(-1).to(hidden.device)] = 1.0 / temperature
         return hidden * scale.view(-1, *([1] * (hidden.dim() - 1)))
 
+    def held_out_metrics(self, parts: list[tuple[int, torch.Tensor, dict]], world) -> dict[str, float]:
+        """The metrics of a held-out set from its batches' (n_examples, loss, metrics): mean_over_examples."""
+        return mean_over_examples(parts, world)
+
     def after_update(self, step: int, metrics: dict, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Called after each optimizer step; a step with state of its own (OFS-DPO's roles) acts and logs here."""
         return {}
@@ -99,6 +103,18 @@ class Step:
         """{ref_<role>_logps: [B]} of the batch's roles, without gradient (what a ReferenceCache stores)."""
         sums = reference_logps(self.reference_hidden(batch), self.ref_head, batch.labels)
         return {input_name(role, "logps", "ref"): sums[rows] for role, rows in batch.roles.items()}
+
+
+def mean_over_examples(parts: list[tuple[int, torch.Tensor, dict]], world) -> dict[str, float]:
+    """{"loss": ..., metric: ...}: each batch's (n_examples, loss, metrics) weighted by its examples, summed over
+    the ranks of `world` (engine/train/distributed.World: each rank holds its share of the batches)."""
+    sums, count = {}, 0
+    for n_examples, loss, metrics in parts:
+        for key, value in {"loss": loss, **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n_examples
+        count += n_examples
+    sums, count = world.sum_metrics(sums), world.total(count)
+    return {key: value / count for key, value in sums.items()}
 
 
 def sample_statistics(inputs: dict, roles: dict) -> dict[str, torch.Tensor]:

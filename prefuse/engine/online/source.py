@@ -308,8 +308,9 @@ class OnlineSource:
         padded = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], self.pad_id)
         images = self._images(examples)
         vision = {} if images is None else vision_inputs(images * len(responses) + [e.get("images") for *_, e in extra])
-        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles, inputs,
-                     torch.tensor(indices, dtype=torch.long), metrics, vision=vision)
+        return Batch(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"],
+                     roles=roles, inputs=inputs, index=torch.tensor(indices, dtype=torch.long), metrics=metrics,
+                     vision=vision)
 
     def _rollout_metrics(self, samples: Samples, scores: torch.Tensor | None = None) -> dict:
         """TRL's rollout metrics; objective/scores only with a scoring judge's scores."""
@@ -410,9 +411,10 @@ class OnlineSource:
         prompts, sequences = [p for p in samples.prompt_ids], samples.completion_ids
         padded = collate_sequences(prompts, sequences, self.pad_id)
         roles = {"online": torch.arange(len(sequences)).view(len(examples), k)}
-        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles,
-                     {"rewards": scores.view(len(examples), k)}, torch.tensor(indices, dtype=torch.long),
-                     self._rollout_metrics(samples, scores), vision=self._vision(examples, per_example=k))
+        return Batch(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"],
+                     roles=roles, inputs={"rewards": scores.view(len(examples), k)},
+                     index=torch.tensor(indices, dtype=torch.long), metrics=self._rollout_metrics(samples, scores),
+                     vision=self._vision(examples, per_example=k))
 
     def _generated(self, examples, seed) -> Samples:
         k = self.rollout.num_generations
@@ -435,16 +437,17 @@ class OnlineSource:
         if self._images(examples) is not None:  # the pairs' rows, then k sample rows per example
             images = self._images(examples)
             vision = vision_inputs(images * 2 + [im for im in images for _ in range(k)])
-        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"], roles, {},
-                     torch.tensor(indices, dtype=torch.long), self._sample_metrics(samples), vision=vision)
+        return Batch(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"],
+                     roles=roles, index=torch.tensor(indices, dtype=torch.long),
+                     metrics=self._sample_metrics(samples), vision=vision)
 
     def _samples(self, examples, indices, seed):
         samples = self._generated(examples, seed)
         n, k = len(examples), self.rollout.num_generations
         padded = collate_sequences(samples.prompt_ids, samples.completion_ids, self.pad_id)
-        return Batch(padded["input_ids"], padded["attention_mask"], padded["labels"],
-                     {"online": torch.arange(n * k).view(n, k)}, {}, torch.tensor(indices, dtype=torch.long),
-                     self._sample_metrics(samples), vision=self._vision(examples, per_example=k))
+        return Batch(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"],
+                     roles={"online": torch.arange(n * k).view(n, k)}, index=torch.tensor(indices, dtype=torch.long),
+                     metrics=self._sample_metrics(samples), vision=self._vision(examples, per_example=k))
 
     # -- Mixed-DPO and Avg-DPO (arXiv 2407.02477, eqs. 4-5; docs/methods/mixed-avg-dpo.md) ------------------------
     def _mixed(self, examples, indices, seed):

@@ -3,6 +3,7 @@
     pairs = load_reward_pairs("pairs.jsonl", tokenizer, kind="bradley_terry", max_length=1024)
     train, held_out = load_splits(cfg, tokenizer)        # a RewardModelConfig's dataset_name and held-out pairs
     batch = collate_pair_batch(pairs, indices, pad_id)   # input_ids, attention_mask [2B, T]: firsts, then seconds
+    source = PairSource(pairs, batch_size=8, seed=0, pad_id=pad_id)   # a BatchSource of `pair_batch`es
 
 Every example is two sequences, `first` and `second`, and the model should give `first` the higher logit:
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -29,6 +31,7 @@ from prefuse.engine.data import (BadRow, DataError, SkippedRows, collate_sequenc
 from prefuse.engine.data.formats import NEEDED_COLUMNS, PAIRED_FORMATS, RowIssue, split_row
 from prefuse.engine.data.errors import WHERE_COLUMN
 from prefuse.engine.data.loading import row_problem
+from prefuse.engine.core.sources import Batch, ShuffledSource
 from prefuse.engine.judges.base import is_conversation, plain_prompt
 from prefuse.engine.judges.models import pairwise_ids, reward_model_ids
 
@@ -134,9 +137,36 @@ def collate_pair_batch(pairs: RewardPairs, indices: list[int], pad_id: int) -> d
     """input_ids, attention_mask [2B, T] of the pairs `indices`, right-padded with pad_id: rows 0..B-1 their first
     sequences, rows B..2B-1 their second ones (one forward for both, as TRL's RewardTrainer runs chosen and
     rejected)."""
+    batch = pair_batch(pairs, indices, pad_id)
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+
+
+def pair_batch(pairs: RewardPairs, indices: list[int], pad_id: int) -> Batch:
+    """The Batch of the pairs `indices` (collate_pair_batch's rows; roles first: rows 0..B-1, second: B..2B-1;
+    no response labels: a reward model reads whole sequences)."""
     sequences = [pairs.first[i] for i in indices] + [pairs.second[i] for i in indices]
-    batch = collate_sequences(sequences, [[] for _ in sequences], pad_id)  # whole sequences, no response labels
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    padded = collate_sequences(sequences, [[] for _ in sequences], pad_id)
+    n = len(indices)
+    return Batch(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"],
+                 roles={"first": torch.arange(n), "second": torch.arange(n, 2 * n)},
+                 index=torch.tensor(indices, dtype=torch.long))
+
+
+class PairSource(ShuffledSource):
+    """The training pairs as a BatchSource: PairBatches' resumable shuffled order, epoch after epoch."""
+
+    def __init__(self, pairs: RewardPairs, *, batch_size: int, seed: int, pad_id: int):
+        super().__init__(len(pairs), batch_size=batch_size, seed=seed)
+        self.pairs, self.pad_id = pairs, pad_id
+
+    def batch(self, indices: list[int]) -> Batch:
+        return pair_batch(self.pairs, indices, self.pad_id)
+
+
+def walk_pairs(pairs: RewardPairs, *, batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Every pair once, in order, in batches of batch_size (the held-out set)."""
+    for begin in range(0, len(pairs), batch_size):
+        yield pair_batch(pairs, list(range(begin, min(begin + batch_size, len(pairs)))), pad_id)
 
 
 def load_splits(cfg, tokenizer) -> tuple[RewardPairs, RewardPairs | None]:
@@ -158,4 +188,5 @@ def load_splits(cfg, tokenizer) -> tuple[RewardPairs, RewardPairs | None]:
     return train, held_out
 
 
-__all__ = ["KINDS", "RewardPairs", "collate_pair_batch", "load_reward_pairs", "load_splits", "pair_ids"]
+__all__ = ["KINDS", "RewardPairs", "PairSource", "collate_pair_batch", "load_reward_pairs", "load_splits",
+           "pair_batch", "pair_ids", "walk_pairs"]

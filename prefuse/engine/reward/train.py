@@ -16,31 +16,35 @@ Metrics (output_dir/metrics.jsonl, TRL's RewardTrainer names; held-out ones pref
 whose first sequence gets the higher logit: chosen over rejected; for pairwise, PairwiseJudge.compare(chosen,
 rejected) > 1/2), margin (mean logit difference, first - second), min_reward / mean_reward / max_reward (over the
 batch's logits), num_tokens (training tokens so far), learning_rate, grad_norm, epoch. Held-out metrics are over the
-whole held-out set at once, so eval_accuracy is exactly the share of held-out pairs the saved model ranks right.
+whole held-out set (means weighted by each batch's pairs; min and max over all), so eval_accuracy is the share of
+held-out pairs the saved model ranks right.
+
+It trains through `prefuse train`'s loop (engine/train/loop.py): a RewardStep (the kind's loss on the model's
+logits of a batch's two sequences per pair) over a PairSource (pairs.py), with the same seeding, optimizer and
+schedule, gradient accumulation, log, evaluation, checkpoints and exact resume.
 
 The trained model is written to output_dir itself with its tokenizer, as TRL's `trainer.save_model(output_dir)`
-does (LoRA merged in): `--reward_model_path out` / `--judge out` load it as it is. Data: `reward_pairs.py`.
+does (LoRA merged in): `--reward_model_path out` / `--judge out` load it as it is. Data: `pairs.py`.
 """
 from __future__ import annotations
 
-import json
-import math
-import random
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefuse.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from prefuse.engine.core.checks import check_field
-from prefuse.engine.train.config import check_held_out_and_resume, check_training_settings
-from prefuse.engine.data import PairBatches
-from prefuse.engine.core.metrics import MetricsLog
+from prefuse.engine.core.sources import Batch
+from prefuse.engine.core.step import mean_over_examples
 from prefuse.engine.models.loading import DTYPES, check_model_dir, lora_targets, load_tokenizer
-from prefuse.engine.reward.pairs import KINDS, RewardPairs, collate_pair_batch, load_splits
+from prefuse.engine.reward.pairs import KINDS, PairSource, RewardPairs, load_splits, pair_batch, walk_pairs
+from prefuse.engine.train.build import Run, open_log, optimizer_and_schedule, resume, start, total_steps_of
+from prefuse.engine.train.config import check_held_out_and_resume, check_training_settings
+from prefuse.engine.train.distributed import World
+from prefuse.engine.train.loop import train_run
+from prefuse.engine.train.report import Report
 
 
 def _setting(default, help: str):
@@ -183,135 +187,120 @@ def pair_loss(cfg: RewardModelConfig, first: torch.Tensor, second: torch.Tensor)
     return bradley_terry_loss(first, second, cfg.center_rewards_coefficient)
 
 
-def pair_metrics(first: torch.Tensor, second: torch.Tensor) -> dict[str, float]:
-    """TRL's RewardTrainer metrics (module docstring)."""
+def pair_metrics(first: torch.Tensor, second: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's RewardTrainer metrics (module docstring), as 0-d tensors."""
     first, second = first.detach().float(), second.detach().float()
     both = torch.cat([first, second])
-    return {"accuracy": float((first > second).float().mean()), "margin": float((first - second).mean()),
-            "min_reward": float(both.min()), "mean_reward": float(both.mean()), "max_reward": float(both.max())}
+    return {"accuracy": (first > second).float().mean(), "margin": (first - second).mean(),
+            "min_reward": both.min(), "mean_reward": both.mean(), "max_reward": both.max()}
 
 
 def pair_logits(model, pairs: RewardPairs, indices: list[int], pad_id: int, device) -> tuple:
     """(first, second) float32 logits [B] of the pairs `indices`, and the batch's token count; one forward."""
-    batch = {k: v.to(device) for k, v in collate_pair_batch(pairs, indices, pad_id).items()}
-    logits = model(**batch, use_cache=False).logits[:, 0].float()
-    return logits[: len(indices)], logits[len(indices):], int(batch["attention_mask"].sum())
+    batch = pair_batch(pairs, indices, pad_id).to(device)
+    first, second = RewardStep.logits(model, batch)
+    return first, second, batch.n_tokens
 
 
-# -- the loop -----------------------------------------------------------------------------------------------------
+# -- the step and the run: engine/train/loop.py trains them ------------------------------------------------------
 
-def evaluate(cfg: RewardModelConfig, model, pairs: RewardPairs, pad_id: int, device) -> dict[str, float]:
-    """eval_loss and eval_ metrics over every held-out pair at once (in eval mode, without gradient)."""
-    was_training = model.training
-    model.eval()
-    firsts, seconds = [], []
-    with torch.no_grad():
-        for start in range(0, len(pairs), cfg.per_device_eval_batch_size):
-            indices = list(range(start, min(start + cfg.per_device_eval_batch_size, len(pairs))))
-            first, second, _ = pair_logits(model, pairs, indices, pad_id, device)
-            firsts.append(first)
-            seconds.append(second)
-    model.train(was_training)
-    first, second = torch.cat(firsts), torch.cat(seconds)
-    metrics = {"loss": float(pair_loss(cfg, first, second)), **pair_metrics(first, second)}
-    return {f"eval_{key}": value for key, value in metrics.items()}
+class RewardStep:
+    """(loss, metrics) of a Batch of pairs (`pairs.pair_batch`): one forward of the reward model over both
+    sequences of every pair, the kind's loss on their logits; the step of engine/train/loop.py for `train-rm`."""
+
+    def __init__(self, model, cfg: RewardModelConfig):
+        self.model, self.cfg = model, cfg
+
+    @staticmethod
+    def logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) float32 logits [B]: rows 0..B-1 of the batch, then rows B..2B-1."""
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = logits[:, 0].float()
+        return logits[: batch.n_examples], logits[batch.n_examples:]
+
+    def __call__(self, batch: Batch, reference=None) -> tuple[torch.Tensor, dict]:
+        first, second = self.logits(self.model, batch)
+        return pair_loss(self.cfg, first, second), pair_metrics(first, second)
+
+    def held_out_metrics(self, parts: list[tuple[int, torch.Tensor, dict]], world) -> dict[str, float]:
+        """Means over the held-out pairs (weighted by each batch's); min_reward and max_reward over all of them."""
+        metrics = mean_over_examples(parts, world)
+        metrics["min_reward"] = min(float(m["min_reward"]) for _, _, m in parts)
+        metrics["max_reward"] = max(float(m["max_reward"]) for _, _, m in parts)
+        return metrics
+
+    def after_update(self, step: int, metrics: dict, optimizer) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
-def train_reward_model(cfg: RewardModelConfig) -> dict[str, float]:
-    """Train as `cfg` says and write the model to output_dir; return the last logged record."""
-    from transformers import get_scheduler
+class RewardReport(Report):
+    """What `train-rm` prints: TRL's RewardTrainer numbers (accuracy, margin); its records hold num_tokens."""
 
+    eval_record_epoch = True
+
+    def opening(self, run) -> str:
+        cfg = run.cfg
+        return (f"training {run.total_steps} steps of {cfg.gradient_accumulation_steps} x "
+                f"{cfg.per_device_train_batch_size} pairs ({cfg.kind}); "
+                f"{sum(p.numel() for p in run.params):,} trainable parameters")
+
+    def postfix(self, metrics: dict) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.4f}", "accuracy": f"{metrics['accuracy']:.3f}"}
+
+    def extra(self, run) -> dict[str, float]:
+        return {"num_tokens": run.num_tokens}
+
+    def step_line(self, step: int, total: int, record: dict) -> str:
+        return (f"step {step}/{total}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  margin "
+                f"{record['margin']:+.4f}  lr {record['learning_rate']:.2e}")
+
+    def eval_line(self, step: int, total: int, scores: dict) -> str:
+        return (f"step {step}/{total}  eval_loss {scores['eval_loss']:.4f}  eval_accuracy "
+                f"{scores['eval_accuracy']:.3f}  eval_margin {scores['eval_margin']:+.4f}")
+
+
+def build_reward_run(cfg: RewardModelConfig) -> tuple[Run, object]:
+    """(the Run of `cfg`, the tokenizer): the reward model, its pairs as a batch source and a held-out walk, and
+    the start, optimizer, schedule, resume and log that `prefuse train` builds too (engine/train/build.py)."""
     cfg.validate()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    world = World()  # train-rm runs in one process
+    out, device = start(cfg.output_dir, asdict(cfg), seed=cfg.seed, device=cfg.device, world=world)
     model, tokenizer, pad_id = load_reward_model(cfg, device)
     train, held_out = load_splits(cfg, tokenizer)
     print(f"data: {len(train)} training pairs" + (f", {len(held_out)} held out" if held_out else "")
           + (f"; {train.dropped} pairs over max_length={cfg.max_length} dropped" if train.dropped else "")
           + (f"; {train.skipped.count} bad rows skipped" if train.skipped.count else ""), flush=True)
+    source = PairSource(train, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed, pad_id=pad_id)
+    total_steps = total_steps_of(cfg, source.batches_per_epoch)
+    step = RewardStep(model, cfg)
+    params, optimizer, scheduler = optimizer_and_schedule(cfg, model, total_steps)
+    state = resume(cfg, out, model=model, optimizer=optimizer, scheduler=scheduler, source=source, step=step,
+                   world=world)
+    walk = None if held_out is None else partial(
+        walk_pairs, held_out, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id)
+    run = Run(cfg=cfg, out=out, device=device, policy=model, step=step, source=source, params=params,
+              optimizer=optimizer, scheduler=scheduler, log=open_log(cfg, out, state, world),
+              total_steps=total_steps, start_step=int(state.get("step", 0)),
+              num_tokens=int(state.get("num_tokens", 0)), held_out=walk, report=RewardReport(), world=world)
+    return run, tokenizer
 
-    order = PairBatches(len(train), batch_size=cfg.per_device_train_batch_size, seed=cfg.seed)
-    total_steps = (cfg.max_steps if cfg.max_steps > 0
-                   else math.ceil(cfg.num_train_epochs * len(order) / cfg.gradient_accumulation_steps))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
-    step, window, num_tokens = 0, None, 0
-    if cfg.resume_from_checkpoint:
-        path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
-        state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, output_dir=out)
-        step, window, num_tokens = int(state["step"]), state.get("window"), int(state.get("num_tokens", 0))
-        order.load_state_dict(state["batches"])
-        print(f"resumed from {path} at step {step}", flush=True)
-    log = MetricsLog(out, resume_step=step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to,
-                     window=window)
-    batches = iter(order)
 
-    def next_indices() -> list[int]:
-        nonlocal batches
-        indices = next(batches, None)
-        if indices is None:  # the epoch is done: PairBatches starts the next one
-            batches = iter(order)
-            indices = next(batches)
-        return indices
-
-    print(f"training {total_steps} steps of {cfg.gradient_accumulation_steps} x {cfg.per_device_train_batch_size} "
-          f"pairs ({cfg.kind}); {sum(p.numel() for p in params):,} trainable parameters", flush=True)
-    eval_steps, last = cfg.eval_steps or cfg.logging_steps, {}
-    while step < total_steps:
-        started = time.perf_counter()
-        micro_batches = [next_indices() for _ in range(cfg.gradient_accumulation_steps)]
-        n_pairs = sum(len(indices) for indices in micro_batches)
-        metrics, tokens = {}, 0
-        for indices in micro_batches:
-            share = len(indices) / n_pairs  # the step's loss is the mean over all its pairs
-            first, second, batch_tokens = pair_logits(model, train, indices, pad_id, device)
-            loss = pair_loss(cfg, first, second)
-            (loss * share).backward()
-            for key, value in {"loss": float(loss.detach()), **pair_metrics(first, second)}.items():
-                metrics[key] = metrics.get(key, 0.0) + value * share
-            tokens += batch_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        metrics["learning_rate"] = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        num_tokens += tokens
-        metrics["grad_norm"] = float(grad_norm)
-        log.add(metrics, tokens=tokens, seconds=time.perf_counter() - started)
-
-        scores = (evaluate(cfg, model, held_out, pad_id, device)
-                  if held_out is not None and (step % eval_steps == 0 or step == total_steps) else {})
-        epoch = order.epoch + order.position / len(order)
-        record = {}
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            record = log.flush(step, epoch=epoch, extra={"num_tokens": num_tokens, **scores})
-            print(f"step {step}/{total_steps}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  margin "
-                  f"{record['margin']:+.4f}  lr {record['learning_rate']:.2e}", flush=True)
-        elif scores:
-            record = {"step": step, "epoch": epoch, **scores}
-            log.write(record)
-        if scores:
-            print(f"step {step}/{total_steps}  eval_loss {scores['eval_loss']:.4f}  eval_accuracy "
-                  f"{scores['eval_accuracy']:.3f}  eval_margin {scores['eval_margin']:+.4f}", flush=True)
-        last = record or last
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
-            save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            save_total_limit=cfg.save_total_limit,
-                            trainer_state={"step": step, "batches": order.state_dict(), "num_tokens": num_tokens,
-                                           "window": log.window_state(), "total_steps": total_steps})
-    log.close()
-    save_reward_model(model, tokenizer, out)
-    print(f"model: {out} ({'PairwiseJudge' if cfg.kind == 'pairwise' else 'RewardModelJudge'} reads it)", flush=True)
+def train_reward_model(cfg: RewardModelConfig) -> dict[str, float]:
+    """Train as `cfg` says and write the model to output_dir; return the last logged record."""
+    run, tokenizer = build_reward_run(cfg)
+    last = train_run(run)
+    save_reward_model(run.policy, tokenizer, run.out)
+    print(f"model: {run.out} ({'PairwiseJudge' if cfg.kind == 'pairwise' else 'RewardModelJudge'} reads it)",
+          flush=True)
     return last
 
 
-__all__ = ["RewardModelConfig", "train_reward_model", "load_reward_model", "save_reward_model", "evaluate",
-           "bradley_terry_loss", "pairwise_loss", "pair_loss", "pair_metrics", "pair_logits"]
+__all__ = ["RewardModelConfig", "train_reward_model", "build_reward_run", "RewardStep", "RewardReport",
+           "load_reward_model", "save_reward_model", "bradley_terry_loss", "pairwise_loss", "pair_loss",
+           "pair_metrics", "pair_logits"]

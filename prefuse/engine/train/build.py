@@ -1,9 +1,10 @@
 """Everything a training run is made of, built from its TrainConfig: `build_run(cfg) -> Run`.
 
-    seed -> what the objective needs -> models -> data -> batch source -> step -> (reference cache) ->
+    start -> models and step -> batches (offline / online, sharded over the ranks) -> (reference caches) ->
     optimizer and schedule -> resume -> log
 
-The loop (`engine/train/loop.py`) then only drives a Run; nothing here trains.
+Each arrow is a function below; `prefuse train-rm` (engine/reward/train.py) builds its Run from the same start,
+optimizer, resume and log. The loop (`engine/train/loop.py`) then only drives a Run; nothing here trains.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,8 +30,9 @@ from prefuse.engine.data.images import IMAGES_COLUMN
 from prefuse.engine.core.shards import ShardedSource, check_last_batch, shard_batch, shard_online
 from prefuse.engine.train import distributed
 from prefuse.engine.train.allocator import return_freed_memory
+from prefuse.engine.train.report import Report
 from prefuse.engine.core.metrics import MetricsLog
-from prefuse.engine.models.loading import load_models
+from prefuse.engine.models.loading import Models, load_models
 from prefuse.engine.methods.monitor import Monitor, build_monitor
 from prefuse.engine.core.objectives import ObjectiveNeeds
 from prefuse.engine.methods.ofs_adapters import FastSlowStep, add_slow_adapter, param_groups
@@ -37,40 +41,49 @@ from prefuse.engine.online.source import OnlineSource
 from prefuse.engine.online.rollout import RolloutConfig
 from prefuse.engine.core.reference_cache import ReferenceCache, cache_path
 from prefuse.engine.methods.srpo import add_revision_rows, revision_report, revision_unlearnable
-from prefuse.engine.core.sources import BatchSource, OfflineSource, batches
+from prefuse.engine.core.sources import Batch, BatchSource, OfflineSource, batches
 from prefuse.engine.core.step import Step
 from prefuse.heads import head_of
 from prefuse.preference import PreferenceLoss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
+    """What the loop drives: a model, its optimizer and schedule, a step, a batch source, a log. `cfg` is any
+    config with the loop's settings (TrainConfig; `prefuse train-rm`'s RewardModelConfig): gradient_accumulation_steps,
+    per_device_train_batch_size, max_grad_norm, logging_steps, eval_steps, save_steps, save_total_limit."""
     cfg: TrainConfig
     out: Path
     device: torch.device
-    needs: ObjectiveNeeds
-    policy: torch.nn.Module
-    step: Step
+    policy: torch.nn.Module  # the trained model
+    step: Step               # (batch, reference cache) -> (loss, metrics); held_out_metrics, after_update, state_dict
     source: BatchSource
-    eval_data: TokenizedData | None
     params: list
     optimizer: torch.optim.Optimizer
     scheduler: object
     log: MetricsLog
     total_steps: int
-    start_step: int
-    pad_id: int
-    references: dict  # split -> ReferenceCache (precomputed reference log-probs)
-    baseline: float   # the training set's mean reward (advantages without an `advantage` column)
+    start_step: int = 0
+    num_tokens: int = 0      # training tokens of the steps before start_step (a resumed run's)
+    held_out: Callable[[], Iterator[Batch]] | None = None  # the held-out set's batches, walked anew on each call
+    references: dict = field(default_factory=dict)  # split -> ReferenceCache (precomputed reference log-probs)
+    report: Report = field(default_factory=Report)  # what the run prints (engine/train/report.py)
     monitor: Monitor | None = None  # the over-optimisation monitor (--monitor_steps)
     world: distributed.World = field(default_factory=distributed.World)  # the ranks (torchrun), one by default
+    needs: ObjectiveNeeds | None = None  # what the objective reads (a preference run's)
+    eval_data: TokenizedData | None = None  # the held-out examples (a preference run's)
 
-    def eval_batches(self):
-        """The held-out set in global batches (ranks x per_device_eval_batch_size), this rank's share of each."""
-        walk = batches(self.eval_data, self.needs, batch_size=self.cfg.per_device_eval_batch_size * self.world.size,
-                       pad_id=self.pad_id, max_length=self.cfg.max_length, baseline=self.baseline)
-        return (shard_batch(b, self.world.rank, self.world.size) for b in walk) if (
-            self.world.distributed) else walk
+    def eval_batches(self) -> Iterator[Batch]:
+        """The held-out set's batches (this rank's share of each); none without a held-out set."""
+        return iter(()) if self.held_out is None else self.held_out()
+
+
+def eval_batches(data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, pad_id: int,
+                 max_length: int | None, baseline: float, world: distributed.World) -> Iterator[Batch]:
+    """The held-out set in global batches (ranks x batch_size), this rank's share of each."""
+    walk = batches(data, needs, batch_size=batch_size * world.size, pad_id=pad_id, max_length=max_length,
+                   baseline=baseline)
+    return (shard_batch(b, world.rank, world.size) for b in walk) if world.distributed else walk
 
 
 def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
@@ -83,24 +96,58 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     needs = cfg.needs()
     world = distributed.current()  # torchrun's ranks (engine/train/distributed.py), or this process alone
     distributed.check_supported(cfg, world)
-    out = Path(cfg.output_dir)
+    out, device = start(cfg.output_dir, cfg.to_dict(), seed=cfg.seed, device=cfg.device, world=world)
+    models, step, pad_id = models_and_step(cfg, needs, device)
+    if cfg.online:
+        source, total_steps = online_batches(cfg, models, out, world, source)
+        return finish(cfg, out=out, device=device, needs=needs, models=models, step=step, source=source,
+                      total_steps=total_steps, pad_id=pad_id, world=world)
+    train_data, eval_data, advantages = offline_data(cfg, needs, models, pad_id)
+    offline, source, total_steps = offline_batches(cfg, needs, train_data, eval_data, pad_id, world, source,
+                                                   order=priority_order(cfg, advantages))
+    references = reference_caches(cfg, needs, models, step, {"train": train_data, "eval": eval_data},
+                                  baseline=offline.baseline, pad_id=pad_id, out=out, world=world, device=device)
+    held_out = None if eval_data is None else partial(
+        eval_batches, eval_data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
+        max_length=cfg.max_length, baseline=offline.baseline, world=world)
+    return finish(cfg, out=out, device=device, needs=needs, models=models, step=step, source=source,
+                  total_steps=total_steps, pad_id=pad_id, world=world, eval_data=eval_data, held_out=held_out,
+                  references=references)
+
+
+# -- the seams of a run, in the order build_run takes them ---------------------------------------------------------
+
+def start(output_dir, config: dict, *, seed: int, device: str, world: distributed.World) -> tuple[Path, torch.device]:
+    """(output_dir, the device to train on): output_dir made and its train_config.json (`config`) written on rank
+    0, python's, numpy's and torch's generators seeded; the device is the rank's under torchrun, else `device`
+    (auto: CUDA when there is one)."""
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if world.main:
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+        (out / "train_config.json").write_text(json.dumps(config, indent=1))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     device = world.device if world.distributed else torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if device.type == "cpu":
         return_freed_memory()  # PREFUSE_CPU_ALLOCATOR=release: freed activations go back (engine/train/allocator.py)
+    return out, device
 
+
+def _value_reference(cfg: TrainConfig) -> bool:
+    """A-LoL's value head reads the reference's prompt states V_ref(x)."""
+    return cfg.advantages == "value_head" and cfg.ref_model_name_or_path is not None
+
+
+def models_and_step(cfg: TrainConfig, needs: ObjectiveNeeds, device) -> tuple[Models, Step, int]:
+    """(the policy, reference and tokenizer; the step that turns a batch into loss and metrics: a Step, or
+    OFS-DPO's FastSlowStep with its slow adapter added; the pad token id)."""
     # online methods that sample from the reference or the mixture need it even when their loss does not
     samples_reference = cfg.online and (needs.reference or "sample" in needs.roles or "nash_md" in cfg.loss_type
                                         or cfg.online_sampler == "mixture")
-    value_reference = cfg.advantages == "value_head" and cfg.ref_model_name_or_path is not None  # V_ref(x)
     models = load_models(cfg.model_config(), device=device,
-                         need_reference=needs.reference or samples_reference or value_reference)
+                         need_reference=needs.reference or samples_reference or _value_reference(cfg))
     tokenizer = models.tokenizer
     if tokenizer is None:
         raise ValueError(f"model_name_or_path: {cfg.model_name_or_path} has no tokenizer files")
@@ -115,15 +162,29 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
                             swap_mode=cfg.ofs_swap_mode)
     else:
         step = Step(models, loss_fn, needs, bf16=cfg.bf16, row_temperature=row_temperature)
+    return models, step, pad_id
 
-    if cfg.online:
-        online = shard_online(online_source(cfg, models, tokenizer, out), world,  # its own prompts
-                                          sharded=bool(cfg.fsdp))
-        source = online if source is None else source
-        total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
-            cfg.num_train_epochs * online.batches_per_epoch / cfg.gradient_accumulation_steps)
-        return _finish(cfg, out, device, needs, models, step, source, None, total_steps, pad_id, {}, 0.0, world)
-    train_data, eval_data = load_data(cfg, tokenizer, needs, processor=models.processor)
+
+def total_steps_of(cfg, batches_per_epoch: int) -> int:
+    """max_steps, else num_train_epochs' worth of optimizer steps (gradient_accumulation_steps batches each)."""
+    return cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+        cfg.num_train_epochs * batches_per_epoch / cfg.gradient_accumulation_steps)
+
+
+def online_batches(cfg: TrainConfig, models: Models, out: Path, world: distributed.World,
+                   source: BatchSource | None) -> tuple[BatchSource, int]:
+    """(the batch source: `source`, else the online source of dataset_name's prompts, this rank's share; the
+    run's optimizer steps, counted by the online source's prompts)."""
+    online = shard_online(online_source(cfg, models, models.tokenizer, out), world,  # its own prompts
+                          sharded=bool(cfg.fsdp))
+    return (online if source is None else source), total_steps_of(cfg, online.batches_per_epoch)
+
+
+def offline_data(cfg: TrainConfig, needs: ObjectiveNeeds, models: Models,
+                 pad_id: int) -> tuple[TokenizedData, TokenizedData | None, object]:
+    """(training examples, held-out ones or None, A-LoL's advantages or None), reported in `data:` lines; the
+    reference is let go when only A-LoL's value head read it."""
+    train_data, eval_data = load_data(cfg, models.tokenizer, needs, processor=models.processor)
     print(f"data: {len(train_data)} training examples ({train_data.format})"
           + (f", {len(eval_data)} held out" if eval_data is not None else "")
           + (f", {train_data.skipped.count} bad rows skipped" if train_data.skipped.count else ""), flush=True)
@@ -132,68 +193,109 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     if needs.revision and sum(revision_unlearnable(train_data)):
         print(f"data: {revision_report(train_data)}", flush=True)
     # A-LoL: rewards (data or judge), advantages (--advantages), once before training
-    train_data, eval_data, advantages = prepare_advantages(cfg, models, tokenizer, train_data, eval_data, pad_id)
-    if value_reference and not needs.reference:
+    train_data, eval_data, advantages = prepare_advantages(cfg, models, models.tokenizer, train_data, eval_data,
+                                                           pad_id)
+    if _value_reference(cfg) and not needs.reference:
         models.reference = None  # loaded only for the value head's prompt states
+    return train_data, eval_data, advantages
+
+
+def offline_batches(cfg: TrainConfig, needs: ObjectiveNeeds, train_data: TokenizedData,
+                    eval_data: TokenizedData | None, pad_id: int, world: distributed.World,
+                    source: BatchSource | None, order=None) -> tuple[OfflineSource, BatchSource, int]:
+    """(the offline source of the training examples, in global batches; the batch source the run draws from:
+    `source`, else that one, sharded over the ranks under torchrun; the run's optimizer steps)."""
     global_batch = cfg.per_device_train_batch_size * world.size  # every rank takes its share of each
     check_last_batch(len(train_data), global_batch, world, "per_device_train_batch_size")
     if eval_data is not None:
         check_last_batch(len(eval_data), cfg.per_device_eval_batch_size * world.size, world,
-                                     "per_device_eval_batch_size")
+                         "per_device_eval_batch_size")
     offline = OfflineSource(train_data, needs, batch_size=global_batch, seed=cfg.seed,
-                            pad_id=pad_id, max_length=cfg.max_length, order=priority_order(cfg, advantages))
+                            pad_id=pad_id, max_length=cfg.max_length, order=order)
     source = (ShardedSource(offline, world) if world.distributed else offline) if source is None else source
-    total_steps = (cfg.max_steps if cfg.max_steps > 0
-                   else math.ceil(cfg.num_train_epochs * source.batches_per_epoch / cfg.gradient_accumulation_steps))
-    total_steps = priority_steps(cfg, source, total_steps)  # good_priority: max_steps x the positive fraction
+    total_steps = priority_steps(cfg, source, total_steps_of(cfg, source.batches_per_epoch))  # good_priority:
+    return offline, source, total_steps  # max_steps x the positive fraction
 
+
+def reference_caches(cfg: TrainConfig, needs: ObjectiveNeeds, models: Models, step: Step, splits: dict, *,
+                     baseline: float, pad_id: int, out: Path, world: distributed.World, device) -> dict:
+    """{split: ReferenceCache} of the reference's log-prob sums of every split's examples (`splits`: name ->
+    data or None), loaded or built (rank 0 writes them), with --precompute_ref_log_probs; the reference model is
+    then let go. {} otherwise."""
     references = {}
-    if cfg.precompute_ref_log_probs and needs.reference:
-        parts = (cfg.dataset_name, cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.torch_dtype, cfg.bf16,
-                 needs.roles)
-        for split, data in (("train", train_data), ("eval", eval_data)):
-            if data is not None:
-                walk = batches(data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
-                               max_length=cfg.max_length, baseline=offline.baseline)
-                references[split] = world.main_first(lambda: ReferenceCache.load_or_build(  # rank 0 writes it
-                    cache_path(out, split, parts, data.examples), len(data), walk, step.reference_sums, device))
-        models.reference = None  # the cache replaces it
+    if not (cfg.precompute_ref_log_probs and needs.reference):
+        return references
+    parts = (cfg.dataset_name, cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.torch_dtype, cfg.bf16,
+             needs.roles)
+    for split, data in splits.items():
+        if data is not None:
+            walk = batches(data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
+                           max_length=cfg.max_length, baseline=baseline)
+            references[split] = world.main_first(lambda: ReferenceCache.load_or_build(  # rank 0 writes it
+                cache_path(out, split, parts, data.examples), len(data), walk, step.reference_sums, device))
+    models.reference = None  # the cache replaces it
+    return references
 
-    return _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
-                   offline.baseline, world)
 
-
-def _finish(cfg, out, device, needs, models, step, source, eval_data, total_steps, pad_id, references,
-            baseline, world) -> Run:
-    """Optimizer, schedule, resume and log: the same for every kind of run."""
-    from transformers import get_scheduler
-
+def finish(cfg: TrainConfig, *, out: Path, device, needs: ObjectiveNeeds, models: Models, step: Step,
+           source: BatchSource, total_steps: int, pad_id: int, world: distributed.World,
+           eval_data: TokenizedData | None = None, held_out=None, references: dict | None = None) -> Run:
+    """The Run: the step wrapped for the ranks, the optimizer and schedule, the monitor, COFS-DPO's starting
+    adapters, the resumed state and the log."""
     step = world.wrap(step, models, fsdp=cfg.fsdp, bf16=cfg.bf16)  # DDP / FSDP2 around the step (distributed.py)
-    params = [p for p in models.policy.parameters() if p.requires_grad]
     groups = (param_groups(models.policy, cfg.learning_rate, cfg.ofs_slow_lr_ratio) if needs.slow_adapter
-              else [{"params": params}])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
-    start_step, window = 0, None
+              else None)
+    params, optimizer, scheduler = optimizer_and_schedule(cfg, models.policy, total_steps, groups=groups)
     monitor = build_monitor(cfg, models, eval_data, out, pad_id)
     if cfg.init_adapters:  # COFS-DPO's next domain: the previous one's adapters (and OFS roles), a fresh optimizer
         step.load_state_dict(load_weights(cfg.init_adapters, model=models.policy).get("step_state", {}))
         print(f"adapters from {cfg.init_adapters}", flush=True)
-    if cfg.resume_from_checkpoint:
-        path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
-        state = load_checkpoint(path, model=models.policy, optimizer=optimizer, scheduler=scheduler, output_dir=out)
-        world.restore_rank_rng(state)  # each rank's own generators, when it ran on as many ranks
-        start_step, window = int(state["step"]), state.get("window")
-        source.load_state_dict(state["batches"])
-        step.load_state_dict(state.get("step_state", {}))
-        if monitor is not None:
-            monitor.load_state_dict(state.get("monitor"))
-        print(f"resumed from {path} at step {start_step}", flush=True)
-    log = (MetricsLog if world.main else distributed.RankLog)(  # rank 0 writes the log
-        out, resume_step=start_step if cfg.resume_from_checkpoint else None, report_to=cfg.report_to, window=window)
-    return Run(cfg, out, device, needs, models.policy, step, source, eval_data, params, optimizer, scheduler, log,
-               total_steps, start_step, pad_id, references, baseline, monitor=monitor, world=world)
+    state = resume(cfg, out, model=models.policy, optimizer=optimizer, scheduler=scheduler, source=source,
+                   step=step, world=world)
+    if state and monitor is not None:
+        monitor.load_state_dict(state.get("monitor"))
+    return Run(cfg=cfg, out=out, device=device, policy=models.policy, step=step, source=source, params=params,
+               optimizer=optimizer, scheduler=scheduler, log=open_log(cfg, out, state, world),
+               total_steps=total_steps, start_step=int(state.get("step", 0)),
+               num_tokens=int(state.get("num_tokens", 0)), held_out=held_out, references=references or {},
+               monitor=monitor, world=world, needs=needs, eval_data=eval_data)
+
+
+def optimizer_and_schedule(cfg, model: torch.nn.Module, total_steps: int,
+                           groups: list[dict] | None = None) -> tuple[list, torch.optim.Optimizer, object]:
+    """(the trainable parameters, AdamW over them (or over `groups`: OFS-DPO's two adapters), the learning-rate
+    schedule cfg.lr_scheduler_type with warmup_steps, over total_steps)."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(groups or [{"params": params}], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    return params, optimizer, scheduler
+
+
+def resume(cfg, out: Path, *, model, optimizer, scheduler, source: BatchSource, step,
+           world: distributed.World) -> dict:
+    """The trainer state of cfg.resume_from_checkpoint ('latest' in out, or a directory), with the model, optimizer,
+    schedule, generators, batch source and step restored from it; {} for a fresh run."""
+    if not cfg.resume_from_checkpoint:
+        return {}
+    path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, output_dir=out)
+    world.restore_rank_rng(state)  # each rank's own generators, when it ran on as many ranks
+    source.load_state_dict(state["batches"])
+    step.load_state_dict(state.get("step_state", {}))
+    print(f"resumed from {path} at step {int(state['step'])}", flush=True)
+    return state
+
+
+def open_log(cfg, out: Path, state: dict, world: distributed.World) -> MetricsLog:
+    """The metrics log of output_dir (rank 0 writes it): a resumed run's keeps its lines up to the checkpoint and
+    its open window; a fresh run's starts empty."""
+    return (MetricsLog if world.main else distributed.RankLog)(
+        out, resume_step=int(state["step"]) if state else None, report_to=cfg.report_to,
+        window=state.get("window"))
 
 
 def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]]:
