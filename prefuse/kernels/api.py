@@ -74,7 +74,8 @@ def linear_logprobs(
     (triton on CUDA tensors). chunk_size (rows per chunk) or chunk_budget_bytes bound the logits held at once
     (default, kernels/plan.py: 2 MiB on the CPU and 8 MiB elsewhere, in vocabulary tiles when whole
     rows do not fit; a frozen weight 32 MiB; 96 MiB of whole-vocabulary rows with return_stats).
-    accumulate_fp32: sum the weight gradient over chunks in float32 for bf16/fp16 inputs. check_finite: raise a ValueError when hidden holds NaN or Inf. block_v: Triton vocabulary tile override.
+    accumulate_fp32: sum the weight gradient over chunks in float32 for bf16/fp16 inputs. check_finite: raise a
+    ValueError when hidden holds NaN or Inf. block_v: Triton vocabulary tile override.
     return_stats: also return the TokenStats of every labeled position (entropy, top-k mass with `top_k`, ...),
     read from the same logits chunks in forward (no gradient; the chunks then span the whole vocabulary).
     mode: "frozen_weight" when only hidden needs a gradient (weight and bias frozen: LoRA): forward also forms each
