@@ -1,28 +1,64 @@
 """`prefuse bench --task train`: prefuse train's step and TRL's DPOTrainer on the same model and pairs give the same
-losses at every step (LoRA and full fine-tuning), and the command refuses bad arguments in one line."""
+losses at every step (LoRA and full fine-tuning), an installed prefuse runs it with nothing beside it (the pairs are
+generated), and the command refuses bad arguments in one line."""
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from prefuse.bench import train
+from prefuse.bench import train, train_data
 from prefuse.cli import main
 
 pytest.importorskip("trl")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    if not train.DATA.exists():
-        pytest.skip("the shared preference data is not next to the repository")
-    out = tmp_path_factory.mktemp("bench_train")
+def installed(tmp_path_factory) -> Path:
+    """prefuse as a user installs it: a wheel built from a copy of the sources, installed into a folder of its own
+    (its dependencies are the environment's)."""
+    root = tmp_path_factory.mktemp("installed")
+    source = root / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "prefuse", source / "prefuse", ignore=shutil.ignore_patterns("__pycache__"))
+    def pip(*args):
+        proc = subprocess.run([sys.executable, "-m", "pip", "-q", *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "wheel"), str(source))
+    pip("install", "--no-deps", "--no-index", "--target", str(root / "site"), *map(str, (root / "wheel").glob("*.whl")))
+    return root / "site"
+
+
+@pytest.fixture(scope="module")
+def quick(installed, tmp_path_factory):
+    """`prefuse bench --task train --quick` of the installed copy, run in a folder with no ../shared beside it."""
+    work = tmp_path_factory.mktemp("bench_train")
+    assert not (work.parent / "shared").exists()
+    env = dict(os.environ, PYTHONPATH=str(installed))
+    where = subprocess.run([sys.executable, "-c", "import prefuse; print(prefuse.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert Path(where.stdout.strip()).is_relative_to(installed), where.stdout + where.stderr
     proc = subprocess.run([sys.executable, "-m", "prefuse", "bench", "--task", "train", "--quick", "--json",
-                           str(out / "train.json"), "--markdown", str(out / "train.md")],
-                          capture_output=True, text=True, timeout=600)
+                           "train.json", "--markdown", "train.md"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc, json.loads((out / "train.json").read_text()), (out / "train.md").read_text()
+    return proc, json.loads((work / "train.json").read_text()), (work / "train.md").read_text()
+
+
+def test_an_installed_copy_runs_the_quick_bench_on_generated_pairs(quick):
+    _, data, _ = quick
+    assert {(r["peft"], r["path"]) for r in data["records"]} == {(m, p) for m in train.MODES for p in train.TRAIN_PATHS}
+    for rec in data["records"]:
+        assert rec["dataset"] == "generated" and rec["shape"] == train.QUICK_SHAPE.label, rec
+        assert rec["losses"] or not rec["available"], rec
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -61,6 +97,52 @@ def test_quick_reports_liger_not_available_on_the_cpu_and_writes_the_table(quick
     assert markdown.startswith("    prefuse bench --task train") and "| 64x2x2048 | lora | trl |" in markdown
 
 
+def test_generated_pairs_are_seeded_words_of_the_list_in_the_shapes_lengths():
+    pairs = train_data.generated_pairs(6, 256)
+    assert pairs == train_data.generated_pairs(6, 256) != train_data.generated_pairs(6, 256, seed=1)
+    assert train_data.generated_pairs(2, 256) == pairs[:2]
+    assert train_data.tokenizer_texts(256)[:3] == [pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]]
+    words = set(train_data.WORDS)
+    for pair in pairs:
+        assert pair["prompt"].endswith("?\n") and len(pair["prompt"]) <= 256 // 2 + 2
+        assert pair["chosen"] != pair["rejected"]
+        for side in ("chosen", "rejected"):
+            assert 2 * 256 <= len(pair[side]) <= 5 * 256 + 200
+        text = " ".join(pair.values()).lower()
+        assert set(text.replace(",", " ").replace(".", " ").replace("?", " ").split()) <= words
+
+
+def test_the_built_shape_takes_a_dataset_file(tmp_path):
+    rows = [{"prompt": "no answer", "chosen": "same", "rejected": "same"}] + [
+        {"prompt": f"Question {k}: " + "why " * 40, "chosen": f" Because {k}.", "rejected": f" No idea {k}."}
+        for k in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shape = train.TrainShape(64, 1, 512, pairs=2, max_length=32, dataset=str(path))
+    model_dir, pairs_file = train.prepare(shape, tmp_path)
+    written = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert written == [{"prompt": rows[k]["prompt"][:16].rstrip() + "\n", "chosen": rows[k]["chosen"].lstrip(),
+                        "rejected": rows[k]["rejected"].lstrip()} for k in (1, 2)]  # the tie is left out
+    assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
+    assert shape.describe()["dataset"] == str(path)
+
+
+@pytest.mark.parametrize("rows,message", [
+    (None, "--dataset: no such file"),
+    ([{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}],
+     "pairs.jsonl:1: the built shape takes prompt, chosen and rejected strings"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}], "has 1 usable pairs (a prompt and two different responses), "
+                                                        "the shape asks for 2"),
+])
+def test_a_bad_dataset_for_the_built_shape_is_one_line(tmp_path, capsys, rows, message):
+    path = tmp_path / "pairs.jsonl"
+    if rows is not None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["bench", "--task", "train", "--quick", "--dataset", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prefuse bench: error: --dataset: ") and message in err, err
+
+
 def record(path, losses, digest="a", logps=(-90.0, -80.0)):
     metrics = [{"logps/chosen": logps[0], "logps/rejected": logps[1]}] * len(losses)
     return {"path": path, "peft": "lora", "losses": losses, "metrics": metrics, "batch_digest": digest, "errors": []}
@@ -93,6 +175,9 @@ def test_sequence_logps_are_checked_relative_to_their_size():
     (["--rounds", "0"], "--rounds: expected at least 1"),
     (["--grid"], "--grid: not for --task train"),
     (["--device", "tpu"], "--device: 'tpu' is not available here"),
+    (["--model_name_or_path", "model"], "--model_name_or_path: give --dataset too"),
+    (["--model_name_or_path", "model", "--dataset", "d.jsonl", "--shapes", "64x2x2048"],
+     "--shapes: not with --model_name_or_path"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(["bench", "--task", "train", *argv]) == 2

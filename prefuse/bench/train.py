@@ -3,9 +3,10 @@
     records = run(TrainShape(256, 4, 32000), modes=["lora", "full"], paths=["prefuse", "trl", "trl_liger"])
 
 One tiny-but-head-heavy Llama built from a config (hidden H, L layers, vocabulary V: the head's matmuls dominate),
-saved with save_pretrained beside a byte-level BPE tokenizer trained here on the shared data's texts (a vocabulary
-the text cannot fill is padded: the model keeps V rows); a few pairs of the shared UltraFeedback sample, written to
-one JSON-lines file that both paths read, cut to a fixed max_length. Paths:
+saved with save_pretrained beside a byte-level BPE tokenizer trained here on the pairs' texts (a vocabulary the
+text cannot fill is padded: the model keeps V rows); a few preference pairs, generated (prefuse/bench/train_data.py:
+nothing is read from outside the package) or the first ones of a --dataset file, written to one JSON-lines file
+that both paths read, cut to a fixed max_length. Paths:
 
 - prefuse: `prefuse train`'s run (`engine/train/build.build_run`) and the body of `engine/train/loop.py:train` for one
   micro-batch: decoder -> fused head -> objective -> backward -> clip -> AdamW -> schedule;
@@ -39,10 +40,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefuse.bench import train_data
 from prefuse.bench.train_workers import SEED, SHARED_METRICS
 from prefuse.engine.models.gguf import is_gguf, plain_directory
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ultrafeedback_binarized_sample_train.jsonl"
 LOSS_TOLERANCE = 1e-4  # |loss - prefuse's loss| at every step, float32 on both sides
 METRIC_TOLERANCE = 1e-4  # |logps - prefuse's| / max(|prefuse's|, 1): the same tokens scored by the same weights
 LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
@@ -71,6 +72,7 @@ class TrainShape:
     vocab: int
     pairs: int = 4
     max_length: int = 256
+    dataset: str | None = None  # a JSON-lines file of standard-format pairs; None: generated (bench/train_data.py)
 
     @property
     def label(self) -> str:
@@ -78,7 +80,7 @@ class TrainShape:
 
     def describe(self) -> dict:
         return {"shape": self.label, "hidden": self.hidden, "layers": self.layers, "vocab": self.vocab,
-                "pairs": self.pairs, "max_length": self.max_length}
+                "pairs": self.pairs, "max_length": self.max_length, "dataset": self.dataset or "generated"}
 
     def prepare(self, work: Path) -> tuple[Path, Path]:
         return prepare(self, work)
@@ -146,25 +148,19 @@ QUICK_SHAPE = TrainShape(64, 2, 2048, pairs=2, max_length=64)
 
 # -- the model and the data, built once in the parent ---------------------------------------------------------------
 
-def prepare(shape: TrainShape, work: Path, data: Path = DATA) -> tuple[Path, Path]:
-    """(model directory, pairs file) in `work`: the pairs file with `shape.pairs` rows (prompt cut so it cannot reach
-    max_length, ending on a newline so prompt and response tokenize apart), the tokenizer and a Llama of the shape."""
+def prepare(shape: TrainShape, work: Path) -> tuple[Path, Path]:
+    """(model directory, pairs file) in `work`: the pairs file with `shape.pairs` rows (generated, or the first of
+    `shape.dataset`), the tokenizer trained on their texts and a Llama of the shape."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     import torch
 
-    if not data.exists():
-        raise ValueError(f"the shared preference data is missing: {data}")
-    rows = [json.loads(line) for line in data.open(encoding="utf-8")]
-    pairs = []
-    for row in rows:  # prompt: <= max_length // 2 characters, so its tokens (+ BOS) leave room for the responses
-        prompt = row["prompt"][: shape.max_length // 2].rstrip()
-        chosen, rejected = row["chosen"].lstrip(), row["rejected"].lstrip()
-        if prompt and chosen and rejected and chosen != rejected:
-            pairs.append({"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected})
-        if len(pairs) == shape.pairs:
-            break
+    if shape.dataset is None:
+        pairs = train_data.generated_pairs(shape.pairs, shape.max_length)
+        texts = train_data.tokenizer_texts(shape.max_length)
+    else:
+        pairs, texts = file_pairs(shape.dataset, shape.pairs, shape.max_length)
     pairs_file = work / "pairs.jsonl"
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
 
@@ -174,8 +170,7 @@ def prepare(shape: TrainShape, work: Path, data: Path = DATA) -> tuple[Path, Pat
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=shape.vocab, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator((text for row in rows for text in (row["prompt"], row["chosen"], row["rejected"])),
-                                  trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                              special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
@@ -188,6 +183,40 @@ def prepare(shape: TrainShape, work: Path, data: Path = DATA) -> tuple[Path, Pat
     LlamaForCausalLM(config).save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
     return model_dir, pairs_file
+
+
+def file_pairs(dataset: str, count: int, max_length: int) -> tuple[list[dict], list[str]]:
+    """The first `count` usable pairs of a JSON-lines file in TRL's standard format (prompt, chosen and rejected
+    strings), the prompt cut to max_length // 2 characters (so its tokens leave room for the responses) and ended on
+    a newline (so prompt and response tokenize apart), and every row's texts for the tokenizer; ValueError when
+    the file is missing, a row is not in that format, or fewer pairs are usable."""
+    path = Path(dataset)
+    if not path.is_file():
+        raise ValueError(f"--dataset: no such file: {dataset}")
+    rows = []
+    for number, line in enumerate(path.open(encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--dataset: {dataset}:{number}: not JSON ({error})") from None
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected"))):
+            raise ValueError(f"--dataset: {dataset}:{number}: the built shape takes prompt, chosen and rejected "
+                             f"strings (TRL's standard format); other formats need --model_name_or_path")
+        rows.append(row)
+    pairs = []
+    for row in rows:
+        prompt = row["prompt"][: max_length // 2].rstrip()
+        chosen, rejected = row["chosen"].lstrip(), row["rejected"].lstrip()
+        if prompt and chosen and rejected and chosen != rejected:
+            pairs.append({"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected})
+        if len(pairs) == count:
+            break
+    if len(pairs) < count:
+        raise ValueError(f"--dataset: {dataset} has {len(pairs)} usable pairs (a prompt and two different "
+                         f"responses), the shape asks for {count}")
+    return pairs, [text for row in rows for text in (row["prompt"], row["chosen"], row["rejected"])]
 
 
 # -- the parent: start the workers, step them in turn, collect ---------------------------------------------------------
@@ -378,5 +407,5 @@ def parse_shape(text: str) -> TrainShape:
     return TrainShape(hidden, layers, vocab)
 
 
-__all__ = ["run", "format_table", "check_losses", "parse_shape", "prepare", "TrainShape", "TRAIN_PATHS", "MODES",
-           "DEFAULT_SHAPE", "QUICK_SHAPE"]
+__all__ = ["run", "format_table", "check_losses", "parse_shape", "prepare", "file_pairs", "TrainShape", "TRAIN_PATHS",
+           "MODES", "DEFAULT_SHAPE", "QUICK_SHAPE"]

@@ -4,6 +4,7 @@ compiler's static report (--static, prefuse/bench/roofline.py), or whole DPO tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -39,8 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peft", default="both", help="--task train: lora, full or both (default)")
     p.add_argument("--model_name_or_path", default=None,
                    help="--task train: a pretrained model (a directory or a .gguf file) instead of the built shape")
-    p.add_argument("--dataset", default=None, help="--task train with --model_name_or_path: a JSON-lines preference "
-                                                   "file (TRL formats); its first --pairs rows that fit --max_length")
+    p.add_argument("--dataset", default=None,
+                   help="--task train: a JSON-lines preference file instead of the generated pairs; with "
+                        "--model_name_or_path (TRL formats) its first --pairs rows that fit --max_length, with the "
+                        "built shape (prompt, chosen, rejected strings) its first pairs of the shape")
     p.add_argument("--pairs", type=int, default=8, help="--task train with --model_name_or_path: pairs per batch")
     p.add_argument("--max_length", type=int, default=256,
                    help="--task train with --model_name_or_path: the longest prompt + response, in tokens")
@@ -111,16 +114,19 @@ def train_settings(args: argparse.Namespace) -> tuple[list, tuple[str, ...]]:
                                    ("--frozen_weight", args.frozen_weight)) if on]
     if other:
         raise ValueError(f"{' '.join(other)}: not for --task train")
-    if (args.model_name_or_path is None) != (args.dataset is None):
-        raise ValueError("--model_name_or_path and --dataset: give both (a pretrained model and its pairs) or "
-                         "neither (the built shape)")
+    if args.model_name_or_path and args.dataset is None:
+        raise ValueError("--model_name_or_path: give --dataset too (the pretrained model's pairs); without both, "
+                         "the built shape")
     if args.model_name_or_path and args.shapes:
         raise ValueError("--shapes: not with --model_name_or_path (the model has its own shape)")
     if args.pairs < 1 or args.max_length < 2:
         raise ValueError(f"--pairs {args.pairs} --max_length {args.max_length}: expected >= 1 and >= 2")
-    shapes = ([train.RealModel(args.model_name_or_path, args.dataset, args.pairs, args.max_length)]
-              if args.model_name_or_path else [train.parse_shape(s) for s in args.shapes] if args.shapes
-              else [train.QUICK_SHAPE if args.quick else train.DEFAULT_SHAPE])
+    if args.model_name_or_path:
+        shapes = [train.RealModel(args.model_name_or_path, args.dataset, args.pairs, args.max_length)]
+    else:  # the built shape: generated pairs, or --dataset's
+        shapes = ([train.parse_shape(s) for s in args.shapes] if args.shapes
+                  else [train.QUICK_SHAPE if args.quick else train.DEFAULT_SHAPE])
+        shapes = [dataclasses.replace(shape, dataset=args.dataset) for shape in shapes]
     modes = {"both": train.MODES, "lora": ("lora",), "full": ("full",)}.get(args.peft)
     if modes is None:
         raise ValueError(f"--peft: expected lora, full or both, got {args.peft!r}")
