@@ -22,11 +22,12 @@ already differs from log 2). Full: the reference is a second copy of the model.
 
 Measurement: every (mode, path) runs in its own fresh worker process (prefuse/bench/train_workers.py), so its peak
 memory is its own, with the allocator settings a user's process has (glibc's defaults; prefuse's run sets its own
-on the CPU, engine/train/allocator.py); one mode's workers at a time; the workers build concurrently, then take one training step at a time in turn, the order
-rotating each round, so the shared machine's drift falls on all of them alike. After `warmup` steps each worker resets its high-water mark: peak
-memory is the resident high-water mark over the timed steps (CPU) or `torch.cuda.max_memory_allocated` (CUDA),
-absolute and above the resident (allocated) size at the reset. The losses of every step are kept and checked
-equal across paths (`LOSS_TOLERANCE`); the token ids of the batch are hashed on both sides to show they are the same.
+on the CPU, engine/train/allocator.py); one mode's workers at a time; the workers build concurrently, then take
+one training step at a time in turn, the order rotating each round, so the shared machine's drift falls on all of
+them alike. After `warmup` steps each worker resets its high-water mark: peak memory is the resident high-water
+mark over the timed steps (CPU) or `torch.cuda.max_memory_allocated` (CUDA), absolute and above the resident
+(allocated) size at the reset. The losses of every step are kept and checked equal across paths
+(`LOSS_TOLERANCE`); the token ids of the batch are hashed on both sides to show they are the same.
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ class TrainShape:
 
 @dataclass(frozen=True)
 class RealModel:
-    """A pretrained model (a directory, or a GGUF file: its plain copy, engine/models/gguf.py) and the first `pairs` rows
-    of a preference file that fit `max_length` tokens whole (nothing is truncated, so both paths see the same
+    """A pretrained model (a directory, or a GGUF file: its plain copy, engine/models/gguf.py) and the first `pairs`
+    rows of a preference file that fit `max_length` tokens whole (nothing is truncated, so both paths see the same
     tokens): conversational rows through the model's chat template."""
     model: str
     dataset: str
@@ -151,10 +152,9 @@ QUICK_SHAPE = TrainShape(64, 2, 2048, pairs=2, max_length=64)
 def prepare(shape: TrainShape, work: Path) -> tuple[Path, Path]:
     """(model directory, pairs file) in `work`: the pairs file with `shape.pairs` rows (generated, or the first of
     `shape.dataset`), the tokenizer trained on their texts and a Llama of the shape."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    import torch
 
     if shape.dataset is None:
         pairs = train_data.generated_pairs(shape.pairs, shape.max_length)

@@ -10,8 +10,21 @@ A command is a module of prefuse/commands/ with
 A new command is a module and one entry here."""
 from __future__ import annotations
 
-from prefuse.commands import (bdhs, bench, convert, demo, export, generate, kernels, merge_adapters, objectives, rlhs,
-                              selm_data, train, train_rm)
+from prefuse.commands import (
+    bdhs,
+    bench,
+    convert,
+    demo,
+    export,
+    generate,
+    kernels,
+    merge_adapters,
+    objectives,
+    rlhs,
+    selm_data,
+    train,
+    train_rm,
+)
 
 COMMANDS = (demo, bench, train, train_rm, objectives, generate, selm_data, bdhs, rlhs, merge_adapters, export, convert,
             kernels)

@@ -8,7 +8,8 @@ from prefuse.commands.flags import config_flags
 from prefuse.commands.models import add_gguf_file, plain_models, settings
 
 NAME = "selm-data"
-HELP = "SELM's offline data: each pair's y_w, y_l and the reference's greedy y_ref ranked by a judge, best against worst"
+HELP = ("SELM's offline data: each pair's y_w, y_l and the reference's greedy y_ref ranked by a judge, best against "
+        "worst")
 DESCRIPTION = ("For every pair of --dataset_name, y_ref is --model_name_or_path's greedy response; y_w, y_l and "
                "y_ref are ranked by the judge (--reward_funcs, --reward_model_path or a pairwise --judge); writes "
                "prompt, chosen (the best), rejected (the worst) and reference_response (y_ref) to --output, for "
