@@ -232,6 +232,34 @@ class PreferenceLoss(torch.nn.Module):
         hidden, weight and labels are positional: a `labels=` keyword is the objective's input of that name (KTO's
         desirable flags [B]). Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them), and with
         return_inputs also the objective's inputs (detached: policy_chosen_logps [B], chosen_lengths, ...)."""
+        self._check_call(hidden, weight, labels, bias, ref_hidden, inputs)
+        role_batch = _role_batch(default_roles(hidden.shape[0], hidden.device) if roles is None else roles,
+                                 hidden.shape[0], hidden.device)
+        wanted = self._check_inputs(role_batch, inputs, ref_hidden is not None)
+        needs_grad = any(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+        rows = self._group_rows(hidden, weight, bias, labels, role_batch, inputs, needs_grad)
+        stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
+        fixed = {**inputs, **stats.shapes()}
+        shared_logp = None
+        if ref_hidden is not None and any(s.source == "ref" for s in wanted):
+            shared_logp, ref_logp = self._reference_logp(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows,
+                                                         needs_grad)
+            fixed.update(stats.values(ref_logp, "ref"))
+        self.last_shared = shared_logp is not None
+        if needs_grad and rows.in_forward:
+            loss, metrics, objective_inputs = self._in_forward_loss(hidden, weight, bias, rows, stats, fixed,
+                                                                    role_batch.n_examples)
+        else:
+            loss, metrics, objective_inputs = self._autograd_loss(hidden, weight, bias, rows, stats, fixed,
+                                                                  role_batch.n_examples, needs_grad, shared_logp)
+        if return_inputs:
+            detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in objective_inputs.items()}
+            return loss, metrics, detached
+        return loss, metrics
+
+    def _check_call(self, hidden, weight, labels, bias, ref_hidden, inputs: dict) -> None:
+        """ValueError for head inputs of the wrong shapes, or a reference the objectives do not read or given
+        twice (its hidden states and its precomputed sums)."""
         if hidden.dim() != 3:
             raise ValueError(f"hidden: expected [S, T, H], got {tuple(hidden.shape)}")
         check_head_inputs(hidden, weight, labels, bias, ignore_index=self.ignore_index)
@@ -243,13 +271,13 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"ref_hidden / ref_*_logps: {self.names} use no reference model; drop them")
         if ref_hidden is not None and given_ref:
             raise ValueError(f"ref_hidden: pass either ref_hidden or precomputed {given_ref}, not both")
-        role_batch = _role_batch(default_roles(hidden.shape[0], hidden.device) if roles is None else roles,
-                                 hidden.shape[0], hidden.device)
-        wanted = self._check_inputs(role_batch, inputs, ref_hidden is not None)
 
-        on = torch.is_grad_enabled()
-        needs_grad = any(on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-        frozen = bool(on and hidden.requires_grad and not weight.requires_grad
+    def _group_rows(self, hidden, weight, bias, labels, role_batch: RoleBatch, inputs: dict,
+                    needs_grad: bool) -> RowGroups:
+        """The call's rows and plan: grouped example by example (the in-forward mode) when the objectives are
+        separable, no extra input carries a gradient and no sequence belongs to two examples; else one group of
+        the sequences some role reads."""
+        frozen = bool(torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                       and (bias is None or not bias.requires_grad))
         grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
         groupable = self.separable and not grad_inputs and role_batch.sequence_example is not None
@@ -259,51 +287,56 @@ class PreferenceLoss(torch.nn.Module):
                 f"extra inputs without gradient and no sequence shared by two examples; use mode='auto'")
         sequence_group = (role_batch.sequence_example if groupable
                           else torch.where(role_batch.sequence_read, 0, -1))
-        rows = group_rows(labels, sequence_group, vocab=weight.shape[0], hidden_size=hidden.shape[-1],
+        return group_rows(labels, sequence_group, vocab=weight.shape[0], hidden_size=hidden.shape[-1],
                           dtype=hidden.dtype, needs_grad=needs_grad, grouped=groupable,
                           ignore_index=self.ignore_index, mode=self.mode, chunk_size=self.chunk_size,
                           chunk_budget_bytes=self.chunk_budget_bytes, grad_budget_bytes=self.grad_budget_bytes,
                           weight_frozen=frozen)
-        stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
-        head = dict(temperature=self.temperature, softcap=self.softcap, backend=self.backend,
-                    accumulate_fp32=self.accumulate_fp32)
-        fixed = {**inputs, **stats.shapes()}
-        shared_logp = None
-        if ref_hidden is not None and any(s.source == "ref" for s in wanted):
-            # the reference goes through the same rows, chunks and reductions as the policy, so that a policy
-            # equal to its reference gives rewards of exactly 0
-            ref_weight, ref_bias = (weight, bias if ref_bias is None else ref_bias) if ref_weight is None else (
-                ref_weight, ref_bias)
-            if (self.share_reference_chunks and rows.frozen_weight and needs_grad
-                    and _same_tensor(ref_weight, weight) and _same_tensor(ref_bias, bias)):
-                # one lm_head (LoRA): each chunk's logits matmul reads it once for both models' rows
-                shared_logp, ref_logp = grouped_logprobs_shared(hidden, ref_hidden, weight, rows, bias=bias, **head)
-            else:
-                with torch.no_grad():
-                    ref_logp = grouped_logprobs(ref_hidden.detach(), ref_weight.detach(), rows,
-                                                bias=None if ref_bias is None else ref_bias.detach(), **head)
-            fixed.update(stats.values(ref_logp, "ref"))
-        self.last_shared = shared_logp is not None
 
-        if not (needs_grad and rows.in_forward):
-            self.last_mode = ("frozen_weight" if rows.frozen_weight else "recompute") if needs_grad else "forward_only"
-            logp = shared_logp if shared_logp is not None else grouped_logprobs(hidden, weight, rows, bias=bias,
-                                                                                 **head)
-            objective_inputs = {**fixed, **stats.values(logp, "policy")}
-            loss, metrics = self._objective(self._whole_batch(objective_inputs, role_batch.n_examples))
-        else:
-            self.last_mode = "in_forward"
-            coef_fn = self._chunk_gradient(rows, stats, fixed, role_batch.n_examples)
-            surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, **head)
-            objective_inputs = {**fixed, **stats.values(logp, "policy")}
-            with torch.no_grad():
-                loss, metrics = self._objective(objective_inputs)
-            # the value of the objective; its gradient is the one formed in forward (the surrogate's)
-            loss = loss.detach().float() + (surrogate - surrogate.detach())
-        if return_inputs:
-            detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in objective_inputs.items()}
-            return loss, metrics, detached
-        return loss, metrics
+    def _head_options(self) -> dict:
+        return dict(temperature=self.temperature, softcap=self.softcap, backend=self.backend,
+                    accumulate_fp32=self.accumulate_fp32)
+
+    def _reference_logp(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows: RowGroups,
+                        needs_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the policy's log-probs [M] when they came from the same pass, else None; the reference's [M], without
+        gradient). The reference goes through the same rows, chunks and reductions as the policy, so that a policy
+        equal to its reference gives rewards of exactly 0; its head defaults to the policy's."""
+        ref_weight, ref_bias = (weight, bias if ref_bias is None else ref_bias) if ref_weight is None else (
+            ref_weight, ref_bias)
+        if (self.share_reference_chunks and rows.frozen_weight and needs_grad
+                and _same_tensor(ref_weight, weight) and _same_tensor(ref_bias, bias)):
+            # one lm_head (LoRA): each chunk's logits matmul reads it once for both models' rows
+            return grouped_logprobs_shared(hidden, ref_hidden, weight, rows, bias=bias, **self._head_options())
+        with torch.no_grad():
+            return None, grouped_logprobs(ref_hidden.detach(), ref_weight.detach(), rows,
+                                          bias=None if ref_bias is None else ref_bias.detach(),
+                                          **self._head_options())
+
+    def _autograd_loss(self, hidden, weight, bias, rows: RowGroups, stats: RoleStatistics, fixed: dict,
+                       n_examples: int | None, needs_grad: bool, shared_logp: torch.Tensor | None):
+        """(loss, metrics, the objective's inputs): the policy's log-probs (those of the shared pass when given)
+        with a recomputing or frozen-weight backward, then the objective under autograd; forward only without
+        gradient."""
+        self.last_mode = ("frozen_weight" if rows.frozen_weight else "recompute") if needs_grad else "forward_only"
+        logp = shared_logp if shared_logp is not None else grouped_logprobs(hidden, weight, rows, bias=bias,
+                                                                             **self._head_options())
+        objective_inputs = {**fixed, **stats.values(logp, "policy")}
+        loss, metrics = self._objective(self._whole_batch(objective_inputs, n_examples))
+        return loss, metrics, objective_inputs
+
+    def _in_forward_loss(self, hidden, weight, bias, rows: RowGroups, stats: RoleStatistics, fixed: dict,
+                         n_examples: int):
+        """(loss, metrics, the objective's inputs) with the head's gradients formed in forward, chunk by chunk:
+        the loss's value is the objective's on the whole batch, its gradient the surrogate's."""
+        self.last_mode = "in_forward"
+        coef_fn = self._chunk_gradient(rows, stats, fixed, n_examples)
+        surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, **self._head_options())
+        objective_inputs = {**fixed, **stats.values(logp, "policy")}
+        with torch.no_grad():
+            loss, metrics = self._objective(objective_inputs)
+        loss = loss.detach().float() + (surrogate - surrogate.detach())
+        return loss, metrics, objective_inputs
 
     def _whole_batch(self, inputs: dict, n_examples: int | None) -> dict:
         """The objective's inputs over the whole batch when it is sharded over `batch_group` and an objective is

@@ -172,6 +172,18 @@ class _GradAccumulator:
             self.grad_bias[vocab].add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
         self.first = False
 
+    def hidden_rows(self, rows: slice) -> torch.Tensor | None:
+        """The rows of grad_hidden that the kept rows `rows` write, as a view when they are contiguous (no row
+        index), else None."""
+        return self.grad_hidden[rows] if self.index is None else None
+
+    def put_hidden_rows(self, rows: slice, block: torch.Tensor) -> None:
+        """Writes block [m, H] (any float dtype, cast to grad_hidden's) into grad_hidden at the kept rows `rows`."""
+        if self.index is None:
+            self.grad_hidden[rows] = block
+        else:
+            self.grad_hidden.index_copy_(0, self.index[rows], block.to(self.grad_hidden.dtype))
+
     def results(self, scale: torch.Tensor | None = None):
         """The gradients in the parameters' dtype, scaled in place by the upstream scalar when given."""
         out = []
@@ -402,6 +414,96 @@ def _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg: HeadConfig, ba
     return target - lse, basis
 
 
+def _frozen_chunks(cfg: HeadConfig, weight: torch.Tensor, n_rows: int, chunks: list[slice] | None):
+    """(row chunks, vocabulary tiles or None) of a frozen-weight pass. A plan with vocabulary tiles runs them with
+    an online softmax where the torch backend folds (float32, no softcap) and no statistics are asked for;
+    elsewhere whole-vocabulary rows, fewer per chunk, in a buffer of the tiles' size (the caller's chunks are
+    then dropped)."""
+    vocab, rows_per_chunk, tiles = weight.shape[0], cfg.rows_per_chunk, None
+    if cfg.vocab_tile is not None and cfg.vocab_tile < vocab:
+        if _folds(cfg, weight) and cfg.stats_top_k is None:  # the online softmax over vocabulary tiles
+            tiles = vocab_slices(vocab, cfg.vocab_tile)
+        else:  # whole-vocabulary rows (softcap, bf16, Triton, statistics) in a buffer of the tiles' size
+            rows_per_chunk = max(1, cfg.rows_per_chunk * cfg.vocab_tile // vocab)
+            chunks = None
+    return (chunk_slices(n_rows, rows_per_chunk) if chunks is None else chunks), tiles
+
+
+class _BasisPass:
+    """One forward of the frozen-weight head: per row chunk, the log-probs into `logp` (and the reference's into
+    `ref_logp`) and the gradient basis of the policy's rows into `acc.grad_hidden`.
+
+    With ref_hidden a chunk holds its m policy rows, then the reference's m rows at the same positions."""
+
+    def __init__(self, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks, ref_hidden):
+        self.hidden, self.weight, self.bias, self.labels, self.index = hidden, weight, bias, labels, index
+        self.cfg = cfg
+        self.ref_hidden, self.shared = ref_hidden, ref_hidden is not None
+        n_rows, vocab = labels.shape[0], weight.shape[0]
+        self.chunks, self.tiles = _frozen_chunks(cfg, weight, n_rows, chunks)
+        self.folds = _folds(cfg, weight)
+        self.acc = _GradAccumulator(hidden, index, weight, None, True, False, False, cfg.accumulate_fp32)
+        self.logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        self.ref_logp = torch.empty_like(self.logp) if self.shared else None
+        longest = max((c.stop - c.start for c in self.chunks), default=1)
+        per_chunk = 2 * longest if self.shared else longest
+        width = vocab if self.tiles is None else cfg.vocab_tile
+        self.buffer = torch.empty(per_chunk * width, dtype=weight.dtype, device=weight.device)  # [per_chunk, width]
+        self.ones = torch.ones(per_chunk, dtype=torch.float32, device=hidden.device)
+
+    def run(self, stats_sink: list | None) -> None:
+        for rows in self.chunks:
+            h, lab = self.chunk_rows(rows)
+            if self.tiles is not None:
+                lp = self.tiled_chunk(rows, h, lab)
+            else:
+                lp = self.whole_vocab_chunk(rows, h, lab, stats_sink)
+            self.write_logp(rows, lp)
+
+    def chunk_rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h [m or 2m, H], labels [m or 2m]): the policy's rows of the chunk, then the reference's."""
+        h, lab = gather_rows(self.hidden, self.index, rows), self.labels[rows]
+        if self.shared:
+            h = torch.cat([h, gather_rows(self.ref_hidden, self.index, rows)])
+            lab = torch.cat([lab, lab])
+        return h, lab
+
+    def write_logp(self, rows: slice, lp: torch.Tensor) -> None:
+        """lp [m or 2m]: the policy's log-probs of the chunk's rows, then the reference's."""
+        m = rows.stop - rows.start
+        self.logp[rows] = lp[:m]
+        if self.shared:
+            self.ref_logp[rows] = lp[m:]
+
+    def tiled_chunk(self, rows: slice, h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """The online softmax over vocabulary tiles (torch backend, float32, no softcap)."""
+        lp, basis = _frozen_tiled_chunk(h, lab, self.weight, self.bias, self.tiles, self.buffer, self.cfg,
+                                        rows.stop - rows.start)
+        self.acc.put_hidden_rows(rows, basis)
+        return lp
+
+    def whole_vocab_chunk(self, rows: slice, h: torch.Tensor, lab: torch.Tensor,
+                          stats_sink: list | None) -> torch.Tensor:
+        """The chunk's logits over the whole vocabulary, its statistics when asked for, then its basis."""
+        cfg, m = self.cfg, rows.stop - rows.start
+        logits = chunk_logits(h, self.weight, self.bias, out=self.buffer, columns=cfg.columns)
+        if cfg.stats_top_k is not None:  # before the ops below, which overwrite the logits in place
+            stats_sink.append(cfg.ops.logits_stats(logits[:m], lab[:m], top_k=cfg.stats_top_k, **cfg.op_kwargs()))
+        if self.folds:  # one pass fewer: the row normalization goes onto the [m, H] product
+            lp, _, u, row_scale = torch_ops.logits_forward_basis_(logits, lab, inv_temperature=cfg.inv_temperature)
+            u, row_scale = u[:m], row_scale[:m]
+            target = self.acc.hidden_rows(rows)  # written in place where the rows are contiguous
+            block = torch.mm(u, self.weight, out=target).mul_(row_scale[:, None])
+            if target is None:
+                self.acc.put_hidden_rows(rows, block)
+            return lp
+        # the in-forward op with coefficient 1 per row: dz = onehot - softmax, through the transform
+        ones = self.ones[:lab.shape[0]]
+        lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones, None), **cfg.op_kwargs())
+        self.acc.add(rows, _compute_dtype_grad(grad[:m], self.hidden.dtype), h[:m])  # basis rows = dz @ W
+        return lp
+
+
 class FusedLogprobsFrozenWeight(torch.autograd.Function):
     """hidden [N, H] (needs a gradient), weight [V, H] and bias [V] | None (need none), labels [M], index [M] | None
     as in FusedLogprobs -> logp [M] float32; with ref_hidden [N, H] (a reference through the same lm_head: LoRA's
@@ -429,75 +531,17 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
         if cfg.with_mean_logp:
             raise ValueError("with_mean_logp: the frozen-weight mode holds one basis per row (no mean_logp); use "
                              "mode='recompute' or 'in_forward' with label smoothing")
-        shared = ref_hidden is not None
-        if shared and ref_hidden.shape != hidden.shape:
+        if ref_hidden is not None and ref_hidden.shape != hidden.shape:
             raise ValueError(f"ref_hidden: {tuple(ref_hidden.shape)} must equal hidden's {tuple(hidden.shape)}")
-        n_rows, vocab = labels.shape[0], weight.shape[0]
-        rows_per_chunk, tiles = cfg.rows_per_chunk, None
-        if cfg.vocab_tile is not None and cfg.vocab_tile < vocab:
-            if _folds(cfg, weight) and cfg.stats_top_k is None:  # the online softmax over vocabulary tiles
-                tiles = vocab_slices(vocab, cfg.vocab_tile)
-            else:  # whole-vocabulary rows (softcap, bf16, Triton, statistics) in a buffer of the tiles' size
-                rows_per_chunk = max(1, cfg.rows_per_chunk * cfg.vocab_tile // vocab)
-                chunks = None
-        acc = _GradAccumulator(hidden, index, weight, None, True, False, False, cfg.accumulate_fp32)
-        logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        ref_logp = torch.empty_like(logp) if shared else None
-        chunks = chunk_slices(n_rows, rows_per_chunk) if chunks is None else chunks
-        longest = max((c.stop - c.start for c in chunks), default=1)
-        per_chunk = 2 * longest if shared else longest
-        width = vocab if tiles is None else cfg.vocab_tile
-        buffer = torch.empty(per_chunk * width, dtype=weight.dtype, device=weight.device)  # [per_chunk, width]
-        ones = torch.ones(per_chunk, dtype=torch.float32, device=hidden.device)
-        for rows in chunks:
-            h, lab = gather_rows(hidden, index, rows), labels[rows]
-            m = rows.stop - rows.start
-            if shared:  # the policy's rows, then the reference's at the same positions
-                h = torch.cat([h, gather_rows(ref_hidden, index, rows)])
-                lab = torch.cat([lab, lab])
-            if tiles is not None:
-                lp, basis = _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg, m)
-                logp[rows] = lp[:m]
-                if shared:
-                    ref_logp[rows] = lp[m:]
-                if index is None:
-                    acc.grad_hidden[rows] = basis
-                else:
-                    acc.grad_hidden.index_copy_(0, index[rows], basis.to(hidden.dtype))
-                del basis
-                continue
-            logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
-            if cfg.stats_top_k is not None:
-                stats_sink.append(cfg.ops.logits_stats(logits[:m], lab[:m], top_k=cfg.stats_top_k,
-                                                       **cfg.op_kwargs()))
-            if _folds(cfg, weight):  # one pass fewer: the row normalization goes onto the [m, H] product
-                lp, _, u, row_scale = torch_ops.logits_forward_basis_(logits, lab, inv_temperature=cfg.inv_temperature)
-                logp[rows] = lp[:m]
-                if shared:
-                    ref_logp[rows] = lp[m:]
-                u, row_scale = u[:m], row_scale[:m]
-                if index is None:
-                    block = torch.mm(u, weight, out=acc.grad_hidden[rows])
-                    block.mul_(row_scale[:, None])
-                else:
-                    acc.grad_hidden.index_copy_(0, index[rows], torch.mm(u, weight).mul_(row_scale[:, None]))
-                del logits, u
-                continue
-            # the in-forward op with coefficient 1 per row: dz = onehot - softmax, through the transform
-            lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones[:lab.shape[0]], None),
-                                                          **cfg.op_kwargs())
-            logp[rows] = lp[:m]
-            if shared:
-                ref_logp[rows] = lp[m:]
-            acc.add(rows, _compute_dtype_grad(grad[:m], hidden.dtype), h[:m])  # basis rows = dz @ W
-            del logits, grad
-        ctx.basis = acc.grad_hidden
-        ctx.shared = shared
+        basis_pass = _BasisPass(hidden, weight, bias, labels, index, cfg, chunks, ref_hidden)
+        basis_pass.run(stats_sink)
+        ctx.basis = basis_pass.acc.grad_hidden
+        ctx.shared = basis_pass.shared
         ctx.save_for_backward(index)
-        if shared:
-            ctx.mark_non_differentiable(ref_logp)
-            return logp, ref_logp
-        return logp
+        if basis_pass.shared:
+            ctx.mark_non_differentiable(basis_pass.ref_logp)
+            return basis_pass.logp, basis_pass.ref_logp
+        return basis_pass.logp
 
     @staticmethod
     def backward(ctx, grad_logp, *_):
