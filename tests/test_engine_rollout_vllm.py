@@ -128,8 +128,9 @@ def test_the_online_source_samples_the_policy_through_vllm_once_synced_per_batch
     models = load_models(ModelConfig(str(model_dir), use_peft=True, lora_r=4, lora_dropout=0.0))
     sampler = VLLMSampler(str(model_dir))
     prompts = Prompts([{"prompt_ids": [1, 40 + i], "prompt": str(i), "columns": {}} for i in range(4)])
-    source = OnlineSource(prompts, ["sigmoid"], models, build_tokenizer(), RuleJudge(lambda p, c: -len(c)),
-                          RolloutConfig(max_new_tokens=5), batch_size=2, seed=0, vllm=sampler)
+    source = OnlineSource(prompts=prompts, loss_types=["sigmoid"], models=models, tokenizer=build_tokenizer(),
+                          judge=RuleJudge(lambda p, c: -len(c)), rollout=RolloutConfig(max_new_tokens=5), batch_size=2,
+                          seed=0, vllm=sampler)
     batch = source.next_batch()
     assert sampler.llm.resets == 1 and len(sampler.llm.requests) == 1
     source.next_batch()

@@ -218,8 +218,9 @@ def align_online(models, task: CopyTask, args, curves: dict) -> None:
 
     prompts = [task.prompt() for _ in range(args.online_prompts)]
     examples = [{"prompt_ids": task.prompt_ids(p), "prompt": p, "columns": {}} for p in prompts]
-    source = OnlineSource(_Prompts(examples), [args.loss_type], models, task.tok, RuleJudge(judged, "copy"),
-                          RolloutConfig(max_new_tokens=task.length + 1, temperature=1.0),
+    source = OnlineSource(prompts=_Prompts(examples), loss_types=[args.loss_type], models=models, tokenizer=task.tok,
+                          judge=RuleJudge(judged, "copy"),
+                          rollout=RolloutConfig(max_new_tokens=task.length + 1, temperature=1.0),
                           batch_size=args.batch_size, seed=args.seed)
     step = Step(models, PreferenceLoss(args.loss_type, beta=args.beta), source.needs)
     params = [p for p in models.policy.parameters() if p.requires_grad]

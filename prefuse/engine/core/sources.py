@@ -80,7 +80,7 @@ def _mean_reward(data: TokenizedData) -> float:
     return sum(rewards) / len(rewards) if rewards else 0.0
 
 
-def build_batch(examples: list[dict], indices: list[int], needs: ObjectiveNeeds, pad_id: int,
+def build_batch(examples: list[dict], indices: list[int], needs: ObjectiveNeeds, *, pad_id: int,
                 max_length: int | None = None, baseline: float = 0.0) -> Batch:
     """The sequences of `examples` for the roles `needs` names, role after role (role r's rows are
     [r * B, (r + 1) * B)), and their pass-through inputs. KTO's `kl` role pairs each prompt with the previous
@@ -161,8 +161,8 @@ class OfflineSource(ShuffledSource):
         self.baseline = _mean_reward(data)
 
     def batch(self, indices: list[int]) -> Batch:
-        return build_batch([self.data.examples[i] for i in indices], indices, self.needs, self.pad_id,
-                           self.max_length, self.baseline)
+        return build_batch([self.data.examples[i] for i in indices], indices, self.needs, pad_id=self.pad_id,
+                           max_length=self.max_length, baseline=self.baseline)
 
 
 def batches(data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, pad_id: int,
@@ -171,4 +171,5 @@ def batches(data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, pad_
     baseline = _mean_reward(data) if baseline is None else baseline
     for start in range(0, len(data), batch_size):
         indices = list(range(start, min(start + batch_size, len(data))))
-        yield build_batch([data.examples[i] for i in indices], indices, needs, pad_id, max_length, baseline)
+        yield build_batch([data.examples[i] for i in indices], indices, needs, pad_id=pad_id, max_length=max_length,
+                          baseline=baseline)

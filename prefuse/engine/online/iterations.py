@@ -18,7 +18,7 @@ from prefuse.engine.models.loading import Models
 
 
 class Iterations:
-    def __init__(self, models: Models, output_dir: str | Path, batches_per_iteration: int, count: int,
+    def __init__(self, models: Models, *, output_dir: str | Path, batches_per_iteration: int, count: int,
                  reference: str = "previous"):
         """reference: "previous" (the previous iterate, RLHF Workflow's and SELM's default) or "initial" (the
         starting model throughout: the iterations then only change the prompt slices)."""

@@ -29,7 +29,7 @@ from prefuse.engine.models.loading import Models, eval_mode
 from prefuse.heads import causal_lm_of
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     """max_new_tokens; temperature (0: greedy); top_p; num_generations per prompt; mixture_coef m of the
     geometric mixture (IPO-MD, Nash-MD: 0 is the policy, 1 the reference); synced_gpus: every rank of the

@@ -1,6 +1,7 @@
 """The online batch source of `prefuse train --online`: prompts -> rollouts -> judge -> a Batch with roles.
 
-    source = OnlineSource(prompts, method, models, tokenizer, judge, rollout, batch_size=8, seed=0)
+    source = OnlineSource(prompts=prompts, loss_types=method, models=models, tokenizer=tokenizer, judge=judge,
+                          rollout=rollout, batch_size=8, seed=0)
     batch = source.next_batch()     # the sequences are prompt + sampled response; roles as the objective reads
 
 How each objective's batch is made (`online_method`), the samples' log-probs then going through the fused head
@@ -57,7 +58,7 @@ from prefuse.engine.core.sources import Batch
 class OnlineSource:
     """Batches of prompts -> rollouts -> judge, in a resumable order of the prompts (epoch after epoch)."""
 
-    def __init__(self, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig, *,
+    def __init__(self, *, prompts, loss_types: list[str], models: Models, tokenizer, judge, rollout: RolloutConfig,
                  batch_size: int, seed: int, sampler: str = "policy", missing_eos_penalty: float | None = None,
                  pair_samples: int = 2, iterations=None, iteration_slices: bool = False, vllm=None,
                  mixed_p: float = 0.5, avg_rejected: str = "policy", bdhs: dict | None = None,

@@ -38,7 +38,7 @@ from prefuse.engine.judges.models import pairwise_ids, reward_model_ids
 KINDS = ("bradley_terry", "pairwise")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RewardPairs:
     """first[i], second[i]: the token ids of pair i's two sequences (module docstring); where[i]: `<file>:<row>`;
     dropped: pairs left out for a sequence over max_length; skipped: bad rows left out (skip_bad_rows)."""
@@ -54,8 +54,9 @@ class RewardPairs:
         return len(self.first)
 
     def subset(self, indices: list[int]) -> "RewardPairs":
-        return RewardPairs(self.kind, [self.first[i] for i in indices], [self.second[i] for i in indices],
-                           [self.where[i] for i in indices], self.dropped, self.skipped)
+        return RewardPairs(kind=self.kind, first=[self.first[i] for i in indices],
+                           second=[self.second[i] for i in indices], where=[self.where[i] for i in indices],
+                           dropped=self.dropped, skipped=self.skipped)
 
 
 def _response_text(response) -> str:
@@ -93,7 +94,7 @@ def load_reward_pairs(path, tokenizer, *, kind: str, max_length: int | None, spl
     if fmt not in PAIRED_FORMATS:
         raise DataError(f"{path}: a reward model learns from pairs, with columns {NEEDED_COLUMNS['pairs']}; this "
                         f"data is in the {fmt} format")
-    pairs, skipped = RewardPairs(kind, [], [], []), SkippedRows()
+    pairs, skipped = RewardPairs(kind=kind, first=[], second=[], where=[]), SkippedRows()
     for number, row in enumerate(records, start=1):
         where = row.get(WHERE_COLUMN) or f"{path}:{number}"
         problem = row_problem(row)

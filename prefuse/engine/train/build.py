@@ -103,8 +103,8 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
         return finish(cfg, out=out, device=device, needs=needs, models=models, step=step, source=source,
                       total_steps=total_steps, pad_id=pad_id, world=world)
     train_data, eval_data, advantages = offline_data(cfg, needs, models, pad_id)
-    offline, source, total_steps = offline_batches(cfg, needs, train_data, eval_data, pad_id, world, source,
-                                                   order=priority_order(cfg, advantages))
+    offline, source, total_steps = offline_batches(cfg, needs, train_data, eval_data=eval_data, pad_id=pad_id,
+                                                   world=world, source=source, order=priority_order(cfg, advantages))
     references = reference_caches(cfg, needs, models, step, {"train": train_data, "eval": eval_data},
                                   baseline=offline.baseline, pad_id=pad_id, out=out, world=world, device=device)
     held_out = None if eval_data is None else partial(
@@ -200,9 +200,9 @@ def offline_data(cfg: TrainConfig, needs: ObjectiveNeeds, models: Models,
     return train_data, eval_data, advantages
 
 
-def offline_batches(cfg: TrainConfig, needs: ObjectiveNeeds, train_data: TokenizedData,
+def offline_batches(cfg: TrainConfig, needs: ObjectiveNeeds, train_data: TokenizedData, *,
                     eval_data: TokenizedData | None, pad_id: int, world: distributed.World,
-                    source: BatchSource | None, order=None) -> tuple[OfflineSource, BatchSource, int]:
+                    source: BatchSource | None = None, order=None) -> tuple[OfflineSource, BatchSource, int]:
     """(the offline source of the training examples, in global batches; the batch source the run draws from:
     `source`, else that one, sharded over the ranks under torchrun; the run's optimizer steps)."""
     global_batch = cfg.per_device_train_batch_size * world.size  # every rank takes its share of each
@@ -347,18 +347,18 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
                             num_generations=cfg.num_generations, mixture_coef=cfg.mixture_coef)
     iterations = None
     if cfg.iterations > 1:  # max_steps is set (validated): the steps split evenly between the iterations
-        iterations = Iterations(models, out, math.ceil(cfg.max_steps / cfg.iterations)
-                                * cfg.gradient_accumulation_steps, cfg.iterations, cfg.iteration_reference)
+        iterations = Iterations(models, output_dir=out, count=cfg.iterations, reference=cfg.iteration_reference,
+                                batches_per_iteration=math.ceil(cfg.max_steps / cfg.iterations)
+                                * cfg.gradient_accumulation_steps)
     vllm = None
     if cfg.use_vllm:
         from prefuse.engine.online.vllm import VLLMSampler
 
         vllm = VLLMSampler(cfg.model_name_or_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                            seed=cfg.seed)
-    return OnlineSource(prompts, cfg.loss_type, models, tokenizer, judge, rollout,
-                        batch_size=cfg.per_device_train_batch_size * distributed.current().size, seed=cfg.seed,
-                        sampler=cfg.online_sampler,
-                        missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
+    return OnlineSource(prompts=prompts, loss_types=cfg.loss_type, models=models, tokenizer=tokenizer, judge=judge,
+                        rollout=rollout, batch_size=cfg.per_device_train_batch_size * distributed.current().size,
+                        seed=cfg.seed, sampler=cfg.online_sampler, missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
                         iterations=iterations, iteration_slices=cfg.iteration_slices,
                         iteration_sampling=cfg.iteration_sampling, vllm=vllm,
                         mixed_p=cfg.objective_args.get("mixed_p", 0.5), avg_rejected=cfg.avg_rejected,

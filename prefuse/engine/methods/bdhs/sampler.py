@@ -57,7 +57,7 @@ class BDHSExample:
     key: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BDHSResult:
     """rejected_ids: y~- as token ids (EOS-terminated when it ended); rejected: its text; attempts: how many were
     made; kept_attempt: the one kept; similarity: phi(y~-, y+); guided: False for the unguided last attempt;
@@ -194,8 +194,9 @@ def bdhs_generate(model, tokenizer, examples: Sequence[BDHSExample], cfg: BDHSCo
             kept_phi, kept, candidate, text = (phi, attempt, candidate, text) if text.strip() or i not in best \
                 else best[i]
             ids = candidate.ids + ([eos_id] if candidate.contains_eos and eos_id is not None else [])
-            results[i] = BDHSResult(ids, text, attempt, kept, float(kept_phi), not (unguided and kept == attempt),
-                                    candidate.swapped, candidate.hidden, candidate.cuts)
+            results[i] = BDHSResult(rejected_ids=ids, rejected=text, attempts=attempt, kept_attempt=kept,
+                                    similarity=float(kept_phi), guided=not (unguided and kept == attempt),
+                                    swapped=candidate.swapped, hidden=candidate.hidden, cuts=candidate.cuts)
         pending = still
         if not pending:
             break

@@ -22,7 +22,7 @@ from prefuse.engine.methods.rlhs.environment import (
 from prefuse.engine.methods.rlhs.parties import FEEDBACK, Customer, Evaluator, WorldModel, evaluator_view
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Dialogue:
     """One consultation played out: the response, the customer's decision, the world model's outcome, the true
     utility, and the evaluator's rating and view under each feedback."""
@@ -89,8 +89,9 @@ def play(scenarios: list[Scenario], responses: list[str], customer: Customer, wo
     dialogues = []
     for s, text, decision, outcome in zip(scenarios, responses, decisions, outcomes, strict=True):
         parsed = parse_response(text)
-        dialogues.append(Dialogue(s, text, decision, outcome, true_utility(s, decision), deceptive(s, parsed),
-                                  len(false_claims(s, parsed)), parsed.recommended))
+        dialogues.append(Dialogue(scenario=s, response=text, decision=decision, outcome=outcome,
+                                  utility=true_utility(s, decision), deceptive=deceptive(s, parsed),
+                                  false_claims=len(false_claims(s, parsed)), recommended=parsed.recommended))
     if evaluator is not None:
         for feedback in feedbacks:
             views = [evaluator_view(d.scenario, d.response, d.decision, d.outcome, feedback) for d in dialogues]
