@@ -30,6 +30,7 @@ import torch
 from prefuse.algorithms import get_objective, objective_loss
 from prefuse.algorithms.common import verbose_token_mask
 from prefuse.algorithms.roles import PARTNER, RoleInput, role_inputs
+from prefuse.batch_gather import gather_examples
 from prefuse.kernels import RowGroups, group_rows, grouped_logprobs, grouped_logprobs_shared
 from prefuse.kernels.plan import MODES
 from prefuse.kernels.validate import check_head_inputs, check_transform
@@ -347,8 +348,6 @@ class PreferenceLoss(torch.nn.Module):
         if n_examples is None:
             raise ValueError(f"{self.names} couple the examples of a batch, and roles of different leading sizes "
                              f"cannot be gathered over the ranks")
-        from prefuse.preference_parallel import gather_examples
-
         return gather_examples(inputs, n_examples, self.batch_group)
 
     def _chunk_gradient(self, rows: RowGroups, stats: RoleStatistics, fixed: dict, n_examples: int):

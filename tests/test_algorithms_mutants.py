@@ -180,7 +180,7 @@ def test_metrics_carry_no_graph(name, optional):
 
 
 def test_reduce_metrics_detaches_and_reports_an_empty_metric_as_zero():
-    from prefuse.algorithms.api import reduce_metrics
+    from prefuse.algorithms.loss import reduce_metrics
 
     leaf = vec(1.0, 2.0, 6.0, grad=True)
     reduced = reduce_metrics({"a": leaf * 2, "empty": torch.zeros(0, dtype=F64), "scalar": 4})

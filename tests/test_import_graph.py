@@ -10,7 +10,7 @@ ROOT = Path(prefuse.__file__).parent
 LAYERS = [
     ("prefuse.kernels",),
     ("prefuse.algorithms",),
-    ("prefuse.heads", "prefuse.preference", "prefuse.preference_parallel"),
+    ("prefuse.heads", "prefuse.preference", "prefuse.vocab_parallel_preference", "prefuse.batch_gather"),
     ("prefuse.engine.core.checks",),  # settings' one-line errors: no prefuse import, used by every settings section
     ("prefuse.engine.data", "prefuse.engine.checkpoint", "prefuse.engine.models"),
     ("prefuse.engine.core", "prefuse.engine.judges"),

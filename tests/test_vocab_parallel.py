@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from prefuse import linear_cross_entropy, linear_logprobs
 from prefuse.kernels.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_logprobs, vocab_shard
 from prefuse.preference import PreferenceLoss
-from prefuse.preference_parallel import vocab_parallel_preference_loss
+from prefuse.vocab_parallel_preference import vocab_parallel_preference_loss
 from tests.rendezvous import client_store, hosted_store
 
 WORLD, V, H, B, T = 2, 37, 16, 3, 9  # 37 ids: shards of 19 and 18

@@ -7,7 +7,7 @@ Every function takes, as keywords:
     beta                                                 the KL strength (tau for ipo)
 plus the family-wide options `ld_alpha`, `use_weighting`, `f_divergence_type`, `f_alpha_divergence_coef` and their
 extra inputs (see `pair_scores`), and returns (losses [B], metrics). Combining several losses (MPO style,
-`loss_type=[...]` with `loss_weights=[...]`) is done by `api.objective_loss` with a list of names.
+`loss_type=[...]` with `loss_weights=[...]`) is done by `loss.objective_loss` with a list of names.
 
 The f-divergence applies to the losses built on the chosen-rejected score difference (sigmoid, hinge, ipo, exo_pair,
 robust, discopop, sigmoid_norm); the others take no `f_divergence_type`, as in TRL 1.16.

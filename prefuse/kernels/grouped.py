@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from prefuse.kernels.api import logprobs_function
 from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobsFrozenWeight, HeadConfig
+from prefuse.kernels.linear_head import logprobs_function
 from prefuse.kernels.plan import MODES, Plan, make_plan
 from prefuse.kernels.rows import zero_connected
 from prefuse.kernels.validate import check_transform, resolve_backend

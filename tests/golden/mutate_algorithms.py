@@ -86,9 +86,9 @@ EQUIVALENT: dict[str, str] = {
         "every caller's weights are built from detached values (clipped_ratio, advantages/rewards .detach())"),
     "alol::_metrics::detach: weights.detach() -> weights.clone()": (
         "every caller's weights are built from detached values (clipped_ratio, advantages/rewards .detach())"),
-    "api::objective_loss::detach: losses.detach() -> losses": (
+    "loss::objective_loss::detach: losses.detach() -> losses": (
         "the loss/<name> metric goes through reduce_metrics, which detaches every metric"),
-    "api::objective_loss::detach: losses.detach() -> losses.clone()": (
+    "loss::objective_loss::detach: losses.detach() -> losses.clone()": (
         "the loss/<name> metric goes through reduce_metrics, which detaches every metric"),
     f"mixed::mixed_dpo::argswap: {_DPO} -> {_DPO_SWAPPED}": _SAME_MARGIN,
     "mixed::mixed_dpo::argswap: _dpo( beta, policy_online_chosen_logps, policy_online_rejected_logps, "

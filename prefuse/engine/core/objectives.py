@@ -27,7 +27,8 @@ from prefuse.algorithms.srpo import CONTEXT_PAIRS
 
 # SRPO's <answer>_given_<context> rows: the answer after a revision prompt holding the context (engine/methods/srpo.py)
 CONTEXT_ROLES = CONTEXT_PAIRS
-PAIR_ROLES = ("chosen", "rejected", "sample", "online_rejected") + CONTEXT_ROLES
+# the roles that a batch of offline pairs (chosen / rejected columns and their companions) can hold
+PAIR_DATA_ROLES = ("chosen", "rejected", "sample", "online_rejected") + CONTEXT_ROLES
 COMPLETION_ROLES = ("completion", "kl")
 
 # input -> the data columns it comes from, as docs/training.md and `prefuse objectives` show them
@@ -105,10 +106,10 @@ def objective_needs(loss_types: list[str]) -> ObjectiveNeeds:
     required = [s for s in role_inputs(specs) if s.required]
     roles = sorted({s.role for s in required})
     data = "completions" if set(roles) <= set(COMPLETION_ROLES) else "pairs"
-    allowed = COMPLETION_ROLES if data == "completions" else PAIR_ROLES
+    allowed = COMPLETION_ROLES if data == "completions" else PAIR_DATA_ROLES
     if not set(roles) <= set(allowed):
         raise ValueError(f"loss_type: {loss_types} read the roles {roles}, which one kind of offline data cannot "
-                         f"hold together (pairs give {PAIR_ROLES}, completions {COMPLETION_ROLES})")
+                         f"hold together (pairs give {PAIR_DATA_ROLES}, completions {COMPLETION_ROLES})")
     passthrough = sorted(set().union(*(spec.requires for spec in specs)) - {s.name for s in role_inputs(specs)}
                          - SLOW_ADAPTER_INPUTS)
     unknown = [name for name in passthrough if name not in INPUT_COLUMNS]

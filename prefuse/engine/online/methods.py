@@ -8,7 +8,8 @@ from prefuse.algorithms import get_objective
 from prefuse.algorithms.roles import role_inputs
 from prefuse.engine.core.objectives import ObjectiveNeeds
 
-PAIR_ROLES = {"chosen", "rejected"}
+# the roles of one judged pair of rollouts: an objective that reads only these runs as the "judged_pair" method
+JUDGED_PAIR_ROLES = {"chosen", "rejected"}
 SPECIAL = {"online_ipo": "soft_pair", "xpo": "xpo", "selm": "selm", "nash_md": "nash_md", "grpo": "groups",
            "rloo": "groups", "hypo": "hybrid", "hypo_kl": "samples", "mixed_dpo": "mixed", "avg_dpo": "avg"}
 ONLINE_DESCRIPTIONS = {
@@ -79,7 +80,7 @@ def online_method(loss_types: list[str]) -> str:
             continue
         required = [s for s in role_inputs([spec]) if s.required]
         others = spec.requires - {s.name for s in role_inputs([spec])}
-        if {s.role for s in required} <= PAIR_ROLES and not others:
+        if {s.role for s in required} <= JUDGED_PAIR_ROLES and not others:
             methods.add("judged_pair")
         else:
             raise ValueError(f"loss_type: {spec.name!r} does not run with --online (it reads "

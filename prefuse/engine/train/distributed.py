@@ -22,7 +22,7 @@ What runs where:
   apply exactly the update of one process on the same global batch.
 - Objectives coupled across the batch (`spec.separable` False: KTO's KL reference point, `aot`'s sorting, `sft`'s
   token mean, GRPO's group statistics, anything normalized over the batch): `PreferenceLoss.batch_group`
-  all-gathers every per-example input of the objective with autograd (`preference_parallel.gather_examples`), so
+  all-gathers every per-example input of the objective with autograd (`batch_gather.gather_examples`), so
   the objective sees the global micro-batch; each rank's loss is then that global mean, whose gradient the
   gather's backward sums back to the rank's own rows from every rank (K times its share, which the gradient
   average divides out again).
