@@ -47,7 +47,8 @@ class ModelSettings:
 
     def plain_model_paths(self) -> None:
         """A GGUF policy or reference (`x.gguf`, or model_name_or_path DIR with gguf_file NAME) becomes its plain
-        safetensors copy (engine/models/gguf.py), so everything after loads a model directory; gguf_file is then spent."""
+        safetensors copy (engine/models/gguf.py), so everything after loads a model directory; gguf_file is then
+        spent."""
         from prefuse.engine.models.gguf import plain_directory
 
         self.model_name_or_path = plain_directory(self.model_name_or_path, self.gguf_file)

@@ -39,8 +39,8 @@ from prefuse.engine.online.settings import OnlineSettings, VLLMSettings
 from prefuse.engine.train.settings import (SCHEDULERS, OptimisationSettings, RunSettings, check_logging_and_saving,
                                            check_optimisation, check_resume)
 
-__all__ = ["TrainConfig", "SECTIONS", "CROSS_SECTION", "TORCH_DTYPES", "SCHEDULERS", "objective_hparam_names",
-           "check_training_settings", "check_held_out_and_resume"]
+__all__ = ["CROSS_SECTION", "SCHEDULERS", "SECTIONS", "TORCH_DTYPES", "TrainConfig", "check_held_out_and_resume",
+           "check_training_settings", "objective_hparam_names"]
 
 # the sections, in the order of their fields (the flags, --help, train_config.json)
 SECTIONS = (ModelSettings, DataSettings, ObjectiveSettings, RevisionSettings, OFSSettings, ALoLSettings,
