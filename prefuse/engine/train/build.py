@@ -78,8 +78,8 @@ class Run:
         return iter(()) if self.held_out is None else self.held_out()
 
 
-def eval_batches(data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, pad_id: int,
-                 max_length: int | None, baseline: float, world: distributed.World) -> Iterator[Batch]:
+def held_out_batches(data: TokenizedData, needs: ObjectiveNeeds, *, batch_size: int, pad_id: int,
+                     max_length: int | None, baseline: float, world: distributed.World) -> Iterator[Batch]:
     """The held-out set in global batches (ranks x batch_size), this rank's share of each."""
     walk = batches(data, needs, batch_size=batch_size * world.size, pad_id=pad_id, max_length=max_length,
                    baseline=baseline)
@@ -108,7 +108,7 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     references = reference_caches(cfg, needs, models, step, {"train": train_data, "eval": eval_data},
                                   baseline=offline.baseline, pad_id=pad_id, out=out, world=world, device=device)
     held_out = None if eval_data is None else partial(
-        eval_batches, eval_data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
+        held_out_batches, eval_data, needs, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
         max_length=cfg.max_length, baseline=offline.baseline, world=world)
     return finish(cfg, out=out, device=device, needs=needs, models=models, step=step, source=source,
                   total_steps=total_steps, pad_id=pad_id, world=world, eval_data=eval_data, held_out=held_out,
@@ -358,7 +358,8 @@ def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSourc
                            seed=cfg.seed)
     return OnlineSource(prompts=prompts, loss_types=cfg.loss_type, models=models, tokenizer=tokenizer, judge=judge,
                         rollout=rollout, batch_size=cfg.per_device_train_batch_size * distributed.current().size,
-                        seed=cfg.seed, sampler=cfg.online_sampler, missing_eos_penalty=cfg.missing_eos_penalty, pair_samples=cfg.pair_samples,
+                        seed=cfg.seed, sampler=cfg.online_sampler, missing_eos_penalty=cfg.missing_eos_penalty,
+                        pair_samples=cfg.pair_samples,
                         iterations=iterations, iteration_slices=cfg.iteration_slices,
                         iteration_sampling=cfg.iteration_sampling, vllm=vllm,
                         mixed_p=cfg.objective_args.get("mixed_p", 0.5), avg_rejected=cfg.avg_rejected,
