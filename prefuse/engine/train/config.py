@@ -34,7 +34,7 @@ from prefuse.engine.methods.monitor_settings import MonitorSettings
 from prefuse.engine.methods.ofs_settings import OFSSettings
 from prefuse.engine.methods.srpo_settings import RevisionSettings
 from prefuse.engine.models.settings import TORCH_DTYPES, ModelSettings, check_precision_and_lora
-from prefuse.engine.online.methods import JUDGELESS, online_method
+from prefuse.engine.online.methods import JUDGELESS, online_method, online_needs
 from prefuse.engine.online.settings import OnlineSettings, VLLMSettings
 from prefuse.engine.train.settings import (SCHEDULERS, OptimisationSettings, RunSettings, check_logging_and_saving,
                                            check_optimisation, check_resume)
@@ -122,8 +122,6 @@ class TrainConfig(*reversed(SECTIONS)):  # a dataclass takes its bases' fields f
     def needs(self):
         """What the objective needs from the run (engine.objectives / engine.online); ValueError `loss_type: ...`."""
         if self.online:
-            from prefuse.engine.online.methods import online_needs
-
             return online_needs(self.loss_type, self.beta)
         return objective_needs(self.loss_type)
 
