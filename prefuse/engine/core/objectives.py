@@ -26,9 +26,9 @@ from prefuse.algorithms.roles import role_inputs
 from prefuse.algorithms.srpo import CONTEXT_PAIRS
 
 # SRPO's <answer>_given_<context> rows: the answer after a revision prompt holding the context (engine/methods/srpo.py)
-CONTEXT_ROLES = CONTEXT_PAIRS
+REVISION_ROLES = CONTEXT_PAIRS
 # the roles that a batch of offline pairs (chosen / rejected columns and their companions) can hold
-PAIR_DATA_ROLES = ("chosen", "rejected", "sample", "online_rejected") + CONTEXT_ROLES
+PAIR_DATA_ROLES = ("chosen", "rejected", "sample", "online_rejected") + REVISION_ROLES
 COMPLETION_ROLES = ("completion", "kl")
 
 # input -> the data columns it comes from, as docs/training.md and `prefuse objectives` show them
@@ -81,7 +81,7 @@ class ObjectiveNeeds:
     @property
     def revision(self) -> bool:
         """SRPO: the batches hold the rows with a revision prompt (engine/methods/srpo.py)."""
-        return bool(set(CONTEXT_ROLES) & set(self.roles))
+        return bool(set(REVISION_ROLES) & set(self.roles))
 
     def columns(self, file_kind: str) -> tuple[str, ...]:
         """The extra columns a file of `file_kind` ("pairs" or "completions") must have."""
