@@ -14,9 +14,14 @@ pytest.importorskip("peft")
 
 from prefuse.cli import main  # noqa: E402
 from prefuse.engine.data.order import PriorityBatches  # noqa: E402
+from prefuse.engine.methods.alol_value_head import (  # noqa: E402
+    PromptEncoder,
+    ValueHead,
+    attention_heads,
+    fit_value_head,
+    predict_values,
+)
 from prefuse.engine.models.loading import Models  # noqa: E402
-from prefuse.engine.methods.alol_value_head import (PromptEncoder, ValueHead, attention_heads, fit_value_head,  # noqa: E402
-                                       predict_values)
 from prefuse.preference import PreferenceLoss  # noqa: E402
 from tests.test_engine_objectives import train_argv  # noqa: E402  (the same short LoRA run)
 from tests.tokenizer_fixture import DATA_DIR, build_tokenizer, save_tiny_llama  # noqa: E402
@@ -371,13 +376,15 @@ def test_value_head_fits_the_judged_samples_of_the_reference(files, tmp_path, ca
     holds their texts and rewards and a second build reads it without sampling or judging again. The policy's
     adapters are randomized first, so samples of the policy (not its reference) would differ. The sampling leaves
     the run's RNG state, the policy's weights and its training mode as they were."""
-    import prefuse.engine.train.build as setup
-    import prefuse.engine.methods.alol_value_head as value_head
-    from prefuse.cli import _train_config, build_parser
-    from prefuse.engine.methods.alol_advantages import value_split
-    from prefuse.engine.data import load_preference_data
-    from prefuse.engine.online.rollout import RolloutConfig, sample_reference
     from safetensors import safe_open
+
+    import prefuse.engine.methods.alol_advantages as alol_advantages
+    import prefuse.engine.methods.alol_value_head as value_head
+    import prefuse.engine.train.build as setup
+    from prefuse.cli import _train_config, build_parser
+    from prefuse.engine.data import load_preference_data
+    from prefuse.engine.methods.alol_advantages import value_split
+    from prefuse.engine.online.rollout import RolloutConfig, sample_reference
 
     spec, log = recording_length_judge(tmp_path)
     fits, states = [], {}
@@ -401,7 +408,7 @@ def test_value_head_fits_the_judged_samples_of_the_reference(files, tmp_path, ca
                                                      policy.state_dict())
         return result
 
-    monkeypatch.setattr(value_head, "fit_value_head", spy_fit)
+    monkeypatch.setattr(alol_advantages, "fit_value_head", spy_fit)  # the name the run calls
     monkeypatch.setattr(setup, "prepare_advantages", spy_prepare)
     out = tmp_path / "out"
     argv = train_argv(files, out, "alol", data="unscored", reward_funcs=spec, **SAMPLE_FLAGS)
@@ -458,16 +465,17 @@ def test_value_head_fits_the_judged_samples_of_the_reference(files, tmp_path, ca
 def test_value_targets_data_is_the_default_and_reads_the_data_rewards(files, tmp_path, monkeypatch, capsys):
     """Without --value_targets V's rows are the value split's data rewards (8 responses of 4 prompts) and no sample is
     drawn, so the cache file keeps its name from before the flag."""
+    import prefuse.engine.methods.alol_advantages as alol_advantages
     import prefuse.engine.methods.alol_value_head as value_head
     from prefuse.cli import _train_config, build_parser
     from prefuse.engine.methods.alol_advantages import cache_path
 
     rows_seen = []
     real_fit = value_head.fit_value_head
-    monkeypatch.setattr(value_head, "fit_value_head",
+    monkeypatch.setattr(alol_advantages, "fit_value_head",
                         lambda encoder, prompts, rows, **kw: rows_seen.append(rows) or real_fit(encoder, prompts,
                                                                                                  rows, **kw))
-    monkeypatch.setattr(value_head, "reference_samples", lambda *a, **k: pytest.fail("sampled with value_targets data"))
+    monkeypatch.setattr(alol_advantages, "reference_samples", lambda *a, **k: pytest.fail("sampled with value_targets data"))
     argv = train_argv(files, tmp_path, "alol", **VALUE_FLAGS)
     cfg = _train_config(build_parser().parse_args(argv))
     assert cfg.value_targets == "data" and cfg.value_samples == 1

@@ -101,3 +101,31 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     assert "prefuse.engine.checkpoint.files" in edges["prefuse.engine.checkpoint"]  # `from . import files`
     assert "prefuse.commands.registry" in edges["prefuse.cli"]  # inside a function
     assert "prefuse.kernels" in edges["prefuse"]
+
+
+# modules imported inside a function because they need an optional dependency (Triton, vLLM) or are one backend of
+# two picked at run time; the command modules and the bench import the engine when they run, so that one command's
+# start does not load every other's
+LAZY_ALLOWED = {"prefuse.kernels.triton_ops", "prefuse.kernels.torch_ops", "prefuse.engine.online.vllm"}
+LAZY_ROOMS = ("prefuse.commands", "prefuse.bench", "prefuse.cli")
+
+
+def test_function_local_imports_only_for_optional_dependencies():
+    found = []
+    for name, path in modules().items():
+        if name.startswith(LAZY_ROOMS):
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prefuse"):
+                    targets = {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+                elif isinstance(node, ast.Import):
+                    targets = {a.name for a in node.names if a.name.startswith("prefuse")}
+                else:
+                    continue
+                if targets and not targets & LAZY_ALLOWED:
+                    found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {sorted(targets)[0]}")
+    assert not found, "imports inside functions without an optional dependency:\n" + "\n".join(found)

@@ -19,6 +19,8 @@ Which distribution the loss reads (`LOSS_TEMPERATURE`, by online method):
 """
 from __future__ import annotations
 
+from prefuse.algorithms import get_objective
+
 TRL_DPO = "TRL 1.16 DPOConfig / OnlineDPOConfig"
 TRL_ONLINE_DPO = "TRL 1.16 OnlineDPOConfig"
 
@@ -50,7 +52,6 @@ LOSS_TEMPERATURE_WORDS = {
 def method_defaults(loss_types: list[str]) -> dict[str, tuple[float, str]]:
     """{setting: (value, source)} for loss_types; ValueError (`<setting>: ...`) when combined objectives default
     to different values (the run then has to give it)."""
-    from prefuse.algorithms import get_objective
 
     names = [get_objective(n).name for n in loss_types]
     out = {}

@@ -27,6 +27,7 @@ from prefuse.engine.judges.models import (
 )
 from prefuse.engine.judges.rules import RULE_JUDGES, RuleJudge, copy_prompts, copy_reward
 from prefuse.engine.judges.vision_language import VLM_JUDGE_TEMPLATE, VisionLanguageJudge
+from prefuse.engine.models.vision import is_vision_language
 
 __all__ = ["Judge", "JudgeError", "RewardFunctions", "load_reward_function", "RewardModelJudge", "PairwiseJudge",
            "PAIRWISE_TEMPLATE", "VisionLanguageJudge", "VLM_JUDGE_TEMPLATE", "reward_model_ids", "pairwise_ids",
@@ -65,7 +66,6 @@ def _is_vision_language(where: Path) -> bool:
     """Whether a model directory's config describes a vision-language model (engine.vision's test)."""
     import transformers
 
-    from prefuse.engine.models.vision import is_vision_language
 
     try:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from prefuse.engine.judges.models import PairwiseJudge
+
 
 def is_pairwise(judge) -> bool:
     """Whether the judge only compares (a pairwise preference model)."""
-    from prefuse.engine.judges.models import PairwiseJudge
 
     return isinstance(getattr(judge, "judge", judge), PairwiseJudge)
 

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from prefuse.engine.data.formats import RowIssue
+from prefuse.engine.data.images import open_image
 from prefuse.engine.judges.base import JudgeError, bradley_terry, check_rows, doubled, is_conversation
+from prefuse.engine.models.vision import is_vision_language, load_processor
 
 # The question after the prompt and the response; the judge's answer is its next token.
 VLM_JUDGE_TEMPLATE = "{prompt}\nResponse: {response}\nIs the response correct and helpful? Answer yes or no.\nAnswer:"
@@ -56,7 +59,6 @@ class VisionLanguageJudge:
     def __init__(self, path, device="cpu", batch_size: int = 8, dtype=None):
         import transformers
 
-        from prefuse.engine.models.vision import is_vision_language, load_processor
 
         if batch_size < 1:
             raise JudgeError(f"judge: batch_size {batch_size} must be at least 1")
@@ -89,8 +91,6 @@ class VisionLanguageJudge:
     @torch.inference_mode()
     def score(self, prompts: list, completions: list[str], images=None, **columns) -> torch.Tensor:
         """[N] float32 log-odds of " yes"; images: per completion its prompt's image sources (or None)."""
-        from prefuse.engine.data.images import open_image
-        from prefuse.engine.data.formats import RowIssue
 
         check_rows(prompts, completions, {**columns, **({"images": images} if images is not None else {})})
         texts = self.texts(prompts, completions)

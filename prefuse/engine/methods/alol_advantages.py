@@ -35,6 +35,14 @@ import torch
 
 from prefuse.engine.data import DataError, TokenizedData
 from prefuse.engine.data.order import PriorityBatches
+from prefuse.engine.judges import make_judge
+from prefuse.engine.methods.alol_value_head import (
+    PromptEncoder,
+    fit_value_head,
+    predict_values,
+    reference_samples,
+    value_range,
+)
 
 JUDGE_FLAGS = ("reward_funcs", "reward_model_path", "judge")
 REWARD_COLUMNS = ("reward", "score_chosen", "score_rejected")
@@ -207,7 +215,6 @@ def prepare_advantages(cfg, models, tokenizer, train_data: TokenizedData, eval_d
     else:
         table, report, judge, texts = {}, {}, None, None
         if judged:
-            from prefuse.engine.judges import make_judge
 
             judge = make_judge(reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights,
                                reward_model_path=cfg.reward_model_path, judge=cfg.judge,
@@ -246,7 +253,6 @@ def _distinct_prompts(data: TokenizedData) -> list[list[int]]:
 def _sample_value_targets(cfg, models, tokenizer, judge, value: TokenizedData, table, pad_id, log) -> list[str]:
     """The reference's samples for the value split's prompts, judged, into table (`value_sample_rewards` [M],
     `value_sample_prompts` [M]: each sample's prompt among the split's distinct prompts); returns their texts."""
-    from prefuse.engine.methods.alol_value_head import reference_samples
 
     if judge is None:
         raise ValueError(NO_SAMPLE_JUDGE)
@@ -262,7 +268,6 @@ def _sample_value_targets(cfg, models, tokenizer, judge, value: TokenizedData, t
 
 def _fit_values(cfg, models, splits, table, pad_id, report, log) -> dict[str, torch.Tensor]:
     """V(x) of every example of every split ({<split>_values: [N]}); fills `report` with the fit's MSEs."""
-    from prefuse.engine.methods.alol_value_head import PromptEncoder, fit_value_head, predict_values, value_range
 
     prompts, owner = [], {}
     keys = {}

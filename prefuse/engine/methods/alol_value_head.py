@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prefuse.engine.models.loading import Models, decoder_hidden_states, eval_mode, reference_hidden_states
+from prefuse.engine.online.rollout import RolloutConfig, sample_policy, sample_reference
 
 STATE_BUDGET_BYTES = 2 ** 31  # the value split's prompt states are kept in memory up to this size, else recomputed
 
@@ -188,7 +189,6 @@ def reference_samples(cfg, models, tokenizer, judge, prompts: list[list[int]], p
     judge's reward of each: (texts, rewards [P * k] float64), grouped by prompt. The prompts are sampled in chunks
     of per_device_eval_batch_size, chunk c by `rollout.sample_reference(..., seed=cfg.seed + c)` (`sample_policy`
     without a reference), which forks the RNG: the run's generator state and the weights are left as they were."""
-    from prefuse.engine.online.rollout import RolloutConfig, sample_policy, sample_reference
 
     rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             num_generations=cfg.value_samples).validate()

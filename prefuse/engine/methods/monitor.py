@@ -45,10 +45,12 @@ from typing import Callable
 
 import torch
 
+from prefuse.algorithms import get_objective
 from prefuse.engine.checkpoint import files as checkpoint_files
-from prefuse.engine.data import collate_sequences
-from prefuse.engine.models.loading import Models, decoder_hidden_states, eval_mode
+from prefuse.engine.data import collate_sequences, load_prompts, load_records, tokenize_preferences
+from prefuse.engine.data.formats import holds_prompts_only
 from prefuse.engine.methods.monitor_settings import INDICATORS, MAX_TOP_K, extra_top_ks  # noqa: F401
+from prefuse.engine.models.loading import Models, decoder_hidden_states, eval_mode
 from prefuse.engine.online.rollout import RolloutConfig, sample_policy
 from prefuse.heads import Head, head_of
 from prefuse.kernels.stats import linear_token_stats
@@ -62,7 +64,6 @@ STAGING = ".best-staging"
 
 def indicator_for(loss_types, objective_args: dict | None = None) -> str:
     """"mass" for the hinge (SLiC, also as CPO's loss_type), "entropy" for every other objective (DPO, IPO, ...)."""
-    from prefuse.algorithms import get_objective
 
     names = {get_objective(name).name for name in loss_types}
     if names & set(MASS_OBJECTIVES) or (objective_args or {}).get("loss_type") in MASS_OBJECTIVES:
@@ -136,8 +137,6 @@ def held_out_prompts(examples: list[dict], limit: int) -> HeldOut:
 
 def load_monitor_prompts(path: str, tokenizer, cfg) -> HeldOut:
     """--monitor_prompts: prompt-only files give prompts; paired or unpaired ones their chosen responses too."""
-    from prefuse.engine.data import load_prompts, load_records, tokenize_preferences
-    from prefuse.engine.data.formats import holds_prompts_only
 
     records = load_records(path)
     if holds_prompts_only(records.column_names):

@@ -21,7 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from prefuse.engine.data.tokenize import render_chat_prompt, require_chat_template, tokenize_prompt_texts
 from prefuse.engine.methods.srpo import load_template, revision_prompt_text
+from prefuse.engine.models.loading import Models
 from prefuse.engine.online.rollout import RolloutConfig, sample_policy
 
 
@@ -43,7 +45,6 @@ class Stage:
 def first_prompt_text(tokenizer, prompt: Any) -> tuple[str, bool]:
     """(text, whether to tokenize it with special tokens) of the prompt itself, as training tokenizes prompts: a
     string as it is (with the tokenizer's BOS), messages through the chat template with the generation prompt."""
-    from prefuse.engine.data.tokenize import render_chat_prompt, require_chat_template
 
     if isinstance(prompt, str):
         return prompt, True
@@ -63,8 +64,6 @@ def revise(model, tokenizer, prompts: list, revisions: int, *, template: str | N
     """Per prompt (a string or a message list), its revisions + 1 stages: the answer, then each revision of the
     previous stage's answer through the revision template (None: DEFAULT_TEMPLATE). Prompt token ids are cut to
     their last max_prompt_length tokens. Greedy at temperature 0; else sampled under `seed`."""
-    from prefuse.engine.data.tokenize import tokenize_prompt_texts
-    from prefuse.engine.models.loading import Models
 
     check_revisions(revisions)
     template = load_template(template)

@@ -19,6 +19,15 @@ from pathlib import Path
 
 import torch
 
+from prefuse.engine.data import BadRow, DataError, detect_format, load_records
+from prefuse.engine.data.errors import WHERE_COLUMN
+from prefuse.engine.data.formats import PAIRED_FORMATS, RowIssue, content_text, split_row
+from prefuse.engine.data.prompts import NOT_CARRIED
+from prefuse.engine.judges import make_judge
+from prefuse.engine.judges.ranking import best_and_worst, judge_candidates
+from prefuse.engine.methods.self_revision import revise
+from prefuse.engine.models.loading import load_generator
+
 
 @dataclass
 class SELMDataConfig:
@@ -48,7 +57,6 @@ class SELMDataConfig:
 
 def response_text(value) -> str:
     """A response as the judge reads it: the text, or a message list's last message's content."""
-    from prefuse.engine.data.formats import content_text
 
     return content_text(value[-1]["content"]) if isinstance(value, list) else value
 
@@ -56,10 +64,6 @@ def response_text(value) -> str:
 def read_pairs(path: str) -> tuple[str, list[dict]]:
     """(format, rows as {"where", "prompt", "chosen", "rejected", "columns"}) of a paired file; BadRow for a bad
     row, DataError for a file that holds no pairs."""
-    from prefuse.engine.data import BadRow, DataError, detect_format, load_records
-    from prefuse.engine.data.formats import PAIRED_FORMATS, RowIssue, split_row
-    from prefuse.engine.data.errors import WHERE_COLUMN
-    from prefuse.engine.data.prompts import NOT_CARRIED
 
     records = load_records(path)
     fmt = detect_format(records)
@@ -84,10 +88,6 @@ def read_pairs(path: str) -> tuple[str, list[dict]]:
 
 def build_selm_data(cfg: SELMDataConfig) -> dict:
     """Writes cfg.output; returns {"rows": written, "tied": left out, "reference_chosen": share, ...}."""
-    from prefuse.engine.methods.self_revision import revise
-    from prefuse.engine.models.loading import load_generator
-    from prefuse.engine.judges import make_judge
-    from prefuse.engine.judges.ranking import best_and_worst, judge_candidates
 
     cfg.validate()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefuse.engine.core.checks import setting
+from prefuse.engine.methods.srpo import load_template
 
 
 @dataclass
@@ -14,6 +15,5 @@ class RevisionSettings:
     def check(self) -> None:
         """A template that does not load: ValueError `revision_template: ...` (engine/methods/srpo.py)."""
         if self.revision_template is not None:
-            from prefuse.engine.methods.srpo import load_template
 
             load_template(self.revision_template)

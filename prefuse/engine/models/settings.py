@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefuse.engine.core.checks import check_field, setting
+from prefuse.engine.models.gguf import plain_directory
+from prefuse.engine.models.loading import ModelConfig
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "auto")
 TRAIN_VISION = ("none", "projector", "all")
@@ -49,7 +51,6 @@ class ModelSettings:
         """A GGUF policy or reference (`x.gguf`, or model_name_or_path DIR with gguf_file NAME) becomes its plain
         safetensors copy (engine/models/gguf.py), so everything after loads a model directory; gguf_file is then
         spent."""
-        from prefuse.engine.models.gguf import plain_directory
 
         self.model_name_or_path = plain_directory(self.model_name_or_path, self.gguf_file)
         if self.ref_model_name_or_path:
@@ -59,7 +60,6 @@ class ModelSettings:
 
     def model_config(self):
         """What engine/models/loading.py loads: its ModelConfig."""
-        from prefuse.engine.models.loading import ModelConfig
 
         return ModelConfig(model_name_or_path=self.model_name_or_path,
                            ref_model_name_or_path=self.ref_model_name_or_path, torch_dtype=self.torch_dtype,

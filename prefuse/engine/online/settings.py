@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefuse.engine.core.checks import check_field, setting
+from prefuse.engine.judges import RULE_JUDGES
 from prefuse.engine.online.methods import AVG_REJECTED, SAMPLERS
 
 ITERATION_REFERENCES = ("previous", "initial")
@@ -75,7 +76,6 @@ class OnlineSettings:
         check_field(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check_field(0 <= self.mixture_coef <= 1, "mixture_coef", f"must be in [0, 1], got {self.mixture_coef}")
         check_field(self.online_sampler in SAMPLERS, "online_sampler", "must be policy or mixture")
-        from prefuse.engine.judges import RULE_JUDGES
 
         check_field(self.judge is None or self.judge in RULE_JUDGES or Path(self.judge).is_dir(), "judge",
                     f"no such model directory: {self.judge} (nor a rule judge: {', '.join(RULE_JUDGES)})")

@@ -47,12 +47,14 @@ from __future__ import annotations
 
 import torch
 
+from prefuse.engine.core.sources import Batch
 from prefuse.engine.data import PairBatches, collate_sequences, vision_inputs
 from prefuse.engine.judges.ranking import best_and_worst, is_pairwise, judge_candidates
+from prefuse.engine.methods.bdhs import bdhs_rejected
+from prefuse.engine.models.embedders import load_embedder
 from prefuse.engine.models.loading import Models
 from prefuse.engine.online.methods import AVG_REJECTED, SAMPLERS, check_judge, mixed_draws, online_method, online_needs
 from prefuse.engine.online.rollout import RolloutConfig, Samples, sample_mixture, sample_policy, sample_reference
-from prefuse.engine.core.sources import Batch
 
 
 class OnlineSource:
@@ -487,20 +489,13 @@ class OnlineSource:
 
     def generated_rejected(self, examples, seed) -> tuple[list[list[int]], dict]:
         """Avg-DPO's y~- of each example from the current policy -> (completion ids, metrics). `policy`: one sample
-        per prompt. `bdhs` (online BDHS, Algorithm 1): `prefuse.engine.methods.bdhs.bdhs_rejected`, which the BDHS module
-        provides; this is the one place it plugs in."""
+        per prompt. `bdhs` (online BDHS, Algorithm 1): `prefuse.engine.methods.bdhs.bdhs_rejected`, the one place it
+        plugs in."""
         if self.avg_rejected == "bdhs":
-            try:
-                from prefuse.engine.methods.bdhs import bdhs_rejected
-            except ImportError:
-                raise ValueError("avg_rejected: 'bdhs' needs prefuse.engine.methods.bdhs.bdhs_rejected, which this build "
-                                 "does not have; use --avg_rejected policy") from None
             # a vision-language example's pixels as the model inputs BDHS generates with (its image tokens masked)
             examples = [{**e, "model_inputs": e["images"].model_inputs()} if e.get("images") is not None else e
                         for e in examples]
             if isinstance(self.bdhs.get("embedder"), str):  # loaded once, at the first batch
-                from prefuse.engine.models.embedders import load_embedder
-
                 self.bdhs["embedder"] = load_embedder(self.bdhs["embedder"])
             return bdhs_rejected(self.models, self.tokenizer, examples, seed=seed, rollout=self.rollout,
                                  eos_id=self.eos_id, pad_id=self.pad_id, **self.bdhs)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from prefuse.engine.core.checks import check_field
 from prefuse.engine.core.sources import Batch
 from prefuse.engine.core.step import mean_over_examples
-from prefuse.engine.models.loading import DTYPES, check_model_dir, lora_targets, load_tokenizer
+from prefuse.engine.models.gguf import plain_directory
+from prefuse.engine.models.loading import DTYPES, check_model_dir, load_tokenizer, lora_targets
 from prefuse.engine.reward.pairs import KINDS, PairSource, RewardPairs, load_splits, pair_batch, walk_pairs
 from prefuse.engine.train.build import Run, open_log, optimizer_and_schedule, resume, start, total_steps_of
 from prefuse.engine.train.config import check_held_out_and_resume, check_training_settings
@@ -98,7 +99,6 @@ class RewardModelConfig:
         """Raise ValueError with one line naming the first bad field; return self."""
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
             check_field(bool(getattr(self, name)), name, "required")
-        from prefuse.engine.models.gguf import plain_directory
 
         self.model_name_or_path = plain_directory(self.model_name_or_path)  # a GGUF file: its plain copy
         check_field(Path(self.model_name_or_path).is_dir(), "model_name_or_path",

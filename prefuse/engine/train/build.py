@@ -19,30 +19,44 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from prefuse.engine.methods.alol_advantages import prepare_advantages, priority_order, priority_steps, required_columns
 from prefuse.engine.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
-from prefuse.engine.train.config import TrainConfig
-from prefuse.engine.data import (DataError, TokenizedData, check_response_tokens_left, detect_format,
-                                 held_out_split, load_preference_data, load_records, pairs_to_completions,
-                                 tokenize_preferences)
-from prefuse.engine.data.formats import UNPAIRED_FORMATS
-from prefuse.engine.data.images import IMAGES_COLUMN
-from prefuse.engine.core.shards import ShardedSource, check_last_batch, shard_batch, shard_online
-from prefuse.engine.train import distributed
-from prefuse.engine.train.allocator import return_freed_memory
-from prefuse.engine.train.report import Report
+from prefuse.engine.core.method_defaults import LOSS_TEMPERATURE, loss_temperature
 from prefuse.engine.core.metrics import MetricsLog
-from prefuse.engine.models.loading import Models, load_models
-from prefuse.engine.methods.monitor import Monitor, build_monitor
 from prefuse.engine.core.objectives import ObjectiveNeeds
-from prefuse.engine.methods.ofs_adapters import FastSlowStep, add_slow_adapter, param_groups
-from prefuse.engine.online.iterations import Iterations
-from prefuse.engine.online.source import OnlineSource
-from prefuse.engine.online.rollout import RolloutConfig
 from prefuse.engine.core.reference_cache import ReferenceCache, cache_path
-from prefuse.engine.methods.srpo import add_revision_rows, revision_report, revision_unlearnable
+from prefuse.engine.core.shards import ShardedSource, check_last_batch, shard_batch, shard_online
 from prefuse.engine.core.sources import Batch, BatchSource, OfflineSource, batches
 from prefuse.engine.core.step import Step
+from prefuse.engine.data import (
+    DataError,
+    TokenizedData,
+    check_response_tokens_left,
+    detect_format,
+    held_out_split,
+    load_preference_data,
+    load_prompts,
+    load_records,
+    pairs_to_completions,
+    tokenize_preferences,
+    tokenize_prompts,
+)
+from prefuse.engine.data.formats import UNPAIRED_FORMATS, holds_prompts_only
+from prefuse.engine.data.images import IMAGES_COLUMN
+from prefuse.engine.judges import make_judge
+from prefuse.engine.methods.alol_advantages import prepare_advantages, priority_order, priority_steps, required_columns
+from prefuse.engine.methods.monitor import Monitor, build_monitor
+from prefuse.engine.methods.ofs_adapters import FastSlowStep, add_slow_adapter, param_groups
+from prefuse.engine.methods.srpo import add_revision_rows, revision_report, revision_unlearnable
+from prefuse.engine.models.embedders import load_embedder
+from prefuse.engine.models.loading import Models, load_models
+from prefuse.engine.online.iterations import Iterations
+from prefuse.engine.online.methods import JUDGELESS, PAIRED, online_method
+from prefuse.engine.online.rollout import RolloutConfig
+from prefuse.engine.online.source import OnlineSource
+from prefuse.engine.train import distributed
+from prefuse.engine.train.allocator import return_freed_memory
+from prefuse.engine.train.config import TrainConfig
+from prefuse.engine.train.report import Report
 from prefuse.heads import head_of
 from prefuse.preference import PreferenceLoss
 
@@ -304,8 +318,6 @@ def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]
     by dividing their hidden states by T before the head (logits / T, exact without an lm_head bias or softcap)."""
     if not cfg.online:
         return 1.0, {}
-    from prefuse.engine.core.method_defaults import LOSS_TEMPERATURE, loss_temperature
-    from prefuse.engine.online.methods import online_method
 
     method = online_method(cfg.loss_type)
     head_t, rows_t = loss_temperature(method, cfg.temperature)
@@ -326,9 +338,6 @@ def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]
 
 def online_source(cfg: TrainConfig, models, tokenizer, out: Path) -> OnlineSource:
     """The prompts of dataset_name, the judge the flags name and the rollout settings, as a batch source."""
-    from prefuse.engine.data import load_prompts
-    from prefuse.engine.judges import make_judge
-    from prefuse.engine.online.methods import JUDGELESS, PAIRED, online_method
 
     method = online_method(cfg.loss_type)
     # a vision-language model's prompts come with their images: samples are drawn with them and every row of a
@@ -370,8 +379,6 @@ def _bdhs_settings(cfg: TrainConfig) -> dict | None:
     """Online BDHS (--avg_rejected bdhs): its config and its embedder, loaded now (EmbedderError: one line)."""
     if cfg.avg_rejected != "bdhs":
         return None
-    from prefuse.engine.models.embedders import load_embedder
-
     return {"cfg": cfg.bdhs_config(), "embedder": load_embedder(cfg.embedder)}
 
 
@@ -380,8 +387,6 @@ def paired_prompts(cfg: TrainConfig, tokenizer, processor=None) -> TokenizedData
     vision-language model's processor), each example also with its `prompt` (text or messages) and `columns` as
     load_prompts gives them, for a judge of online samples of the same prompt (Mixed-DPO). A file of prompts only
     is refused in one line: these methods read the offline pairs."""
-    from prefuse.engine.data import DataError, tokenize_prompts
-    from prefuse.engine.data.formats import holds_prompts_only
 
     records = load_records(cfg.dataset_name)
     if holds_prompts_only(records.column_names):

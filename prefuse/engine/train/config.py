@@ -16,19 +16,19 @@ CLI also takes each as its own flag.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefuse.engine.core.checks import check_field
+from prefuse.engine.core.method_defaults import method_defaults
 from prefuse.engine.core.objectives import objective_needs
 from prefuse.engine.core.settings import ObjectiveSettings, objective_hparam_names
 from prefuse.engine.data.settings import DataSettings, check_held_out
 from prefuse.engine.methods.alol_advantages import NO_SAMPLE_JUDGE, judges_of, reads_rewards
 from prefuse.engine.methods.alol_settings import ALoLSettings
+from prefuse.engine.methods.bdhs import BDHSConfig
 from prefuse.engine.methods.bdhs.settings import BDHSSettings
 from prefuse.engine.methods.monitor_settings import MonitorSettings
 from prefuse.engine.methods.ofs_settings import OFSSettings
@@ -36,8 +36,14 @@ from prefuse.engine.methods.srpo_settings import RevisionSettings
 from prefuse.engine.models.settings import TORCH_DTYPES, ModelSettings, check_precision_and_lora
 from prefuse.engine.online.methods import JUDGELESS, online_method, online_needs
 from prefuse.engine.online.settings import OnlineSettings, VLLMSettings
-from prefuse.engine.train.settings import (SCHEDULERS, OptimisationSettings, RunSettings, check_logging_and_saving,
-                                           check_optimisation, check_resume)
+from prefuse.engine.train.settings import (
+    SCHEDULERS,
+    OptimisationSettings,
+    RunSettings,
+    check_logging_and_saving,
+    check_optimisation,
+    check_resume,
+)
 
 __all__ = ["CROSS_SECTION", "SCHEDULERS", "SECTIONS", "TORCH_DTYPES", "TrainConfig", "check_held_out_and_resume",
            "check_training_settings", "objective_hparam_names"]
@@ -89,7 +95,6 @@ class TrainConfig(*reversed(SECTIONS)):  # a dataclass takes its bases' fields f
     def apply_defaults(self) -> list[str]:
         """Fill the settings left out (None) with the objective's own values (engine/core/method_defaults.py) -> one
         line per setting filled, naming its source."""
-        from prefuse.engine.core.method_defaults import method_defaults
 
         self.check_names()  # loss_type: registered objectives
         filled = []
@@ -128,7 +133,6 @@ class TrainConfig(*reversed(SECTIONS)):  # a dataclass takes its bases' fields f
     def bdhs_config(self):
         """Online BDHS's settings (--avg_rejected bdhs) as prefuse.engine.methods.bdhs.BDHSConfig, validated; the
         rollout settings (max_new_tokens, temperature, top_p) are the run's."""
-        from prefuse.engine.methods.bdhs import BDHSConfig
 
         return BDHSConfig(rho_th=self.rho_th, epsilon_s=self.epsilon_s, n_bdhs=self.n_bdhs,
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -192,10 +196,6 @@ def avg_rejected_by_bdhs(cfg: TrainConfig, needs) -> None:
     check_field(cfg.avg_rejected == "policy" or online_method(cfg.loss_type) == "avg", "avg_rejected",
                 "is read by avg_dpo only")
     if cfg.avg_rejected == "bdhs":
-        found = importlib.util.find_spec("prefuse.engine.methods.bdhs") is not None
-        check_field(found and hasattr(importlib.import_module("prefuse.engine.methods.bdhs"), "bdhs_rejected"),
-                    "avg_rejected", "'bdhs' needs prefuse.engine.methods.bdhs.bdhs_rejected, which this build does "
-                    "not have; use policy")
         cfg.bdhs_config()  # ValueError "max_new_tokens: ...", "temperature: ..."
 
 

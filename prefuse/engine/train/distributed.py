@@ -44,8 +44,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from prefuse.engine.checkpoint import save_checkpoint
+from prefuse.engine.checkpoint.rng import capture_rng_state, restore_rng_state
+from prefuse.engine.checkpoint.sharded import stage_distributed_weights, weights_from_staging
 from prefuse.engine.core.metrics import MetricsLog
 from prefuse.engine.core.sources import Batch
+from prefuse.heads import causal_lm_of
 
 __all__ = ["World", "launch", "current", "check_supported", "StepModule", "fully_shard_step", "RankLog"]
 
@@ -115,8 +119,6 @@ class World:
     def save_checkpoint(self, output_dir, step: int, *, model, optimizer, **options):
         """checkpoint.save_checkpoint on rank 0, the others waiting until it is in place (their weights and
         optimizer states are rank 0's); under FSDP2, every rank first writes its shards (DCP)."""
-        from prefuse.engine.checkpoint import save_checkpoint
-        from prefuse.engine.checkpoint.sharded import stage_distributed_weights, weights_from_staging
 
         if not self.sharded:
             return self.on_main(lambda: save_checkpoint(output_dir, step, model=model, optimizer=optimizer,
@@ -158,7 +160,6 @@ class World:
         the checkpoint's own RNG state is rank 0's."""
         if not self.distributed:
             return {}
-        from prefuse.engine.checkpoint.rng import capture_rng_state
 
         return {"rank_rng": self.gather_objects(capture_rng_state())}
 
@@ -166,7 +167,6 @@ class World:
         """This rank's generators from a checkpoint taken on as many ranks (else rank 0's stay, as restored)."""
         states = trainer_state.get("rank_rng")
         if self.distributed and states is not None and len(states) == self.size:
-            from prefuse.engine.checkpoint.rng import restore_rng_state
 
             restore_rng_state(states[self.rank])
 
@@ -297,7 +297,6 @@ def fully_shard_step(step, models, world: World, *, bf16: bool = False) -> torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from prefuse.heads import causal_lm_of
 
     options = dict(mesh=init_device_mesh(world.device.type, (world.size,)))
     if bf16:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from prefuse.engine.data.tokenize import render_chat_prompt, require_chat_template
 from prefuse.engine.models.loading import eval_mode
 from prefuse.engine.online.rollout import _seeded, left_padded
 
@@ -46,7 +47,6 @@ def text_prompt(tokenizer, prompt: Any, span: str | None = None,
     conversation's message contents (the chat template's markup is not); with `span`, only the tokens overlapping
     the first occurrence of `span` in the rendered prompt (a context, a document: the part standing in for the
     image). Raises ValueError when `span` is not in the prompt. Ids cut to the last max_prompt_length tokens."""
-    from prefuse.engine.data.tokenize import render_chat_prompt, require_chat_template
 
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("BDHS's text analogue needs a fast tokenizer (its offsets map tokens to the prompt's "

@@ -30,7 +30,22 @@ from typing import Any
 
 import torch
 
-from prefuse.engine.models.embedders import DEFAULT_EMBEDDER
+from prefuse.engine.data import BadRow, DataError, load_records, tokenize_prompts
+from prefuse.engine.data.errors import RowProblem
+from prefuse.engine.data.formats import RowIssue, check_messages, check_text, content_text
+from prefuse.engine.data.loading import PROBLEM_COLUMN, WHERE_COLUMN, row_problem
+from prefuse.engine.methods.bdhs import (
+    BDHSConfig,
+    BDHSExample,
+    bdhs_generate,
+    maskable_ids,
+    model_image_token_id,
+    summary,
+    text_prompt,
+)
+from prefuse.engine.models.embedders import DEFAULT_EMBEDDER, load_embedder
+from prefuse.engine.models.loading import ModelConfig, check_model_dir, load_generator, load_models
+from prefuse.engine.models.vision import is_vision_language
 
 
 @dataclass
@@ -76,8 +91,6 @@ class BDHSRunConfig:
         return self
 
     def bdhs_config(self):
-        from prefuse.engine.methods.bdhs import BDHSConfig
-
         return BDHSConfig(rho_th=self.rho_th, epsilon_s=self.epsilon_s, n_bdhs=self.n_bdhs,
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                           swap_prob=self.swap_prob, generation_batch_size=self.generation_batch_size).validate()
@@ -98,9 +111,6 @@ SFT_COLUMNS = "BDHS reads SFT data: a 'prompt' and its ground truth y+ in 'compl
 def read_sft(records, path: str, mask_column: str | None = None) -> tuple[list[SFTRow], str, bool]:
     """(rows, the y+ column, whether the file is pairs: its `rejected` is kept) of `load_records(path)`; a bad row
     raises BadRow `<file>:<row>: field '<name>': <what>`, a missing column DataError `<file>: ...`."""
-    from prefuse.engine.data import BadRow, DataError
-    from prefuse.engine.data.formats import RowIssue, check_messages, check_text, content_text
-    from prefuse.engine.data.loading import PROBLEM_COLUMN, WHERE_COLUMN, row_problem
 
     names = set(records.column_names)
     if len(records) == 0:
@@ -141,7 +151,6 @@ def read_sft(records, path: str, mask_column: str | None = None) -> tuple[list[S
 def _is_vision_language(path: str) -> bool:
     from transformers import AutoConfig
 
-    from prefuse.engine.models.vision import is_vision_language
 
     return is_vision_language(AutoConfig.from_pretrained(path, local_files_only=True))
 
@@ -149,9 +158,6 @@ def _is_vision_language(path: str) -> bool:
 def _load_policy(path: str, device: str):
     """(model, tokenizer, processor): a vision-language model with its processor (engine.model.load_models), or a
     text model (a model directory, or a LoRA adapter directory on its base) with processor None."""
-    from prefuse.engine.models.loading import load_generator
-    from prefuse.engine.models.loading import ModelConfig, load_models
-
     if not _is_vision_language(path):
         return (*load_generator(path, device=device), None)
     models = load_models(ModelConfig(path), device=device, need_reference=False)
@@ -165,11 +171,6 @@ def _examples(rows: list[SFTRow], prompts, tokenizer, image_token_id, cfg: BDHSR
     """The BDHSExamples of rows[keys]: the text analogue's (text_prompt) for a text model; for a vision-language
     model the processor's prompt ids (tokenize_prompts), the image tokens maskable and the images' pixel values
     (a row without images: its non-special prompt tokens, as the online hook does)."""
-    from prefuse.engine.methods.bdhs import BDHSExample
-    from prefuse.engine.methods.bdhs import maskable_ids
-    from prefuse.engine.methods.bdhs import text_prompt
-    from prefuse.engine.data import BadRow
-    from prefuse.engine.data.errors import RowProblem
 
     examples = []
     for key in keys:
@@ -194,8 +195,6 @@ def _images_out(row: SFTRow, prompts, key: int) -> list[str] | None:
     """The row's images as absolute paths (the pairs file may live elsewhere than the SFT file)."""
     if prompts is None or "images" not in row.row:
         return None
-    from prefuse.engine.data import BadRow
-    from prefuse.engine.data.errors import RowProblem
 
     images = prompts.examples[key].get("images")
     sources = list(images.sources) if images is not None else []
@@ -208,14 +207,6 @@ def _images_out(row: SFTRow, prompts, key: int) -> list[str] | None:
 
 def run_bdhs(cfg: BDHSRunConfig) -> dict:
     """`prefuse bdhs` (module docstring). Returns {"written", "skipped", "metrics", "embedder"}."""
-    from prefuse.engine.methods.bdhs import bdhs_generate
-    from prefuse.engine.methods.bdhs import model_image_token_id
-    from prefuse.engine.methods.bdhs import summary
-    from prefuse.engine.data import BadRow, load_records, tokenize_prompts
-    from prefuse.engine.data.errors import RowProblem
-    from prefuse.engine.models.embedders import load_embedder
-    from prefuse.engine.models.loading import check_model_dir
-
     cfg.validate()
     bdhs_cfg = cfg.bdhs_config()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefuse.engine.core.checks import setting
+from prefuse.engine.methods.bdhs.sampler import BDHSConfig
 
 
 @dataclass
@@ -17,6 +18,5 @@ class BDHSSettings:
 
     def check(self) -> None:
         """rho_th, epsilon_s and n_bdhs as BDHSConfig checks them: ValueError `rho_th: must be in [0, 1], ...`."""
-        from prefuse.engine.methods.bdhs.sampler import BDHSConfig
 
         BDHSConfig(rho_th=self.rho_th, epsilon_s=self.epsilon_s, n_bdhs=self.n_bdhs).validate()

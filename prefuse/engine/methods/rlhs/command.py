@@ -19,10 +19,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from prefuse.engine.checkpoint import load_weights
+from prefuse.engine.judges import make_judge
 from prefuse.engine.methods.rlhs.environment import generate_scenarios
 from prefuse.engine.methods.rlhs.labels import dialogue_summary, label_pairs, label_summary
+from prefuse.engine.methods.rlhs.llm import JudgeEvaluator, LMCustomer, LMWorldModel, load_causal_lm
 from prefuse.engine.methods.rlhs.parties import FEEDBACK, RuleCustomer, RuleEvaluator, RuleWorldModel, check_feedback
 from prefuse.engine.methods.rlhs.rollouts import play, sample_responses
+from prefuse.engine.models.loading import check_model_dir, load_tokenizer
 
 RULE = "rule"
 
@@ -85,9 +89,6 @@ def _device(name: str):
 def load_policy(path: str, device="cpu"):
     """(model in eval mode, tokenizer) of the policy at `path` (module docstring); ValueError naming
     model_name_or_path."""
-    from prefuse.engine.checkpoint import load_weights
-    from prefuse.engine.models.loading import check_model_dir, load_tokenizer
-    from prefuse.engine.methods.rlhs.llm import load_causal_lm
 
     where = Path(path)
     if not where.exists():
@@ -111,7 +112,6 @@ def load_policy(path: str, device="cpu"):
 
 def build_parties(cfg: RLHSConfig, device="cpu"):
     """(customer, world model, evaluator) as the config names them: the rule-based ones, or local models."""
-    from prefuse.engine.methods.rlhs.llm import JudgeEvaluator, LMCustomer, LMWorldModel
 
     customer = RuleCustomer() if cfg.customer == RULE else LMCustomer(cfg.customer, device)
     world_model = (RuleWorldModel(cfg.world_model_error, cfg.seed) if cfg.world_model == RULE
@@ -119,7 +119,6 @@ def build_parties(cfg: RLHSConfig, device="cpu"):
     if cfg.evaluator == RULE:
         evaluator = RuleEvaluator()
     else:
-        from prefuse.engine.judges import make_judge
 
         judge = (make_judge(judge=cfg.evaluator, device=device) if cfg.evaluator_pairwise
                  else make_judge(reward_model_path=cfg.evaluator, device=device))

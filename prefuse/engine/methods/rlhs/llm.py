@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
+from prefuse.engine.judges import JudgeError
 from prefuse.engine.methods.rlhs.environment import NOTHING, OPTION_NAMES, Scenario, customer_request, table_text
+from prefuse.engine.methods.rlhs.rollouts import generate_texts
+from prefuse.engine.models.loading import check_model_dir, load_generator, load_tokenizer, sequence_logps
 
 CUSTOMER_PROMPT = ("{request}\nconsultant : {response}\nYou are the customer. Which option do you buy? Answer A, B or "
                    "C, or D to buy nothing.\nAnswer :")
@@ -32,8 +35,6 @@ DECISIONS = (*OPTION_NAMES, NOTHING)
 def load_causal_lm(path: str, field: str, device="cpu"):
     """(model in eval mode, tokenizer) of a local causal LM directory (or a LoRA adapter directory on its base);
     ValueError naming `field` when the directory or its tokenizer is missing."""
-    from prefuse.engine.models.loading import load_generator
-    from prefuse.engine.models.loading import check_model_dir, load_tokenizer
 
     if not (Path(path) / "adapter_config.json").is_file():
         check_model_dir(path, field)
@@ -64,7 +65,6 @@ class LMCustomer:
     @torch.no_grad()
     def choice_logps(self, prompts: list[str]) -> torch.Tensor:
         """[len(prompts), 4] log-probabilities of each decision's tokens after each prompt (fused head)."""
-        from prefuse.engine.models.loading import sequence_logps
 
         tok, pad = self.tokenizer, _pad_id(self.tokenizer)
         answers = [tok(" " + d, add_special_tokens=False)["input_ids"] for d in DECISIONS]
@@ -104,8 +104,6 @@ class LMWorldModel:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def outcomes(self, scenarios: list[Scenario], decisions: list[str]) -> list[str]:
-        from prefuse.engine.methods.rlhs.rollouts import generate_texts
-
         texts = ["You decided not to buy anything ."] * len(scenarios)
         bought = [i for i, (s, d) in enumerate(zip(scenarios, decisions, strict=True)) if s.option(d) is not None]
         prefixes = {i: OUTCOME_PREFIX.format(name=decisions[i], price=scenarios[i].option(decisions[i]).price)
@@ -127,8 +125,6 @@ class JudgeEvaluator:
         self.judge = judge
 
     def rate(self, views: list[str]) -> list[float]:
-        from prefuse.engine.judges import JudgeError
-
         try:
             return self.judge.score([EVALUATOR_QUESTION] * len(views), list(views)).tolist()
         except JudgeError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prefuse.engine.data.tokenize import tokenize_prompt_texts
 from prefuse.engine.methods.rlhs.environment import (
     Scenario,
     deceptive,
@@ -20,6 +21,8 @@ from prefuse.engine.methods.rlhs.environment import (
     true_utility,
 )
 from prefuse.engine.methods.rlhs.parties import FEEDBACK, Customer, Evaluator, WorldModel, evaluator_view
+from prefuse.engine.models.loading import Models
+from prefuse.engine.online.rollout import RolloutConfig, sample_policy
 
 
 @dataclass(kw_only=True)
@@ -48,9 +51,6 @@ def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, se
                    batch_size: int = 64) -> list[list[str]]:
     """Per prompt (plain text, tokenized with the tokenizer's special tokens as training tokenizes it) `samples`
     completions of a causal LM: `engine.rollout.sample_policy`, greedy at temperature 0."""
-    from prefuse.engine.data.tokenize import tokenize_prompt_texts
-    from prefuse.engine.models.loading import Models
-    from prefuse.engine.online.rollout import RolloutConfig, sample_policy
 
     if batch_size < 1:
         raise ValueError(f"batch_size: must be at least 1, got {batch_size}")

@@ -27,8 +27,16 @@ from pathlib import Path
 
 import torch
 
-from prefuse.engine.methods.rlhs.environment import (OPTION_NAMES, Scenario, feature_claims, generate_scenarios, policy_prompt,
-                                             vocabulary)
+from prefuse.engine.methods.rlhs.environment import (
+    OPTION_NAMES,
+    Scenario,
+    feature_claims,
+    generate_scenarios,
+    policy_prompt,
+    vocabulary,
+)
+from prefuse.engine.models.loading import decoder_hidden_states, head_of
+from prefuse.kernels import linear_cross_entropy
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 STYLES = ("truthful", "deceptive", "candid")
@@ -112,8 +120,6 @@ def warm_up(model, tokenizer, steps: int, *, honest_steps: int = 0, batch_size: 
             seed: int = 0) -> list[float]:
     """`steps` AdamW steps of the fused cross-entropy on fresh templated scenarios, the first `honest_steps` of them
     with HONEST_WEIGHTS, the others with STYLE_WEIGHTS; returns the losses."""
-    from prefuse.engine.models.loading import decoder_hidden_states, head_of
-    from prefuse.kernels import linear_cross_entropy
 
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
