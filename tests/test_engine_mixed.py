@@ -353,7 +353,8 @@ def test_avg_dpo_with_online_bdhs_rejected(files, tmp_path):
     examples = [run.source.prompts.examples[i] for i in batch.index.tolist()]
     want, metrics = bdhs_rejected(run.step.models, run.step.models.tokenizer, examples, seed=seed,
                                   rollout=run.source.rollout, eos_id=run.source.eos_id, pad_id=run.source.pad_id,
-                                  **run.source.bdhs)
+                                  **{k: v for k, v in run.source.bdhs.items() if k != "regenerate"})
+    assert run.source.bdhs["regenerate"] is bdhs_rejected  # the run's build hands the BDHS function in
     assert responses(batch, batch.roles["online_rejected"]) == want
     assert batch.metrics["bdhs/attempts"] == metrics["bdhs/attempts"] and 1 <= metrics["bdhs/attempts"] <= 2
     assert math.isfinite(run.step(batch)[0].item())

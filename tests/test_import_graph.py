@@ -14,7 +14,8 @@ LAYERS = [
     ("prefuse.engine.core.checks",),  # settings' one-line errors: no prefuse import, used by every settings section
     ("prefuse.engine.data", "prefuse.engine.checkpoint", "prefuse.engine.models"),
     ("prefuse.engine.core", "prefuse.engine.judges"),
-    ("prefuse.engine.online", "prefuse.engine.methods"),
+    ("prefuse.engine.online",),
+    ("prefuse.engine.methods",),
     ("prefuse.engine.train",),
     ("prefuse.engine.reward",),
     ("prefuse.commands", "prefuse.compat", "prefuse.bench"),

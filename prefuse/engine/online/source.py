@@ -50,7 +50,6 @@ import torch
 from prefuse.engine.core.sources import Batch
 from prefuse.engine.data import PairBatches, collate_sequences, vision_inputs
 from prefuse.engine.judges.ranking import best_and_worst, is_pairwise, judge_candidates
-from prefuse.engine.methods.bdhs import bdhs_rejected
 from prefuse.engine.models.embedders import load_embedder
 from prefuse.engine.models.loading import Models
 from prefuse.engine.online.methods import AVG_REJECTED, SAMPLERS, check_judge, mixed_draws, online_method, online_needs
@@ -76,9 +75,10 @@ class OnlineSource:
         serves in turn, written to output_dir/iteration-<k>-batches.pt so that a resumed run reads them); vllm: an
         engine.rollout_vllm.VLLMSampler that samples the policy (its weights pushed once per batch); mixed_p:
         Mixed-DPO's P(offline pair); avg_rejected: where Avg-DPO's y~- comes from (policy: a policy sample; bdhs:
-        prefuse.engine.methods.bdhs, see `generated_rejected`); bdhs: bdhs_rejected's keywords (cfg: a BDHSConfig,
-        embedder: an Embedder or its spec). The mixed, avg and hybrid methods read paired examples
-        (chosen_ids, rejected_ids), Mixed-DPO's also `prompt` and `columns` for the judge (setup.paired_prompts)."""
+        BDHS, see `generated_rejected`); bdhs: {"regenerate": the BDHS function the run's build hands in (the
+        methods room sits above this one), "cfg": a BDHSConfig, "embedder": an Embedder or its spec}. The mixed,
+        avg and hybrid methods read paired examples (chosen_ids, rejected_ids), Mixed-DPO's also `prompt` and
+        `columns` for the judge (build.paired_prompts)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"online_sampler: {sampler!r} is not one of {SAMPLERS}")
         if not 0 <= mixed_p <= 1:
@@ -489,15 +489,16 @@ class OnlineSource:
 
     def generated_rejected(self, examples, seed) -> tuple[list[list[int]], dict]:
         """Avg-DPO's y~- of each example from the current policy -> (completion ids, metrics). `policy`: one sample
-        per prompt. `bdhs` (online BDHS, Algorithm 1): `prefuse.engine.methods.bdhs.bdhs_rejected`, the one place it
-        plugs in."""
+        per prompt. `bdhs` (online BDHS, Algorithm 1): the regenerate function of the `bdhs` settings
+        (prefuse.engine.methods.bdhs.bdhs_rejected), the one place it plugs in."""
         if self.avg_rejected == "bdhs":
             # a vision-language example's pixels as the model inputs BDHS generates with (its image tokens masked)
             examples = [{**e, "model_inputs": e["images"].model_inputs()} if e.get("images") is not None else e
                         for e in examples]
             if isinstance(self.bdhs.get("embedder"), str):  # loaded once, at the first batch
                 self.bdhs["embedder"] = load_embedder(self.bdhs["embedder"])
-            return bdhs_rejected(self.models, self.tokenizer, examples, seed=seed, rollout=self.rollout,
-                                 eos_id=self.eos_id, pad_id=self.pad_id, **self.bdhs)
+            settings = {k: v for k, v in self.bdhs.items() if k != "regenerate"}
+            return self.bdhs["regenerate"](self.models, self.tokenizer, examples, seed=seed, rollout=self.rollout,
+                                           eos_id=self.eos_id, pad_id=self.pad_id, **settings)
         samples = self._sample(self.sampler, examples, seed, 1)
         return samples.completion_ids, self._sample_metrics(samples)

@@ -44,6 +44,7 @@ from prefuse.engine.data.formats import UNPAIRED_FORMATS, holds_prompts_only
 from prefuse.engine.data.images import IMAGES_COLUMN
 from prefuse.engine.judges import make_judge
 from prefuse.engine.methods.alol_advantages import prepare_advantages, priority_order, priority_steps, required_columns
+from prefuse.engine.methods.bdhs import bdhs_rejected
 from prefuse.engine.methods.monitor import Monitor, build_monitor
 from prefuse.engine.methods.ofs_adapters import FastSlowStep, add_slow_adapter, param_groups
 from prefuse.engine.methods.srpo import add_revision_rows, revision_report, revision_unlearnable
@@ -379,7 +380,7 @@ def _bdhs_settings(cfg: TrainConfig) -> dict | None:
     """Online BDHS (--avg_rejected bdhs): its config and its embedder, loaded now (EmbedderError: one line)."""
     if cfg.avg_rejected != "bdhs":
         return None
-    return {"cfg": cfg.bdhs_config(), "embedder": load_embedder(cfg.embedder)}
+    return {"regenerate": bdhs_rejected, "cfg": cfg.bdhs_config(), "embedder": load_embedder(cfg.embedder)}
 
 
 def paired_prompts(cfg: TrainConfig, tokenizer, processor=None) -> TokenizedData:
