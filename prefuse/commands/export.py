@@ -2,9 +2,10 @@
 
     prefuse export --checkpoint out/checkpoint-500 --output model/ [--merge_lora]
 
-The model is rebuilt as the run built it (its `train_config.json`, beside the checkpoints: the base model and the
-LoRA settings), the checkpoint's weights are loaded into it (any kind: a full model, LoRA adapters, or the
-distributed checkpoint of an FSDP2 run), and it is saved with the tokenizer: a full model loads with
+The model is rebuilt as the run that wrote the checkpoint built it (the settings the checkpoint itself records in
+its run_config.json: the base model and the LoRA settings; a checkpoint of an older prefuse without that record: the
+`train_config.json` beside it, said in one line), the checkpoint's weights are loaded into it (any kind: a full
+model, LoRA adapters, or the distributed checkpoint of an FSDP2 run), and it is saved with the tokenizer: a full model loads with
 `AutoModelForCausalLM.from_pretrained(output)`; LoRA adapters load with `PeftModel.from_pretrained(base, output)`
 (or `AutoPeftModelForCausalLM`), or, with `--merge_lora`, are merged into the base weights first.
 """
@@ -19,16 +20,22 @@ __all__ = ["export", "add_arguments", "run"]
 def export(checkpoint: str, output: str, *, merge_lora: bool = False,
            model_name_or_path: str | None = None) -> Path:
     """Write the model of `checkpoint` to `output` (see the module docstring); return `output`."""
-    from prefuse.engine.checkpoint import load_weights, resolve_checkpoint
+    from prefuse.engine.checkpoint import load_weights, read_run_config, resolve_checkpoint
     from prefuse.engine.train.config import TrainConfig
     from prefuse.engine.models.loading import load_models
 
     path = resolve_checkpoint(None, checkpoint)
-    settings = path.parent / "train_config.json"
-    if not settings.is_file():
-        raise ValueError(f"checkpoint: {path.parent} has no train_config.json (is {path} a checkpoint of prefuse "
-                         f"train?)")
-    cfg = TrainConfig.from_dict(json.loads(settings.read_text()))
+    record = read_run_config(path)  # what the checkpoint recorded of its own run
+    if record is not None:
+        cfg = TrainConfig.from_dict(record["settings"])
+    else:
+        settings = path.parent / "train_config.json"
+        if not settings.is_file():
+            raise ValueError(f"checkpoint: {path} records no settings and {path.parent} has no train_config.json "
+                             f"(is {path} a checkpoint of prefuse train?)")
+        print(f"checkpoint: {path} records no settings (an older checkpoint); rebuilding its model from "
+              f"{settings}", flush=True)
+        cfg = TrainConfig.from_dict(json.loads(settings.read_text()))
     if model_name_or_path:
         cfg.model_name_or_path = model_name_or_path
     model_cfg = cfg.model_config()
@@ -51,7 +58,8 @@ def export(checkpoint: str, output: str, *, merge_lora: bool = False,
 
 NAME = "export"
 HELP = "a checkpoint as a plain save_pretrained directory (LoRA merged optionally)"
-DESCRIPTION = ("Rebuilds the run's model (its train_config.json beside the checkpoints), loads the checkpoint's "
+DESCRIPTION = ("Rebuilds the run's model (the settings the checkpoint records; an older checkpoint: the "
+               "train_config.json beside it), loads the checkpoint's "
                "weights (full, LoRA adapters, or an FSDP2 run's distributed checkpoint) and saves it with its "
                "tokenizer for from_pretrained.")
 

@@ -32,22 +32,26 @@ from .state_codec import decode, encode
 from .weights import read_weights, save_weights
 from .sharded import DCP_WEIGHTS, is_sharded, read_distributed_weights
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "resolve_checkpoint", "list_checkpoints"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "resolve_checkpoint", "list_checkpoints",
+           "read_run_config"]
 
 FORMAT = "prefuse-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "checkpoint.json"
+RUN_CONFIG = "run_config.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=None, trainer_state: dict,
-                    rng: bool = True, save_total_limit: int | None = None, write_weights=None) -> Path:
+                    rng: bool = True, save_total_limit: int | None = None, write_weights=None,
+                    run_config: dict | None = None) -> Path:
     """Write `output_dir/checkpoint-{step}/` atomically and return its path.
 
     For a peft model only the adapter weights are saved (the base model is rebuilt from its own weights). An
     existing checkpoint of the same step is replaced. With `save_total_limit`, only that many checkpoints (the
     highest steps, this one included) are kept. write_weights(temp_dir) -> (kind, files): how the weights get
-    into the checkpoint instead (an FSDP2 run's distributed weights: checkpoint/distributed.py).
+    into the checkpoint instead (an FSDP2 run's distributed weights: checkpoint/distributed.py). run_config: what
+    the checkpoint records of its run (run_config.json: settings, base model), read by read_run_config.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -79,6 +83,9 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
             if tensors:
                 files.write_safetensors(tensors, temp_dir / f"{name}.safetensors")
                 written.append(f"{name}.safetensors")
+        if run_config is not None:
+            files.write_json(run_config, temp_dir / RUN_CONFIG)
+            written.append(RUN_CONFIG)
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "weights": weights_kind,
                     "states": sorted(states), "files": sorted(written)}
         files.write_json(manifest, temp_dir / MANIFEST)
@@ -139,6 +146,12 @@ def load_weights(path, *, model) -> dict:
     state = _read_state(path, "trainer_state")
     copy_weights_in()
     return state
+
+
+def read_run_config(path) -> dict | None:
+    """What checkpoint `path` recorded of its run (save_checkpoint's run_config), or None (an older checkpoint)."""
+    record = Path(path) / RUN_CONFIG
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def _weights_reader(path: Path, manifest: dict, model, optimizer=None):

@@ -45,6 +45,7 @@ from prefuse.engine.train.build import Run, open_log, optimizer_and_schedule, re
 from prefuse.engine.train.config import check_held_out_and_resume, check_training_settings
 from prefuse.engine.train.distributed import World
 from prefuse.engine.train.loop import train_run
+from prefuse.engine.train.output_dir import release
 from prefuse.engine.train.report import Report
 
 
@@ -92,6 +93,11 @@ class RewardModelConfig:
     save_steps: int = _setting(500, "checkpoint every N steps (0: only at the end)")
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = _setting(None, "'latest' (in --output_dir) or a checkpoint directory")
+    overwrite_output_dir: bool = _setting(False, "start afresh in an output_dir an earlier run used: its checkpoints, "
+                                                 "metrics.jsonl and train_config.json are removed first")
+    resume_with_changed_settings: bool = _setting(False, "resume although settings that change the run differ from "
+                                                         "the checkpoint's: the new ones apply (recorded in "
+                                                         "metrics.jsonl)")
     report_to: str = _setting("auto", "auto: TensorBoard when installed; none; tensorboard")
     device: str = "auto"
 
@@ -281,7 +287,7 @@ def build_reward_run(cfg: RewardModelConfig) -> tuple[Run, object]:
     step = RewardStep(model, cfg)
     params, optimizer, scheduler = optimizer_and_schedule(cfg, model, total_steps)
     state = resume(cfg, out, model=model, optimizer=optimizer, scheduler=scheduler, source=source, step=step,
-                   world=world)
+                   world=world, total_steps=total_steps)
     walk = None if held_out is None else partial(
         walk_pairs, held_out, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id)
     run = Run(cfg=cfg, out=out, device=device, policy=model, step=step, source=source, params=params,
@@ -293,9 +299,16 @@ def build_reward_run(cfg: RewardModelConfig) -> tuple[Run, object]:
 
 def train_reward_model(cfg: RewardModelConfig) -> dict[str, float]:
     """Train as `cfg` says and write the model to output_dir; return the last logged record."""
-    run, tokenizer = build_reward_run(cfg)
-    last = train_run(run)
-    save_reward_model(run.policy, tokenizer, run.out)
+    try:
+        run, tokenizer = build_reward_run(cfg)
+    except BaseException:
+        release(cfg.output_dir, failed=True)  # a run that did not start leaves output_dir as it found it
+        raise
+    try:
+        last = train_run(run)
+        save_reward_model(run.policy, tokenizer, run.out)
+    finally:
+        release(run.out)
     print(f"model: {run.out} ({'PairwiseJudge' if cfg.kind == 'pairwise' else 'RewardModelJudge'} reads it)",
           flush=True)
     return last

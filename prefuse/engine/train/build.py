@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from prefuse.engine.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
+from prefuse.engine.checkpoint import load_checkpoint, load_weights, read_run_config, resolve_checkpoint
 from prefuse.engine.core.method_defaults import LOSS_TEMPERATURE, loss_temperature
 from prefuse.engine.core.metrics import MetricsLog
 from prefuse.engine.core.objectives import ObjectiveNeeds
@@ -57,6 +57,15 @@ from prefuse.engine.online.source import OnlineSource
 from prefuse.engine.train import distributed
 from prefuse.engine.train.allocator import return_freed_memory
 from prefuse.engine.train.config import TrainConfig
+from prefuse.engine.train.output_dir import (
+    SCHEDULE,
+    changed_settings,
+    claim,
+    clear_old_run,
+    describe,
+    release,
+    settings_of,
+)
 from prefuse.engine.train.report import Report
 from prefuse.heads import head_of
 from prefuse.preference import PreferenceLoss
@@ -80,7 +89,6 @@ class Run:
     total_steps: int
     start_step: int = 0
     num_tokens: int = 0      # training tokens of the steps before start_step (a resumed run's)
-    nonfinite_steps_skipped: int = 0  # steps --skip_nonfinite_steps skipped so far (a resumed run's too)
     held_out: Callable[[], Iterator[Batch]] | None = None  # the held-out set's batches, walked anew on each call
     references: dict = field(default_factory=dict)  # split -> ReferenceCache (precomputed reference log-probs)
     report: Report = field(default_factory=Report)  # what the run prints (engine/train/report.py)
@@ -113,6 +121,16 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
     world = distributed.current()  # torchrun's ranks (engine/train/distributed.py), or this process alone
     distributed.check_supported(cfg, world)
     out, device = start(cfg.output_dir, cfg.to_dict(), seed=cfg.seed, device=cfg.device, world=world)
+    try:
+        return _build(cfg, source, needs=needs, world=world, out=out, device=device)
+    except BaseException:
+        release(out, failed=True)  # the lock goes; a directory this run made, still empty, too
+        raise
+
+
+def _build(cfg: TrainConfig, source: BatchSource | None, *, needs: ObjectiveNeeds, world: distributed.World,
+           out: Path, device) -> Run:
+    """build_run's models, data, batches and finish, once output_dir is claimed."""
     models, step, pad_id = models_and_step(cfg, needs, device)
     if cfg.online:
         source, total_steps = online_batches(cfg, models, out, world, source)
@@ -134,13 +152,13 @@ def build_run(cfg: TrainConfig, source: BatchSource | None = None) -> Run:
 # -- the seams of a run, in the order build_run takes them ---------------------------------------------------------
 
 def start(output_dir, config: dict, *, seed: int, device: str, world: distributed.World) -> tuple[Path, torch.device]:
-    """(output_dir, the device to train on): output_dir made and its train_config.json (`config`) written on rank
-    0, python's, numpy's and torch's generators seeded; the device is the rank's under torchrun, else `device`
-    (auto: CUDA when there is one)."""
+    """(output_dir, the device to train on): output_dir claimed for this run on rank 0 (its lock; a used one refused
+    unless the run resumes or overwrites it: engine/train/output_dir.py; nothing else is written before every
+    setting and the data are checked: resume() writes train_config.json), python's, numpy's and torch's generators
+    seeded; the device is the rank's under torchrun, else `device` (auto: CUDA when there is one)."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if world.main:
-        (out / "train_config.json").write_text(json.dumps(config, indent=1))
+    claim(out, resuming=bool(config.get("resume_from_checkpoint")), overwrite=bool(config.get("overwrite_output_dir")),
+          main=world.main)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -267,14 +285,13 @@ def finish(cfg: TrainConfig, *, out: Path, device, needs: ObjectiveNeeds, models
         step.load_state_dict(load_weights(cfg.init_adapters, model=models.policy).get("step_state", {}))
         print(f"adapters from {cfg.init_adapters}", flush=True)
     state = resume(cfg, out, model=models.policy, optimizer=optimizer, scheduler=scheduler, source=source,
-                   step=step, world=world)
+                   step=step, world=world, total_steps=total_steps)
     if state and monitor is not None:
         monitor.load_state_dict(state.get("monitor"))
     return Run(cfg=cfg, out=out, device=device, policy=models.policy, step=step, source=source, params=params,
                optimizer=optimizer, scheduler=scheduler, log=open_log(cfg, out, state, world),
                total_steps=total_steps, start_step=int(state.get("step", 0)),
-               num_tokens=int(state.get("num_tokens", 0)),
-               nonfinite_steps_skipped=int(state.get("nonfinite_steps_skipped", 0)), held_out=held_out, references=references or {},
+               num_tokens=int(state.get("num_tokens", 0)), held_out=held_out, references=references or {},
                monitor=monitor, world=world, needs=needs, eval_data=eval_data)
 
 
@@ -293,26 +310,85 @@ def optimizer_and_schedule(cfg, model: torch.nn.Module, total_steps: int,
 
 
 def resume(cfg, out: Path, *, model, optimizer, scheduler, source: BatchSource, step,
-           world: distributed.World) -> dict:
+           world: distributed.World, total_steps: int | None = None) -> dict:
     """The trainer state of cfg.resume_from_checkpoint ('latest' in out, or a directory), with the model, optimizer,
-    schedule, generators, batch source and step restored from it; {} for a fresh run."""
-    if not cfg.resume_from_checkpoint:
+    schedule, generators, batch source and step restored from it; {} for a fresh run. Called once every setting
+    and the data are checked: a fresh run with --overwrite_output_dir clears the earlier run's files here, and
+    train_config.json is written here (rank 0). A resumed run's settings that change the run must be those its
+    checkpoint recorded (else one line naming each, unless --resume_with_changed_settings applies them); the
+    schedule is this run's (its learning rate, warmup and total_steps), continued from the checkpoint's step."""
+    config = settings_of(cfg)
+    path = resolve_checkpoint(out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+    changes = _checked_changes(cfg, path, config)
+    if world.main:
+        if path is None and getattr(cfg, "overwrite_output_dir", False):
+            gone = clear_old_run(out)
+            if gone:
+                print(f"output_dir: {out}: the earlier run's {', '.join(gone)} removed (--overwrite_output_dir)",
+                      flush=True)
+        (out / "train_config.json").write_text(json.dumps(config, indent=1))
+    if path is None:
         return {}
-    path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+    fresh_rates = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]  # this run's schedule
     state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, output_dir=out)
     world.restore_rank_rng(state)  # each rank's own generators, when it ran on as many ranks
     source.load_state_dict(state["batches"])
     step.load_state_dict(state.get("step_state", {}))
-    print(f"resumed from {path} at step {int(state['step'])}", flush=True)
+    at = int(state["step"])
+    print(f"resumed from {path} at step {at}", flush=True)
+    longer = total_steps is not None and state.get("total_steps") not in (None, total_steps)
+    if longer or any(key in SCHEDULE for key, _, _ in changes):
+        continue_schedule(optimizer, scheduler, fresh_rates, at)
+        print(f"resume: the schedule is this run's ({cfg.lr_scheduler_type}, learning_rate {cfg.learning_rate}, "
+              f"{total_steps} steps), continued from step {at} at learning rate "
+              f"{scheduler.get_last_lr()[0]:.3g}", flush=True)
+    if changes:
+        state["changed_settings"] = {key: {"checkpoint": old, "now": new} for key, old, new in changes}
     return state
+
+
+def _checked_changes(cfg, path: Path | None, config: dict) -> list:
+    """The settings this run changes from checkpoint `path`'s record: refused in one line unless
+    --resume_with_changed_settings (then said in one line and applied)."""
+    if path is None:
+        return []
+    record = read_run_config(path)
+    if record is None:
+        print(f"resume: {path} records no settings (an older checkpoint); they are not compared", flush=True)
+        return []
+    changes = changed_settings(record, config)
+    if changes and not getattr(cfg, "resume_with_changed_settings", False):
+        raise ValueError(f"resume_from_checkpoint: this run's settings differ from {path}'s: {describe(changes)}; "
+                         f"resume with the checkpoint's settings, or give --resume_with_changed_settings to apply "
+                         f"the new ones")
+    if changes:
+        print(f"resume: applying changed settings (--resume_with_changed_settings): {describe(changes)}", flush=True)
+    return changes
+
+
+def continue_schedule(optimizer, scheduler, rates: list[float], step: int) -> None:
+    """The learning-rate schedule built for this run (its peak `rates` per group, its warmup and total steps), at
+    `step`: a resumed run that changed the schedule or the number of steps goes on from the checkpoint's step on
+    the new schedule (instead of the old one's, which ends at learning rate 0)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    scheduler.base_lrs = list(rates)
+    scheduler.last_epoch = step
+    lrs = [rate * fn(step) for rate, fn in zip(rates, scheduler.lr_lambdas)]
+    for group, rate, lr in zip(optimizer.param_groups, rates, lrs):
+        group["initial_lr"], group["lr"] = rate, lr
+    scheduler._last_lr = lrs
 
 
 def open_log(cfg, out: Path, state: dict, world: distributed.World) -> MetricsLog:
     """The metrics log of output_dir (rank 0 writes it): a resumed run's keeps its lines up to the checkpoint and
     its open window; a fresh run's starts empty."""
-    return (MetricsLog if world.main else distributed.RankLog)(
+    log = (MetricsLog if world.main else distributed.RankLog)(
         out, resume_step=int(state["step"]) if state else None, report_to=cfg.report_to,
         window=state.get("window"))
+    if state and state.get("changed_settings") and world.main:  # --resume_with_changed_settings: recorded
+        log.write({"step": int(state["step"]), "resumed_with_changed_settings": state["changed_settings"]})
+    return log
 
 
 def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]]:

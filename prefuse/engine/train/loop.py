@@ -21,7 +21,8 @@ from prefuse.engine.train.config import TrainConfig
 from prefuse.engine.train.distributed import launch
 from prefuse.engine.core.metrics import peak_memory_mib
 from prefuse.engine.train.build import Run, build_run
-from prefuse.engine.train.nonfinite import NonFiniteStep, StepGuard
+from prefuse.engine.train.output_dir import release, run_record, settings_of
+from prefuse.engine.train.signals import StopSignals
 from prefuse.engine.core.sources import BatchSource
 
 
@@ -30,12 +31,23 @@ def train(cfg: TrainConfig, source: BatchSource | None = None) -> dict:
     the training batches come from instead of dataset_name's examples (any BatchSource). Under torchrun, every
     rank runs this with its share of each global batch (engine/train/distributed.py)."""
     with launch():  # torchrun's process group for the duration; a single process: nothing to set up
-        return train_run(build_run(cfg, source))
+        run = build_run(cfg, source)
+        try:
+            return train_run(run)
+        finally:
+            release(run.out)  # output_dir's lock (engine/train/output_dir.py)
 
 
 def train_run(run: Run) -> dict:
     """Drive `run` from its start_step to total_steps (or the monitor's early stop); return the last logged
-    record (training metrics and eval metrics) as a dict of floats."""
+    record (training metrics and eval metrics) as a dict of floats. SIGINT / SIGTERM: the step under way ends,
+    its checkpoint is saved, one line says so and the process exits with 130 / 143 (engine/train/signals.py)."""
+    with StopSignals() as signals:
+        return _train_steps(run, signals)
+
+
+def _train_steps(run: Run, signals: StopSignals) -> dict:
+    """train_run's loop, `signals` checked after every optimizer step."""
     cfg, step, last = run.cfg, run.start_step, {}
     if run.monitor and run.monitor.stopped:  # resumed from the checkpoint where --early_stopping stopped the run
         print(run.monitor.stopped_message(step), flush=True)
@@ -47,29 +59,16 @@ def train_run(run: Run) -> dict:
     # a progress bar on a terminal (disable=None: off when stderr is not a TTY, as in CI); the log lines stay
     bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=None if run.world.main else True,
                dynamic_ncols=True)
-    # a non-finite loss or gradient stops the run before the update (or is skipped: --skip_nonfinite_steps)
-    guard = StepGuard(limit=getattr(cfg, "skip_nonfinite_steps", 0), skipped=run.nonfinite_steps_skipped,
-                      learning_rate=cfg.learning_rate)
     while step < run.total_steps:
         started = time.perf_counter()
         micro_batches = [run.source.next_batch().to(run.device) for _ in range(cfg.gradient_accumulation_steps)]
         metrics, tokens = accumulate(run, micro_batches)
+        metrics.update(update(run))
         step += 1
-        skipped_before = guard.skipped
-        updated = update(run, guard, step, metrics["loss"])
         run.num_tokens += tokens
-        run.nonfinite_steps_skipped = guard.skipped
-        if guard.skipped > skipped_before:  # skipped, no update: only the schedule and the count go into the window
-            metrics = {k: v for k, v in updated.items() if k != "grad_norm"}
-        else:
-            metrics.update(updated)
-            metrics.update(run.step.after_update(step, metrics, run.optimizer))
-            warning = guard.saturation(step, metrics["grad_norm"], metrics["loss"])
-            if warning:
-                bar.write(warning)
+        metrics.update(run.step.after_update(step, metrics, run.optimizer))
         bar.update(1)
-        if "loss" in metrics:  # not after a skipped step
-            bar.set_postfix(**run.report.postfix(metrics))
+        bar.set_postfix(**run.report.postfix(metrics))
         run.log.add(metrics, tokens=tokens, seconds=time.perf_counter() - started)
 
         scores = (evaluate(run) if run.held_out is not None and (step % eval_steps == 0 or step == run.total_steps)
@@ -79,8 +78,7 @@ def train_run(run: Run) -> dict:
         record = {}
         if step % cfg.logging_steps == 0 or step == run.total_steps or stop:
             record = run.log.flush(step, epoch=run.source.epoch, extra={**run.report.extra(run), **scores})
-            bar.write(run.report.step_line(step, run.total_steps, record) if "loss" in record else
-                      f"step {step}/{run.total_steps}  skipped: not finite ({guard.skipped} skipped so far)")
+            bar.write(run.report.step_line(step, run.total_steps, record))
         elif scores:
             record = {"step": step, **({"epoch": run.source.epoch} if run.report.eval_record_epoch else {}),
                       **scores}
@@ -88,8 +86,13 @@ def train_run(run: Run) -> dict:
         if "eval_loss" in scores:
             bar.write(run.report.eval_line(step, run.total_steps, scores))
         last = record or last
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == run.total_steps or stop:
-            save(run, step)
+        saved = (save(run, step) if (cfg.save_steps and step % cfg.save_steps == 0) or step == run.total_steps
+                 or stop else None)
+        if signals.received is not None:  # SIGINT / SIGTERM: this step's checkpoint, then exit 128 + signal
+            path = saved or save(run, step)
+            bar.close()
+            run.log.close()
+            raise signals.exit(step, path)
         if stop:  # --early_stopping: the monitor saw the turn; output_dir/best/ holds the peak
             break
     bar.close()
@@ -120,21 +123,16 @@ def accumulate(run: Run, micro_batches: list) -> tuple[dict[str, float], int]:
     return metrics, int(tokens["n"])
 
 
-def update(run: Run, guard: StepGuard | None = None, step: int = 0, loss: float = 0.0) -> dict[str, float]:
+def update(run: Run) -> dict[str, float]:
     """Clip, step the optimizer and the schedule, clear the gradients; return learning_rate (each extra parameter
-    group's as learning_rate/<name>: OFS-DPO's slow adapter) and grad_norm (before clipping). guard: a NaN or
-    infinite loss or gradient norm of optimizer step `step` raises NonFiniteStep before the optimizer applies it,
-    or skips the update (--skip_nonfinite_steps; then nonfinite_steps_skipped is in the metrics)."""
+    group's as learning_rate/<name>: OFS-DPO's slow adapter) and grad_norm (before clipping)."""
     grad_norm = clip_grad_norms(run.optimizer, run.cfg.max_grad_norm)
     rates = run.scheduler.get_last_lr()
     metrics = {"learning_rate": rates[0]}
     for group, rate in list(zip(run.optimizer.param_groups, rates))[1:]:  # OFS-DPO's slow adapter
         metrics[f"learning_rate/{group.get('name', 'group')}"] = rate
-    if guard is None or not guard.nonfinite(step, loss, grad_norm):
-        run.optimizer.step()
-    run.scheduler.step()  # also after a skipped step: the schedule stays a function of the step
-    if guard is not None and guard.limit:
-        metrics["nonfinite_steps_skipped"] = guard.skipped
+    run.optimizer.step()
+    run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     metrics["grad_norm"] = grad_norm
     return metrics
@@ -163,35 +161,16 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def save(run: Run, step: int, output_dir=None):
     """The run's checkpoint of `step` in output_dir/checkpoint-{step} (default: the run's; the monitor's best/ is
-    staged in another); returns its path. Weights that are not finite are never saved (NonFiniteStep)."""
-    check_finite_weights(run, step)
+    staged in another); returns its path."""
     state = {"step": step, "epoch": run.source.epoch, "batches": run.source.state_dict(),
-             "nonfinite_steps_skipped": run.nonfinite_steps_skipped,
              "window": run.log.window_state(), "total_steps": run.total_steps, "num_tokens": run.num_tokens,
              "step_state": run.step.state_dict(),
              **({"monitor": run.monitor.state_dict()} if run.monitor else {}), **run.world.rank_rng_state()}
     # rank 0 writes (the ranks' weights and optimizer states are the same; FSDP2: every rank its shards first)
     return run.world.save_checkpoint(output_dir or run.out, step, model=run.policy, optimizer=run.optimizer,
                                      scheduler=run.scheduler, trainer_state=state,
-                                     save_total_limit=None if output_dir else run.cfg.save_total_limit)
-
-
-
-def check_finite_weights(run: Run, step: int) -> None:
-    """NonFiniteStep naming the first trainable parameter holding a NaN or an infinity (each rank checks its own
-    shard; every rank stops when one finds one), before a checkpoint of `step` is written."""
-    bad = ""
-    for name, param in run.policy.named_parameters():
-        if not param.requires_grad:  # frozen weights are the loaded ones
-            continue
-        local = param.detach().to_local() if hasattr(param, "to_local") else param.detach()  # FSDP2: the shard
-        if not bool(torch.isfinite(local).all()):
-            bad = name
-            break
-    if run.world.total(int(bool(bad))):
-        raise NonFiniteStep(f"step {step}: the trained parameter {bad or '(on another rank)'} holds NaN or infinite "
-                            f"values; checkpoint-{step} was not written (earlier checkpoints are intact); lower "
-                            f"--learning_rate")
+                                     save_total_limit=None if output_dir else run.cfg.save_total_limit,
+                                     run_config=run_record(settings_of(run.cfg)))  # what export rebuilds
 
 
 __all__ = ["train", "train_run", "evaluate", "TrainConfig", "peak_memory_mib"]

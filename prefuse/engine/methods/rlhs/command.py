@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefuse.engine.checkpoint import load_weights
+from prefuse.engine.checkpoint import load_weights, read_run_config
 from prefuse.engine.judges import make_judge
 from prefuse.engine.methods.rlhs.environment import generate_scenarios
 from prefuse.engine.methods.rlhs.labels import dialogue_summary, label_pairs, label_summary
@@ -94,11 +94,12 @@ def load_policy(path: str, device="cpu"):
     if not where.exists():
         raise ValueError(f"model_name_or_path: {path!r} does not exist")
     if (where / "checkpoint.json").is_file() and not (where / "adapter_config.json").is_file():
+        record = read_run_config(where)  # the checkpoint's own record of its run, else the run's beside it
         run_config = where.parent / "train_config.json"
-        if not run_config.is_file():
+        if record is None and not run_config.is_file():
             raise ValueError(f"model_name_or_path: {path} is a checkpoint without its run's train_config.json "
                              f"beside it (give the model directory instead)")
-        base = json.loads(run_config.read_text())["model_name_or_path"]
+        base = (record["settings"] if record else json.loads(run_config.read_text()))["model_name_or_path"]
         model, tokenizer = load_causal_lm(base, "model_name_or_path", device)
         load_weights(where, model=model)
         return model.eval(), tokenizer

@@ -1,0 +1,49 @@
+"""SIGINT / SIGTERM during training: the loop finishes the optimizer step under way, saves a checkpoint of it (as
+every other, atomically), says so in one line and exits with 128 + the signal's number (130, 143).
+
+    with StopSignals() as stop:       # the main thread's handlers, restored on exit
+        ... one optimizer step ...
+        if stop.received: save, then raise stop.exit(step, path)
+
+A second signal while the first is handled acts as the default handler would (Ctrl-C twice: KeyboardInterrupt).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """Records the first SIGINT or SIGTERM instead of dying mid-step (installed only in the main thread)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame) -> None:
+        self.received = number
+        for other, previous in self._previous.items():  # a second signal: what it did before
+            signal.signal(other, previous)
+
+    def __exit__(self, *exc) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
+
+    def exit(self, step: int, path) -> SystemExit:
+        """The exit of a run stopped by the signal, its line printed."""
+        name = signal.Signals(self.received).name
+        print(f"{name} at step {step}: checkpoint saved to {path}; --resume_from_checkpoint latest continues the run",
+              flush=True)
+        return SystemExit(128 + self.received)
+
+
+__all__ = ["SIGNALS", "StopSignals"]
