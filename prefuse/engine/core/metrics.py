@@ -1,5 +1,7 @@
 """The training log: step metrics averaged over each logging window, one JSON object per logged step in
 `output_dir/metrics.jsonl` (TRL's names: `loss`, `rewards/margins`, ...), and TensorBoard when it is installed.
+Every line is strict JSON: a NaN or infinite value is written as null (never the bare NaN / Infinity tokens that
+strict parsers reject).
 
 The open window is part of a checkpoint's trainer state, so a resumed run logs exactly what an uninterrupted one
 would; on resume, lines after the checkpoint's step (written by the interrupted run) are dropped first.
@@ -7,6 +9,7 @@ would; on resume, lines after the checkpoint's step (written by the interrupted 
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 
 # the value at the logged step rather than the window's mean
-LAST_VALUE = ("learning_rate", "grad_norm")
+LAST_VALUE = ("learning_rate", "grad_norm", "nonfinite_steps_skipped")
 
 
 def peak_memory_mib() -> float:
@@ -74,15 +77,28 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key.replace("eval_", "eval/", 1), value, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def strict_json(record: dict) -> str:
+    """`record` as one line of strict JSON: a float that is NaN or infinite becomes null (at any depth)."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+    return json.dumps(finite(record), allow_nan=False)
 
 
 def _tensorboard(log_dir: Path, report_to: str):

@@ -89,6 +89,7 @@ class Run:
     total_steps: int
     start_step: int = 0
     num_tokens: int = 0      # training tokens of the steps before start_step (a resumed run's)
+    nonfinite_steps_skipped: int = 0  # steps --skip_nonfinite_steps skipped so far (a resumed run's too)
     held_out: Callable[[], Iterator[Batch]] | None = None  # the held-out set's batches, walked anew on each call
     references: dict = field(default_factory=dict)  # split -> ReferenceCache (precomputed reference log-probs)
     report: Report = field(default_factory=Report)  # what the run prints (engine/train/report.py)
@@ -291,7 +292,8 @@ def finish(cfg: TrainConfig, *, out: Path, device, needs: ObjectiveNeeds, models
     return Run(cfg=cfg, out=out, device=device, policy=models.policy, step=step, source=source, params=params,
                optimizer=optimizer, scheduler=scheduler, log=open_log(cfg, out, state, world),
                total_steps=total_steps, start_step=int(state.get("step", 0)),
-               num_tokens=int(state.get("num_tokens", 0)), held_out=held_out, references=references or {},
+               num_tokens=int(state.get("num_tokens", 0)),
+               nonfinite_steps_skipped=int(state.get("nonfinite_steps_skipped", 0)), held_out=held_out, references=references or {},
                monitor=monitor, world=world, needs=needs, eval_data=eval_data)
 
 

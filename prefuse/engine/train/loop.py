@@ -21,6 +21,7 @@ from prefuse.engine.train.config import TrainConfig
 from prefuse.engine.train.distributed import launch
 from prefuse.engine.core.metrics import peak_memory_mib
 from prefuse.engine.train.build import Run, build_run
+from prefuse.engine.train.nonfinite import NonFiniteStep, StepGuard
 from prefuse.engine.train.output_dir import release, run_record, settings_of
 from prefuse.engine.train.signals import StopSignals
 from prefuse.engine.core.sources import BatchSource
@@ -59,16 +60,29 @@ def _train_steps(run: Run, signals: StopSignals) -> dict:
     # a progress bar on a terminal (disable=None: off when stderr is not a TTY, as in CI); the log lines stay
     bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=None if run.world.main else True,
                dynamic_ncols=True)
+    # a non-finite loss or gradient stops the run before the update (or is skipped: --skip_nonfinite_steps)
+    guard = StepGuard(limit=getattr(cfg, "skip_nonfinite_steps", 0), skipped=run.nonfinite_steps_skipped,
+                      learning_rate=cfg.learning_rate)
     while step < run.total_steps:
         started = time.perf_counter()
         micro_batches = [run.source.next_batch().to(run.device) for _ in range(cfg.gradient_accumulation_steps)]
         metrics, tokens = accumulate(run, micro_batches)
-        metrics.update(update(run))
         step += 1
+        skipped_before = guard.skipped
+        updated = update(run, guard, step, metrics["loss"])
         run.num_tokens += tokens
-        metrics.update(run.step.after_update(step, metrics, run.optimizer))
+        run.nonfinite_steps_skipped = guard.skipped
+        if guard.skipped > skipped_before:  # skipped, no update: only the schedule and the count go into the window
+            metrics = {k: v for k, v in updated.items() if k != "grad_norm"}
+        else:
+            metrics.update(updated)
+            metrics.update(run.step.after_update(step, metrics, run.optimizer))
+            warning = guard.saturation(step, metrics["grad_norm"], metrics["loss"])
+            if warning:
+                bar.write(warning)
         bar.update(1)
-        bar.set_postfix(**run.report.postfix(metrics))
+        if "loss" in metrics:  # not after a skipped step
+            bar.set_postfix(**run.report.postfix(metrics))
         run.log.add(metrics, tokens=tokens, seconds=time.perf_counter() - started)
 
         scores = (evaluate(run) if run.held_out is not None and (step % eval_steps == 0 or step == run.total_steps)
@@ -78,7 +92,8 @@ def _train_steps(run: Run, signals: StopSignals) -> dict:
         record = {}
         if step % cfg.logging_steps == 0 or step == run.total_steps or stop:
             record = run.log.flush(step, epoch=run.source.epoch, extra={**run.report.extra(run), **scores})
-            bar.write(run.report.step_line(step, run.total_steps, record))
+            bar.write(run.report.step_line(step, run.total_steps, record) if "loss" in record else
+                      f"step {step}/{run.total_steps}  skipped: not finite ({guard.skipped} skipped so far)")
         elif scores:
             record = {"step": step, **({"epoch": run.source.epoch} if run.report.eval_record_epoch else {}),
                       **scores}
@@ -123,16 +138,21 @@ def accumulate(run: Run, micro_batches: list) -> tuple[dict[str, float], int]:
     return metrics, int(tokens["n"])
 
 
-def update(run: Run) -> dict[str, float]:
+def update(run: Run, guard: StepGuard | None = None, step: int = 0, loss: float = 0.0) -> dict[str, float]:
     """Clip, step the optimizer and the schedule, clear the gradients; return learning_rate (each extra parameter
-    group's as learning_rate/<name>: OFS-DPO's slow adapter) and grad_norm (before clipping)."""
+    group's as learning_rate/<name>: OFS-DPO's slow adapter) and grad_norm (before clipping). guard: a NaN or
+    infinite loss or gradient norm of optimizer step `step` raises NonFiniteStep before the optimizer applies it,
+    or skips the update (--skip_nonfinite_steps; then nonfinite_steps_skipped is in the metrics)."""
     grad_norm = clip_grad_norms(run.optimizer, run.cfg.max_grad_norm)
     rates = run.scheduler.get_last_lr()
     metrics = {"learning_rate": rates[0]}
     for group, rate in list(zip(run.optimizer.param_groups, rates))[1:]:  # OFS-DPO's slow adapter
         metrics[f"learning_rate/{group.get('name', 'group')}"] = rate
-    run.optimizer.step()
-    run.scheduler.step()
+    if guard is None or not guard.nonfinite(step, loss, grad_norm):
+        run.optimizer.step()
+    run.scheduler.step()  # also after a skipped step: the schedule stays a function of the step
+    if guard is not None and guard.limit:
+        metrics["nonfinite_steps_skipped"] = guard.skipped
     run.optimizer.zero_grad(set_to_none=True)
     metrics["grad_norm"] = grad_norm
     return metrics
@@ -161,8 +181,10 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def save(run: Run, step: int, output_dir=None):
     """The run's checkpoint of `step` in output_dir/checkpoint-{step} (default: the run's; the monitor's best/ is
-    staged in another); returns its path."""
+    staged in another); returns its path. Weights that are not finite are never saved (NonFiniteStep)."""
+    check_finite_weights(run, step)
     state = {"step": step, "epoch": run.source.epoch, "batches": run.source.state_dict(),
+             "nonfinite_steps_skipped": run.nonfinite_steps_skipped,
              "window": run.log.window_state(), "total_steps": run.total_steps, "num_tokens": run.num_tokens,
              "step_state": run.step.state_dict(),
              **({"monitor": run.monitor.state_dict()} if run.monitor else {}), **run.world.rank_rng_state()}
@@ -171,6 +193,24 @@ def save(run: Run, step: int, output_dir=None):
                                      scheduler=run.scheduler, trainer_state=state,
                                      save_total_limit=None if output_dir else run.cfg.save_total_limit,
                                      run_config=run_record(settings_of(run.cfg)))  # what export rebuilds
+
+
+
+def check_finite_weights(run: Run, step: int) -> None:
+    """NonFiniteStep naming the first trainable parameter holding a NaN or an infinity (each rank checks its own
+    shard; every rank stops when one finds one), before a checkpoint of `step` is written."""
+    bad = ""
+    for name, param in run.policy.named_parameters():
+        if not param.requires_grad:  # frozen weights are the loaded ones
+            continue
+        local = param.detach().to_local() if hasattr(param, "to_local") else param.detach()  # FSDP2: the shard
+        if not bool(torch.isfinite(local).all()):
+            bad = name
+            break
+    if run.world.total(int(bool(bad))):
+        raise NonFiniteStep(f"step {step}: the trained parameter {bad or '(on another rank)'} holds NaN or infinite "
+                            f"values; checkpoint-{step} was not written (earlier checkpoints are intact); lower "
+                            f"--learning_rate")
 
 
 __all__ = ["train", "train_run", "evaluate", "TrainConfig", "peak_memory_mib"]

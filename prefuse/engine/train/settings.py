@@ -24,6 +24,9 @@ class OptimisationSettings:
     lr_scheduler_type: str = setting("linear", f"the learning rate's schedule, one of {', '.join(SCHEDULERS)}")
     warmup_steps: int = setting(0, "optimizer steps of the schedule's warmup")
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    skip_nonfinite_steps: int = setting(0, "skip up to N optimizer steps whose loss or gradient norm is NaN or "
+                                           "infinite (no update; counted as nonfinite_steps_skipped) and stop at "
+                                           "the N+1st; 0: stop at the first")
     weight_decay: float = setting(0.0, "AdamW's weight decay")
     bf16: bool = setting(False, "bfloat16 autocast around the decoder")
     seed: int = setting(42, "seed of the run's random draws (data order, initialisation, sampling)")
@@ -34,6 +37,8 @@ class OptimisationSettings:
         """One-line ValueErrors naming the field."""
         check_optimisation(self)
         check_field(self.fsdp in FSDP, "fsdp", f"{self.fsdp!r} is not full_shard (or empty: DDP)")
+        check_field(self.skip_nonfinite_steps >= 0, "skip_nonfinite_steps",
+                    f"must be >= 0 (0: stop at the first non-finite step), got {self.skip_nonfinite_steps}")
 
 
 @dataclass
