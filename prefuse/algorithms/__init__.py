@@ -24,7 +24,8 @@ Input names (all [B] unless noted; *_logps are SUMS of response-token log-probs,
 
 # Importing the family modules fills the registry.
 from . import alol, dpo, kto, mixed, ofs, online, policy_gradient, reference_free, srpo  # noqa: F401
+from .hparams import check_hparams
 from .loss import objective_loss
 from .registry import ObjectiveSpec, get_objective, list_objectives, register
 
-__all__ = ["objective_loss", "list_objectives", "get_objective", "ObjectiveSpec", "register"]
+__all__ = ["objective_loss", "list_objectives", "get_objective", "ObjectiveSpec", "register", "check_hparams"]

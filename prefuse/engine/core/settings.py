@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefuse.algorithms import get_objective
+from prefuse.algorithms.hparams import check_hparams
 from prefuse.algorithms.registry import OBJECTIVES
 from prefuse.engine.core.checks import check_field, setting
 
@@ -61,3 +62,8 @@ class ObjectiveSettings:
                     "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute "
                     "yet")
         check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
+        weights = self.loss_weights or [1.0] * len(specs)
+        check_field(all(w >= 0 for w in weights) and any(w > 0 for w in weights), "loss_weights",
+                    f"{weights} leaves nothing to learn or unlearns an objective; give weights >= 0, at least one > 0")
+        for spec in specs:  # values that divide by zero or make the objective constant (algorithms/hparams.py)
+            check_hparams(spec.name, self.beta, {k: v for k, v in self.objective_args.items() if k in spec.hparams})
