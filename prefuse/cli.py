@@ -7,13 +7,14 @@ import argparse
 import sys
 
 from prefuse.commands.errors import reported
+from prefuse.commands.flags import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from prefuse.commands.registry import COMMANDS
 
     parser = argparse.ArgumentParser(prog="prefuse", description="Fused-kernel preference alignment.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION,
                            formatter_class=getattr(command, "FORMATTER", argparse.HelpFormatter))

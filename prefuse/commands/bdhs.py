@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prefuse.commands.flags import config_flags
+from prefuse.commands.flags import add_config_file, config_flags, config_values
 from prefuse.commands.models import add_gguf_file, plain_models, settings
 
 NAME = "bdhs"
@@ -19,6 +19,7 @@ DESCRIPTION = ("Bias-Driven Hallucination Sampling (Algorithm 1 of the Apple mul
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefuse.engine.methods.bdhs.offline import BDHSRunConfig
 
+    add_config_file(parser)
     config_flags(parser, BDHSRunConfig)
     add_gguf_file(parser)
 
@@ -27,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
     from prefuse.engine.methods.bdhs.offline import BDHSRunConfig, run_bdhs
 
     plain_models(args)
-    run_bdhs(BDHSRunConfig(**settings(args)))
+    run_bdhs(BDHSRunConfig(**config_values(BDHSRunConfig, settings(args))))
     return 0

@@ -29,8 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(pairs x sequence length x hidden x vocabulary, default 1x2048x1024x32000 4x512x1024x32000); "
                         "train: HxLxV (hidden x layers x vocabulary, default 256x4x32000)")
     p.add_argument("--paths", nargs="+", default=None, help="subset of the installed paths")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the benchmarked tensors or model")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                   help="device to run on (default: cuda when there is one)")
     p.add_argument("--ignore_frac", type=float, default=0.25, help="fraction of labels set to -100")
     p.add_argument("--rounds", type=int, default=5, help="timed steps per path (the paths take turns)")
     p.add_argument("--frozen_weight", action="store_true",

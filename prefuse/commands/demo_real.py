@@ -48,10 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The --real demo's own flags (`prefuse demo --real ...`)."""
     group = parser.add_argument_group("--real", "the real-model demo's settings")
     group.add_argument("--real_steps", type=int, default=16, help="online DPO steps")
-    group.add_argument("--real_prompts_per_step", type=int, default=4)
-    group.add_argument("--real_max_new_tokens", type=int, default=48)
+    group.add_argument("--real_prompts_per_step", type=int, default=4, help="prompts per online step")
+    group.add_argument("--real_max_new_tokens", type=int, default=48,
+                       help="longest sampled answer, in tokens")
     group.add_argument("--real_held_out", type=int, default=12, help="held-out prompts (topics unseen in training)")
-    group.add_argument("--real_learning_rate", type=float, default=1e-3)
+    group.add_argument("--real_learning_rate", type=float, default=1e-3, help="learning rate of the LoRA run")
 
 
 def prompts(seed: int, held_out: int) -> tuple[list[str], list[str]]:

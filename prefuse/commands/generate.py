@@ -165,17 +165,19 @@ DESCRIPTION = ("prompt -> answer -> revised answer, --revisions times, each revi
 
 
 def add_arguments(parser) -> None:
-    from prefuse.commands.flags import config_flags
+    from prefuse.commands.flags import add_config_file, config_flags
     from prefuse.commands.models import add_gguf_file
 
+    add_config_file(parser)
     config_flags(parser, GenerateConfig)
     add_gguf_file(parser)
 
 
 def run(args) -> int:
     """`prefuse generate`: the command's flags -> GenerateConfig -> generate()."""
+    from prefuse.commands.flags import config_values
     from prefuse.commands.models import plain_models, settings
 
     plain_models(args)
-    generate(GenerateConfig(**settings(args)))
+    generate(GenerateConfig(**config_values(GenerateConfig, settings(args))))
     return 0

@@ -10,7 +10,7 @@ DESCRIPTION = ("Compiles each Triton kernel in every launch config for GPU targe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prefuse.commands.flags import config_flags
+from prefuse.commands.flags import add_config_file, config_flags, config_values
 from prefuse.commands.models import add_gguf_file, plain_models, settings
 
 NAME = "rlhs"
@@ -19,6 +19,7 @@ DESCRIPTION = ("Two responses of the policy per scenario, each played out by the
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefuse.engine.methods.rlhs.command import RLHSConfig
 
+    add_config_file(parser)
     config_flags(parser, RLHSConfig)
     add_gguf_file(parser)
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from prefuse.engine.methods.rlhs.command import RLHSConfig, format_report, run_rlhs
 
     plain_models(args)
-    cfg = RLHSConfig(**settings(args))
+    cfg = RLHSConfig(**config_values(RLHSConfig, settings(args)))
     print(format_report(run_rlhs(cfg)))
     print(f"report: {cfg.report_path}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prefuse.commands.flags import config_flags
+from prefuse.commands.flags import add_config_file, config_flags, config_values
 from prefuse.commands.models import add_gguf_file, plain_models, settings
 
 NAME = "selm-data"
@@ -19,6 +19,7 @@ DESCRIPTION = ("For every pair of --dataset_name, y_ref is --model_name_or_path'
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefuse.engine.methods.selm import SELMDataConfig
 
+    add_config_file(parser)
     config_flags(parser, SELMDataConfig)
     add_gguf_file(parser)
 
@@ -27,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
     from prefuse.engine.methods.selm import SELMDataConfig, build_selm_data
 
     plain_models(args)
-    build_selm_data(SELMDataConfig(**settings(args)))
+    build_selm_data(SELMDataConfig(**config_values(SELMDataConfig, settings(args))))
     return 0

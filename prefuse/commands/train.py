@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prefuse.commands.flags import config_flags, flag_value
+from prefuse.commands.flags import add_config_file, config_flags, flag_value
 from prefuse.commands.models import settings
 
 NAME = "train"
@@ -17,7 +17,7 @@ DESCRIPTION = ("Preference training (DPO family, KTO, ...) with the fused head, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefuse.engine.train.config import TrainConfig, objective_hparam_names
 
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (the flags' names as keys)")
+    add_config_file(parser)
     parser.add_argument("--list_objectives", action="store_true", default=argparse.SUPPRESS,
                         help="print every objective with its inputs, data columns and hyper-parameters, and exit")
     # --monitor_extra_top_k 5 20 50, or none (or nothing): the values as given, checked by the config
@@ -29,18 +29,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "each objective accepts only its own (an error lists them)")
     for name in objective_hparam_names():
         group.add_argument(f"--{name}", type=flag_value, default=argparse.SUPPRESS, dest=f"hparam:{name}",
-                           metavar=name.upper())
+                           metavar=name.upper(), help=hparam_help(name))
+
+
+def hparam_help(name: str) -> str:
+    """--help's line of an objective hyper-parameter: the objectives that take it and their default(s)."""
+    from prefuse.algorithms.registry import OBJECTIVES
+
+    takers = {objective: spec.hparams[name] for objective, spec in sorted(OBJECTIVES.items()) if name in spec.hparams}
+    defaults = {repr(v) for v in takers.values()}
+    default = defaults.pop() if len(defaults) == 1 else "each objective's own, `prefuse objectives NAME`"
+    shown = ", ".join(list(takers)[:6]) + (f" and {len(takers) - 6} more" if len(takers) > 6 else "")
+    return f"a hyper-parameter of {shown} (default: {default})"
 
 
 def train_config(args: argparse.Namespace):
-    """The TrainConfig of the parsed flags: --config's YAML, overridden by the flags given; --objective_args
-    key=value items and the objective hyper-parameter flags merged into objective_args."""
+    """The TrainConfig of the parsed flags: --config's YAML, overridden by the flags given, each typed by its field
+    (engine/core/typed_settings.py, as the flags are); --objective_args key=value items and the objective
+    hyper-parameter flags merged into objective_args."""
     from prefuse.engine.train.config import TrainConfig
 
     given = settings(args)
     values = {}
     if "config" in given:
-        values = TrainConfig.from_yaml(given.pop("config")).to_dict()
+        values = TrainConfig.from_yaml(given.pop("config")).to_dict()  # typed, unknown keys refused
     objective_args = dict(values.pop("objective_args", {}) or {})
     for item in given.pop("objective_args", []):
         key, sep, value = item.partition("=")
@@ -51,7 +63,7 @@ def train_config(args: argparse.Namespace):
         objective_args[key.split(":", 1)[1]] = given.pop(key)
     values.update(given)
     values["objective_args"] = objective_args
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values, where="")  # the flags' errors name the flag
 
 
 def run(args: argparse.Namespace) -> int:

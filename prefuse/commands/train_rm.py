@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prefuse.commands.flags import config_flags
+from prefuse.commands.flags import add_config_file, config_flags, config_values
 from prefuse.commands.models import add_gguf_file, plain_models, settings
 
 NAME = "train-rm"
@@ -18,6 +18,7 @@ DESCRIPTION = ("Trains a one-logit sequence classifier from a local causal LM on
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefuse.engine.reward.train import RewardModelConfig
 
+    add_config_file(parser)
     config_flags(parser, RewardModelConfig)
     add_gguf_file(parser)
 
@@ -26,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     from prefuse.engine.reward.train import RewardModelConfig, train_reward_model
 
     plain_models(args)
-    train_reward_model(RewardModelConfig(**settings(args)))
+    train_reward_model(RewardModelConfig(**config_values(RewardModelConfig, settings(args))))
     return 0

@@ -66,32 +66,34 @@ class RewardModelConfig:
     eval_split: str | None = _setting(None, "held-out pairs: a file, or a split of a saved dataset folder")
     eval_fraction: float = _setting(0.0, "held-out pairs: this fraction of the training pairs")
     max_length: int | None = _setting(1024, "pairs with a sequence over this many tokens are dropped, as in TRL")
-    skip_bad_rows: bool = False
-    torch_dtype: str = "float32"
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    skip_bad_rows: bool = _setting(False, "skip rows that cannot be read (missing column, empty text), counted, "
+                                          "instead of stopping at the first with its file:row")
+    torch_dtype: str = _setting("float32", "dtype the model's weights load in: float32, bfloat16, float16 or auto")
+    use_peft: bool = _setting(False, "train LoRA adapters (and the score head) instead of every weight")
+    lora_r: int = _setting(16, "LoRA rank")
+    lora_alpha: int = _setting(32, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = _setting(0.05, "dropout probability on the LoRA path")
     lora_target_modules: list[str] | None = _setting(None, "module names for LoRA (default: peft's for the "
                                                            "architecture); the score head is trained in full")
     disable_dropout: bool = _setting(True, "set every dropout probability to 0, as TRL does")
-    learning_rate: float = 1e-4
+    learning_rate: float = _setting(1e-4, "AdamW's peak learning rate")
     per_device_train_batch_size: int = _setting(8, "pairs per micro-batch")
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    per_device_eval_batch_size: int = _setting(8, "held-out pairs per evaluation batch")
+    gradient_accumulation_steps: int = _setting(1, "micro-batches per optimizer step")
     max_steps: int = _setting(-1, "optimizer steps (-1: num_train_epochs decides)")
-    num_train_epochs: float = 1.0
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
+    num_train_epochs: float = _setting(1.0, "passes over the training pairs when max_steps is -1")
+    lr_scheduler_type: str = _setting("linear", "learning-rate schedule after warmup, transformers' names (linear, "
+                                                "cosine, constant, ...)")
+    warmup_steps: int = _setting(0, "steps of linear warmup from 0 to learning_rate")
     max_grad_norm: float = _setting(1.0, "clip the gradient norm to this (0: no clipping)")
-    weight_decay: float = 0.0
+    weight_decay: float = _setting(0.0, "AdamW's decoupled weight decay")
     center_rewards_coefficient: float | None = _setting(None, "bradley_terry: weight of mean((r_chosen + "
                                                               "r_rejected)^2), which keeps rewards centred at 0")
-    seed: int = 42
-    logging_steps: int = 10
+    seed: int = _setting(42, "seed of the data order, the new score head and dropout")
+    logging_steps: int = _setting(10, "log (metrics.jsonl, the console) every N steps")
     eval_steps: int | None = _setting(None, "evaluate every N steps (default: logging_steps) and at the end")
     save_steps: int = _setting(500, "checkpoint every N steps (0: only at the end)")
-    save_total_limit: int | None = None
+    save_total_limit: int | None = _setting(None, "keep only the latest N checkpoints (default: all)")
     resume_from_checkpoint: str | None = _setting(None, "'latest' (in --output_dir) or a checkpoint directory")
     overwrite_output_dir: bool = _setting(False, "start afresh in an output_dir an earlier run used: its checkpoints, "
                                                  "metrics.jsonl and train_config.json are removed first")
@@ -99,7 +101,7 @@ class RewardModelConfig:
                                                          "the checkpoint's: the new ones apply (recorded in "
                                                          "metrics.jsonl)")
     report_to: str = _setting("auto", "auto: TensorBoard when installed; none; tensorboard")
-    device: str = "auto"
+    device: str = _setting("auto", "auto (CUDA when there is one), cpu, cuda or cuda:N")
 
     def validate(self) -> "RewardModelConfig":
         """Raise ValueError with one line naming the first bad field; return self."""
@@ -126,12 +128,9 @@ class RewardModelConfig:
 
 # -- the model ----------------------------------------------------------------------------------------------------
 
-def load_reward_model(cfg: RewardModelConfig, device="cpu"):
-    """(model in train mode, tokenizer, pad_id): a one-logit sequence classifier from model_name_or_path, with
-    `config.pad_token_id` set (the head pools the last token that is not padding) to the tokenizer's pad token,
-    else its EOS (TRL); LoRA adapters when use_peft."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
+def reward_tokenizer(cfg: RewardModelConfig):
+    """model_name_or_path's tokenizer, its pad token set (else its EOS, as TRL): read before the model, so that the
+    data are checked before the weights load."""
     check_model_dir(cfg.model_name_or_path, "model_name_or_path")
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     check_field(tokenizer is not None, "model_name_or_path", f"{cfg.model_name_or_path} has no tokenizer files")
@@ -139,6 +138,16 @@ def load_reward_model(cfg: RewardModelConfig, device="cpu"):
         check_field(tokenizer.eos_token is not None, "model_name_or_path", "the tokenizer has neither a pad nor an EOS "
                     "token (set pad_token)")
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_reward_model(cfg: RewardModelConfig, device="cpu", tokenizer=None):
+    """(model in train mode, tokenizer, pad_id): a one-logit sequence classifier from model_name_or_path, with
+    `config.pad_token_id` set (the head pools the last token that is not padding) to the tokenizer's pad token,
+    else its EOS (TRL); LoRA adapters when use_peft. `tokenizer`: reward_tokenizer(cfg), read already."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tokenizer = tokenizer or reward_tokenizer(cfg)
     config = AutoConfig.from_pretrained(cfg.model_name_or_path, local_files_only=True)
     is_classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     check_field(not is_classifier or config.num_labels == 1, "model_name_or_path",
@@ -277,11 +286,12 @@ def build_reward_run(cfg: RewardModelConfig) -> tuple[Run, object]:
     cfg.validate()
     world = World()  # train-rm runs in one process
     out, device = start(cfg.output_dir, asdict(cfg), seed=cfg.seed, device=cfg.device, world=world)
-    model, tokenizer, pad_id = load_reward_model(cfg, device)
-    train, held_out = load_splits(cfg, tokenizer)
+    tokenizer = reward_tokenizer(cfg)
+    train, held_out = load_splits(cfg, tokenizer)  # the data (file, columns, rows) checked before the model loads
     print(f"data: {len(train)} training pairs" + (f", {len(held_out)} held out" if held_out else "")
           + (f"; {train.dropped} pairs over max_length={cfg.max_length} dropped" if train.dropped else "")
           + (f"; {train.skipped.count} bad rows skipped" if train.skipped.count else ""), flush=True)
+    model, tokenizer, pad_id = load_reward_model(cfg, device, tokenizer)
     source = PairSource(train, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed, pad_id=pad_id)
     total_steps = total_steps_of(cfg, source.batches_per_epoch)
     step = RewardStep(model, cfg)
@@ -315,5 +325,5 @@ def train_reward_model(cfg: RewardModelConfig) -> dict[str, float]:
 
 
 __all__ = ["RewardModelConfig", "train_reward_model", "build_reward_run", "RewardStep", "RewardReport",
-           "load_reward_model", "save_reward_model", "bradley_terry_loss", "pairwise_loss", "pair_loss",
-           "pair_metrics", "pair_logits"]
+           "load_reward_model", "reward_tokenizer", "save_reward_model", "bradley_terry_loss", "pairwise_loss",
+           "pair_loss", "pair_metrics", "pair_logits"]

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefuse.engine.core.checks import check_field
 from prefuse.engine.core.method_defaults import method_defaults
 from prefuse.engine.core.objectives import objective_needs
 from prefuse.engine.core.settings import ObjectiveSettings, objective_hparam_names
+from prefuse.engine.core.typed_settings import number_or_text, settings_file, typed_settings
 from prefuse.engine.data.settings import DataSettings, check_held_out
 from prefuse.engine.methods.alol_advantages import NO_SAMPLE_JUDGE, judges_of, reads_rewards
 from prefuse.engine.methods.alol_settings import ALoLSettings
@@ -58,36 +58,22 @@ class TrainConfig(*reversed(SECTIONS)):  # a dataclass takes its bases' fields f
     """Every setting of `prefuse train`: the fields of SECTIONS, flat, in their order."""
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """From a YAML/JSON mapping with the flags' names; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, values: dict[str, Any], where: str = "") -> "TrainConfig":
+        """From a YAML/JSON mapping with the flags' names, each value typed by its field (typed_settings: the one
+        checker of flags and files; `where` names the source in its one-line errors); an objective's
+        hyper-parameter at the top level goes into objective_args."""
         hparams = set(objective_hparam_names())
-        values = dict(values)
-        objective_args = dict(values.pop("objective_args", None) or {})
-        for key in list(values):
-            if key not in names and key in hparams:  # `simpo_gamma: 0.5` at the top level of a YAML file
-                objective_args[key] = values.pop(key)
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; see `prefuse train --help` for the accepted names")
-        cfg = cls(**values, objective_args=objective_args)
-        if isinstance(cfg.loss_type, str):
-            cfg.loss_type = [cfg.loss_type]
-        if isinstance(cfg.lora_target_modules, str):
-            cfg.lora_target_modules = [cfg.lora_target_modules]
-        return cfg
+        values = typed_settings(cls, values, where, also=hparams)
+        given = values.pop("objective_args", None) or {}
+        objective_args = {key: number_or_text(value) for key, value in given.items()}
+        for key in [k for k in values if k in hparams and k not in cls.__dataclass_fields__]:
+            objective_args[key] = number_or_text(values.pop(key))  # `simpo_gamma: 0.5` at the top level of a YAML
+        return cls(**values, objective_args=objective_args)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config: no such file: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config: {path} must hold a mapping of settings, got {type(values).__name__}")
-        return cls.from_dict(values)
+        """From a YAML file of settings (typed as flags are); a syntax error is one line naming the file and line."""
+        return cls.from_dict(settings_file(path), where=f"config {path}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
