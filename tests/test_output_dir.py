@@ -262,3 +262,17 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_the_run_resumes(files, tmp_pat
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
     assert "SIGINT at step 3: checkpoint saved to" in interrupted.stdout
     assert (tmp_path / "interrupted" / "checkpoint-3" / "checkpoint.json").is_file()
+
+
+def test_resume_compares_the_global_batch_and_skips_what_does_not_change_the_run():
+    """A checkpoint of 2 ranks x 4 resumes in one process with 8 (the same global batch); logging, saving and
+    max_steps are not compared; a setting an older checkpoint did not record is not compared."""
+    from prefuse.engine.train.output_dir import changed_settings
+
+    recorded = {"settings": {"per_device_train_batch_size": 4, "logging_steps": 1, "max_steps": 6, "seed": 1},
+                "world_size": 2}
+    same = {"per_device_train_batch_size": 8, "logging_steps": 5, "max_steps": 9, "seed": 1, "new_setting": 3}
+    assert changed_settings(recorded, same, world_size=1) == []
+    assert changed_settings(recorded, {**same, "per_device_train_batch_size": 4}, world_size=1) == [
+        ("per_device_train_batch_size x ranks", 8, 4)]
+    assert changed_settings(recorded, {**same, "seed": 2}, world_size=1) == [("seed", 1, 2)]

@@ -358,7 +358,7 @@ def _checked_changes(cfg, path: Path | None, config: dict) -> list:
     if record is None:
         print(f"resume: {path} records no settings (an older checkpoint); they are not compared", flush=True)
         return []
-    changes = changed_settings(record, config)
+    changes = changed_settings(record, config, distributed.current().size)
     if changes and not getattr(cfg, "resume_with_changed_settings", False):
         raise ValueError(f"resume_from_checkpoint: this run's settings differ from {path}'s: {describe(changes)}; "
                          f"resume with the checkpoint's settings, or give --resume_with_changed_settings to apply "

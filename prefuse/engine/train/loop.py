@@ -192,8 +192,7 @@ def save(run: Run, step: int, output_dir=None):
     return run.world.save_checkpoint(output_dir or run.out, step, model=run.policy, optimizer=run.optimizer,
                                      scheduler=run.scheduler, trainer_state=state,
                                      save_total_limit=None if output_dir else run.cfg.save_total_limit,
-                                     run_config=run_record(settings_of(run.cfg)))  # what export rebuilds
-
+                                     run_config=run_record(settings_of(run.cfg), run.world.size))  # what export rebuilds
 
 
 def check_finite_weights(run: Run, step: int) -> None:

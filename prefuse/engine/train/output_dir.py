@@ -31,7 +31,7 @@ RUN_DIRS = ("runs",)  # TensorBoard's event files (engine/core/metrics.py)
 NOT_COMPARED = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "resume_with_changed_settings", "logging_steps",
     "save_steps", "save_total_limit", "eval_steps", "report_to", "device", "max_steps", "num_train_epochs",
-    "per_device_eval_batch_size", "list_objectives", "config",
+    "per_device_eval_batch_size", "list_objectives", "config", "skip_nonfinite_steps",
 })
 SCHEDULE = ("learning_rate", "lr_scheduler_type", "warmup_steps")
 
@@ -165,18 +165,24 @@ def settings_of(cfg) -> dict:
     return _jsonable(cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg))
 
 
-def run_record(config: dict) -> dict:
-    """What a checkpoint keeps of the run that wrote it (run_config.json): its settings and its base's identity."""
-    record = {"settings": config}
+def run_record(config: dict, world_size: int = 1) -> dict:
+    """What a checkpoint keeps of the run that wrote it (run_config.json): its settings, its number of ranks and
+    its base's identity."""
+    record = {"settings": config, "world_size": world_size}
     if config.get("model_name_or_path"):
         record["base_model"] = base_identity(config["model_name_or_path"])
     return record
 
 
-def changed_settings(recorded: dict, config: dict) -> list[tuple[str, object, object]]:
+def changed_settings(recorded: dict, config: dict, world_size: int = 1) -> list[tuple[str, object, object]]:
     """(setting, checkpoint's value, this run's value) of each setting that changes the run; settings a checkpoint
-    of an older prefuse did not record are not compared."""
-    old = recorded.get("settings", {})
+    of an older prefuse did not record are not compared. The batch is compared over all ranks (a run of 2 ranks
+    resumes in one process with twice the per-device batch)."""
+    old = dict(recorded.get("settings", {}))
+    config = dict(config)
+    batch, ranks = "per_device_train_batch_size", recorded.get("world_size", 1)
+    if batch in old and batch in config and ranks != world_size:  # compared as the global batch
+        old[f"{batch} x ranks"], config[f"{batch} x ranks"] = old.pop(batch) * ranks, config.pop(batch) * world_size
     changes = [(key, old[key], value) for key, value in config.items()
                if key not in NOT_COMPARED and key in old and _jsonable(old[key]) != _jsonable(value)]
     if recorded.get("base_model") and config.get("model_name_or_path"):
