@@ -223,7 +223,8 @@ def test_a_file_of_bad_rows_leaves_no_prompts(tmp_path, tokenizer, cache_dir):
     empty.write_text("", encoding="utf-8")
     with pytest.raises(DataError) as err:
         load_prompts(empty, tokenizer, cache_dir=cache_dir)
-    assert str(err.value) == f"{empty}: no prompts to train on (no rows)"
+    assert str(err.value) == (f"{empty}: the file is empty (no rows); give a file of rows in one of TRL's formats "
+                              "(one JSON object per line)")
 
 
 @pytest.mark.parametrize("rows", [[{"question": "Hi.", "answer": "4"}], [{"chosen": "Hi. Yes.", "answer": "4"}]])

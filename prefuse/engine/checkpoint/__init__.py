@@ -91,8 +91,10 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
         files.write_json(manifest, temp_dir / MANIFEST)
         files.fsync_tree(temp_dir)
         files.move_into_place(temp_dir, final_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if files.is_disk_full(error):
+            raise files.disk_full(final_dir, list_checkpoints(output_dir)) from None
         raise
     if save_total_limit is not None:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:

@@ -1,10 +1,11 @@
 """Files of a checkpoint: safetensors and JSON writers and readers, fsync, and the rename that publishes it."""
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TEMP_PREFIX = ".tmp-checkpoint-"  # not a checkpoint-{step} name: never listed, never "latest"
@@ -23,10 +24,29 @@ def write_safetensors(tensors: dict, file: Path, tied: dict | None = None):
 
 
 def read_safetensors(file: Path) -> tuple[dict, dict]:
-    """(tensors on the CPU, {alias: name kept} of the tied weights left out)."""
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    return load_file(str(file)), json.loads(metadata.get(TIED_METADATA_KEY, "{}"))
+    """(tensors on the CPU, {alias: name kept} of the tied weights left out). A file cut short (a copy or a disk
+    that ran out) or corrupt is a ValueError naming it, not the reader's traceback."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(file)), json.loads(metadata.get(TIED_METADATA_KEY, "{}"))
+    except SafetensorError as error:
+        raise ValueError(f"checkpoint {file.parent}: {file.name} is truncated or corrupt ({error}); copy the "
+                         f"checkpoint again, or use an earlier checkpoint-<step>") from None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(final_dir: Path, kept: list[Path]) -> OSError:
+    """The one-line error of a checkpoint the disk had no room for (its partial files are already removed)."""
+    earlier = f"the earlier checkpoints are intact (latest: {kept[-1].name})" if kept else "there is no earlier one"
+    error = OSError(f"checkpoint {final_dir}: no space left on the device while writing it; nothing of it is kept "
+                    f"and {earlier}; free space (or give --output_dir on a larger disk) and resume with "
+                    f"--resume_from_checkpoint latest")
+    error.errno = errno.ENOSPC
+    return error
 
 
 def fsync_tree(directory: Path):

@@ -15,6 +15,7 @@ responses) is for online training (prompts.py); offline, `detect_format` refuses
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ PROMPTS_ONLY = "holds prompts only (a 'prompt' column without responses): train 
 # A file with one of these is preference data with a column missing or misnamed (`response` for `completion`, say),
 # not prompts: the "no preference columns" message, which names the columns needed, serves it better.
 _RESPONSE_COLUMNS = ("chosen", "rejected", "completion", "label", "response")
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know (TRL's conversational formats)
 NEEDED_COLUMNS = {
     "pairs": "'chosen' and 'rejected' (with an optional 'prompt'): the paired preference format",
     "unpaired": "'prompt', 'completion' and 'label' (a bool): the unpaired format",
@@ -69,8 +71,7 @@ def detect_format(dataset: datasets.Dataset) -> str:
         source = source_of(dataset)
         raise DataError(f"{source}: {PROMPTS_ONLY}" if source else f"the data {PROMPTS_ONLY}")
     else:
-        raise DataError(f"no preference columns: found {sorted(names)}, need {NEEDED_COLUMNS['pairs']}, "
-                        f"or {NEEDED_COLUMNS['unpaired']}")
+        raise DataError(_no_preference_columns(dataset))
     columns = (["prompt"] if "prompt" in names else []) + response_columns
     kinds = {c: _column_kind(features[c]) for c in columns}
     for column, kind in kinds.items():
@@ -88,6 +89,24 @@ def detect_format(dataset: datasets.Dataset) -> str:
         return "conversational_unpaired" if conversational else "unpaired"
     implicit = "_implicit" if "prompt" not in names else ""
     return ("conversational" if conversational else "standard") + implicit
+
+
+def _no_preference_columns(dataset: datasets.Dataset) -> str:
+    """`<file>: no preference columns: found [...], need ...; did you mean 'rejected' for 'rejectd'?`: the file's
+    own columns only (not the loader's bookkeeping), and the likely misspellings of the needed ones."""
+    source = source_of(dataset)
+    found = sorted(name for name in dataset.column_names if not (name.startswith("__") and name.endswith("__")))
+    guesses = []
+    for needed in ("prompt", "chosen", "rejected", "completion", "label"):
+        close = difflib.get_close_matches(needed, [n for n in found if n not in _KNOWN_COLUMNS], n=1, cutoff=0.6)
+        if needed not in found and close:
+            guesses.append(f"{needed!r} for {close[0]!r}")
+    message = (f"{source + ': ' if source else ''}no preference columns: found {found}, need "
+               f"{NEEDED_COLUMNS['pairs']}, or {NEEDED_COLUMNS['unpaired']}")
+    return message + (f"; did you mean {', '.join(guesses)}?" if guesses else "")
+
+
+_KNOWN_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
 
 
 def check_format_for(fmt: str, needs: str) -> None:
@@ -192,6 +211,10 @@ def check_messages(value: Any, field: str, response: bool) -> list[dict]:
         kind = "wrong_type" if not isinstance(value, list) else "malformed_messages"
         raise RowIssue(kind, field, problem)
     messages = [_without_nulls(m) for m in value]
+    for number, message in enumerate(messages, start=1):
+        if message["role"] not in ROLES:
+            raise RowIssue("malformed_messages", field, f"message {number}: role {message['role']!r} is not one of "
+                                                        f"{', '.join(ROLES)}{did_you_mean(message['role'], ROLES)}")
     if response:
         if not messages:
             raise RowIssue("empty", field, "no messages")
@@ -201,6 +224,12 @@ def check_messages(value: Any, field: str, response: bool) -> list[dict]:
         if not content_text(messages[-1]["content"]).strip():
             raise RowIssue("empty", field, "empty response")
     return messages
+
+
+def did_you_mean(name: str, known) -> str:
+    """"; did you mean 'x'?" when `name` is close to one of `known`, else ""."""
+    close = difflib.get_close_matches(name.lower(), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _shared_text_prompt(chosen: str, rejected: str) -> int:

@@ -49,6 +49,9 @@ def load_records(path: str | Path, split: str = "train", cache_dir: str | None =
         dataset = _load_saved(path, split)
         return dataset.add_column(WHERE_COLUMN, [f"{path}:{i}" for i in range(1, len(dataset) + 1)])
     builder = _builder_for(path)
+    if _is_empty(path):
+        raise DataError(f"{path}: the file is empty (no rows); give a file of rows in one of TRL's formats (one "
+                        f"JSON object per line)")
     json_lines = ".jsonl" in path.suffixes
     try:
         dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
@@ -60,12 +63,24 @@ def load_records(path: str | Path, split: str = "train", cache_dir: str | None =
         raise DataError(f"{path}: cannot be read: {error}") from error
     if json_lines and any(_holds_mixed_types(dataset.features.get(c)) for c in CHECKED_COLUMNS):
         return _load_json_lines_by_hand(path)  # a type differs between rows: say which row
+    if len(dataset) == 0:
+        raise DataError(f"{path}: holds no rows; give a file of preference rows")
     rows = range(1, len(dataset) + 1)
     if json_lines:
         rows = _nonblank_line_numbers(path)
         if len(rows) != len(dataset):  # the reader skipped something else than blank lines: number rows instead
             rows = range(1, len(dataset) + 1)
     return dataset.add_column(WHERE_COLUMN, [f"{path}:{i}" for i in rows])
+
+
+def _is_empty(path: Path) -> bool:
+    """A file of zero bytes, or (a text file) of blank lines only."""
+    if path.stat().st_size == 0:
+        return True
+    if path.suffix == ".parquet":
+        return False
+    with _open_bytes(path) as lines:
+        return not any(line.strip() for line in lines)
 
 
 def _holds_mixed_types(feature: Any) -> bool:

@@ -18,6 +18,8 @@ class DataSettings:
                                                  "response stays)")
     truncation: bool = setting(True, "cut rows over max_length / max_prompt_length; false: such a row is a bad row")
     skip_bad_rows: bool = setting(False, "skip bad rows and count them by kind, instead of stopping at the first")
+    duplicate_rows: str = setting("keep", "rows repeating an earlier row's prompt and responses: keep (as TRL does; "
+                                          "counted in one line), drop (counted) or refuse")
 
     def check(self) -> None:
         """One-line ValueErrors naming the field."""
@@ -26,6 +28,8 @@ class DataSettings:
                     f"must be >= 2, got {self.max_length}")
         check_field(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
                     f"must be >= 1, got {self.max_prompt_length}")
+        check_field(self.duplicate_rows in ("keep", "drop", "refuse"), "duplicate_rows",
+                    f"must be keep, drop or refuse, got {self.duplicate_rows!r}")
         check_held_out(self)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import json
+
 import datasets
 
 from prefuse.engine.data.collate import labeled_tokens
@@ -49,6 +51,7 @@ class TokenizedData:
     skipped: SkippedRows = field(default_factory=SkippedRows)
     max_length: int | None = None
     max_prompt_length: int | None = None
+    notes: list[str] = field(default_factory=list)  # one-line reports of the file: prompts cut, duplicate rows
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -124,7 +127,7 @@ def _read_row(row: dict[str, Any], fmt: str, carried: list[str]) -> tuple[RowPar
 def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: int | None = None,
                          max_prompt_length: int | None = None, truncation: bool = True, skip_bad_rows: bool = False,
                          fmt: str | None = None, source: str = "dataset", require: Iterable[str] = (),
-                         require_hint: str = "", processor=None) -> TokenizedData:
+                         require_hint: str = "", processor=None, duplicate_rows: str = "keep") -> TokenizedData:
     """Tokenize every row of `dataset` (format detected unless `fmt` is given) with a `transformers` tokenizer.
     processor: a vision-language model's; rows with an `images` column need it (data/images.py: their prompts are
     tokenized by it with their images, chat templates are its, examples carry `images`).
@@ -133,7 +136,13 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
     the data's order; with `skip_bad_rows=True` bad rows are left out and tallied in `.skipped`. `source` names
     rows of a dataset that did not come from `load_records` (`<source>:<1-based row>`). The extra columns of
     `columns.py` the dataset has are carried into every example; those in `require` must be there, else DataError
-    `<source>: column 'x' is missing; <require_hint>`."""
+    `<source>: column 'x' is missing; <require_hint>`.
+
+    Rows that repeat an earlier row's prompt and responses (and label) are kept (as TRL keeps them), dropped, or
+    refused (DataError naming both rows) by `duplicate_rows` ("keep", "drop", "refuse"); `.notes` says how many,
+    and how many prompts max_prompt_length cut, in one line each."""
+    if duplicate_rows not in DUPLICATE_ROWS:
+        raise ValueError(f"duplicate_rows: {duplicate_rows!r} is not one of {DUPLICATE_ROWS}")
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2 (a prompt token and a response token), got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
@@ -170,8 +179,9 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
     if images:  # the prompts again, by the processor with their images: placeholders become image tokens
         ids = images.tokenize(ids, texts, row_images, names, bad, wheres, not fmt.startswith("conversational"))
 
-    examples = []
+    examples, prompts_cut = [], 0
     for index, (prompt_ids, completion_ids) in ids.items():
+        prompts_cut += truncation and max_prompt_length is not None and len(prompt_ids) > max_prompt_length
         try:
             kept_prompt, completion_ids = truncate(prompt_ids, completion_ids, names, max_length, max_prompt_length,
                                                    truncation)
@@ -196,8 +206,46 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: in
             raise BadRow(*bad[index])
         skipped.add(*bad[index])
     examples.sort(key=lambda pair: pair[0])
+    notes = []
+    if prompts_cut:
+        notes.append(f"{prompts_cut} of {len(examples)} prompts cut to {max_prompt_length} tokens "
+                     f"(--max_prompt_length; their start is dropped, raise it to keep more)")
+    if not images:  # rows with images: their images are not compared
+        examples, note = _duplicates(examples, parts, fmt, duplicate_rows, source)
+        notes += [note] if note else []
     limits = (max_length, max_prompt_length) if truncation else (None, None)
-    return TokenizedData(fmt, [example for _, example in examples], skipped, *limits)
+    return TokenizedData(fmt, [example for _, example in examples], skipped, *limits, notes=notes)
+
+
+DUPLICATE_ROWS = ("keep", "drop", "refuse")
+
+
+def _duplicates(examples: list[tuple[int, dict]], parts: dict[int, RowParts], fmt: str, policy: str,
+                source: str) -> tuple[list[tuple[int, dict]], str | None]:
+    """(the examples, less the duplicates under policy "drop"; the one-line count of rows that repeat an earlier
+    row's prompt, responses and label, or None). Policy "refuse": DataError naming the first repeat and its twin."""
+    first: dict[str, str] = {}
+    repeats = []
+    for index, example in examples:
+        row = parts[index]
+        key = json.dumps([row.prompt, row.completions, row.label], sort_keys=True, default=str)
+        if key in first:
+            repeats.append((index, example["where"], first[key]))
+        else:
+            first[key] = example["where"]
+    if not repeats:
+        return examples, None
+    _, where, twin = repeats[0]
+    rows = "pairs" if fmt not in UNPAIRED_FORMATS else "examples"
+    count = (f"{len(repeats)} of {len(examples)} {rows} repeat an earlier row's prompt and responses (first "
+             f"{where} = {twin})")
+    if policy == "refuse":
+        raise DataError(f"{where}: repeats {twin} (the same prompt and responses; {len(repeats)} such rows in "
+                        f"{source}); remove them, or pass --duplicate_rows keep (train on them, as TRL does) or drop")
+    if policy == "drop":
+        dropped = {index for index, _, _ in repeats}
+        return [pair for pair in examples if pair[0] not in dropped], f"{count}: dropped (--duplicate_rows drop)"
+    return examples, f"{count}: kept, as TRL does (--duplicate_rows drop leaves them out, refuse stops)"
 
 
 def _render_chat(tokenizer, parts: dict[int, RowParts], names: list[str], bad: dict, wheres: dict,

@@ -25,6 +25,17 @@ def _adapter_config(path: str) -> dict:
     return json.loads(file.read_text())
 
 
+def _check_one_base(adapters: list[str], configs: list[dict]) -> None:
+    """A ValueError naming two adapters whose recorded base models differ: their updates apply to different
+    weights, and summing them means nothing (peft would stop on the first shape that differs, or, for bases of one
+    shape, merge silently)."""
+    bases = [config.get("base_model_name_or_path") for config in configs]
+    for path, other in zip(adapters[1:], bases[1:]):
+        if other and bases[0] and os.path.realpath(other) != os.path.realpath(bases[0]):
+            raise ValueError(f"adapters: {adapters[0]} was trained on {bases[0]!r}, {path} on {other!r}; merge "
+                             f"adapters of one base model (pass --base DIR if both name the same model)")
+
+
 def merge_adapters(adapters: list[str], weights: list[float], output: str, base: str | None = None) -> Path:
     """Write the adapter whose update is sum_k weights[k] * (update of adapters[k]) to `output` and return it.
     base: the model the adapters were trained on (default: the first adapter's base_model_name_or_path)."""
@@ -33,6 +44,8 @@ def merge_adapters(adapters: list[str], weights: list[float], output: str, base:
     if len(weights) != len(adapters):
         raise ValueError(f"weights: {len(weights)} weight(s) for {len(adapters)} adapter(s)")
     configs = [_adapter_config(a) for a in adapters]
+    if base is None:
+        _check_one_base(adapters, configs)
     base = base or configs[0].get("base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
         raise ValueError(f"base: {base!r} is not a model directory; pass --base DIR (the model the adapters were "
@@ -42,9 +55,18 @@ def merge_adapters(adapters: list[str], weights: list[float], output: str, base:
 
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
     names = [f"adapter_{k}" for k in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
-    for name, path in zip(names[1:], adapters[1:]):
-        peft_model.load_adapter(path, adapter_name=name)
+    current = adapters[0]
+    try:
+        peft_model = PeftModel.from_pretrained(model, current, adapter_name=names[0])
+        for name, current in zip(names[1:], adapters[1:]):
+            peft_model.load_adapter(current, adapter_name=name)
+    except RuntimeError as error:  # torch's "size mismatch for <name>: copying a param with shape ..." list
+        if "size mismatch" not in str(error):
+            raise
+        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), "")
+        raise ValueError(f"adapters: {current} was not trained on the base {base} (its shapes differ: "
+                         f"{first.removeprefix('size mismatch for ').rstrip('.')}); merge adapters of one base "
+                         f"model") from None
     peft_model.add_weighted_adapter(names, [float(w) for w in weights], adapter_name="default",
                                     combination_type="cat")
     out = Path(output)

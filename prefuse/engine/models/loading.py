@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from prefuse import heads
 from prefuse.engine.models import vision
@@ -76,18 +77,83 @@ def _attn_implementation(requested: str | None) -> str | None:
     return requested
 
 
-def _load_causal_lm(path: str, cfg: ModelConfig, device) -> torch.nn.Module:
-    """A causal LM, or a vision-language model (`AutoModelForImageTextToText`) when the config has a vision part."""
+def check_device(device) -> None:
+    """A ValueError naming `device` when this torch cannot train on it: CUDA asked of a build without CUDA, or of a
+    machine without a visible GPU, or a GPU index past the last."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: {device!r} is not a torch device; pass auto, cpu, cuda or cuda:<index>") from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device: {str(device)!r} but {why}; pass --device cpu (or auto: CUDA when there is one)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_weight_files(path: str, field: str) -> None:
+    """A ValueError naming the file when a safetensors file of model directory `path` does not open (cut short by
+    an interrupted copy or download, or corrupt): transformers would stop with the reader's traceback."""
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            safe_open(str(file), framework="pt").__exit__(None, None, None)
+        except SafetensorError as error:
+            raise ValueError(f"{field}: {file} is truncated or corrupt ({error}); copy or download the model "
+                             f"again, or re-save it with save_pretrained") from None
+
+
+def _shape_mismatch(path: str, auto, config) -> str:
+    """The first weight whose shape in the directory's safetensors files differs from the one config.json gives
+    it, as `name: [..] in <file>, [..] by config.json`, or "" when none is found."""
+    with torch.device("meta"):
+        expected = {name: list(t.shape) for name, t in auto.from_config(config).state_dict().items()}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                stored = list(handle.get_slice(name).get_shape())
+                if name in expected and expected[name] != stored:
+                    return f"{name}: {stored} in {file.name}, {expected[name]} by config.json"
+    return ""
+
+
+def _load_causal_lm(path: str, cfg: ModelConfig, device, field: str = "model_name_or_path") -> torch.nn.Module:
+    """A causal LM, or a vision-language model (`AutoModelForImageTextToText`) when the config has a vision part.
+    Weight files that are cut short or whose shapes differ from config.json are ValueErrors naming the file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if cfg.torch_dtype not in DTYPES:
         raise ValueError(f"torch_dtype: {cfg.torch_dtype!r} is not one of {tuple(DTYPES)}")
     attn = _attn_implementation(cfg.attn_implementation)
-    multimodal = vision.is_vision_language(AutoConfig.from_pretrained(path, local_files_only=True))
+    check_weight_files(path, field)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    multimodal = vision.is_vision_language(config)
     auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[cfg.torch_dtype], local_files_only=True,
-                                 **({"attn_implementation": attn} if attn else {}))
+    try:
+        model = auto.from_pretrained(path, dtype=DTYPES[cfg.torch_dtype], local_files_only=True,
+                                     **({"attn_implementation": attn} if attn else {}))
+    except RuntimeError as error:
+        if "mismatched" not in str(error) and "size mismatch" not in str(error):
+            raise
+        mismatch = _shape_mismatch(path, auto, config) or "a weight's shape differs"
+        raise ValueError(f"{field}: {path}/config.json does not match its weights ({mismatch}); use the config.json "
+                         f"saved with these weights") from None
     return model.to(device)
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, path: str, field: str = "model_name_or_path") -> None:
+    """A ValueError when the tokenizer has more tokens than the model's input embeddings have rows: a token id past
+    the last row would stop training at its first batch (IndexError) after the data is read."""
+    if tokenizer is None or model.get_input_embeddings() is None:
+        return
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"{field}: the tokenizer has {len(tokenizer)} tokens but the model in {path} embeds only "
+                         f"{rows} (vocab_size); resize the model's embeddings to the tokenizer "
+                         f"(model.resize_token_embeddings({len(tokenizer)}), then save_pretrained) or use the "
+                         f"model's own tokenizer")
 
 
 def lora_targets(model: torch.nn.Module, requested: tuple[str, ...] | None) -> list[str] | str:
@@ -130,6 +196,7 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
     Local directories only (nothing is downloaded): a missing one, or one without config.json, is a ValueError.
     """
     check_model_dir(cfg.model_name_or_path, "model_name_or_path")
+    check_device(device)
     ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
     separate_reference = need_reference and not (cfg.use_peft and ref_path == cfg.model_name_or_path)
     if separate_reference:
@@ -137,6 +204,9 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
 
     policy = _load_causal_lm(cfg.model_name_or_path, cfg, device)
     multimodal = vision.is_vision_language(policy.config)
+    processor = vision.load_processor(cfg.model_name_or_path) if multimodal else None
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(cfg.model_name_or_path)
+    check_vocabulary(policy, tokenizer, cfg.model_name_or_path)  # before the reference and the data are read
     if cfg.train_vision != "none" and not multimodal:
         raise ValueError(f"train_vision: {cfg.model_name_or_path} is a text model, it has no vision part to train")
     if multimodal and not cfg.use_peft:
@@ -156,11 +226,10 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
 
     reference = None
     if separate_reference:
-        reference = _load_causal_lm(ref_path, cfg, device)
+        reference = _load_causal_lm(ref_path, cfg, device, "ref_model_name_or_path")
+        check_vocabulary(reference, tokenizer, ref_path, "ref_model_name_or_path")
         reference.requires_grad_(False)
         reference.eval()
-    processor = vision.load_processor(cfg.model_name_or_path) if multimodal else None
-    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(cfg.model_name_or_path)
     return Models(policy=policy, reference=reference, tokenizer=tokenizer, processor=processor)
 
 

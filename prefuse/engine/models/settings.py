@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefuse.engine.core.checks import check_field, setting
 from prefuse.engine.models.gguf import plain_directory
-from prefuse.engine.models.loading import ModelConfig
+from prefuse.engine.models.loading import ModelConfig, check_device
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "auto")
 TRAIN_VISION = ("none", "projector", "all")
@@ -71,7 +71,10 @@ class ModelSettings:
 
 
 def check_precision_and_lora(cfg) -> None:
-    """torch_dtype, lora_r and lora_dropout of any training config (TrainConfig, RewardModelConfig)."""
+    """torch_dtype, lora_r and lora_dropout of any training config (TrainConfig, RewardModelConfig), and the
+    device the models load on (its `device`, before anything is written or read)."""
+    if getattr(cfg, "device", "auto") != "auto":
+        check_device(cfg.device)
     check_field(cfg.torch_dtype in TORCH_DTYPES, "torch_dtype", f"{cfg.torch_dtype!r} is not one of {TORCH_DTYPES}")
     check_field(int(cfg.lora_r) >= 1, "lora_r", f"must be at least 1, got {cfg.lora_r}")
     check_field(0 <= cfg.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")

@@ -507,7 +507,10 @@ def load_data(cfg: TrainConfig, tokenizer, needs: ObjectiveNeeds,
                 f"objective reads)")
         require, hint = required_columns(cfg, needs, kind, str(path), hint)  # a judge replaces reward columns
         data = tokenize_preferences(records, tokenizer, fmt=fmt, source=str(path), require=require,
-                                    require_hint=hint, processor=processor, **options)
+                                    require_hint=hint, processor=processor, duplicate_rows=cfg.duplicate_rows,
+                                    **options)
+        for note in data.notes:  # prompts cut, duplicate rows: one line each, naming the file
+            print(f"data: {path}: {note}", flush=True)
         check_response_tokens_left(data, str(path))
         if needs.revision and IMAGES_COLUMN in records.column_names:
             raise DataError(f"{path}: srpo's revision prompts are text and would lose the images; train srpo on "
