@@ -122,7 +122,8 @@ def prefuse_run(spec: dict):
                       use_peft=lora, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
                       lora_target_modules=LORA["target_modules"], max_grad_norm=1.0, weight_decay=0.0,
                       lr_scheduler_type="linear", warmup_steps=0, logging_steps=10**6, save_steps=0,
-                      report_to="none", device=spec["device"], seed=SEED)
+                      report_to="none", device=spec["device"], seed=SEED,
+                      overwrite_output_dir=True)  # a measurement's scratch directory, built anew each time
     run = build_run(cfg)
     if lora:
         init_adapters(run.policy)

@@ -141,7 +141,8 @@ def real_demo(args) -> dict:
                       per_device_train_batch_size=args.real_prompts_per_step,
                       max_new_tokens=args.real_max_new_tokens, temperature=0.9, missing_eos_penalty=MISSING_END,
                       logging_steps=1,
-                      save_steps=args.real_steps, report_to="none", seed=args.seed)
+                      save_steps=args.real_steps, report_to="none", seed=args.seed,
+                      overwrite_output_dir=True)  # the demo's own run of an earlier call is replaced
     train(cfg)
     from peft import PeftModel
 

@@ -49,7 +49,8 @@ def train_on_pairs(policy_dir: str, pairs_file: Path, output_dir: Path, *, loss_
                       loss_type=list(loss_type), beta=beta, learning_rate=learning_rate, max_steps=steps,
                       per_device_train_batch_size=batch_size, lr_scheduler_type="constant", report_to="none",
                       logging_steps=steps, save_steps=0, seed=seed, device="cpu", use_peft=use_peft,
-                      lora_r=8, lora_alpha=16, lora_dropout=0.0)
+                      lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                      overwrite_output_dir=True)  # this command's own run of an earlier call is replaced
     train(cfg)
     return output_dir / f"checkpoint-{steps}"
 

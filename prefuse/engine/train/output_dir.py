@@ -88,10 +88,11 @@ def _owner(path: Path) -> int | None:
         return None
 
 
-def used(out: Path) -> list[str]:
-    """What an earlier run left in `out`: its checkpoints and log files, by name."""
+def used(out: Path, files=("metrics.jsonl",)) -> list[str]:
+    """What an earlier run that trained left in `out`: its checkpoints and `files` (its log), by name. A run that
+    was only built (train_config.json alone) did not use it."""
     found = [p.name for p in list_checkpoints(out)]
-    found += [name for name in RUN_FILES if (out / name).is_file()]
+    found += [name for name in files if (out / name).is_file()]
     return found
 
 
@@ -139,7 +140,7 @@ def release(output_dir, failed: bool = False) -> None:
 def clear_old_run(out: Path) -> list[str]:
     """--overwrite_output_dir: the earlier run's checkpoints, metrics.jsonl, train_config.json and TensorBoard
     events go (a cached reference of the same data stays: its name is a digest of what it holds)."""
-    gone = used(out)
+    gone = used(out, RUN_FILES)
     for checkpoint in list_checkpoints(out):
         shutil.rmtree(checkpoint)
     for name in RUN_FILES:
