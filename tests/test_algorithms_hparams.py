@@ -29,8 +29,8 @@ def test_beta_zero_is_meaningful_where_beta_is_a_kl_weight_or_unused(name):
 def test_beta_zero_really_makes_the_dpo_loss_constant_and_ipo_divide_by_zero():
     # what the rules stand on: sigmoid at beta 0 is log 2 with no gradient; ipo at beta 0 divides by zero
     chosen = torch.tensor([-3.0, -5.0], requires_grad=True)
-    stats = dict(policy_chosen_logps=chosen, policy_rejected_logps=torch.tensor([-4.0, -2.0]),
-                 ref_chosen_logps=torch.tensor([-3.5, -4.0]), ref_rejected_logps=torch.tensor([-4.5, -2.5]))
+    stats = {"policy_chosen_logps": chosen, "policy_rejected_logps": torch.tensor([-4.0, -2.0]),
+             "ref_chosen_logps": torch.tensor([-3.5, -4.0]), "ref_rejected_logps": torch.tensor([-4.5, -2.5])}
     loss, _ = objective_loss("sigmoid", beta=0.0, **stats)
     loss.backward()
     assert loss.item() == pytest.approx(0.693147, abs=1e-6) and chosen.grad.abs().max() == 0

@@ -5,8 +5,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from prefuse.cli import main  # noqa: E402
-from tests.test_engine_train import args, files  # noqa: E402,F401
+from prefuse.cli import main
+from tests import test_engine_train
+
+args = test_engine_train.args
+files = test_engine_train.files  # its module fixture: a tiny Llama, its tokenizer and 16 pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 

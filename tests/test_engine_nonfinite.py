@@ -4,6 +4,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,12 +12,17 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
-from prefuse.cli import main  # noqa: E402
-from prefuse.engine.core.metrics import MetricsLog  # noqa: E402
-from prefuse.engine.train.nonfinite import StepGuard  # noqa: E402
-from tests.test_engine_train import args, files  # noqa: E402,F401
+from prefuse.cli import main
+from prefuse.engine.core.metrics import MetricsLog
+from prefuse.engine.train import loop
+from prefuse.engine.train.distributed import World
+from prefuse.engine.train.nonfinite import NonFiniteStep, StepGuard
+from tests import test_engine_train
+
+args = test_engine_train.args
+files = test_engine_train.files  # its module fixture: a tiny Llama, its tokenizer and 16 pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 
@@ -149,3 +155,18 @@ def test_skip_nonfinite_steps_is_checked(files, tmp_path, capsys, value, expecte
     assert main(args(files, tmp_path / "bad", max_steps=1, skip_nonfinite_steps=value)) == 2
     assert expected in one_error(capsys)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
+    # the last line of defence behind the step guard: save() checks the trained tensors before writing anything
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    model[0].weight.data[0, 0] = float("nan")  # a frozen weight is the loaded one: not the run's doing
+    run = SimpleNamespace(policy=model, world=World(), out=tmp_path)
+    loop.check_finite_weights(run, 4)
+    model[1].bias.data[1] = float("inf")
+    with pytest.raises(NonFiniteStep) as error:
+        loop.save(run, 4)
+    assert str(error.value) == ("step 4: the trained parameter 1.bias holds NaN or infinite values; checkpoint-4 "
+                                "was not written (earlier checkpoints are intact); lower --learning_rate")
+    assert not any(tmp_path.iterdir())

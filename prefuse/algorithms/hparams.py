@@ -10,7 +10,8 @@ overridden by the run's), so a bad value is refused in one line before any model
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from .registry import get_objective
 
