@@ -276,3 +276,26 @@ def test_resume_compares_the_global_batch_and_skips_what_does_not_change_the_run
     assert changed_settings(recorded, {**same, "per_device_train_batch_size": 4}, world_size=1) == [
         ("per_device_train_batch_size x ranks", 8, 4)]
     assert changed_settings(recorded, {**same, "seed": 2}, world_size=1) == [("seed", 1, 2)]
+
+
+def test_train_rm_takes_the_same_lock_and_refuses_a_used_output_dir(files, tmp_path, capsys):
+    rm = ["train-rm", "--model_name_or_path", str(files["model_a"]), "--dataset_name", str(files["pairs"]),
+          "--report_to", "none", "--max_steps", "1", "--per_device_train_batch_size", "4"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (busy / ".prefuse.lock").write_text(f"{other.pid}\n")
+        assert main(rm + ["--output_dir", str(busy)]) == 2
+        assert error_line(capsys).startswith(f"prefuse train-rm: error: output_dir: {busy} is in use by another run "
+                                             f"(pid {other.pid}")
+    finally:
+        other.kill()
+        other.wait()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    assert main(rm + ["--output_dir", str(used)]) == 2
+    assert error_line(capsys).startswith(f"prefuse train-rm: error: output_dir: {used} holds another run "
+                                         f"(metrics.jsonl)")
+    assert sorted(p.name for p in used.iterdir()) == ["metrics.jsonl"]
