@@ -196,6 +196,11 @@ def test_dtype_and_tokenizer(tmp_path):
     sums, _ = sequence_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert sums.dtype == torch.float32 and torch.isfinite(sums).all()
 
+    build_tokenizer().save_pretrained(path)  # 500 tokens for the model's 96 embedding rows: refused at load
+    with pytest.raises(ValueError, match=r"^model_name_or_path: the tokenizer has 500 tokens but the model in .* "
+                                         r"embeds only 96 \(vocab_size\); resize"):
+        load_models(ModelConfig(path), need_reference=False)
+    path = save_tiny(tmp_path, "llama", vocab_size=len(build_tokenizer()))
     build_tokenizer().save_pretrained(path)
     tokenizer = load_models(ModelConfig(path), need_reference=False).tokenizer
     assert tokenizer is not None and tokenizer("hello world").input_ids == build_tokenizer()("hello world").input_ids

@@ -96,10 +96,17 @@ def _one_line(capsys, argv) -> str:
 
 # -- models and checkpoints ---------------------------------------------------------------------------------------
 
-def test_truncated_model_weights_are_named_in_one_line(files, tmp_path, capsys):
-    line = _one_line(capsys, _train(files, tmp_path / "out", model="truncated"))
+def _train_rm(files, out, model="model", **flags) -> list[str]:
+    argv = ["train-rm", "--model_name_or_path", files[model], "--dataset_name", files["pairs"], "--output_dir", out,
+            "--max_length", "512", "--max_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none"]
+    return argv + [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+
+
+@pytest.mark.parametrize("command", ["train", "train-rm"])
+def test_truncated_model_weights_are_named_in_one_line(files, tmp_path, capsys, command):
+    line = _one_line(capsys, (_train if command == "train" else _train_rm)(files, tmp_path / "out", "truncated"))
     weights = files["truncated"] / "model.safetensors"
-    assert line == (f"prefuse train: error: model_name_or_path: {weights} is truncated or corrupt (Error while "
+    assert line == (f"prefuse {command}: error: model_name_or_path: {weights} is truncated or corrupt (Error while "
                     f"deserializing header: incomplete metadata, file not fully covered); copy or download the "
                     f"model again, or re-save it with save_pretrained")
     assert not (tmp_path / "out").exists()
@@ -112,6 +119,13 @@ def test_a_config_whose_shapes_differ_from_the_weights(files, tmp_path, capsys):
     assert "[500, 32] in model.safetensors, [500, 64] by config.json" in line
     assert line.endswith("use the config.json saved with these weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_train_rm_refuses_a_tokenizer_larger_than_the_vocabulary(files, tmp_path, capsys):
+    line = _one_line(capsys, _train_rm(files, tmp_path / "out", "small_vocab"))
+    assert line.startswith("prefuse train-rm: error: model_name_or_path: the tokenizer has 500 tokens but the model "
+                           f"in {files['small_vocab']} embeds only 250 (vocab_size); resize")
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_the_data(files, tmp_path, capsys):
@@ -128,9 +142,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_the_data(files
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 @pytest.mark.parametrize("command", ["train", "train-rm"])
 def test_device_cuda_without_cuda(files, tmp_path, capsys, command):
-    argv = (_train(files, tmp_path / "out", device="cuda") if command == "train" else
-            ["train-rm", "--model_name_or_path", files["model"], "--dataset_name", files["pairs"], "--output_dir",
-             tmp_path / "out", "--device", "cuda"])
+    argv = (_train if command == "train" else _train_rm)(files, tmp_path / "out", device="cuda")
     line = _one_line(capsys, argv)
     why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
     assert line == (f"prefuse {command}: error: device: 'cuda' but {why}; pass --device cpu (or auto: CUDA when "

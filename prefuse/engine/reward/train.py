@@ -39,7 +39,8 @@ from prefuse.engine.core.checks import check_field
 from prefuse.engine.core.sources import Batch
 from prefuse.engine.core.step import mean_over_examples
 from prefuse.engine.models.gguf import plain_directory
-from prefuse.engine.models.loading import DTYPES, check_model_dir, load_tokenizer, lora_targets
+from prefuse.engine.models.loading import (DTYPES, check_model_dir, check_vocabulary, check_weight_files,
+                                          load_tokenizer, lora_targets)
 from prefuse.engine.reward.pairs import KINDS, PairSource, RewardPairs, load_splits, pair_batch, walk_pairs
 from prefuse.engine.train.build import Run, open_log, optimizer_and_schedule, resume, start, total_steps_of
 from prefuse.engine.train.config import check_held_out_and_resume, check_training_settings
@@ -152,8 +153,10 @@ def load_reward_model(cfg: RewardModelConfig, device="cpu", tokenizer=None):
     is_classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     check_field(not is_classifier or config.num_labels == 1, "model_name_or_path",
                 f"{cfg.model_name_or_path} is a classifier with num_labels={config.num_labels}; a reward model has one")
+    check_weight_files(cfg.model_name_or_path, "model_name_or_path")  # cut short: the file, in one line
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model_name_or_path, num_labels=1, local_files_only=True, dtype=DTYPES[cfg.torch_dtype])
+    check_vocabulary(model, tokenizer, cfg.model_name_or_path)
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.use_peft:
