@@ -170,3 +170,17 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
     assert str(error.value) == ("step 4: the trained parameter 1.bias holds NaN or infinite values; checkpoint-4 "
                                 "was not written (earlier checkpoints are intact); lower --learning_rate")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_guard_names_the_step_and_which_value():
+    guard = StepGuard(learning_rate=1e-3)
+    assert guard.nonfinite(1, 0.69, 2.5) is False
+    with pytest.raises(NonFiniteStep, match=r"^step 7: the gradient norm is inf before the optimizer update; the "):
+        guard.nonfinite(7, 0.69, math.inf)
+    with pytest.raises(NonFiniteStep, match=r"^step 8: the loss is nan before"):
+        guard.nonfinite(8, math.nan, math.nan)  # the loss first: it is what made the gradient
+    budget = StepGuard(limit=1)
+    assert budget.nonfinite(3, math.nan, math.nan) is True and budget.skipped == 1
+    with pytest.raises(NonFiniteStep, match=r"1 earlier non-finite step\(s\) were skipped, the most "
+                                            r"--skip_nonfinite_steps 1 allows"):
+        budget.nonfinite(4, 0.5, -math.inf)
