@@ -279,3 +279,11 @@ def test_a_misspelt_column_says_did_you_mean(files, tmp_path, capsys):
                     f"need 'chosen' and 'rejected' (with an optional 'prompt'): the paired preference format, or "
                     f"'prompt', 'completion' and 'label' (a bool): the unpaired format; did you mean 'rejected' for "
                     f"'rejectd'?")
+
+
+def test_columns_that_mix_text_and_messages_name_the_file(files, tmp_path, capsys):
+    rows = [{"prompt": "Say hi.", "chosen": r["chosen"], "rejected": r["rejected"]} for r in files["chats"]]
+    data = _jsonl(tmp_path / "mixed.jsonl", rows)
+    line = _one_line(capsys, _train(files, tmp_path / "out", data=data))
+    assert line == (f"prefuse train: error: {data}: columns mix plain text and message lists: 'prompt' is text, "
+                    f"'chosen' is messages, 'rejected' is messages")

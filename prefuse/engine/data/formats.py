@@ -74,16 +74,17 @@ def detect_format(dataset: datasets.Dataset) -> str:
         raise DataError(_no_preference_columns(dataset))
     columns = (["prompt"] if "prompt" in names else []) + response_columns
     kinds = {c: _column_kind(features[c]) for c in columns}
+    source = f"{source_of(dataset)}: " if source_of(dataset) else ""  # the file, when the rows came from one
     for column, kind in kinds.items():
         if kind == "other":
-            raise DataError(f"column '{column}' holds {features[column]}, expected strings or lists of "
+            raise DataError(f"{source}column '{column}' holds {features[column]}, expected strings or lists of "
                             "{'role', 'content'} messages")
     found = set(kinds.values()) - {"null"}
     if len(found) > 1:
-        raise DataError("columns mix plain text and message lists: "
+        raise DataError(f"{source}columns mix plain text and message lists: "
                         + ", ".join(f"'{c}' is {k}" for c, k in kinds.items()))
     if not found:
-        raise DataError(f"columns {columns} hold no values")
+        raise DataError(f"{source}columns {columns} hold no values")
     conversational = found == {"messages"}
     if not paired:
         return "conversational_unpaired" if conversational else "unpaired"
