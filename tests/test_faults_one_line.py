@@ -287,3 +287,19 @@ def test_columns_that_mix_text_and_messages_name_the_file(files, tmp_path, capsy
     line = _one_line(capsys, _train(files, tmp_path / "out", data=data))
     assert line == (f"prefuse train: error: {data}: columns mix plain text and message lists: 'prompt' is text, "
                     f"'chosen' is messages, 'rejected' is messages")
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("truncated", "{weights} is truncated or corrupt (Error while deserializing header: incomplete metadata, file "
+                  "not fully covered); copy or download the model again, or re-save it with save_pretrained"),
+    ("small_vocab", "the tokenizer has 500 tokens but the model in {path} embeds only 250 (vocab_size); resize the "
+                    "model's embeddings to the tokenizer (model.resize_token_embeddings(500), then save_pretrained) "
+                    "or use the model's own tokenizer"),
+])
+def test_generate_refuses_weights_cut_short_and_a_tokenizer_too_large(files, tmp_path, capsys, model, expected):
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say hi."}])
+    line = _one_line(capsys, ["generate", "--model", files[model], "--prompts", prompts, "--output",
+                              tmp_path / "out.jsonl", "--max_new_tokens", "2"])
+    detail = expected.format(weights=files[model] / "model.safetensors", path=files[model])
+    assert line == f"prefuse generate: error: model: {detail}"
+    assert not (tmp_path / "out.jsonl").exists()

@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from prefuse.engine.models.loading import check_weight_files
+
 CONFIG = "adapter_config.json"
 
 
@@ -53,6 +55,7 @@ def merge_adapters(adapters: list[str], weights: list[float], output: str, base:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    check_weight_files(base, "base")
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
     names = [f"adapter_{k}" for k in range(len(adapters))]
     current = adapters[0]

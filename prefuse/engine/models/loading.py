@@ -300,14 +300,17 @@ def load_generator(path: str, base: str | None = None, device: str = "cpu"):
         if not base:
             raise ValueError(f"base: {path} is a LoRA adapter without base_model_name_or_path; pass --base DIR")
         check_model_dir(base, "base")
+        check_weight_files(base, "base")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, local_files_only=True), path)
         tokenizer = load_tokenizer(path) or load_tokenizer(base)
     else:
         check_model_dir(path, "model")
+        check_weight_files(path, "model")
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise ValueError(f"model: {path} has no tokenizer files (nor has its base)")
+    check_vocabulary(model, tokenizer, base if adapter.is_file() else path, "model")
     return model.to(device).eval(), tokenizer
