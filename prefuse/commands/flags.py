@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import types
 import typing
 
 from prefuse.engine.core.typed_settings import (
@@ -84,7 +85,8 @@ def config_flags(p: argparse.ArgumentParser, config_class, special: dict | None 
         # a None default that the objective fills says so in its help text
         shown = "" if default is None and "(default:" in text else f" (default: {default!r})"
         kwargs = {"default": argparse.SUPPRESS, "help": f"{text}{shown}".strip()}
-        members = [m for m in typing.get_args(hint) if m is not type(None)] or [hint]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        members = [m for m in typing.get_args(hint) if m is not type(None)] if union else [hint]
         if f.name in (special or {}):
             kwargs.update(special[f.name])
         elif bool in members:
