@@ -299,3 +299,18 @@ def test_train_rm_takes_the_same_lock_and_refuses_a_used_output_dir(files, tmp_p
     assert error_line(capsys).startswith(f"prefuse train-rm: error: output_dir: {used} holds another run "
                                          f"(metrics.jsonl)")
     assert sorted(p.name for p in used.iterdir()) == ["metrics.jsonl"]
+
+
+def test_prefuse_demo_takes_the_output_dir_lock(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".prefuse.lock").write_text(f"{other.pid}\n")
+        assert main(["demo", "--output_dir", str(out)]) == 2
+        assert error_line(capsys).startswith(f"prefuse demo: error: output_dir: {out} is in use by another run (pid "
+                                             f"{other.pid}")
+        assert sorted(p.name for p in out.iterdir()) == [".prefuse.lock"]
+    finally:
+        other.kill()
+        other.wait()

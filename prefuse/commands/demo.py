@@ -27,6 +27,7 @@ import torch
 
 from prefuse.commands import demo_real
 from prefuse.engine.models.loading import ModelConfig, decoder_hidden_states, head_of, load_models, reference_hidden_states
+from prefuse.engine.train.output_dir import claim, release
 from prefuse.kernels import linear_cross_entropy
 from prefuse.preference import PreferenceLoss
 
@@ -313,9 +314,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if getattr(args, "real", False):
-        return demo_real.run(args)
-    return run_toy(args)
+    claim(args.output_dir, resuming=False, overwrite=True)  # one demo at a time in output_dir (its own files: redone)
+    try:
+        return demo_real.run(args) if getattr(args, "real", False) else run_toy(args)
+    finally:
+        release(args.output_dir)
 
 
 def run_toy(args) -> int:
