@@ -4,7 +4,6 @@ changed settings (or applies them, recorded) and extends the schedule; SIGINT / 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap

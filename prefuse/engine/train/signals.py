@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Self
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -22,7 +23,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous = {}
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for number in SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
