@@ -228,7 +228,7 @@ SIGNAL_AT_STEP_3 = textwrap.dedent("""
     def add_then_signal(self, values, **kw):
         add(self, values, **kw)
         self.steps_seen = getattr(self, "steps_seen", 0) + 1
-        if self.steps_seen == 3 and os.environ.get("SEND_SIGNAL"):  # during step 3, before its checkpoint
+        if self.steps_seen == 3 and os.environ.get("SEND_SIGNAL") and os.environ.get("RANK", "0") == "0":
             os.kill(os.getpid(), getattr(signal, os.environ["SEND_SIGNAL"]))
     metrics.MetricsLog.add = add_then_signal
     from prefuse.cli import main
@@ -313,3 +313,33 @@ def test_prefuse_demo_takes_the_output_dir_lock(tmp_path, capsys):
     finally:
         other.kill()
         other.wait()
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(files, tmp_path):
+    """torchrun, 2 ranks on the CPU: SIGTERM to rank 0 alone during step 3; both ranks stop after it (the ranks
+    agree through one all-reduce per step), checkpoint-3 is written once, and the run resumes on 2 ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "signal_at_step_3.py"
+    script.write_text(SIGNAL_AT_STEP_3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "GLOO_SOCKET_IFNAME": "lo"}
+
+    def torchrun(*extra, sent=None):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(port), str(script),
+                   *argv(files, tmp_path / "out", max_steps=5, save_steps=0, per_device_train_batch_size=2), *extra]
+        return subprocess.run(command, env={**env, **({"SEND_SIGNAL": sent} if sent else {})}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    stopped = torchrun(sent="SIGTERM")
+    assert stopped.returncode != 0, stopped.stderr[-2000:]
+    assert stopped.stdout.count("SIGTERM at step 3: checkpoint saved to") == 1, stopped.stdout[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3]
+    resumed = torchrun("--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3, 4, 5]

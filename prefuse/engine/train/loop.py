@@ -103,11 +103,11 @@ def _train_steps(run: Run, signals: StopSignals) -> dict:
         last = record or last
         saved = (save(run, step) if (cfg.save_steps and step % cfg.save_steps == 0) or step == run.total_steps
                  or stop else None)
-        if signals.received is not None:  # SIGINT / SIGTERM: this step's checkpoint, then exit 128 + signal
+        if signals.stop(run.world):  # SIGINT / SIGTERM on any rank: this step's checkpoint, then exit 128 + signal
             path = saved or save(run, step)
             bar.close()
             run.log.close()
-            raise signals.exit(step, path)
+            raise signals.exit(step, path, say=run.world.main)
         if stop:  # --early_stopping: the monitor saw the turn; output_dir/best/ holds the peak
             break
     bar.close()

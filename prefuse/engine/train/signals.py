@@ -3,7 +3,7 @@ every other, atomically), says so in one line and exits with 128 + the signal's 
 
     with StopSignals() as stop:       # the main thread's handlers, restored on exit
         ... one optimizer step ...
-        if stop.received: save, then raise stop.exit(step, path)
+        if stop.stop(world): save, then raise stop.exit(step, path)
 
 A second signal while the first is handled acts as the default handler would (Ctrl-C twice: KeyboardInterrupt).
 """
@@ -39,12 +39,21 @@ class StopSignals:
             signal.signal(number, previous)
         self._previous = {}
 
-    def exit(self, step: int, path) -> SystemExit:
-        """The exit of a run stopped by the signal, its line printed."""
-        name = signal.Signals(self.received).name
-        print(f"{name} at step {step}: checkpoint saved to {path}; --resume_from_checkpoint latest continues the run",
-              flush=True)
-        return SystemExit(128 + self.received)
+    def stop(self, world) -> bool:
+        """Whether the run stops after this step: a signal came to this process or, under torchrun, to any rank
+        (every rank then stops at the same step; one all-reduce per step)."""
+        if not world.distributed:
+            return self.received is not None
+        return bool(world.total(int(self.received is not None)))
+
+    def exit(self, step: int, path, say: bool = True) -> SystemExit:
+        """The exit of a run stopped by the signal (a rank that did not get it: as by SIGTERM), its line printed
+        when `say`."""
+        number = self.received or signal.SIGTERM
+        if say:
+            print(f"{signal.Signals(number).name} at step {step}: checkpoint saved to {path}; "
+                  f"--resume_from_checkpoint latest continues the run", flush=True)
+        return SystemExit(128 + number)
 
 
 __all__ = ["SIGNALS", "StopSignals"]
