@@ -11,7 +11,7 @@ LAYERS = [
     ("prefuse.kernels",),
     ("prefuse.algorithms",),
     ("prefuse.heads", "prefuse.preference", "prefuse.vocab_parallel_preference", "prefuse.batch_gather"),
-    ("prefuse.engine.core.checks",),  # settings' one-line errors: no prefuse import, used by every settings section
+    ("prefuse.engine.checks",),  # settings' one-line errors: no prefuse import, used by every settings section
     ("prefuse.engine.data", "prefuse.engine.checkpoint", "prefuse.engine.models"),
     ("prefuse.engine.core", "prefuse.engine.judges"),
     ("prefuse.engine.online",),

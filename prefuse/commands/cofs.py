@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from prefuse.engine.core.checks import check_field
+from prefuse.engine.checks import check_field
 from prefuse.engine.train.config import TrainConfig
 
 
@@ -48,8 +48,8 @@ def check_domains(cfg: TrainConfig) -> list[float]:
 
 def train_domains(cfg: TrainConfig) -> dict:
     """Run COFS-DPO as the module docstring says; return the forgetting report (as written to forgetting.json)."""
-    from prefuse.engine.models.adapters import merge_adapters
     from prefuse.engine.checkpoint import list_checkpoints
+    from prefuse.engine.models.adapters import merge_adapters
     from prefuse.engine.train.loop import train
 
     weights = check_domains(cfg)
@@ -99,9 +99,9 @@ class HeldOut:
     turn, the reference the base model (adapters disabled)."""
 
     def __init__(self, cfg: TrainConfig):
-        from prefuse.engine.models.loading import load_models
         from prefuse.engine.core.objectives import objective_needs
         from prefuse.engine.core.step import Step
+        from prefuse.engine.models.loading import load_models
         from prefuse.preference import PreferenceLoss
 
         self.cfg = cfg

@@ -8,7 +8,7 @@ from typing import Any
 from prefuse.algorithms import get_objective
 from prefuse.algorithms.hparams import check_hparams
 from prefuse.algorithms.registry import OBJECTIVES
-from prefuse.engine.core.checks import check_field, setting
+from prefuse.engine.checks import check_field, setting
 
 
 def objective_hparam_names() -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefuse.engine.core.checks import check_field, setting
+from prefuse.engine.checks import check_field, setting
 
 ADVANTAGE_MODES = ("auto", "column", "mean", "value_head")
 SAMPLING_STRATEGIES = ("random", "good_priority")

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefuse.engine.core.checks import check_field, setting
+from prefuse.engine.checks import check_field, setting
 
 INDICATORS = {"entropy": "topk_entropy", "mass": "topk_mass"}
 # the fused statistics kernel keeps a running top-64 (kernels/triton_ops.py MAX_TOP_K): larger k fail on the GPU

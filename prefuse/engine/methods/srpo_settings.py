@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefuse.engine.core.checks import setting
+from prefuse.engine.checks import setting
 from prefuse.engine.methods.srpo import load_template
 
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefuse.engine.core.checks import check_field, setting
+from prefuse.engine.checks import check_field, setting
 from prefuse.engine.models.gguf import plain_directory
 from prefuse.engine.models.loading import ModelConfig, check_device
 

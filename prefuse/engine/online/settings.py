@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefuse.engine.core.checks import check_field, setting
+from prefuse.engine.checks import check_field, setting
 from prefuse.engine.judges import RULE_JUDGES
 from prefuse.engine.online.methods import AVG_REJECTED, SAMPLERS
 

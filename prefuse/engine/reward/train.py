@@ -35,12 +35,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prefuse.engine.core.checks import check_field
+from prefuse.engine.checks import check_field
 from prefuse.engine.core.sources import Batch
 from prefuse.engine.core.step import mean_over_examples
 from prefuse.engine.models.gguf import plain_directory
-from prefuse.engine.models.loading import (DTYPES, check_model_dir, check_vocabulary, check_weight_files,
-                                          load_tokenizer, lora_targets)
+from prefuse.engine.models.loading import (
+    DTYPES,
+    check_model_dir,
+    check_vocabulary,
+    check_weight_files,
+    load_tokenizer,
+    lora_targets,
+)
 from prefuse.engine.reward.pairs import KINDS, PairSource, RewardPairs, load_splits, pair_batch, walk_pairs
 from prefuse.engine.train.build import Run, open_log, optimizer_and_schedule, resume, start, total_steps_of
 from prefuse.engine.train.config import check_held_out_and_resume, check_training_settings

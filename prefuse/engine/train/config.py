@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from prefuse.engine.core.checks import check_field
+from prefuse.engine.checks import check_field
 from prefuse.engine.core.method_defaults import method_defaults
 from prefuse.engine.core.objectives import objective_needs
 from prefuse.engine.core.settings import ObjectiveSettings, objective_hparam_names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefuse.engine.core.checks import setting
+from prefuse.engine.checks import setting
 from prefuse.engine.methods.bdhs.sampler import BDHSConfig
 
 

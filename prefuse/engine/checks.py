@@ -1,6 +1,6 @@
 """The one-line form of every settings error, and the field of a setting with its help text, shared by the sections
-of every command's settings. This module imports nothing of prefuse: the settings sections of the lowest rooms
-(engine/data, engine/models) use it too (tests/test_import_graph.py's LAYERS puts it on their floor)."""
+of every command's settings. It imports nothing of prefuse and sits on the engine's ground floor, below
+every room whose settings use it (engine/data and engine/models included)."""
 from dataclasses import field
 
 
