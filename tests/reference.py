@@ -49,6 +49,7 @@ def token_stats64(hidden, weight, labels=None, bias=None, temperature=1.0, softc
     out = {
         "logsumexp": torch.logsumexp(logits64(hidden, weight, bias, temperature, softcap), dim=-1),
         "entropy": -(p * logp).sum(-1),
+        "log_sum_sq_probs": torch.log((p * p).sum(-1)),
         "topk_mass": mass,
         "topk_entropy": -(q * q.log()).sum(-1),
         "topk_entropy_unnormalized": -(top_p * top_logp).sum(-1),

@@ -119,3 +119,21 @@ def test_extra_top_k_from_the_same_pass_match_reference(backend, monkeypatch):
     assert means["topk_entropy@5"] < means["topk_entropy"] < means["topk_entropy@20"]
     with pytest.raises(ValueError, match="extra_top_k: must be positive integers"):
         prefuse.linear_token_stats(hidden, weight, labels, extra_top_k=(5, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_sum_sq_probs_is_exact_at_large_logits(backend):
+    """log sum_v p(v)^2 = logsumexp(2 z) - 2 logsumexp(z) at |z| ~ 1e4 (a naive exp overflows): finite and within
+    float32 of the float64 value, both backends."""
+    hidden, weight, labels, _ = make_inputs(12, 8, 300, scale=3e3, seed=3)
+    with torch.no_grad():
+        assert (hidden @ weight.t()).abs().max() > 5e3
+    stats = prefuse.linear_token_stats(hidden, weight, labels, chunk_size=5, **kw(backend))
+    ref = token_stats64(hidden, weight, labels)["log_sum_sq_probs"]
+    mask = labels != -100
+    got = stats.log_sum_sq_probs
+    assert torch.isfinite(got).all() and torch.all(got[~mask] == 0)
+    assert (got[mask].double() - ref[mask]).abs().max() <= 2e-5 * (1 + ref[mask].abs().max())
+    # a uniform distribution gives log(1/V), a one-hot one 0
+    flat = prefuse.linear_token_stats(torch.zeros(2, 8), weight, **kw(backend)).log_sum_sq_probs
+    assert torch.allclose(flat, torch.full((2,), -torch.log(torch.tensor(300.0))), atol=1e-5)

@@ -26,7 +26,8 @@ from prefuse.kernels.validate import check_head_inputs, check_transform, resolve
 class TokenStats:
     """Each field is [...] like labels (float32 unless noted); positions with an ignored label hold 0 / False.
 
-    mask: bool, which positions were computed. logsumexp, entropy (nats), topk_mass, topk_entropy,
+    mask: bool, which positions were computed. logsumexp, entropy (nats), log_sum_sq_probs (log sum_v p(v)^2, the
+    WPO weight's per-token term: logsumexp(2 z) - 2 logsumexp(z), from the same pass), topk_mass, topk_entropy,
     topk_entropy_unnormalized. With labels: logprobs (of the label) and label_is_argmax (bool; the label is the
     first index of the maximum, as torch.argmax breaks ties); None without labels. extra_topk: with `extra_top_k`,
     "topk_mass@k" and "topk_entropy@k" for each of those k (same shape and fill).
@@ -35,6 +36,7 @@ class TokenStats:
     mask: torch.Tensor
     logsumexp: torch.Tensor
     entropy: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
     topk_mass: torch.Tensor
     topk_entropy: torch.Tensor
     topk_entropy_unnormalized: torch.Tensor
@@ -112,7 +114,7 @@ EXTRA_TOPK_STATISTICS = ("topk_mass", "topk_entropy")
 def assemble_stats(chunks: list[dict[str, torch.Tensor]], rows: LabeledRows, with_labels: bool,
                    extra_top_k: Sequence[int] = ()) -> TokenStats:
     """Per-chunk statistics of the kept rows (in order) -> TokenStats shaped like the caller's labels."""
-    names = ["logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized"]
+    names = ["logsumexp", "entropy", "log_sum_sq_probs", "topk_mass", "topk_entropy", "topk_entropy_unnormalized"]
     if with_labels:
         names += ["logprobs", "label_is_argmax"]
     extra_names = [f"{name}@{k}" for k in extra_top_k for name in EXTRA_TOPK_STATISTICS]

@@ -276,6 +276,8 @@ def logits_stats(
     lse = torch.logsumexp(z, dim=-1)
     logp_all = z.sub_(lse[:, None])  # log-softmax, in place
     entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    # log sum_v p(v)^2 = logsumexp(2 z) - 2 logsumexp(z) = logsumexp(2 log p): every term <= 1, no overflow
+    log_sum_sq = torch.logsumexp(2.0 * logp_all, dim=-1)
     k = min(top_k, logits.shape[1])
     top_logp = logp_all.topk(k, dim=-1).values
     top_p = top_logp.exp()
@@ -284,6 +286,7 @@ def logits_stats(
     out = {
         "logsumexp": lse,
         "entropy": entropy,
+        "log_sum_sq_probs": log_sum_sq,
         "topk_mass": mass,
         "topk_entropy": mass.log() - plogp / mass,
         "topk_entropy_unnormalized": -plogp,

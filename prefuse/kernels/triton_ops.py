@@ -116,17 +116,18 @@ def _logits_grad_kernel(
 
 @triton.jit
 def _logits_stats_kernel(
-    LOGITS, stride_row, LABELS, LSE, ENTROPY, TOPK_MASS, TOPK_ENT, TOPK_ENT_UNNORM, LOGP, IS_ARGMAX,
+    LOGITS, stride_row, LABELS, LSE, ENTROPY, LOG_SUM_SQ, TOPK_MASS, TOPK_ENT, TOPK_ENT_UNNORM, LOGP, IS_ARGMAX,
     V, top_k, inv_temp, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Streaming statistics of one row: logsumexp, entropy, top-k mass and entropies (running top-K_PAD values,
+    """Streaming statistics of one row: logsumexp, entropy, log sum_v p(v)^2, top-k mass and entropies (running top-K_PAD values,
     merged tile by tile), and with labels the log-prob of the label and whether it is the (first) argmax."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_row
     run_max = float("-inf")
     run_sum = 0.0
     run_sum_z = 0.0  # sum exp(z - run_max) * z, for the entropy
+    run_sum_sq = 0.0  # sum exp(2 (z - run_max)): logsumexp(2 z) under its own running max 2 run_max
     argmax = 0
     top = tl.full([K_PAD], float("-inf"), tl.float32)
     label = 0
@@ -145,6 +146,7 @@ def _logits_stats_kernel(
         e = tl.exp(z - new_max)
         run_sum = run_sum * scale + tl.sum(e, axis=0)
         run_sum_z = run_sum_z * scale + tl.sum(e * tl.where(mask, z, 0.0), axis=0)
+        run_sum_sq = run_sum_sq * (scale * scale) + tl.sum(e * e, axis=0)
         run_max = new_max
         top = tl.topk(tl.reshape(tl.join(top, tl.topk(z, K_PAD)), [2 * K_PAD]), K_PAD)
         if HAS_LABELS:
@@ -152,6 +154,8 @@ def _logits_stats_kernel(
     lse = run_max + tl.log(run_sum)
     tl.store(LSE + row, lse)
     tl.store(ENTROPY + row, lse - run_sum_z / run_sum)
+    # logsumexp(2 z) - 2 logsumexp(z), the running maxima cancelling
+    tl.store(LOG_SUM_SQ + row, tl.log(run_sum_sq) - 2.0 * tl.log(run_sum))
     keep = (tl.arange(0, K_PAD) < top_k) & (top > float("-inf"))
     top_logp = tl.where(keep, top - lse, 0.0)
     top_p = tl.where(keep, tl.exp(top_logp), 0.0)
@@ -249,14 +253,14 @@ def logits_stats(logits, labels, *, inv_temperature=1.0, softcap=None, top_k=10,
     tile, warps = pick_config("stats", vocab, dev, block_v)
     tile = max(tile, k_pad)
     out = {name: torch.empty(m, dtype=torch.float32, device=dev)
-           for name in ("logsumexp", "entropy", "topk_mass", "topk_entropy", "topk_entropy_unnormalized")}
+           for name in ("logsumexp", "entropy", "log_sum_sq_probs", "topk_mass", "topk_entropy", "topk_entropy_unnormalized")}
     has_labels = labels is not None
     logp = torch.empty(m, dtype=torch.float32, device=dev) if has_labels else out["logsumexp"]
     is_argmax = torch.empty(m, dtype=torch.int8, device=dev) if has_labels else out["logsumexp"]
     if m > 0:
         _logits_stats_kernel[(m,)](
             logits, logits.stride(0), labels if has_labels else logits, out["logsumexp"], out["entropy"],
-            out["topk_mass"], out["topk_entropy"], out["topk_entropy_unnormalized"], logp, is_argmax,
+            out["log_sum_sq_probs"], out["topk_mass"], out["topk_entropy"], out["topk_entropy_unnormalized"], logp, is_argmax,
             vocab, k, float(inv_temperature), _softcap_arg(softcap),
             HAS_SOFTCAP=softcap is not None, HAS_LABELS=has_labels, K_PAD=k_pad, BLOCK_V=tile, num_warps=warps,
         )
