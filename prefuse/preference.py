@@ -32,6 +32,7 @@ from prefuse.algorithms.common import verbose_token_mask
 from prefuse.algorithms.roles import PARTNER, RoleInput, role_inputs
 from prefuse.batch_gather import gather_examples
 from prefuse.kernels import RowGroups, group_rows, grouped_logprobs, grouped_logprobs_shared
+from prefuse.kernels.grouped import grouped_log_sum_sq_probs
 from prefuse.kernels.plan import MODES
 from prefuse.kernels.validate import check_head_inputs, check_transform
 
@@ -241,6 +242,7 @@ class PreferenceLoss(torch.nn.Module):
         rows = self._group_rows(hidden, weight, bias, labels, role_batch, inputs, needs_grad)
         stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
         fixed = {**inputs, **stats.shapes()}
+        fixed.update(self._wpo_inputs(hidden, weight, bias, rows, role_batch, inputs))
         shared_logp = None
         if ref_hidden is not None and any(s.source == "ref" for s in wanted):
             shared_logp, ref_logp = self._reference_logp(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows,
@@ -293,6 +295,25 @@ class PreferenceLoss(torch.nn.Module):
                           ignore_index=self.ignore_index, mode=self.mode, chunk_size=self.chunk_size,
                           chunk_budget_bytes=self.chunk_budget_bytes, grad_budget_bytes=self.grad_budget_bytes,
                           weight_frozen=frozen)
+
+    def _wpo_inputs(self, hidden, weight, bias, rows: RowGroups, role_batch: RoleBatch, inputs: dict) -> dict:
+        """WPO (`use_weighting=True`, TRL's name): policy_<role>_log_sum_sq_probs [B], the sum over each chosen and
+        rejected response's tokens of log sum_v p(v)^2 under the policy, without gradient (TRL 1.16 detaches the
+        weight), unless the caller passed them."""
+        if not self.hparams.get("use_weighting"):
+            return {}
+        out = {}
+        wanted = [role for role in ("chosen", "rejected")
+                  if f"policy_{role}_log_sum_sq_probs" not in inputs and role in role_batch.index]
+        if wanted:
+            per_row = grouped_log_sum_sq_probs(hidden, weight, rows, bias=bias, temperature=self.temperature,
+                                               softcap=self.softcap, backend=self.backend,
+                                               chunk_budget_bytes=self.chunk_budget_bytes)
+            sums = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device).index_add(
+                0, rows.sequence, per_row)
+            for role in wanted:
+                out[f"policy_{role}_log_sum_sq_probs"] = sums[role_batch.index[role]]
+        return out
 
     def _head_options(self) -> dict:
         return dict(temperature=self.temperature, softcap=self.softcap, backend=self.backend,

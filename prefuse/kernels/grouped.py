@@ -22,15 +22,17 @@ from typing import Callable
 
 import torch
 
-from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobsFrozenWeight, HeadConfig
+from prefuse.kernels.fused_head import (FusedHeadInForward, FusedLogprobsFrozenWeight, HeadConfig, chunk_logits,
+                                       chunk_slices)
 from prefuse.kernels.linear_head import logprobs_function
-from prefuse.kernels.plan import MODES, Plan, make_plan
-from prefuse.kernels.rows import zero_connected
+from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, MODES, Plan, make_plan, rows_for_budget
+from prefuse.kernels.rows import gather_rows, zero_connected
 from prefuse.kernels.validate import check_transform, resolve_backend
 
 GroupCoefFn = Callable[[slice, torch.Tensor], torch.Tensor]
 
-__all__ = ["RowGroups", "group_rows", "grouped_logprobs", "grouped_logprobs_shared", "GroupCoefFn"]
+__all__ = ["RowGroups", "group_rows", "grouped_logprobs", "grouped_logprobs_shared", "grouped_log_sum_sq_probs",
+           "GroupCoefFn"]
 
 
 @dataclass(frozen=True)
@@ -188,3 +190,28 @@ def grouped_logprobs_shared(hidden: torch.Tensor, ref_hidden: torch.Tensor, weig
     cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
     return FusedLogprobsFrozenWeight.apply(flat, weight, bias, rows.labels, rows.index, cfg, rows.chunks, None,
                                            ref_flat)
+
+
+@torch.no_grad()
+def grouped_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups, *,
+                             bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
+                             backend: str = "auto", chunk_budget_bytes: int | None = None) -> torch.Tensor:
+    """log sum_v p(v)^2 [M] float32 of `rows` (in their order), without gradient: WPO's per-token term, from the
+    statistics kernel (`logits_stats`, logsumexp(2 z) - 2 logsumexp(z) under a running max). A forward-only pass
+    of its own over whole-vocabulary chunks (one logits matmul per chunk), beside the log-prob pass."""
+    check_transform(temperature, softcap)
+    flat = hidden.reshape(-1, hidden.shape[-1]).detach()
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "triton":
+        from prefuse.kernels import triton_ops as ops
+    else:
+        from prefuse.kernels import torch_ops as ops
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    per_chunk = rows_for_budget(weight.shape[0], flat.element_size(), chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES)
+    out = torch.zeros(rows.n_rows, dtype=torch.float32, device=hidden.device)
+    for sl in chunk_slices(rows.n_rows, per_chunk):
+        logits = chunk_logits(gather_rows(flat, rows.index, sl), weight, bias)
+        out[sl] = ops.logits_stats(logits, None, inv_temperature=1.0 / temperature, softcap=softcap,
+                                   top_k=1)["log_sum_sq_probs"]
+    return out
