@@ -2,7 +2,7 @@
 and hyper-parameters, and the reference's cached log-probs (engine/core/reference_cache.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from prefuse.algorithms import get_objective
@@ -12,8 +12,10 @@ from prefuse.engine.checks import check_field, setting
 
 
 def objective_hparam_names() -> list[str]:
-    """Every hyper-parameter some registered objective accepts (the CLI offers each as a flag)."""
-    return sorted(set().union(*(spec.hparams for spec in OBJECTIVES.values())) - {"loss_type"})
+    """Every hyper-parameter some registered objective accepts (the CLI offers each as a flag), less those that are
+    settings of their own here (use_weighting)."""
+    own = {f.name for f in fields(ObjectiveSettings)}
+    return sorted(set().union(*(spec.hparams for spec in OBJECTIVES.values())) - {"loss_type"} - own)
 
 
 @dataclass
@@ -28,6 +30,14 @@ class ObjectiveSettings:
                                                  "flag below)")
     precompute_ref_log_probs: bool = setting(False, "compute the reference's sums once and cache them in "
                                                     "--output_dir")
+    use_weighting: bool = setting(False, "WPO (Zhou et al. 2024, TRL's use_weighting): each pair's loss times "
+                                         "w(chosen) w(rejected), w = exp(mean over the response of log p(y_t) - log "
+                                         "sum_v p(v)^2) under the policy, without gradient; DPO-family objectives")
+
+    @property
+    def objective_hparams(self) -> dict[str, Any]:
+        """The hyper-parameters PreferenceLoss takes: objective_args, and use_weighting when set."""
+        return {**self.objective_args, **({"use_weighting": True} if self.use_weighting else {})}
 
     @property
     def objective(self) -> str | list[str]:
@@ -58,9 +68,10 @@ class ObjectiveSettings:
         unknown = sorted(set(self.objective_args) - accepted)
         check_field(not unknown, "objective_args", f"{unknown} not accepted by {self.loss_type}; they accept "
                                                    f"{sorted(accepted) or 'none'}")
-        check_field(not self.objective_args.get("use_weighting"), "use_weighting",
-                    "WPO weighting needs log sum_v p(v)^2 per response token, which the fused loss does not compute "
-                    "yet")
+        if self.use_weighting or self.objective_args.get("use_weighting"):
+            others = [spec.name for spec in specs if "use_weighting" not in spec.hparams]
+            check_field(not others, "use_weighting", f"WPO weighting applies to the DPO family; {others} do not "
+                                                     f"take it")
         check_field(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
         weights = self.loss_weights or [1.0] * len(specs)
         check_field(all(w >= 0 for w in weights) and any(w > 0 for w in weights), "loss_weights",

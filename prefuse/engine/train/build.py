@@ -190,7 +190,7 @@ def models_and_step(cfg: TrainConfig, needs: ObjectiveNeeds, device) -> tuple[Mo
     head_temperature, row_temperature = online_temperatures(cfg, head_of(models.policy))
     loss_fn = PreferenceLoss(cfg.objective, beta=cfg.beta, loss_weights=cfg.loss_weights,
                              softcap=head_of(models.policy).softcap, temperature=head_temperature,
-                             **cfg.objective_args)
+                             **cfg.objective_hparams)
     if needs.slow_adapter:
         add_slow_adapter(models.policy)
         step = FastSlowStep(models, loss_fn, needs, bf16=cfg.bf16, interval=cfg.ofs_chasing_interval,
