@@ -85,8 +85,11 @@ def twin_trainers(example, data, tmp_path, separate_reference=False, **overrides
     dict(precompute_ref_log_probs=True),
     dict(ld_alpha=0.5),
     dict(loss_type="ipo", ld_alpha=0.3),
+    dict(use_weighting=True),
+    dict(loss_type="ipo", use_weighting=True, precompute_ref_log_probs=True),
+    dict(use_weighting=True, ld_alpha=0.5),
 ], ids=["sigmoid", "separate_reference_model", "ipo", "robust", "sigmoid+sft", "aot", "precomputed_reference",
-        "ld_dpo", "ld_ipo"])
+        "ld_dpo", "ld_ipo", "wpo", "wpo_ipo_precomputed", "wpo_ld_dpo"])
 def test_step0_loss_gradients_and_metrics_equal_trl(example, data, tmp_path, overrides):
     ours, theirs, batch = twin_trainers(example, data, tmp_path, **overrides)
     ours_loss = ours.compute_loss(ours.model, batch)
@@ -184,9 +187,9 @@ def test_example_trains_and_logs_trl_metrics_without_lm_head(example, tmp_path, 
 def test_unsupported_options_are_refused(example, data, tmp_path):
     pairs, tokenizer = data
     cfg = example.Config(output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="use_weighting"):
+    with pytest.raises(ValueError, match="ld_alpha"):
         example.make_trainer(cfg, model=example.build_model(tokenizer, cfg), tokenizer=tokenizer, pairs=pairs,
-                             use_weighting=True)
+                             ld_alpha=0.5, precompute_ref_log_probs=True)
 
 
 def test_gemma2_final_logit_softcap_equals_trl(example, data, tmp_path, monkeypatch):

@@ -7,8 +7,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from prefuse.cli import main  # noqa: E402
-from tests.test_engine_train import args, files, read_metrics  # noqa: E402,F401  (files: the module's fixture)
+from prefuse.cli import main
+from tests import test_engine_train as engine
+from tests.test_engine_train import args, read_metrics
+
+files = engine.files  # the tiny Llama and the pairs (a module-scoped fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_hf_home")
 

@@ -15,8 +15,9 @@ Supported: every loss_type of TRL 1.16's DPO (one or several, with loss_weights)
 discopop_tau, f_divergence_type, f_alpha_divergence_coef, ld_alpha (LD-DPO: `PreferenceLoss` forms the verbose
 part of each response from its token log-probs), precompute_ref_log_probs. Logged: TRL's metric names
 (rewards/*, logps/*, logits/*, entropy, mean_token_accuracy, num_tokens); the token statistics take one extra
-forward-only pass of the fused head. Not supported (a ValueError says so): use_weighting (WPO needs log sum_v
-p(v)^2 per token, which the loss does not compute), ld_alpha with precompute_ref_log_probs, a router aux loss
+forward-only pass of the fused head, which also gives use_weighting (WPO) its log sum_v p(v)^2 per token (passed to
+`PreferenceLoss`, no pass of its own). Not supported (a ValueError says so): ld_alpha with
+precompute_ref_log_probs, a router aux loss
 (MoE), vision inputs, an lm_head that is not a plain Linear (LoRA on lm_head: the fused head would skip the
 adapter). The head comes from `prefuse.heads.head_of`,
 Gemma-2's final-logit softcap included (TRL's logits apply it); only logits/* then average the uncapped logits.
@@ -78,9 +79,6 @@ class PrefuseDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.use_weighting:
-            raise ValueError("use_weighting: not supported by PrefuseDPOTrainer (WPO needs log sum_v p(v)^2 per "
-                             "token, which PreferenceLoss does not compute); use trl.DPOTrainer for it")
         if self.ld_alpha is not None and self.precompute_ref_logps:
             raise ValueError("ld_alpha: not supported with precompute_ref_log_probs by PrefuseDPOTrainer (the "
                              "reference's verbose part is not cached); compute the reference on the fly")
@@ -91,7 +89,8 @@ class PrefuseDPOTrainer(DPOTrainer):
         trl_options = {"label_smoothing": self.args.label_smoothing, "discopop_tau": self.args.discopop_tau,
                        "ld_alpha": self.ld_alpha,
                        "f_divergence_type": self.args.f_divergence_type,
-                       "f_alpha_divergence_coef": self.args.f_alpha_divergence_coef}
+                       "f_alpha_divergence_coef": self.args.f_alpha_divergence_coef,
+                       "use_weighting": self.use_weighting}
         accepted = set().union(*(get_objective(name).hparams for name in self.loss_types))
         # head_of refuses an lm_head that is not a plain Linear (LoRA on it) before any step; its softcap is
         # Gemma-2's final-logit cap, which the model's own logits (TRL's) apply
@@ -155,21 +154,25 @@ class PrefuseDPOTrainer(DPOTrainer):
         else:
             ref_hidden, ref_head = self._reference_hidden_states(model_kwargs, labels.shape[1])
             reference = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias}
+        # the metrics' token statistics, and WPO's log sum_v p(v)^2 per token, from one forward-only pass
+        stats = linear_token_stats(hidden.detach(), head.weight, labels, bias=head.bias, softcap=head.softcap, top_k=1)
+        if self.use_weighting:
+            sums, pairs = stats.log_sum_sq_probs.sum(-1), labels.shape[0] // 2
+            reference.update(policy_chosen_log_sum_sq_probs=sums[:pairs], policy_rejected_log_sum_sq_probs=sums[pairs:])
         loss, metrics = self.preference_loss(hidden, head.weight, labels, bias=head.bias, **reference)
-        self._log_metrics(mode, metrics, hidden.detach(), head, labels, inputs)
+        self._log_metrics(mode, metrics, hidden.detach(), head, labels, inputs, stats)
         if return_outputs:  # TRL's deprecated path for compute_metrics, which wants logits: one plain forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _log_metrics(self, mode, metrics, hidden, head, labels, inputs):
-        """TRL's metrics: the loss's (rewards/*, logps/*), then entropy, logits/* and mean_token_accuracy from one
-        forward-only pass of the fused head, and the token count."""
+    def _log_metrics(self, mode, metrics, hidden, head, labels, inputs, stats):
+        """TRL's metrics: the loss's (rewards/*, logps/*), then entropy, logits/* and mean_token_accuracy from the
+        forward-only pass of the fused head (`stats`), and the token count."""
         gather = self.accelerator.gather_for_metrics
         for name, value in metrics.items():
             self._metrics[mode][name].append(gather(value.reshape(1)).mean().item())
         with torch.no_grad():
-            stats = linear_token_stats(hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, top_k=1)
             # a token's mean logit over the vocabulary, without logits (of the uncapped logits under a softcap)
             mean_logits = mean_logit(hidden, head.weight, head.bias)
         mask = labels != IGNORE_INDEX

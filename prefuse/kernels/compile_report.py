@@ -48,8 +48,8 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
                 "inv_temp": "fp32", "softcap": "fp32"}
     if kernel == "stats":
         return {"LOGITS": logits, "stride_row": "i32", "LABELS": "*i64", "LSE": "*fp32", "ENTROPY": "*fp32",
-                "LOG_SUM_SQ": "*fp32", "TOPK_MASS": "*fp32", "TOPK_ENT": "*fp32", "TOPK_ENT_UNNORM": "*fp32", "LOGP": "*fp32",
-                "IS_ARGMAX": "*i8", "V": "i32", "top_k": "i32", "inv_temp": "fp32", "softcap": "fp32"}
+                "LOG_SUM_SQ": "*fp32", "TOPK_MASS": "*fp32", "TOPK_ENT": "*fp32", "TOPK_ENT_UNNORM": "*fp32",
+                "LOGP": "*fp32", "IS_ARGMAX": "*i8", "V": "i32", "top_k": "i32", "inv_temp": "fp32", "softcap": "fp32"}
     raise KeyError(kernel)
 
 

@@ -22,8 +22,13 @@ from typing import Callable
 
 import torch
 
-from prefuse.kernels.fused_head import (FusedHeadInForward, FusedLogprobsFrozenWeight, HeadConfig, chunk_logits,
-                                       chunk_slices)
+from prefuse.kernels.fused_head import (
+    FusedHeadInForward,
+    FusedLogprobsFrozenWeight,
+    HeadConfig,
+    chunk_logits,
+    chunk_slices,
+)
 from prefuse.kernels.linear_head import logprobs_function
 from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, MODES, Plan, make_plan, rows_for_budget
 from prefuse.kernels.rows import gather_rows, zero_connected

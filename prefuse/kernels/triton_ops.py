@@ -120,8 +120,9 @@ def _logits_stats_kernel(
     V, top_k, inv_temp, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Streaming statistics of one row: logsumexp, entropy, log sum_v p(v)^2, top-k mass and entropies (running top-K_PAD values,
-    merged tile by tile), and with labels the log-prob of the label and whether it is the (first) argmax."""
+    """Streaming statistics of one row: logsumexp, entropy, log sum_v p(v)^2, top-k mass and entropies (running
+    top-K_PAD values, merged tile by tile), and with labels the log-prob of the label and whether it is the (first)
+    argmax."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_row
     run_max = float("-inf")
@@ -253,14 +254,16 @@ def logits_stats(logits, labels, *, inv_temperature=1.0, softcap=None, top_k=10,
     tile, warps = pick_config("stats", vocab, dev, block_v)
     tile = max(tile, k_pad)
     out = {name: torch.empty(m, dtype=torch.float32, device=dev)
-           for name in ("logsumexp", "entropy", "log_sum_sq_probs", "topk_mass", "topk_entropy", "topk_entropy_unnormalized")}
+           for name in ("logsumexp", "entropy", "log_sum_sq_probs", "topk_mass", "topk_entropy",
+                        "topk_entropy_unnormalized")}
     has_labels = labels is not None
     logp = torch.empty(m, dtype=torch.float32, device=dev) if has_labels else out["logsumexp"]
     is_argmax = torch.empty(m, dtype=torch.int8, device=dev) if has_labels else out["logsumexp"]
     if m > 0:
         _logits_stats_kernel[(m,)](
             logits, logits.stride(0), labels if has_labels else logits, out["logsumexp"], out["entropy"],
-            out["log_sum_sq_probs"], out["topk_mass"], out["topk_entropy"], out["topk_entropy_unnormalized"], logp, is_argmax,
+            out["log_sum_sq_probs"], out["topk_mass"], out["topk_entropy"], out["topk_entropy_unnormalized"], logp,
+            is_argmax,
             vocab, k, float(inv_temperature), _softcap_arg(softcap),
             HAS_SOFTCAP=softcap is not None, HAS_LABELS=has_labels, K_PAD=k_pad, BLOCK_V=tile, num_warps=warps,
         )

@@ -24,7 +24,7 @@ import trl
 from trl.trainer.dpo_trainer import DPOTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_trl_golden import FakeAccelerator, TokenModel, fused_outputs, masks  # noqa: E402
+from make_trl_golden import FakeAccelerator, TokenModel, fused_outputs, masks
 
 OUT = Path(__file__).with_name("trl_wpo_golden.json")
 B, T, H, V = 3, 9, 6, 13
@@ -84,8 +84,8 @@ def run(case, gen):
         "ref_hidden": ref_hidden.tolist(),
         "weight": weight.detach().tolist(),
         "labels": labels.tolist(),
-        "expected": {"loss": float(loss.detach()), "grad_hidden": grad_hidden.tolist(), "grad_weight": grad_weight.tolist(),
-                     "metrics": metrics},
+        "expected": {"loss": float(loss.detach()), "grad_hidden": grad_hidden.tolist(),
+                     "grad_weight": grad_weight.tolist(), "metrics": metrics},
     }
 
 
