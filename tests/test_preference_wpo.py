@@ -99,3 +99,15 @@ def test_given_log_sum_sq_inputs_are_used_as_is():
     zero = {k: torch.zeros_like(v) for k, v in given.items()}
     d, _ = fn(hidden, weight, labels, ref_hidden=ref_hidden, **zero)
     assert not torch.equal(a.detach(), d.detach())
+
+
+@pytest.mark.interpreter
+def test_triton_backend_matches_trl():
+    case = GOLDEN["cases"][0]
+    hidden, weight, ref_hidden, labels = tensors(case)
+    fn = PreferenceLoss("sigmoid", beta=case["options"]["beta"], use_weighting=True, backend="triton")
+    loss, _ = fn(hidden, weight, labels, ref_hidden=ref_hidden)
+    close(loss.detach(), case["expected"]["loss"])
+    loss.backward()
+    close(hidden.grad, case["expected"]["grad_hidden"])
+    close(weight.grad, case["expected"]["grad_weight"])
