@@ -27,12 +27,15 @@ RUN_FILES = ("metrics.jsonl", "train_config.json")  # what a run leaves beside i
 RUN_DIRS = ("runs",)  # TensorBoard's event files (engine/core/metrics.py)
 
 # settings that do not change what a resumed run computes: where it writes, how often it logs, evaluates and saves,
-# the device, the flags that start or resume it, and when it stops (max_steps / num_train_epochs: the schedule is
-# rebuilt for them, build.continue_schedule; --early_stopping: the monitor's rule)
+# the device and how the ranks hold the model (FSDP2 or DDP: a sharded checkpoint resumes in one process), memory
+# settings (gradient checkpointing, vLLM's share of the GPU), the flags that start or resume it, and when it stops
+# (max_steps / num_train_epochs: the schedule is rebuilt for them, build.continue_schedule; --early_stopping: the
+# monitor's rule)
 NOT_COMPARED = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "resume_with_changed_settings", "logging_steps",
     "save_steps", "save_total_limit", "eval_steps", "report_to", "device", "max_steps", "num_train_epochs",
-    "early_stopping", "per_device_eval_batch_size", "list_objectives", "config", "skip_nonfinite_steps",
+    "early_stopping", "per_device_eval_batch_size", "list_objectives", "config", "skip_nonfinite_steps", "fsdp",
+    "gradient_checkpointing", "vllm_gpu_memory_utilization",
 })
 SCHEDULE = ("learning_rate", "lr_scheduler_type", "warmup_steps")
 
