@@ -222,7 +222,8 @@ def file_pairs(dataset: str, count: int, max_length: int) -> tuple[list[dict], l
 # -- the parent: start the workers, step them in turn, collect ---------------------------------------------------------
 
 class _Worker:
-    def __init__(self, spec: dict, timeout: float):
+    def __init__(self, spec: dict, timeout: float, entry: str = "prefuse.bench.train_workers"):
+        """entry: the module whose main(spec_json) the worker runs (GRPO's: prefuse/bench/train_grpo_workers.py)."""
         # the allocator each path has for its users: glibc's defaults, which `prefuse train` adjusts for itself on
         # the CPU (engine/train/allocator.py); the head bench's fixed thresholds would hide the difference
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -235,7 +236,7 @@ class _Worker:
         env.pop("TRITON_INTERPRET", None)
         self.spec, self.timeout, self.error = spec, timeout, None
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        code = "import sys; from prefuse.bench.train_workers import main; main(sys.argv[1])"
+        code = f"import sys; from {entry} import main; main(sys.argv[1])"
         self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
 

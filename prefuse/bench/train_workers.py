@@ -55,6 +55,8 @@ class _Protocol:
     """The worker's side: waits for "step" on stdin, answers JSON lines on the original stdout (library prints go
     to stderr). Peak memory restarts after the warm-up steps."""
 
+    metric_names = SHARED_METRICS  # the logged numbers sent with each step
+
     def __init__(self, device: str, warmup: int):
         self.out = os.fdopen(os.dup(1), "w", buffering=1)
         os.dup2(2, 1)
@@ -84,7 +86,7 @@ class _Protocol:
         if self.done == self.warmup:
             self.base = _reset_peak(self.device)
         self.send(step=self.done, seconds=seconds, loss=loss, tokens=tokens, digest=digest,
-                  metrics={k: float(metrics[k]) for k in SHARED_METRICS if k in metrics})
+                  metrics={k: float(metrics[k]) for k in self.metric_names if k in metrics})
 
     def finish(self) -> None:
         peak, base = _peak(self.device), self.base
