@@ -336,6 +336,7 @@ def _drive(records: list[dict], workers: dict, steps: int, warmup: int, log) -> 
             rec["errors"].append(worker.error or "no final report")
             continue
         rec["peak_mib"], base = final["peak_mib"], final["base_mib"]
+        rec.update(final.get("extras", {}))  # what a worker reports after its last step (GRPO's final_logp)
         rec["step_extra_mib"] = None if base is None else final["peak_mib"] - base
         times = rec["times_s"]
         if times:
