@@ -33,6 +33,7 @@ from prefuse.algorithms.roles import PARTNER, RoleInput, role_inputs
 from prefuse.batch_gather import gather_examples
 from prefuse.kernels import RowGroups, group_rows, grouped_logprobs, grouped_logprobs_shared
 from prefuse.kernels.grouped import grouped_log_sum_sq_probs
+from prefuse.kernels.low_rank import LowRank
 from prefuse.kernels.plan import MODES
 from prefuse.kernels.validate import check_head_inputs, check_transform
 
@@ -224,29 +225,44 @@ class PreferenceLoss(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, /, *,
                 roles: Mapping[str, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
                 ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
-                ref_bias: torch.Tensor | None = None, return_inputs: bool = False, **inputs):
+                ref_bias: torch.Tensor | None = None, hidden_index: torch.Tensor | None = None,
+                low_rank: LowRank | None = None, ref_low_rank: LowRank | None = None,
+                return_inputs: bool = False, **inputs):
         """hidden [S, T, H]: the policy's last hidden states; weight [V, H] and bias [V]: the lm_head; labels
         [S, T] with ignore_index on prompt and padding. roles: {role: row indices into hidden, [B] (or [P, k] for
         k samples per prompt)}; default: the first half of the rows `chosen`, the second `rejected`.
         The reference: ref_hidden [S, T, H] with ref_weight / ref_bias (default: the policy's head), through the
-        fused head without gradient, or precomputed `ref_<role>_logps`. Other keyword tensors are the objectives'
+        fused head without gradient, or precomputed `ref_<role>_logps`. Packed sequences (padding-free): hidden
+        (and ref_hidden) [R, L, H] hold the sequences several to a row, and hidden_index [S, T] says where each
+        position of labels' [S, T] has its hidden state among the R * L (-1: padding, no label); roles, sums, token
+        values and the objective stay keyed by sequence, equal to the padded call's. Other keyword tensors are the objectives'
         inputs, passed through (preference_probs, advantages, rewards, use_offline, ...; [B] per example).
+        low_rank: LoRA on the lm_head, (u [S, T, r] = scale * dropout(hidden) A^T, B [V, r]) added to the policy's
+        logits as u B^T (`prefuse.heads.Head.low_rank`; gradients to u and B, the recompute path); ref_low_rank the
+        same for the reference's head (default none: the reference is ref_weight, or the policy's weight alone,
+        LoRA's adapters disabled).
         hidden, weight and labels are positional: a `labels=` keyword is the objective's input of that name (KTO's
         desirable flags [B]). Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them), and with
         return_inputs also the objective's inputs (detached: policy_chosen_logps [B], chosen_lengths, ...)."""
-        self._check_call(hidden, weight, labels, bias, ref_hidden, inputs)
-        role_batch = _role_batch(default_roles(hidden.shape[0], hidden.device) if roles is None else roles,
-                                 hidden.shape[0], hidden.device)
+        self._check_call(hidden, weight, labels, bias, ref_hidden, inputs, hidden_index)
+        if low_rank is not None and self.mode in ("in_forward", "frozen_weight"):
+            raise ValueError(f"mode: {self.mode!r} takes no low_rank (LoRA on the lm_head: its factor's gradient "
+                             f"needs the recompute path); use mode='auto' or 'recompute'")
+        n_seq = labels.shape[0]  # the sequences (hidden's rows unless packed)
+        role_batch = _role_batch(default_roles(n_seq, hidden.device) if roles is None else roles, n_seq,
+                                 hidden.device)
         wanted = self._check_inputs(role_batch, inputs, ref_hidden is not None)
-        needs_grad = any(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-        rows = self._group_rows(hidden, weight, bias, labels, role_batch, inputs, needs_grad)
+        needs_grad = any(torch.is_grad_enabled() and t is not None and t.requires_grad
+                         for t in (hidden, weight, bias, *(low_rank or ())))
+        rows = self._group_rows(hidden, weight, bias, labels, role_batch, inputs, needs_grad, hidden_index,
+                                low_rank is not None)
         stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
         fixed = {**inputs, **stats.shapes()}
-        fixed.update(self._wpo_inputs(hidden, weight, bias, rows, role_batch, inputs))
+        fixed.update(self._wpo_inputs(hidden, weight, bias, rows, role_batch, inputs, low_rank))
         shared_logp = None
         if ref_hidden is not None and any(s.source == "ref" for s in wanted):
             shared_logp, ref_logp = self._reference_logp(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows,
-                                                         needs_grad)
+                                                         needs_grad, ref_low_rank)
             fixed.update(stats.values(ref_logp, "ref"))
         self.last_shared = shared_logp is not None
         if needs_grad and rows.in_forward:
@@ -254,21 +270,27 @@ class PreferenceLoss(torch.nn.Module):
                                                                     role_batch.n_examples)
         else:
             loss, metrics, objective_inputs = self._autograd_loss(hidden, weight, bias, rows, stats, fixed,
-                                                                  role_batch.n_examples, needs_grad, shared_logp)
+                                                                  role_batch.n_examples, needs_grad, shared_logp,
+                                                                  low_rank)
         if return_inputs:
             detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in objective_inputs.items()}
             return loss, metrics, detached
         return loss, metrics
 
-    def _check_call(self, hidden, weight, labels, bias, ref_hidden, inputs: dict) -> None:
+    def _check_call(self, hidden, weight, labels, bias, ref_hidden, inputs: dict, hidden_index) -> None:
         """ValueError for head inputs of the wrong shapes, or a reference the objectives do not read or given
         twice (its hidden states and its precomputed sums)."""
         if hidden.dim() != 3:
-            raise ValueError(f"hidden: expected [S, T, H], got {tuple(hidden.shape)}")
-        check_head_inputs(hidden, weight, labels, bias, ignore_index=self.ignore_index)
-        if ref_hidden is not None and ref_hidden.shape[:2] != labels.shape:
+            raise ValueError(f"hidden: expected [S, T, H] (packed: [R, L, H]), got {tuple(hidden.shape)}")
+        # packed: labels keep the sequences' layout [S, T]; a view of hidden in that shape checks the rest
+        check_head_inputs(hidden if hidden_index is None else hidden[:1, :1].expand(*labels.shape, hidden.shape[-1]),
+                          weight, labels, bias, ignore_index=self.ignore_index)
+        if hidden_index is None and ref_hidden is not None and ref_hidden.shape[:2] != labels.shape:
             raise ValueError(f"ref_hidden: leading shape {tuple(ref_hidden.shape[:2])} must equal labels' "
                              f"{tuple(labels.shape)}")
+        if hidden_index is not None and ref_hidden is not None and ref_hidden.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"ref_hidden: packed, its leading shape {tuple(ref_hidden.shape[:2])} must equal "
+                             f"hidden's {tuple(hidden.shape[:2])} (the same packing)")
         given_ref = [k for k in inputs if k.startswith("ref_") and k.endswith("logps")]
         if (ref_hidden is not None or given_ref) and not self.reads_reference:
             raise ValueError(f"ref_hidden / ref_*_logps: {self.names} use no reference model; drop them")
@@ -276,14 +298,15 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"ref_hidden: pass either ref_hidden or precomputed {given_ref}, not both")
 
     def _group_rows(self, hidden, weight, bias, labels, role_batch: RoleBatch, inputs: dict,
-                    needs_grad: bool) -> RowGroups:
+                    needs_grad: bool, hidden_index: torch.Tensor | None = None, low_rank: bool = False) -> RowGroups:
         """The call's rows and plan: grouped example by example (the in-forward mode) when the objectives are
         separable, no extra input carries a gradient and no sequence belongs to two examples; else one group of
-        the sequences some role reads."""
+        the sequences some role reads. A low-rank update (LoRA on the lm_head) takes the recompute plan."""
         frozen = bool(torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-                      and (bias is None or not bias.requires_grad))
+                      and (bias is None or not bias.requires_grad)) and not low_rank
         grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
-        groupable = self.separable and not grad_inputs and role_batch.sequence_example is not None
+        groupable = (self.separable and not grad_inputs and role_batch.sequence_example is not None
+                     and not low_rank)
         if needs_grad and self.mode == "in_forward" and not groupable:
             raise ValueError(
                 f"mode: 'in_forward' needs separable objectives (got {self.names}, separable={self.separable}), "
@@ -294,9 +317,10 @@ class PreferenceLoss(torch.nn.Module):
                           dtype=hidden.dtype, needs_grad=needs_grad, grouped=groupable,
                           ignore_index=self.ignore_index, mode=self.mode, chunk_size=self.chunk_size,
                           chunk_budget_bytes=self.chunk_budget_bytes, grad_budget_bytes=self.grad_budget_bytes,
-                          weight_frozen=frozen)
+                          weight_frozen=frozen, hidden_index=hidden_index)
 
-    def _wpo_inputs(self, hidden, weight, bias, rows: RowGroups, role_batch: RoleBatch, inputs: dict) -> dict:
+    def _wpo_inputs(self, hidden, weight, bias, rows: RowGroups, role_batch: RoleBatch, inputs: dict,
+                    low_rank: LowRank | None = None) -> dict:
         """WPO (`use_weighting=True`, TRL's name): policy_<role>_log_sum_sq_probs [B], the sum over each chosen and
         rejected response's tokens of log sum_v p(v)^2 under the policy, without gradient (TRL 1.16 detaches the
         weight), unless the caller passed them."""
@@ -308,7 +332,7 @@ class PreferenceLoss(torch.nn.Module):
         if wanted:
             per_row = grouped_log_sum_sq_probs(hidden, weight, rows, bias=bias, temperature=self.temperature,
                                                softcap=self.softcap, backend=self.backend,
-                                               chunk_budget_bytes=self.chunk_budget_bytes)
+                                               chunk_budget_bytes=self.chunk_budget_bytes, low_rank=low_rank)
             sums = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device).index_add(
                 0, rows.sequence, per_row)
             for role in wanted:
@@ -320,29 +344,32 @@ class PreferenceLoss(torch.nn.Module):
                     accumulate_fp32=self.accumulate_fp32)
 
     def _reference_logp(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows: RowGroups,
-                        needs_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+                        needs_grad: bool, ref_low_rank: LowRank | None = None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(the policy's log-probs [M] when they came from the same pass, else None; the reference's [M], without
         gradient). The reference goes through the same rows, chunks and reductions as the policy, so that a policy
         equal to its reference gives rewards of exactly 0; its head defaults to the policy's."""
         ref_weight, ref_bias = (weight, bias if ref_bias is None else ref_bias) if ref_weight is None else (
             ref_weight, ref_bias)
-        if (self.share_reference_chunks and rows.frozen_weight and needs_grad
+        if (self.share_reference_chunks and rows.frozen_weight and needs_grad and ref_low_rank is None
                 and _same_tensor(ref_weight, weight) and _same_tensor(ref_bias, bias)):
             # one lm_head (LoRA): each chunk's logits matmul reads it once for both models' rows
             return grouped_logprobs_shared(hidden, ref_hidden, weight, rows, bias=bias, **self._head_options())
         with torch.no_grad():
             return None, grouped_logprobs(ref_hidden.detach(), ref_weight.detach(), rows,
                                           bias=None if ref_bias is None else ref_bias.detach(),
-                                          **self._head_options())
+                                          low_rank=None if ref_low_rank is None else tuple(
+                                              t.detach() for t in ref_low_rank), **self._head_options())
 
     def _autograd_loss(self, hidden, weight, bias, rows: RowGroups, stats: RoleStatistics, fixed: dict,
-                       n_examples: int | None, needs_grad: bool, shared_logp: torch.Tensor | None):
+                       n_examples: int | None, needs_grad: bool, shared_logp: torch.Tensor | None,
+                       low_rank: LowRank | None = None):
         """(loss, metrics, the objective's inputs): the policy's log-probs (those of the shared pass when given)
         with a recomputing or frozen-weight backward, then the objective under autograd; forward only without
         gradient."""
         self.last_mode = ("frozen_weight" if rows.frozen_weight else "recompute") if needs_grad else "forward_only"
         logp = shared_logp if shared_logp is not None else grouped_logprobs(hidden, weight, rows, bias=bias,
-                                                                             **self._head_options())
+                                                                             low_rank=low_rank, **self._head_options())
         objective_inputs = {**fixed, **stats.values(logp, "policy")}
         loss, metrics = self._objective(self._whole_batch(objective_inputs, n_examples))
         return loss, metrics, objective_inputs

@@ -14,6 +14,11 @@ the plan is the recompute path. With `weight_frozen` (only hidden needs a gradie
 frozen-weight path for any loss: forward forms each row's gradient basis, backward scales it (no coef_fn needed).
 Passing the same `rows` for a second head (a reference) runs the same rows, chunks and reductions: equal inputs
 give bitwise equal log-probs.
+
+Packed sequences (`hidden_index`): the labels stay in the sequences' own layout [S, T] (what the caller's
+per-sequence sums, token values and groups are keyed by), while the hidden states come packed, several sequences
+to a row without padding ([R, L, H]); hidden_index [S, T] says where each position's hidden state lies among the
+R * L packed ones. Each row then reads its hidden state there; everything keyed by sequence is unchanged.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from prefuse.kernels.fused_head import (
     chunk_slices,
 )
 from prefuse.kernels.linear_head import logprobs_function
+from prefuse.kernels.low_rank import FusedLogprobsLowRank, LowRank, add_low_rank_, check_low_rank
 from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, MODES, Plan, make_plan, rows_for_budget
 from prefuse.kernels.rows import gather_rows, zero_connected
 from prefuse.kernels.validate import check_transform, resolve_backend
@@ -46,7 +52,8 @@ class RowGroups:
 
     index [M]: each row's position in the flattened [S * T]; labels [M]; sequence [M]: its sequence in [0, S);
     group [M]: its group; chunks: slices of whole groups (in-forward plan) or None (the plan's own chunks);
-    shape: (S, T)."""
+    shape: (S, T); hidden_index [M]: each row's position among hidden's flattened rows (index itself unless the
+    hidden states are packed); hidden_rows: how many rows hidden holds (S * T unless packed)."""
 
     index: torch.Tensor
     labels: torch.Tensor
@@ -55,6 +62,8 @@ class RowGroups:
     chunks: list[slice] | None
     plan: Plan
     shape: tuple[int, int]
+    hidden_index: torch.Tensor
+    hidden_rows: int
 
     @property
     def n_rows(self) -> int:
@@ -89,13 +98,16 @@ def _whole_group_chunks(group: torch.Tensor, rows_per_chunk: int) -> list[slice]
 def group_rows(labels: torch.Tensor, sequence_group: torch.Tensor, *, vocab: int, hidden_size: int,
                dtype: torch.dtype, needs_grad: bool, grouped: bool = True, ignore_index: int = -100,
                mode: str = "auto", chunk_size: int | None = None, chunk_budget_bytes: int | None = None,
-               grad_budget_bytes: int | None = None, weight_frozen: bool = False) -> RowGroups:
+               grad_budget_bytes: int | None = None, weight_frozen: bool = False,
+               hidden_index: torch.Tensor | None = None) -> RowGroups:
     """labels [S, T]; sequence_group [S] int64: each sequence's group, -1 for a sequence nobody reads (its rows are
     dropped before any matmul). grouped: take the in-forward plan when `mode` and the budgets allow it (the
     caller's loss is separable by group); mode "in_forward" insists on it (ValueError when a group is larger than
     a chunk). weight_frozen: only hidden will need a gradient; mode "auto" then takes "frozen_weight" (as many
     matmuls as in_forward, for any loss), "frozen_weight" insists on it (ValueError when the weight is not frozen).
-    Other arguments as in `linear_cross_entropy`."""
+    hidden_index [S, T] int64: packed hidden states (module docstring), the position of each (s, t) among hidden's
+    flattened rows, -1 where there is none (padding; such a position must carry no label). Other arguments as in
+    `linear_cross_entropy`."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {MODES}")
     if labels.dim() != 2 or sequence_group.shape != labels.shape[:1]:
@@ -126,8 +138,30 @@ def group_rows(labels: torch.Tensor, sequence_group: torch.Tensor, *, vocab: int
         plan = make_plan(n_rows=n_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype, device=device,
                          needs_grad=needs_grad, upstream_known=False, mode="recompute", chunk_size=chunk_size,
                          chunk_budget_bytes=chunk_budget_bytes)
+    hidden_at, hidden_rows = index, n_seq * seq_len
+    if hidden_index is not None:
+        hidden_at, hidden_rows = _packed_rows(hidden_index, labels, index, ignore_index)
     return RowGroups(index=index, labels=flat_labels[index], sequence=torch.div(index, seq_len, rounding_mode="floor"),
-                     group=row_group, chunks=chunks, plan=plan, shape=(n_seq, seq_len))
+                     group=row_group, chunks=chunks, plan=plan, shape=(n_seq, seq_len), hidden_index=hidden_at,
+                     hidden_rows=hidden_rows)
+
+
+def _packed_rows(hidden_index: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                 ignore_index: int) -> tuple[torch.Tensor, int]:
+    """(each kept row's position among the packed hidden rows [M], how many packed rows there are: 1 + the largest
+    position, a lower bound the caller's hidden must hold); ValueError when a labeled position has no hidden state
+    or two positions share one."""
+    if hidden_index.shape != labels.shape:
+        raise ValueError(f"hidden_index: expected [S, T] = {tuple(labels.shape)} like labels, got "
+                         f"{tuple(hidden_index.shape)}")
+    flat = hidden_index.to(labels.device).reshape(-1).long()
+    if bool(((flat < 0) & (labels.reshape(-1) != ignore_index)).any()):
+        raise ValueError("hidden_index: a labeled position has no packed hidden state (-1); pack every token of "
+                         "every sequence")
+    placed = flat[flat >= 0]
+    if placed.unique().numel() != placed.numel():
+        raise ValueError("hidden_index: two positions share one packed hidden state; each must have its own")
+    return flat[index], int(placed.max()) + 1 if placed.numel() else 0
 
 
 def _head_config(rows: RowGroups, device, backend, temperature, softcap, accumulate_fp32) -> HeadConfig:
@@ -136,36 +170,59 @@ def _head_config(rows: RowGroups, device, backend, temperature, softcap, accumul
                       accumulate_fp32=accumulate_fp32)
 
 
+def _check_hidden_rows(flat: torch.Tensor, hidden: torch.Tensor, rows: RowGroups) -> None:
+    """ValueError unless hidden holds the rows' positions: S * T of them, or, packed, at least hidden_rows."""
+    packed = rows.hidden_index is not rows.index
+    if (flat.shape[0] < rows.hidden_rows) if packed else (flat.shape[0] != rows.hidden_rows):
+        raise ValueError(f"hidden: {tuple(hidden.shape)} does not hold the {rows.shape[0]} x {rows.shape[1]} "
+                         f"positions of the rows' labels" + (" (packed: hidden_index)" if packed else ""))
+
+
 def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups, *,
                      bias: torch.Tensor | None = None, coef_fn: GroupCoefFn | None = None,
                      temperature: float = 1.0, softcap: float | None = None, backend: str = "auto",
-                     accumulate_fp32: bool = True):
+                     accumulate_fp32: bool = True, low_rank: LowRank | None = None):
     """Per-row log-probs [M] float32 of `rows` (in their order) under softmax(transform(hidden @ weight.T + bias)).
 
     hidden [S, T, H] (or [S * T, H]), weight [V, H], bias [V]. Without coef_fn: logp [M], differentiable with a
     recomputing backward, or with the frozen-weight backward when rows.frozen_weight and only hidden needs a
     gradient. With coef_fn (rows.in_forward must hold): (surrogate 0-d, logp [M] without gradient),
     where the surrogate's value is sum_i coef_i * logp_i and its gradient, formed in forward, is the caller's loss
-    gradient; add `surrogate - surrogate.detach()` to the loss value to route it."""
+    gradient; add `surrogate - surrogate.detach()` to the loss value to route it.
+    low_rank: (u [..., r] like hidden's leading shape, factor [V, r]) adds u @ factor.T to the logits (LoRA on the
+    lm_head, `linear_logprobs`): logp [M] with a recomputing backward over the rows' chunks, whatever their plan
+    (build the rows with grouped=False and weight_frozen=False for the recompute plan's chunks); no coef_fn."""
     check_transform(temperature, softcap)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    if flat.shape[0] != rows.shape[0] * rows.shape[1]:
-        raise ValueError(f"hidden: {tuple(hidden.shape)} does not hold the {rows.shape[0]} x {rows.shape[1]} "
-                         f"positions of the rows' labels")
+    _check_hidden_rows(flat, hidden, rows)
     cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
+    if low_rank is not None:
+        return _low_rank_logprobs(flat, weight, bias, low_rank, rows, cfg, coef_fn)
     on = torch.is_grad_enabled()
     needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias))
     if coef_fn is None:
         if rows.n_rows == 0:
             return torch.zeros(0, dtype=torch.float32, device=hidden.device) + zero_connected(flat, weight, bias)
-        return logprobs_function(rows.plan.mode, needs).apply(flat, weight, bias, rows.labels, rows.index, cfg,
+        return logprobs_function(rows.plan.mode, needs).apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg,
                                                                rows.chunks)
     if not rows.in_forward:
         raise ValueError("coef_fn: the rows' plan is not in_forward (build them with group_rows(grouped=True))")
-    surrogate, logp, _ = FusedHeadInForward.apply(flat, weight, bias, rows.labels, rows.index, cfg,
+    surrogate, logp, _ = FusedHeadInForward.apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg,
                                                   lambda chunk, lp, _mean: (coef_fn(chunk, lp), None), needs,
                                                   rows.chunks)
     return surrogate, logp
+
+
+def _low_rank_logprobs(flat, weight, bias, low_rank: LowRank, rows: RowGroups, cfg: HeadConfig, coef_fn):
+    """logp [M] of grouped_logprobs with a low-rank update (u [..., r] flattened like hidden)."""
+    if coef_fn is not None:
+        raise ValueError("low_rank: no coef_fn (the in-forward gradient) with a low-rank update; its factor's "
+                         "gradient is formed in backward")
+    u, factor = low_rank[0].reshape(-1, low_rank[0].shape[-1]), low_rank[1]
+    check_low_rank(flat, weight, (u, factor))
+    if rows.n_rows == 0:
+        return torch.zeros(0, dtype=torch.float32, device=flat.device) + zero_connected(flat, weight, bias, u, factor)
+    return FusedLogprobsLowRank.apply(flat, weight, bias, u, factor, rows.labels, rows.hidden_index, cfg, rows.chunks)
 
 
 def grouped_logprobs_shared(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups,
@@ -189,21 +246,21 @@ def grouped_logprobs_shared(hidden: torch.Tensor, ref_hidden: torch.Tensor, weig
                                         **{**head, "bias": None if bias is None else bias.detach()})
         return grouped_logprobs(hidden, weight, rows, **head), ref_logp
     check_transform(temperature, softcap)
-    if flat.shape[0] != rows.shape[0] * rows.shape[1]:
-        raise ValueError(f"hidden: {tuple(hidden.shape)} does not hold the {rows.shape[0]} x {rows.shape[1]} "
-                         f"positions of the rows' labels")
+    _check_hidden_rows(flat, hidden, rows)
     cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
-    return FusedLogprobsFrozenWeight.apply(flat, weight, bias, rows.labels, rows.index, cfg, rows.chunks, None,
+    return FusedLogprobsFrozenWeight.apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg, rows.chunks, None,
                                            ref_flat)
 
 
 @torch.no_grad()
 def grouped_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups, *,
                              bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
-                             backend: str = "auto", chunk_budget_bytes: int | None = None) -> torch.Tensor:
+                             backend: str = "auto", chunk_budget_bytes: int | None = None,
+                             low_rank: LowRank | None = None) -> torch.Tensor:
     """log sum_v p(v)^2 [M] float32 of `rows` (in their order), without gradient: WPO's per-token term, from the
     statistics kernel (`logits_stats`, logsumexp(2 z) - 2 logsumexp(z) under a running max). A forward-only pass
-    of its own over whole-vocabulary chunks (one logits matmul per chunk), beside the log-prob pass."""
+    of its own over whole-vocabulary chunks (one logits matmul per chunk), beside the log-prob pass. low_rank: the
+    logits' low-rank update, as in grouped_logprobs."""
     check_transform(temperature, softcap)
     flat = hidden.reshape(-1, hidden.shape[-1]).detach()
     backend = resolve_backend(backend, hidden.device)
@@ -215,8 +272,11 @@ def grouped_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, rows: R
     bias = None if bias is None else bias.detach()
     per_chunk = rows_for_budget(weight.shape[0], flat.element_size(), chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES)
     out = torch.zeros(rows.n_rows, dtype=torch.float32, device=hidden.device)
+    u = None if low_rank is None else low_rank[0].detach().reshape(-1, low_rank[0].shape[-1])
     for sl in chunk_slices(rows.n_rows, per_chunk):
-        logits = chunk_logits(gather_rows(flat, rows.index, sl), weight, bias)
+        logits = chunk_logits(gather_rows(flat, rows.hidden_index, sl), weight, bias)
+        if u is not None:
+            add_low_rank_(logits, gather_rows(u, rows.hidden_index, sl), low_rank[1].detach())
         out[sl] = ops.logits_stats(logits, None, inv_temperature=1.0 / temperature, softcap=softcap,
                                    top_k=1)["log_sum_sq_probs"]
     return out

@@ -1,0 +1,131 @@
+"""Packed sequences (padding_free): the batch's sequences laid end to end in rows without padding give the padded
+batch's losses and gradients.
+
+- `PreferenceLoss(hidden [R, L, H], ..., hidden_index=...)` against the padded call, in float64, for objectives that
+  read sums (sigmoid, ipo), lengths (simpo), token values (LD-DPO's verbose part, GRPO), an extra role (SELM's
+  sample), unpaired batch-level ones (KTO with its kl role), on every head path (in-forward, recompute,
+  frozen-weight);
+- the decoder: packed rows give each token the hidden state it has in the padded batch for every architecture
+  `check_packable` lets through (sdpa and eager), and attention that crosses the boundaries does not;
+- `Step(padding_free=True)` on a tiny Llama (LoRA and full) against the padded step: loss and every gradient.
+"""
+import pytest
+import torch
+
+from prefuse.engine.data.packing import pack_sequences
+from prefuse.preference import PreferenceLoss
+
+F64 = torch.finfo(torch.float64).eps
+
+
+def padded_batch(lengths, width, vocab, prompt=2, generator=None):
+    """input_ids, attention_mask, labels [S, T] (next-token layout: labels from position prompt - 1)."""
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=generator)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    labels = torch.full_like(ids, -100)
+    for s, n in enumerate(lengths):
+        labels[s, prompt - 1:n - 1] = ids[s, prompt:n]
+    return ids, mask, labels
+
+
+def test_pack_sequences_layout():
+    ids, mask, _ = padded_batch([5, 2, 4, 1, 3], 5, 50)
+    packed = pack_sequences(ids, mask)
+    assert packed.input_ids.shape[1] <= 5  # no row wider than the padded batch
+    flat_ids, flat_pos = packed.input_ids.reshape(-1), packed.position_ids.reshape(-1)
+    for s, n in enumerate([5, 2, 4, 1, 3]):
+        at = packed.hidden_index[s, :n]
+        assert torch.equal(flat_ids[at], ids[s, :n]) and torch.equal(flat_pos[at], torch.arange(n))
+        assert (packed.hidden_index[s, n:] == -1).all()
+        assert (packed.sequence.reshape(-1)[at] == s).all()
+    # every token once, and a row's tail is no sequence's
+    assert int(mask.sum()) == int((packed.sequence >= 0).sum())
+    assert torch.equal(packed.padded(packed.packed(ids)) * mask, ids)
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_sequences(ids, mask.flip(1))
+    with pytest.raises(ValueError, match="row_tokens"):
+        pack_sequences(ids, mask, row_tokens=4)
+
+
+# objective, its roles (name -> number of rows per example), hyper-parameters, extra inputs per example
+CASES = {
+    "sigmoid_ld": ("sigmoid", {"chosen": 1, "rejected": 1}, {"ld_alpha": 0.5}, {}),
+    "ipo": ("ipo", {"chosen": 1, "rejected": 1}, {}, {}),
+    "simpo": ("simpo", {"chosen": 1, "rejected": 1}, {}, {}),
+    "selm": ("selm", {"chosen": 1, "rejected": 1, "sample": 1}, {"alpha": 0.01}, {}),
+    "kto": ("kto", {"completion": 1, "kl": 1}, {}, {"labels": lambda b: torch.arange(b) % 2 == 0}),
+    "grpo": ("grpo", {"online": 2}, {}, {"rewards": lambda b: torch.linspace(-1, 1, 2 * b).view(b, 2)}),
+}
+
+
+def _roles(spec: dict, n_examples: int) -> tuple[dict, int]:
+    roles, start = {}, 0
+    for role, k in spec.items():
+        rows = torch.arange(start, start + n_examples * k)
+        roles[role] = rows if k == 1 else rows.view(n_examples, k)
+        start += n_examples * k
+    return roles, start
+
+
+@pytest.mark.parametrize("path", ["auto", "recompute", "frozen_weight"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_preference_loss_packed_equals_padded(case, path):
+    objective, role_spec, hparams, extra = CASES[case]
+    n_examples, width, hidden_size, vocab = 3, 9, 8, 40
+    roles, n_seq = _roles(role_spec, n_examples)
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, width + 1, (n_seq,), generator=generator).tolist()
+    ids, mask, labels = padded_batch(lengths, width, vocab, generator=generator)
+    hidden = torch.randn(n_seq, width, hidden_size, dtype=torch.float64, generator=generator)
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, dtype=torch.float64, generator=generator)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, generator=generator)
+    inputs = {k: make(n_examples) for k, make in extra.items()}
+    loss_fn = PreferenceLoss(objective, beta=0.1, mode="auto" if path == "frozen_weight" else path, **hparams)
+    packed = pack_sequences(ids, mask)
+    assert packed.n_tokens < ids.numel()
+
+    def run(h, ref, **kw):
+        h = h.clone().requires_grad_()
+        w = weight.clone().requires_grad_(path != "frozen_weight")
+        loss, metrics = loss_fn(h, w, labels, roles=roles, ref_hidden=ref, **inputs, **kw)
+        loss.backward()
+        return loss, metrics, h.grad, w.grad
+
+    if not loss_fn.reads_reference:
+        ref_hidden = None
+    loss, metrics, grad_h, grad_w = run(hidden, ref_hidden)
+    mode = loss_fn.last_mode
+    p_loss, p_metrics, p_grad_h, p_grad_w = run(packed.packed(hidden), None if ref_hidden is None
+                                                else packed.packed(ref_hidden), hidden_index=packed.hidden_index)
+    assert loss_fn.last_mode == mode  # the same head path, packed or not
+    assert mode == {"recompute": "recompute", "frozen_weight": "frozen_weight"}.get(
+        path, "in_forward" if loss_fn.separable else "recompute")
+    tol = 16 * F64 * width * vocab
+    torch.testing.assert_close(p_loss, loss, rtol=tol, atol=tol)
+    assert metrics.keys() == p_metrics.keys()
+    for name in metrics:
+        torch.testing.assert_close(p_metrics[name], metrics[name], rtol=tol, atol=tol, msg=name)
+    # the packed gradient, laid back out, is the padded one (zero at padding, which no label reads)
+    torch.testing.assert_close(packed.padded(p_grad_h), grad_h, rtol=tol, atol=tol)
+    assert (p_grad_h.reshape(-1, hidden_size)[(packed.sequence < 0).reshape(-1)] == 0).all()
+    if grad_w is not None:
+        torch.testing.assert_close(p_grad_w, grad_w, rtol=tol, atol=tol)
+
+
+def test_preference_loss_packed_refusals():
+    ids, mask, labels = padded_batch([4, 3], 4, 20)
+    packed = pack_sequences(ids, mask)
+    hidden = torch.randn(*packed.input_ids.shape, 8, dtype=torch.float64)
+    weight = torch.randn(20, 8, dtype=torch.float64)
+    loss_fn = PreferenceLoss("simpo")
+    bad = packed.hidden_index.clone()
+    bad[0, 1] = -1  # a labeled position without its hidden state
+    with pytest.raises(ValueError, match="hidden_index: a labeled position"):
+        loss_fn(hidden, weight, labels, hidden_index=bad)
+    bad = packed.hidden_index.clone()
+    bad[1, 0] = bad[0, 0]
+    with pytest.raises(ValueError, match="hidden_index: two positions"):
+        loss_fn(hidden, weight, labels, hidden_index=bad)
+    with pytest.raises(ValueError, match="hidden_index: expected"):
+        loss_fn(hidden, weight, labels, hidden_index=packed.hidden_index[:, :2])
