@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 NAME = "bench"
@@ -49,6 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=8, help="--task train with --model_name_or_path: pairs per batch")
     p.add_argument("--max_length", type=int, default=256,
                    help="--task train with --model_name_or_path: the longest prompt + response, in tokens")
+    p.add_argument("--objective", default="dpo", choices=["dpo", "grpo"],
+                   help="--task train: dpo (prefuse train against TRL's DPOTrainer) or grpo (prefuse train --online "
+                        "--loss_type grpo against TRL's GRPOTrainer on the same fixed completions, "
+                        "prefuse/bench/train_grpo.py; --pairs then counts prompts)")
+    p.add_argument("--num_generations", type=int, default=4, help="--objective grpo: completions per prompt")
+    p.add_argument("--max_completion_length", type=int, default=64,
+                   help="--objective grpo: the longest completion, in tokens (each is cut to a seeded length "
+                        "between half and all of it)")
+    p.add_argument("--beta", type=float, nargs="+", default=None,
+                   help="--objective grpo: KL coefficients, one pair of runs each (default 0 and 0.04)")
     p.add_argument("--json", default=None, help="write the records to this file")
     p.add_argument("--markdown", default=None, help="write the table to this file")
     p.add_argument("--static", action="store_true",
@@ -61,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.task == "train":
         return run_train(args)
+    grpo_flags = [flag for flag, on in (("--objective", args.objective != "dpo"), ("--beta", args.beta is not None),
+                                        ("--num_generations", args.num_generations != 4),
+                                        ("--max_completion_length", args.max_completion_length != 64)) if on]
+    if grpo_flags:
+        raise ValueError(f"{' '.join(grpo_flags)}: for --task train")
     shapes = (report.QUICK_SHAPES if args.quick else report.GRID_SHAPES if args.grid
               else report.DEFAULT_SHAPES)[args.task]
     if args.shapes:
@@ -145,11 +161,34 @@ def train_settings(args: argparse.Namespace) -> tuple[list, tuple[str, ...]]:
 def run_train(args: argparse.Namespace) -> int:
     from prefuse.bench import train
 
+    if args.objective == "grpo":
+        return run_train_grpo(args)
+    if args.beta is not None:
+        raise ValueError("--beta: for --objective grpo (the DPO bench runs beta 0.1)")
     shapes, modes = train_settings(args)
     records = [rec for shape in shapes for rec in train.run(shape, modes, args.paths or list(train.TRAIN_PATHS),
                                                              rounds=2 if args.quick else args.rounds,
                                                              device=args.device)]
     return write_output(args, records, train.format_table(records))
+
+
+def run_train_grpo(args: argparse.Namespace) -> int:
+    """--task train --objective grpo (prefuse/bench/train_grpo.py): the shapes and modes of --task train, the
+    GRPO settings checked here."""
+    from prefuse.bench import train_grpo
+
+    if args.paths:
+        raise ValueError("--paths: --objective grpo runs both of its paths (prefuse and trl)")
+    shapes, modes = train_settings(args)
+    settings = train_grpo.GRPOSettings(args.num_generations, args.max_completion_length)
+    settings.check()
+    betas = tuple(args.beta) if args.beta is not None else train_grpo.BETAS
+    if any(not (math.isfinite(b) and b >= 0) for b in betas):
+        raise ValueError(f"--beta: expected finite values >= 0, got {list(betas)}")
+    records = [rec for shape in shapes for rec in train_grpo.run(shape, modes, betas, settings=settings,
+                                                                 rounds=2 if args.quick else args.rounds,
+                                                                 device=args.device)]
+    return write_output(args, records, train_grpo.format_table(records))
 
 
 def write_output(args: argparse.Namespace, records: list[dict], table: str) -> int:
