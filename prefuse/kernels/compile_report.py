@@ -41,15 +41,18 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     logits = f"*{dtype}"
     if kernel == "forward":
         return {"LOGITS": logits, "stride_row": "i32", "LABELS": "*i64", "LOGP": "*fp32", "LSE": "*fp32",
-                "MEAN_LOGP": "*fp32", "V": "i32", "inv_temp": "fp32", "softcap": "fp32"}
+                "MEAN_LOGP": "*fp32", "LOG_SUM_SQ": "*fp32", "INV_TEMP": "*fp32", "V": "i32", "inv_temp": "fp32",
+                "softcap": "fp32"}
     if kernel == "grad":
         return {"LOGITS": logits, "stride_row": "i32", "GRAD": logits, "stride_grad_row": "i32", "LABELS": "*i64",
-                "LSE": "*fp32", "COEF_T": "*fp32", "COEF_U": "*fp32", "V": "i32", "inv_vocab": "fp32",
+                "LSE": "*fp32", "COEF_T": "*fp32", "COEF_U": "*fp32", "INV_TEMP": "*fp32", "V": "i32",
+                "inv_vocab": "fp32",
                 "inv_temp": "fp32", "softcap": "fp32"}
     if kernel == "stats":
         return {"LOGITS": logits, "stride_row": "i32", "LABELS": "*i64", "LSE": "*fp32", "ENTROPY": "*fp32",
                 "LOG_SUM_SQ": "*fp32", "TOPK_MASS": "*fp32", "TOPK_ENT": "*fp32", "TOPK_ENT_UNNORM": "*fp32",
-                "LOGP": "*fp32", "IS_ARGMAX": "*i8", "V": "i32", "top_k": "i32", "inv_temp": "fp32", "softcap": "fp32"}
+                "LOGP": "*fp32", "IS_ARGMAX": "*i8", "INV_TEMP": "*fp32", "V": "i32", "top_k": "i32", "inv_temp": "fp32",
+                "softcap": "fp32"}
     raise KeyError(kernel)
 
 
@@ -58,8 +61,9 @@ def launch_variants(kernel: str, arch: int) -> list[tuple[dict, int]]:
     from prefuse.kernels.triton_ops import K_PADS, config_for
 
     tile, warps = config_for(kernel, arch)
-    flags = {"forward": ("HAS_SOFTCAP", "WITH_MEAN"), "grad": ("HAS_SOFTCAP", "HAS_UNIFORM"),
-             "stats": ("HAS_SOFTCAP", "HAS_LABELS")}[kernel]
+    flags = {"forward": ("HAS_SOFTCAP", "WITH_MEAN", "WITH_SUM_SQ", "PER_ROW_TEMP"),
+             "grad": ("HAS_SOFTCAP", "HAS_UNIFORM", "PER_ROW_TEMP"),
+             "stats": ("HAS_SOFTCAP", "HAS_LABELS", "PER_ROW_TEMP")}[kernel]
     out = []
     for values in itertools.product((False, True), repeat=len(flags)):
         const = dict(zip(flags, values), BLOCK_V=tile)

@@ -31,7 +31,8 @@ class HeadConfig:
     rows_per_chunk: int
     backend: str = "torch"
     vocab_tile: int | None = None  # recompute path only: tile the vocabulary of each row chunk
-    inv_temperature: float = 1.0
+    # a float, or a float32 tensor [M]: one inverse temperature per kept row (in the Function's row order)
+    inv_temperature: float | torch.Tensor = 1.0
     softcap: float | None = None
     with_mean_logp: bool = False  # also return mean_v logp (label smoothing)
     accumulate_fp32: bool = True  # weight/bias gradients summed over chunks in float32
@@ -51,8 +52,22 @@ class HeadConfig:
         """The torch backend works on [V, m] chunks (faster matmuls on the CPU); Triton kernels on [m, V]."""
         return self.backend == "torch"
 
-    def op_kwargs(self) -> dict:
-        kw = {"inv_temperature": self.inv_temperature, "softcap": self.softcap}
+    @property
+    def per_row_temperature(self) -> bool:
+        return isinstance(self.inv_temperature, torch.Tensor)
+
+    def inv_temp(self, rows: slice, copies: int = 1):
+        """The inverse temperature of the kept rows `rows`: the float, or their [m] values (repeated `copies`
+        times for a chunk that stacks the same rows of several models)."""
+        if not self.per_row_temperature:
+            return self.inv_temperature
+        values = self.inv_temperature[rows]
+        return values if copies == 1 else values.repeat(copies)
+
+    def op_kwargs(self, rows: slice | None = None, copies: int = 1) -> dict:
+        """The chunk ops' keyword arguments for the kept rows `rows` (the whole call when None)."""
+        kw = {"inv_temperature": self.inv_temp(slice(None) if rows is None else rows, copies),
+              "softcap": self.softcap}
         if self.backend == "triton" and self.block_v is not None:
             kw["block_v"] = self.block_v
         return kw
@@ -73,17 +88,24 @@ def _tile(weight: torch.Tensor, bias: torch.Tensor | None, vocab: slice):
 
 def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  out: torch.Tensor | None = None, columns: bool = False, shift: torch.Tensor | None = None,
-                 alpha: float = 1.0) -> torch.Tensor:
+                 alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
     """logits [m, V] = hidden_chunk [m, H] @ weight.T (+ bias), in the compute dtype.
 
     out: a scratch buffer of at least m * V elements reused by every chunk (no allocator churn or page faults per
     chunk). columns: compute weight @ hidden_chunk.T into a [V, m] buffer and return its transposed view (the
     torch backend's layout, see torch_ops). shift [m] (columns only): return alpha * (logits) + shift per row,
-    the shift added by the matmul itself (addmm's input), not by a pass over the chunk."""
+    the shift added by the matmul itself (addmm's input), not by a pass over the chunk; alpha a float or [m] (one
+    per row: the rows of hidden_chunk are scaled, an [m, H] copy, before the matmul)."""
     m, vocab = hidden_chunk.shape[0], weight.shape[0]
     if shift is not None:
         assert columns, "shift: the [V, m] layout only"
         target = None if out is None else out.view(-1)[: m * vocab].view(vocab, m)
+        if isinstance(alpha, torch.Tensor):
+            alpha = alpha.to(hidden_chunk.dtype)
+            hidden_chunk = hidden_chunk * alpha[:, None]
+            base = shift[None, :].expand(vocab, m) if bias is None else torch.addcmul(
+                shift[None, :], bias[:, None], alpha[None, :], out=target)
+            return torch.addmm(base, weight, hidden_chunk.t(), out=target).t()
         if bias is None:
             base = shift[None, :].expand(vocab, m)
         else:
@@ -108,16 +130,23 @@ def logits_buffer(labels: torch.Tensor, weight: torch.Tensor, rows_per_chunk: in
     return torch.empty(min(labels.shape[0], rows_per_chunk) * width, dtype=weight.dtype, device=weight.device)
 
 
-def _tiled_forward(hidden_chunk, labels, weight, bias, tiles, buffer, cfg: HeadConfig):
-    """logp, lse, mean_logp [m] of one row chunk from its vocabulary tiles: the tiles' logsumexps merge with
-    logaddexp; the label's logit comes from the tile that holds it (tile-local labels elsewhere match nothing)."""
+def _tiled_forward(hidden_chunk, labels, weight, bias, tiles, buffer, cfg: HeadConfig, rows: slice,
+                   log_sum_sq_out: torch.Tensor | None = None):
+    """logp, lse, mean_logp [m] of one row chunk (the kept rows `rows`) from its vocabulary tiles: the tiles'
+    logsumexps merge with logaddexp; the label's logit comes from the tile that holds it (tile-local labels
+    elsewhere match nothing). log_sum_sq_out [m]: each tile's log sum p_t^2 under its own softmax p_t merges as
+    log sum_v p(v)^2 = logsumexp_t(log sum p_t^2 + 2 (lse_t - lse))."""
     vocab = weight.shape[0]
     lse = target = sum_z = None
+    tile_sq = [] if log_sum_sq_out is not None else None
     for tile in tiles:
         w_tile, b_tile = _tile(weight, bias, tile)
         logits = chunk_logits(hidden_chunk, w_tile, b_tile, out=buffer, columns=cfg.columns)
+        sq = None if tile_sq is None else torch.empty_like(labels, dtype=torch.float32)
         lp, ls, ml = cfg.ops.logits_forward(logits, labels - tile.start, with_mean_logp=cfg.with_mean_logp,
-                                            **cfg.op_kwargs())
+                                            log_sum_sq_out=sq, **cfg.op_kwargs(rows))
+        if tile_sq is not None:
+            tile_sq.append((sq, ls))
         in_tile = (labels >= tile.start) & (labels < tile.stop)
         part = torch.where(in_tile, lp + ls, torch.zeros_like(lp))
         target = part if target is None else target + part
@@ -125,6 +154,8 @@ def _tiled_forward(hidden_chunk, labels, weight, bias, tiles, buffer, cfg: HeadC
         if ml is not None:
             part_z = (ml + ls) * (tile.stop - tile.start)
             sum_z = part_z if sum_z is None else sum_z + part_z
+    if tile_sq is not None:
+        log_sum_sq_out.copy_(torch.stack([sq + 2.0 * (ls - lse) for sq, ls in tile_sq]).logsumexp(0))
     return target - lse, lse, (None if sum_z is None else sum_z / vocab - lse)
 
 
@@ -198,6 +229,11 @@ class _GradAccumulator:
         return out
 
 
+def _rows_of(values: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The view of an optional per-row output at the kept rows `rows`."""
+    return None if values is None else values[rows]
+
+
 def _compute_dtype_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad if grad.dtype == dtype else grad.to(dtype)
 
@@ -213,7 +249,7 @@ def _folded_backward(hidden, weight, bias, labels, index, lse, coef_t, coef_u, c
     chunk and vocabulary tile, U [Vt, m] = exp(addmm(shift, W_t, h^T)) + onehot terms; grad_hidden rows =
     row_scale * sum_t U^T W_t (summed over the tiles in one [m, H] block, written once), grad_weight tile +=
     U (row_scale * h), grad_bias tile += U row_scale."""
-    ops, vocab, t = cfg.ops, weight.shape[0], cfg.inv_temperature
+    ops, vocab = cfg.ops, weight.shape[0]
     buffer = logits_buffer(labels, weight, cfg.rows_per_chunk, tiles[0].stop - tiles[0].start)
     grad_hidden = acc.grad_hidden
     # increasing kept rows (select_labeled_rows' nonzero): each chunk's grad_hidden rows are summed in place at
@@ -222,12 +258,19 @@ def _folded_backward(hidden, weight, bias, labels, index, lse, coef_t, coef_u, c
     for rows in chunk_slices(labels.shape[0], cfg.rows_per_chunk):
         h, lab, m = gather_rows(hidden, index, rows), labels[rows], rows.stop - rows.start
         cu = None if coef_u is None else coef_u[rows]
+        t = cfg.inv_temp(rows)
         shift, row_scale = ops.folded_shift(lse[rows], coef_t[rows], cu, t)
         shift, row_scale = shift.to(weight.dtype), row_scale.to(weight.dtype)
+        if isinstance(t, torch.Tensor):
+            t = t.to(weight.dtype)
         # grad_weight's operand diag(row_scale) h: the signs flip the rows of the gathered copy in place (exactly,
-        # and back after each tile), t goes into alpha; a view of the caller's hidden is copied instead
+        # and back after each tile), a scalar t goes into alpha; a view of the caller's hidden is copied instead,
+        # and so is every chunk under per-row temperatures (row_scale = t s in the copy, alpha 1)
         sign = row_scale.sign()[:, None] if acc.grad_weight is not None else None
         h_signed = None if sign is None or index is not None else h * sign
+        grad_alpha = t
+        if sign is not None and isinstance(t, torch.Tensor):
+            h_signed, grad_alpha = h * row_scale[:, None], 1.0
         # grad_hidden's rows of the chunk, summed over the tiles in place: at the chunk's own (compact) rows, moved
         # to the kept rows' places at the end (no [m, H] block beside the chunk's buffers)
         block = None
@@ -242,7 +285,7 @@ def _folded_backward(hidden, weight, bias, labels, index, lse, coef_t, coef_u, c
             if acc.grad_weight is not None:
                 out = acc.grad_weight[tile]
                 hs = h.mul_(sign) if h_signed is None else h_signed
-                torch.addmm(out, u, hs, beta=0.0 if rows.start == 0 else 1.0, alpha=t, out=out)
+                torch.addmm(out, u, hs, beta=0.0 if rows.start == 0 else 1.0, alpha=grad_alpha, out=out)
                 if h_signed is None:
                     h.mul_(sign)
             if acc.grad_bias is not None:
@@ -273,11 +316,13 @@ class FusedLogprobs(torch.autograd.Function):
     all N) -> logp [M] float32 (, mean_logp [M])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None):
+    def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None,
+                log_sum_sq_out=None):
         """chunks: slices of the M rows (default: rows_per_chunk each); a caller that needs results bitwise equal
         to another pass over the same rows (a reference beside its policy) passes that pass's chunks.
         stats_sink: a list that receives each chunk's statistics (dicts of [m] tensors, see TokenStats) when
-        cfg.stats_top_k is set; they are read from the same logits chunks (whole-vocabulary rows only)."""
+        cfg.stats_top_k is set; they are read from the same logits chunks (whole-vocabulary rows only).
+        log_sum_sq_out [M] float32: receives log sum_v p(v)^2 of each row from the same chunks (no gradient)."""
         n_rows = labels.shape[0]
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -293,11 +338,13 @@ class FusedLogprobs(torch.autograd.Function):
                 logits = chunk_logits(h, weight, bias, out=buffer, columns=cfg.columns)
                 if cfg.stats_top_k is not None:
                     stats_sink.append(cfg.ops.logits_stats(logits, lab, top_k=cfg.stats_top_k,
-                                                           **cfg.op_kwargs()))
+                                                           **cfg.op_kwargs(rows)))
                 lp, ls, ml = cfg.ops.logits_forward(logits, lab, with_mean_logp=cfg.with_mean_logp,
-                                                    **cfg.op_kwargs())
+                                                    log_sum_sq_out=_rows_of(log_sum_sq_out, rows),
+                                                    **cfg.op_kwargs(rows))
             else:
-                lp, ls, ml = _tiled_forward(h, lab, weight, bias, tiles, buffer, cfg)
+                lp, ls, ml = _tiled_forward(h, lab, weight, bias, tiles, buffer, cfg, rows,
+                                            _rows_of(log_sum_sq_out, rows))
             logp[rows], lse[rows] = lp, ls
             if ml is not None:
                 mean_logp[rows] = ml
@@ -319,7 +366,7 @@ class FusedLogprobs(torch.autograd.Function):
         tiles = vocab_slices(weight.shape[0], cfg.vocab_tile)
         if _folds(cfg, weight):
             _folded_backward(hidden, weight, bias, labels, index, lse, coef_t, coef_u, cfg, tiles, acc)
-            return (*acc.results(), None, None, None, None, None)
+            return (*acc.results(), None, None, None, None, None, None)
         buffer = logits_buffer(labels, weight, cfg.rows_per_chunk, tiles[0].stop - tiles[0].start)
         for rows in chunk_slices(labels.shape[0], cfg.rows_per_chunk):
             h = gather_rows(hidden, index, rows)
@@ -328,11 +375,11 @@ class FusedLogprobs(torch.autograd.Function):
                 logits = chunk_logits(h, w_tile, b_tile, out=buffer, columns=cfg.columns)
                 grad = cfg.ops.logits_grad_(logits, labels[rows] - vocab.start, lse[rows], coef_t[rows],
                                             None if coef_u is None else coef_u[rows], vocab_size=weight.shape[0],
-                                            **cfg.op_kwargs())
+                                            **cfg.op_kwargs(rows))
                 acc.add(rows, _compute_dtype_grad(grad, hidden.dtype), h, vocab)
                 del logits, grad
         grad_hidden, grad_weight, grad_bias = acc.results()
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class FusedHeadInForward(torch.autograd.Function):
@@ -345,10 +392,11 @@ class FusedHeadInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, coef_fn: CoefFn, needs_grad,
-                chunks=None):
+                chunks=None, log_sum_sq_out=None):
         """hidden [N, H], labels [M] and index [M] | None as in FusedLogprobs. chunks: slices of the M rows to
         process (default: rows_per_chunk each); callers whose coefficients need whole groups of rows (the pairs
-        of a preference loss) pass slices aligned to the groups."""
+        of a preference loss) pass slices aligned to the groups. log_sum_sq_out [M] as in FusedLogprobs: each
+        chunk's rows are written before coef_fn is called on the chunk (a coefficient may read them)."""
         n_rows = labels.shape[0]
         need_h, need_w, need_b = needs_grad
         acc = _GradAccumulator(hidden, index, weight, bias, need_h, need_w, need_b and bias is not None,
@@ -371,7 +419,9 @@ class FusedHeadInForward(torch.autograd.Function):
                 return coef_t.float().contiguous(), None if coef_u is None else coef_u.float().contiguous()
 
             lp, _, ml, grad = cfg.ops.logits_forward_grad_(logits, labels[rows], chunk_coefs,
-                                                           with_mean_logp=cfg.with_mean_logp, **cfg.op_kwargs())
+                                                           with_mean_logp=cfg.with_mean_logp,
+                                                           log_sum_sq_out=_rows_of(log_sum_sq_out, rows),
+                                                           **cfg.op_kwargs(rows))
             logp[rows] = lp
             if ml is not None:
                 mean_logp[rows] = ml
@@ -387,30 +437,37 @@ class FusedHeadInForward(torch.autograd.Function):
         acc: _GradAccumulator = ctx.acc
         grad_hidden, grad_weight, grad_bias = acc.results(scale=grad_objective)
         ctx.acc = None  # release the buffers as soon as they are handed over
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg: HeadConfig, basis_rows: int):
-    """(logp [m], basis [basis_rows, H] float32) of one row chunk h [m, H] (labels lab [m]) from its vocabulary
-    tiles with an online softmax (torch_ops.basis_tile_): the first basis_rows rows form a basis."""
+def _frozen_tiled_chunk(h, lab, weight, bias, tiles, buffer, cfg: HeadConfig, basis_rows: int, inv_temperature,
+                        log_sum_sq_out: torch.Tensor | None = None):
+    """(logp [m], basis [basis_rows, H] float32) of one row chunk h [m, H] (labels lab [m], inv_temperature a
+    float or [m]) from its vocabulary tiles with an online softmax (torch_ops.basis_tile_): the first basis_rows
+    rows form a basis; log_sum_sq_out [basis_rows] receives their log sum_v p(v)^2 (under the same running max)."""
     m = h.shape[0]
     run_max = torch.full((m,), float("-inf"), dtype=torch.float32, device=h.device)
     run_sum = torch.zeros(m, dtype=torch.float32, device=h.device)
+    run_sum_sq = None if log_sum_sq_out is None else torch.zeros_like(run_sum)
     target = torch.zeros(m, dtype=torch.float32, device=h.device)
     acc = torch.zeros(basis_rows, weight.shape[1], dtype=torch.float32, device=h.device)
     for tile in tiles:
         w_tile, b_tile = _tile(weight, bias, tile)
         logits = chunk_logits(h, w_tile, b_tile, out=buffer, columns=cfg.columns)
         target += torch_ops.basis_tile_(logits, lab - tile.start, w_tile, run_max, run_sum, acc,
-                                        inv_temperature=cfg.inv_temperature)
+                                        inv_temperature=inv_temperature, run_sum_sq=run_sum_sq)
+    if run_sum_sq is not None:
+        log_sum_sq_out.copy_((run_sum_sq.log() - 2.0 * run_sum.log())[:basis_rows])
     lse = run_max + run_sum.log()
     # basis = t (w_label - sum_v softmax_v w_v); the label rows go into the logits buffer, free after the last tile
     width = basis_rows * weight.shape[1]
     into = buffer[:width].view(basis_rows, -1) if buffer.numel() >= width else None  # H > tile width: a new one
     w_label = torch.index_select(weight, 0, lab[:basis_rows], out=into)
     basis = acc.div_(run_sum[:basis_rows, None]).neg_().add_(w_label)
-    if cfg.inv_temperature != 1.0:
-        basis.mul_(cfg.inv_temperature)
+    if isinstance(inv_temperature, torch.Tensor):
+        basis.mul_(inv_temperature[:basis_rows, None])
+    elif inv_temperature != 1.0:
+        basis.mul_(inv_temperature)
     return target - lse, basis
 
 
@@ -435,9 +492,10 @@ class _BasisPass:
 
     With ref_hidden a chunk holds its m policy rows, then the reference's m rows at the same positions."""
 
-    def __init__(self, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks, ref_hidden):
+    def __init__(self, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks, ref_hidden,
+                 log_sum_sq_out=None):
         self.hidden, self.weight, self.bias, self.labels, self.index = hidden, weight, bias, labels, index
-        self.cfg = cfg
+        self.cfg, self.log_sum_sq_out = cfg, log_sum_sq_out
         self.ref_hidden, self.shared = ref_hidden, ref_hidden is not None
         n_rows, vocab = labels.shape[0], weight.shape[0]
         self.chunks, self.tiles = _frozen_chunks(cfg, weight, n_rows, chunks)
@@ -478,7 +536,8 @@ class _BasisPass:
     def tiled_chunk(self, rows: slice, h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
         """The online softmax over vocabulary tiles (torch backend, float32, no softcap)."""
         lp, basis = _frozen_tiled_chunk(h, lab, self.weight, self.bias, self.tiles, self.buffer, self.cfg,
-                                        rows.stop - rows.start)
+                                        rows.stop - rows.start, self.cfg.inv_temp(rows, 2 if self.shared else 1),
+                                        _rows_of(self.log_sum_sq_out, rows))
         self.acc.put_hidden_rows(rows, basis)
         return lp
 
@@ -486,11 +545,18 @@ class _BasisPass:
                           stats_sink: list | None) -> torch.Tensor:
         """The chunk's logits over the whole vocabulary, its statistics when asked for, then its basis."""
         cfg, m = self.cfg, rows.stop - rows.start
+        copies = 2 if self.shared else 1
         logits = chunk_logits(h, self.weight, self.bias, out=self.buffer, columns=cfg.columns)
         if cfg.stats_top_k is not None:  # before the ops below, which overwrite the logits in place
-            stats_sink.append(cfg.ops.logits_stats(logits[:m], lab[:m], top_k=cfg.stats_top_k, **cfg.op_kwargs()))
+            stats_sink.append(cfg.ops.logits_stats(logits[:m], lab[:m], top_k=cfg.stats_top_k,
+                                                   **cfg.op_kwargs(rows)))
+        # log sum p^2 of every row of the chunk (the reference's too, when stacked), the policy's kept
+        sum_sq = None if self.log_sum_sq_out is None else torch.empty(lab.shape[0], device=h.device)
         if self.folds:  # one pass fewer: the row normalization goes onto the [m, H] product
-            lp, _, u, row_scale = torch_ops.logits_forward_basis_(logits, lab, inv_temperature=cfg.inv_temperature)
+            lp, _, u, row_scale = torch_ops.logits_forward_basis_(logits, lab, inv_temperature=cfg.inv_temp(
+                rows, copies), log_sum_sq_out=sum_sq)
+            if sum_sq is not None:
+                self.log_sum_sq_out[rows] = sum_sq[:m]
             u, row_scale = u[:m], row_scale[:m]
             target = self.acc.hidden_rows(rows)  # written in place where the rows are contiguous
             block = torch.mm(u, self.weight, out=target).mul_(row_scale[:, None])
@@ -499,7 +565,10 @@ class _BasisPass:
             return lp
         # the in-forward op with coefficient 1 per row: dz = onehot - softmax, through the transform
         ones = self.ones[:lab.shape[0]]
-        lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones, None), **cfg.op_kwargs())
+        lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, lab, lambda _lp, _ml: (ones, None),
+                                                      log_sum_sq_out=sum_sq, **cfg.op_kwargs(rows, copies))
+        if sum_sq is not None:
+            self.log_sum_sq_out[rows] = sum_sq[:m]
         self.acc.add(rows, _compute_dtype_grad(grad[:m], self.hidden.dtype), h[:m])  # basis rows = dz @ W
         return lp
 
@@ -525,15 +594,15 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None,
-                ref_hidden=None):
-        """chunks and stats_sink as in FusedLogprobs.forward (cfg.stats_top_k: statistics from the same chunks,
-        of the policy's rows)."""
+                ref_hidden=None, log_sum_sq_out=None):
+        """chunks, stats_sink and log_sum_sq_out as in FusedLogprobs.forward (cfg.stats_top_k: statistics from
+        the same chunks, of the policy's rows; log_sum_sq_out: the policy's rows)."""
         if cfg.with_mean_logp:
             raise ValueError("with_mean_logp: the frozen-weight mode holds one basis per row (no mean_logp); use "
                              "mode='recompute' or 'in_forward' with label smoothing")
         if ref_hidden is not None and ref_hidden.shape != hidden.shape:
             raise ValueError(f"ref_hidden: {tuple(ref_hidden.shape)} must equal hidden's {tuple(hidden.shape)}")
-        basis_pass = _BasisPass(hidden, weight, bias, labels, index, cfg, chunks, ref_hidden)
+        basis_pass = _BasisPass(hidden, weight, bias, labels, index, cfg, chunks, ref_hidden, log_sum_sq_out)
         basis_pass.run(stats_sink)
         ctx.basis = basis_pass.acc.grad_hidden
         ctx.shared = basis_pass.shared
@@ -554,4 +623,4 @@ class FusedLogprobsFrozenWeight(torch.autograd.Function):
         if index is not None:  # per hidden row; 0 for the rows without a label (their basis is 0)
             scale = torch.zeros(basis.shape[0], dtype=torch.float32, device=basis.device).index_copy_(0, index, scale)
         basis.mul_(scale[:, None])  # float32 product, rounded once to hidden's dtype
-        return basis, None, None, None, None, None, None, None, None
+        return basis, None, None, None, None, None, None, None, None, None

@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 
 from prefuse.kernels.fused_head import FusedHeadInForward, FusedLogprobs, FusedLogprobsFrozenWeight, HeadConfig
+from prefuse.kernels.low_rank import FusedLogprobsLowRank, LowRank, check_low_rank
 from prefuse.kernels.plan import MODES, make_plan
 from prefuse.kernels.rows import select_labeled_rows, zero_connected
 from prefuse.kernels.stats import TokenStats, assemble_stats
@@ -36,9 +37,9 @@ def logprobs_function(plan_mode: str, needs: tuple[bool, bool, bool]):
     return FusedLogprobsFrozenWeight if plan_mode == "frozen_weight" and weight_frozen(needs) else FusedLogprobs
 
 
-def _config(plan, backend, temperature, softcap, with_mean_logp, accumulate_fp32, block_v) -> HeadConfig:
+def _config(plan, backend, rows, softcap, with_mean_logp, accumulate_fp32, block_v) -> HeadConfig:
     return HeadConfig(rows_per_chunk=plan.rows_per_chunk, backend=backend, vocab_tile=plan.vocab_tile,
-                      inv_temperature=1.0 / temperature,
+                      inv_temperature=rows.inv_temperature,
                       softcap=softcap, with_mean_logp=with_mean_logp, accumulate_fp32=accumulate_fp32,
                       block_v=block_v)
 
@@ -50,7 +51,7 @@ def linear_logprobs(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -61,12 +62,15 @@ def linear_logprobs(
     return_stats: bool = False,
     top_k: int = 10,
     mode: str = "auto",
+    low_rank: LowRank | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Per-token log-probability of `labels` under softmax(transform(hidden @ weight.T + bias)).
 
     hidden [..., H] (fp32, bf16, fp16 or fp64), weight [V, H] and bias [V] of the same dtype, labels [...] integer.
     The transform is `softcap * tanh(x / softcap)` when `softcap` is given (Gemma-2's final-logit cap), then
-    division by `temperature`. Returns float32 [...] with 0 at positions whose label is `ignore_index`.
+    division by `temperature`: a float, or a tensor of values > 0 whose shape is a leading part of labels' ([S]
+    per sequence or [S, T] per token for labels [S, T]; no gradient flows to it). Returns float32 [...] with 0 at
+    positions whose label is `ignore_index`.
     Differentiable with respect to hidden, weight and bias; backward recomputes each chunk's logits (the upstream
     gradient of a log-prob is known only after the objective has seen whole sequences).
 
@@ -82,32 +86,43 @@ def linear_logprobs(
     row's gradient basis [N, H] and backward scales it (two matmuls per chunk instead of three); "recompute"
     always recomputes; "auto" (default) takes frozen_weight exactly when grad mode is on, hidden requires grad and
     weight and bias do not.
+    low_rank: (u [..., r], factor [V, r]) adds u @ factor.T to the logits (LoRA on the lm_head: u = scale *
+    dropout(hidden) @ A.T, factor = B; kernels/low_rank.py), chunk by chunk, with gradients to u and factor; the
+    recompute path (mode "frozen_weight" is refused).
     """
     check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_finite=check_finite)
-    check_transform(temperature, softcap)
+    check_transform(temperature, softcap, labels.shape)
     if mode not in LOGPROBS_MODES:
         raise ValueError(f"mode: {mode!r} is not one of {LOGPROBS_MODES} (per-token log-probs have no in-forward "
                          f"mode: their upstream gradient is unknown in forward)")
     backend = resolve_backend(backend, hidden.device)
-    rows = select_labeled_rows(hidden, labels, ignore_index)
+    rows = select_labeled_rows(hidden, labels, ignore_index, temperature)
     needs = _needs_grad(hidden, weight, bias)
     if return_stats and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
+    low = () if low_rank is None else low_rank
+    if low_rank is not None:
+        check_low_rank(hidden, weight, low_rank)
+        if mode == "frozen_weight":
+            raise ValueError("mode: 'frozen_weight' takes no low_rank (its factor needs each chunk's gradient in "
+                             "backward); use mode='auto' or 'recompute'")
     if rows.n_rows == 0:
         logp = torch.zeros(rows.shape, dtype=torch.float32, device=hidden.device) + zero_connected(
-            hidden, weight, bias)
+            hidden, weight, bias, *low)
         return (logp, assemble_stats([], rows, with_labels=True)) if return_stats else logp
     plan = make_plan(n_rows=rows.n_rows, hidden_size=hidden.shape[-1], vocab=weight.shape[0], dtype=hidden.dtype,
-                     device=hidden.device, needs_grad=any(needs), upstream_known=False, mode=mode,
-                     chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes, whole_vocab_rows=return_stats,
-                     weight_frozen=weight_frozen(needs))
-    cfg = _config(plan, backend, temperature, softcap, False, accumulate_fp32, block_v)
-    function = logprobs_function(plan.mode, needs)
+                     device=hidden.device, needs_grad=any(needs + _needs_grad(*low)), upstream_known=False,
+                     mode=mode, chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes,
+                     whole_vocab_rows=return_stats, weight_frozen=weight_frozen(needs) and low_rank is None)
+    cfg = _config(plan, backend, rows, softcap, False, accumulate_fp32, block_v)
+    function = logprobs_function(plan.mode, needs) if low_rank is None else FusedLogprobsLowRank
+    operands = (rows.hidden, weight, bias) + (() if low_rank is None else (low[0].reshape(-1, low[0].shape[-1]),
+                                                                           low[1]))
     if not return_stats:
-        return rows.scatter(function.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg))
+        return rows.scatter(function.apply(*operands, rows.labels, rows.index, cfg))
     chunks: list = []
     cfg = replace(cfg, stats_top_k=top_k)
-    logp = function.apply(rows.hidden, weight, bias, rows.labels, rows.index, cfg, None, chunks)
+    logp = function.apply(*operands, rows.labels, rows.index, cfg, None, chunks)
     return rows.scatter(logp), assemble_stats(chunks, rows, with_labels=True)
 
 
@@ -120,7 +135,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
     mode: str = "auto",
@@ -146,7 +161,7 @@ def linear_cross_entropy(
     `linear_logprobs`.
     """
     check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_finite=check_finite)
-    check_transform(temperature, softcap)
+    check_transform(temperature, softcap, labels.shape)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: {reduction!r} is not one of {REDUCTIONS}")
     if mode not in MODES:
@@ -154,7 +169,7 @@ def linear_cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing: must be in [0, 1], got {label_smoothing}")
     backend = resolve_backend(backend, hidden.device)
-    rows = select_labeled_rows(hidden, labels, ignore_index)
+    rows = select_labeled_rows(hidden, labels, ignore_index, temperature)
     needs = _needs_grad(rows.hidden, weight, bias)
     smoothing = float(label_smoothing)
     if mode == "frozen_weight" and smoothing > 0:
@@ -169,7 +184,7 @@ def linear_cross_entropy(
                      device=hidden.device, needs_grad=any(needs), upstream_known=reduction != "none", mode=mode,
                      chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes,
                      grad_budget_bytes=grad_budget_bytes, weight_frozen=frozen)
-    cfg = _config(plan, backend, temperature, softcap, smoothing > 0, accumulate_fp32, block_v)
+    cfg = _config(plan, backend, rows, softcap, smoothing > 0, accumulate_fp32, block_v)
     scale = 1.0 / rows.n_rows if reduction == "mean" else 1.0
 
     if plan.mode == "in_forward":

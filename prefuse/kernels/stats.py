@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from prefuse.kernels.fused_head import chunk_logits, chunk_slices
+from prefuse.kernels.low_rank import LowRank, add_low_rank_, check_low_rank
 from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, rows_for_budget
 from prefuse.kernels.rows import LabeledRows, gather_rows, select_labeled_rows
 from prefuse.kernels.validate import check_head_inputs, check_transform, resolve_backend
@@ -62,7 +63,7 @@ def linear_token_stats(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     top_k: int = 10,
     extra_top_k: Sequence[int] = (),
@@ -70,21 +71,27 @@ def linear_token_stats(
     chunk_size: int | None = None,
     chunk_budget_bytes: int | None = None,
     block_v: int | None = None,
+    low_rank: LowRank | None = None,
 ) -> TokenStats:
     """Statistics of softmax(transform(hidden @ weight.T + bias)) at every position (or every labeled one).
 
     hidden [..., H], weight [V, H], labels [...] or None. top_k > V is clamped to V (so is each extra_top_k: the
-    top-k statistics of further k, in TokenStats.extra_topk, from the same chunks of logits).
+    top-k statistics of further k, in TokenStats.extra_topk, from the same chunks of logits). temperature: a float
+    or one value per row (a tensor whose shape is a leading part of hidden's leading shape), as in
+    `linear_logprobs`. low_rank: (u [..., r], factor [V, r]) adds u @ factor.T to the logits (LoRA on the lm_head,
+    as in `linear_logprobs`).
     """
     check_head_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
-    check_transform(temperature, softcap)
+    if low_rank is not None:
+        check_low_rank(hidden, weight, low_rank)
+    check_transform(temperature, softcap, hidden.shape[:-1])
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k: must be a positive integer, got {top_k!r}")
     extra_top_k = tuple(extra_top_k)
     if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in extra_top_k):
         raise ValueError(f"extra_top_k: must be positive integers, got {list(extra_top_k)!r}")
     backend = resolve_backend(backend, hidden.device)
-    rows = select_labeled_rows(hidden, labels, ignore_index)
+    rows = select_labeled_rows(hidden, labels, ignore_index, temperature)
     itemsize = hidden.element_size()
     rows_per_chunk = chunk_size or rows_for_budget(weight.shape[0], itemsize,
                                                    chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES)
@@ -97,11 +104,14 @@ def linear_token_stats(
     chunks = []
     for sl in chunk_slices(rows.n_rows, rows_per_chunk):
         logits = chunk_logits(gather_rows(rows.hidden, rows.index, sl), weight, bias)
+        if low_rank is not None:
+            add_low_rank_(logits, gather_rows(low_rank[0].reshape(-1, low_rank[0].shape[-1]), rows.index, sl),
+                          low_rank[1])
+        inv_t = rows.inv_temperature[sl] if isinstance(rows.inv_temperature, torch.Tensor) else rows.inv_temperature
         stats = ops.logits_stats(logits, None if rows.labels is None else rows.labels[sl],
-                                 inv_temperature=1.0 / temperature, softcap=softcap, top_k=top_k, **extra)
+                                 inv_temperature=inv_t, softcap=softcap, top_k=top_k, **extra)
         for k in extra_top_k:  # the same logits, read again for another k (the kernels do not change them)
-            more = ops.logits_stats(logits, None, inv_temperature=1.0 / temperature, softcap=softcap, top_k=k,
-                                    **extra)
+            more = ops.logits_stats(logits, None, inv_temperature=inv_t, softcap=softcap, top_k=k, **extra)
             stats.update({f"{name}@{k}": more[name] for name in EXTRA_TOPK_STATISTICS})
         chunks.append(stats)
     return assemble_stats(chunks, rows, with_labels=labels is not None, extra_top_k=extra_top_k)

@@ -13,6 +13,11 @@ contiguous buffer behind the view, reducing over its vocabulary dimension `vdim`
 The logit transform, applied in this order (Gemma-2 caps the logits before any sampling temperature):
     z = softcap * tanh(x / softcap)   (when softcap is given)
     z = z / temperature
+`inv_temperature` is a float (every row) or a float32 tensor [m], one value per row of the chunk.
+
+`log_sum_sq_out` [m] (where a function takes it) receives log sum_v p(v)^2 of each row from the same pass:
+sum_v exp(2 (z - max)) summed beside sum_v exp(z - max) under the same max, so that
+log sum_v p(v)^2 = log sum exp(2 (z - max)) - 2 log sum exp(z - max) (every term <= 1, no overflow).
 """
 from __future__ import annotations
 
@@ -38,7 +43,15 @@ def _blocks(buf: torch.Tensor) -> list[slice]:
     return [slice(s, min(s + step, buf.shape[0])) for s in range(0, buf.shape[0], step)]
 
 
-def _transform(logits: torch.Tensor, inv_temperature: float, softcap: float | None, keep_tanh: bool = False):
+def _scale_rows_(buf: torch.Tensor, vdim: int, inv_temperature) -> None:
+    """buf *= inv_temperature: a float, or a tensor [m] (one value per row)."""
+    if isinstance(inv_temperature, torch.Tensor):
+        buf.mul_(_per_token(inv_temperature.to(buf.dtype), vdim))
+    elif inv_temperature != 1.0:
+        buf.mul_(inv_temperature)
+
+
+def _transform(logits: torch.Tensor, inv_temperature, softcap: float | None, keep_tanh: bool = False):
     """(buf, vdim, tanh): the float32 logits after the transform as a contiguous buffer (the input's own memory
     when float32), and tanh(x / softcap) when capped and `keep_tanh` (the backward's chain rule needs it)."""
     buf, vdim = _buffer(logits.float())
@@ -47,8 +60,7 @@ def _transform(logits: torch.Tensor, inv_temperature: float, softcap: float | No
         buf.div_(softcap).tanh_()
         tanh = buf.clone() if keep_tanh else None
         buf.mul_(softcap)
-    if inv_temperature != 1.0:
-        buf.mul_(inv_temperature)
+    _scale_rows_(buf, vdim, inv_temperature)
     return buf, vdim, tanh
 
 
@@ -61,8 +73,12 @@ def _gather(buf: torch.Tensor, vdim: int, labels: torch.Tensor) -> torch.Tensor:
     return buf.gather(vdim, labels.unsqueeze(vdim)).squeeze(vdim)
 
 
-def _exp_shifted_(buf: torch.Tensor, vdim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrites buf with exp(z - max_v z); returns the per-token max [m] and sum of the exponentials [m]."""
+def _exp_shifted_(buf: torch.Tensor, vdim: int, log_sum_sq_out: torch.Tensor | None = None):
+    """Overwrites buf with exp(z - max_v z); returns the per-token max [m] and sum of the exponentials [m]. With
+    log_sum_sq_out [m]: also sum_v exp(2 (z - max)) block by block while the block is in cache, written there as
+    log sum_v p(v)^2 = log sum exp(2 (z - max)) - 2 log sum exp(z - max)."""
+    sum_sq = None if log_sum_sq_out is None else torch.zeros(buf.shape[1 - vdim], dtype=torch.float32,
+                                                             device=buf.device)
     if vdim == 1:  # token rows: each block of rows is finished while it is in cache
         row_max = torch.empty(buf.shape[0], dtype=torch.float32, device=buf.device)
         sum_exp = torch.empty_like(row_max)
@@ -71,13 +87,19 @@ def _exp_shifted_(buf: torch.Tensor, vdim: int) -> tuple[torch.Tensor, torch.Ten
             torch.amax(block, dim=1, out=row_max[rows])
             block.sub_(row_max[rows, None]).exp_()
             torch.sum(block, dim=1, out=sum_exp[rows])
-        return row_max, sum_exp
-    row_max = buf.amax(dim=0)  # vocabulary rows: the max needs a full pass first, then blocks accumulate the sum
-    sum_exp = torch.zeros_like(row_max)
-    for rows in _blocks(buf):
-        block = buf[rows]
-        block.sub_(row_max).exp_()
-        sum_exp.add_(block.sum(dim=0))
+            if sum_sq is not None:
+                sum_sq[rows] = torch.linalg.vecdot(block, block, dim=1)
+    else:
+        row_max = buf.amax(dim=0)  # vocabulary rows: the max needs a full pass first, then blocks accumulate
+        sum_exp = torch.zeros_like(row_max)
+        for rows in _blocks(buf):
+            block = buf[rows]
+            block.sub_(row_max).exp_()
+            sum_exp.add_(block.sum(dim=0))
+            if sum_sq is not None:
+                sum_sq.add_(torch.linalg.vecdot(block, block, dim=0))
+    if sum_sq is not None:
+        log_sum_sq_out.copy_(sum_sq.log_().sub_(sum_exp.log().mul_(2.0)))
     return row_max, sum_exp
 
 
@@ -95,8 +117,7 @@ def _finish_grad_(buf, vdim, labels, coef_target, coef_uniform, tanh, inv_temper
         buf.add_(_per_token(coef_uniform / (vocab_size or width), vdim))
     if tanh is not None:
         buf.mul_(tanh.square_().neg_().add_(1.0))  # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2
-    if inv_temperature != 1.0:
-        buf.mul_(inv_temperature)
+    _scale_rows_(buf, vdim, inv_temperature)
     return buf if vdim == 1 else buf.t()
 
 
@@ -104,15 +125,17 @@ def logits_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    inv_temperature: float = 1.0,
+    inv_temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     with_mean_logp: bool = False,
+    log_sum_sq_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row log-prob of the label, logsumexp and (optionally) the mean log-prob over the vocabulary.
 
     logits [m, V] (consumed), labels [m] int64 in [0, V).
     Returns logp [m], lse [m], mean_logp [m] or None; all float32.
-    On a vocabulary tile with tile-local labels, a label outside the tile contributes a target logit of 0.
+    On a vocabulary tile with tile-local labels, a label outside the tile contributes a target logit of 0 (and
+    log_sum_sq_out gets the tile's own log sum p^2 under the tile's softmax).
     """
     buf, vdim, _ = _transform(logits, inv_temperature, softcap)
     width = buf.shape[vdim]
@@ -121,7 +144,7 @@ def logits_forward(
     if not bool(in_tile.all()):
         target = torch.where(in_tile, target, torch.zeros_like(target))
     mean_z = buf.mean(dim=vdim) if with_mean_logp else None
-    row_max, sum_exp = _exp_shifted_(buf, vdim)
+    row_max, sum_exp = _exp_shifted_(buf, vdim, log_sum_sq_out)
     lse = row_max + sum_exp.log()
     return target - lse, lse, (mean_z - lse if with_mean_logp else None)
 
@@ -133,7 +156,7 @@ def logits_grad_(
     coef_target: torch.Tensor,
     coef_uniform: torch.Tensor | None = None,
     *,
-    inv_temperature: float = 1.0,
+    inv_temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
@@ -160,19 +183,21 @@ def logits_forward_grad_(
     labels: torch.Tensor,
     coef_fn,
     *,
-    inv_temperature: float = 1.0,
+    inv_temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     with_mean_logp: bool = False,
+    log_sum_sq_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Forward and gradient from one read of the chunk (the in-forward-gradient mode).
 
     `coef_fn(logp [m], mean_logp [m] | None) -> (coef_target [m], coef_uniform [m] | None)` gives the upstream
-    coefficients once the chunk's log-probs are known. Returns logp, lse, mean_logp, grad_logits [m, V] float32.
+    coefficients once the chunk's log-probs are known (log_sum_sq_out is written before it is called). Returns
+    logp, lse, mean_logp, grad_logits [m, V] float32.
     """
     buf, vdim, tanh = _transform(logits, inv_temperature, softcap, keep_tanh=True)
     target = _gather(buf, vdim, labels)
     mean_z = buf.mean(dim=vdim) if with_mean_logp else None
-    row_max, sum_exp = _exp_shifted_(buf, vdim)
+    row_max, sum_exp = _exp_shifted_(buf, vdim, log_sum_sq_out)
     lse = row_max + sum_exp.log()
     logp = target - lse
     mean_logp = mean_z - lse if with_mean_logp else None
@@ -183,24 +208,26 @@ def logits_forward_grad_(
     return logp, lse, mean_logp, grad
 
 
-def logits_forward_basis_(logits: torch.Tensor, labels: torch.Tensor, *, inv_temperature: float = 1.0):
+def logits_forward_basis_(logits: torch.Tensor, labels: torch.Tensor, *, inv_temperature: float | torch.Tensor = 1.0,
+                          log_sum_sq_out: torch.Tensor | None = None):
     """The frozen-weight forward of a whole-vocabulary chunk (torch backend, float32, no softcap) with one pass
     fewer than logits_forward_grad_: the softmax's normalization moves onto the [m, H] product.
 
     logits [m, V] (consumed), labels [m] in [0, V). Returns logp [m], lse [m], U [m, V] (in the layout of logits,
     aliasing it) and row_scale [m] such that the gradient of each logp with respect to the raw logits is
     row_scale * U: U = exp(z - max) - S onehot with S = sum exp(z - max), row_scale = -t / S (t: inv_temperature),
-    so that row_scale * U = t * (onehot - softmax)."""
+    so that row_scale * U = t * (onehot - softmax); t per row when inv_temperature is a tensor [m]."""
     buf, vdim, _ = _transform(logits, inv_temperature, None)
     target = _gather(buf, vdim, labels)
-    row_max, sum_exp = _exp_shifted_(buf, vdim)
+    row_max, sum_exp = _exp_shifted_(buf, vdim, log_sum_sq_out)
     lse = row_max + sum_exp.log()
     buf.scatter_add_(vdim, labels.unsqueeze(vdim), -sum_exp.unsqueeze(vdim))
     return target - lse, lse, (buf if vdim == 1 else buf.t()), sum_exp.reciprocal().mul_(-inv_temperature)
 
 
 def basis_tile_(logits: torch.Tensor, labels: torch.Tensor, weight_tile: torch.Tensor, run_max: torch.Tensor,
-                run_sum: torch.Tensor, acc: torch.Tensor, *, inv_temperature: float = 1.0) -> torch.Tensor:
+                run_sum: torch.Tensor, acc: torch.Tensor, *, inv_temperature: float | torch.Tensor = 1.0,
+                run_sum_sq: torch.Tensor | None = None) -> torch.Tensor:
     """One vocabulary tile of the frozen-weight forward with an online softmax (torch backend, float32/64, no
     softcap), so that a row's basis needs no whole-vocabulary row.
 
@@ -209,7 +236,9 @@ def basis_tile_(logits: torch.Tensor, labels: torch.Tensor, weight_tile: torch.T
     [m] (start at 0), the running max of z = t x and sum of exp(z - run_max); acc [r, H] (r <= m, start at 0),
     sum_v exp(z_v - run_max) w_v of the first r rows (the rows that form a basis; the rest only need their
     log-probs). Returns z at the label where it lies in the tile, else 0. After the last tile: lse = run_max +
-    log(run_sum), logp = sum of the returns - lse, basis = t (w_label - acc / run_sum)."""
+    log(run_sum), logp = sum of the returns - lse, basis = t (w_label - acc / run_sum). run_sum_sq [m] (start at
+    0), when given: the running sum of exp(2 (z - run_max)), so that log sum_v p(v)^2 = log(run_sum_sq) -
+    2 log(run_sum)."""
     buf, vdim, _ = _transform(logits, inv_temperature, None)
     width = buf.shape[vdim]
     in_tile = (labels >= 0) & (labels < width)
@@ -218,6 +247,8 @@ def basis_tile_(logits: torch.Tensor, labels: torch.Tensor, weight_tile: torch.T
     scale = (run_max - new_max).exp_()  # 0 at the first tile (run_max = -inf)
     buf.sub_(_per_token(new_max, vdim)).exp_()
     run_sum.mul_(scale).add_(buf.sum(dim=vdim))
+    if run_sum_sq is not None:
+        run_sum_sq.mul_(scale.square()).add_(torch.linalg.vecdot(buf, buf, dim=vdim))
     rows = acc.shape[0]
     probs = buf if vdim == 1 else buf.t()  # [m, Vt] unnormalized: exp(z - new_max)
     acc.mul_(scale[:rows, None]).addmm_(probs[:rows], weight_tile.to(probs.dtype))
@@ -226,7 +257,7 @@ def basis_tile_(logits: torch.Tensor, labels: torch.Tensor, weight_tile: torch.T
 
 
 def folded_shift(lse: torch.Tensor, coef_target: torch.Tensor, coef_uniform: torch.Tensor | None,
-                 inv_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 inv_temperature: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift [m], row_scale [m]) of the folded recompute (torch backend, float32/64, no softcap).
 
     The gradient of sum_i A_i logp_i + B_i mean_logp_i with respect to the raw logits x is
@@ -263,7 +294,7 @@ def logits_stats(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
     *,
-    inv_temperature: float = 1.0,
+    inv_temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     top_k: int = 10,
 ) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ program per row, looping over the vocabulary in `BLOCK_V` tiles with an online (
 The launchers at the bottom have the same signatures as `torch_ops`.
 
 Transform (as in torch_ops): z = softcap * tanh(x / softcap) when softcap is set, then z = z / temperature.
+The inverse temperature is the scalar `inv_temp`, or with PER_ROW_TEMP one value per row read from INV_TEMP [m]
+(the scalar path stays the default: no load).
 """
 from __future__ import annotations
 
@@ -50,16 +52,21 @@ def _load_z(row_ptr, cols, mask, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _logits_forward_kernel(
-    LOGITS, stride_row, LABELS, LOGP, LSE, MEAN_LOGP,
+    LOGITS, stride_row, LABELS, LOGP, LSE, MEAN_LOGP, LOG_SUM_SQ, INV_TEMP,
     V, inv_temp, softcap,
-    HAS_SOFTCAP: tl.constexpr, WITH_MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, WITH_MEAN: tl.constexpr, WITH_SUM_SQ: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """logits [m, V] -> logp [m] = z[label] - lse, lse [m], mean_logp [m] = mean(z) - lse (WITH_MEAN)."""
+    """logits [m, V] -> logp [m] = z[label] - lse, lse [m], mean_logp [m] = mean(z) - lse (WITH_MEAN), log sum_v
+    p(v)^2 [m] (WITH_SUM_SQ: sum exp(2 (z - run_max)) streamed under the logsumexp's running max)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_row
     label = tl.load(LABELS + row)
+    if PER_ROW_TEMP:
+        inv_temp = tl.load(INV_TEMP + row)
     run_max = float("-inf")
     run_sum = 0.0
+    run_sum_sq = 0.0
     target = 0.0
     sum_z = 0.0
     for start in range(0, V, BLOCK_V):
@@ -67,7 +74,11 @@ def _logits_forward_kernel(
         mask = cols < V
         z = _load_z(row_ptr, cols, mask, inv_temp, softcap, HAS_SOFTCAP)
         new_max = tl.maximum(run_max, tl.max(z, axis=0))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        scale = tl.exp(run_max - new_max)
+        e = tl.exp(z - new_max)
+        run_sum = run_sum * scale + tl.sum(e, axis=0)
+        if WITH_SUM_SQ:
+            run_sum_sq = run_sum_sq * (scale * scale) + tl.sum(e * e, axis=0)
         run_max = new_max
         target += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
         if WITH_MEAN:
@@ -77,13 +88,15 @@ def _logits_forward_kernel(
     tl.store(LOGP + row, target - lse)
     if WITH_MEAN:
         tl.store(MEAN_LOGP + row, sum_z / V - lse)
+    if WITH_SUM_SQ:
+        tl.store(LOG_SUM_SQ + row, tl.log(run_sum_sq) - 2.0 * tl.log(run_sum))
 
 
 @triton.jit
 def _logits_grad_kernel(
-    LOGITS, stride_row, GRAD, stride_grad_row, LABELS, LSE, COEF_T, COEF_U,
+    LOGITS, stride_row, GRAD, stride_grad_row, LABELS, LSE, COEF_T, COEF_U, INV_TEMP,
     V, inv_vocab, inv_temp, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, PER_ROW_TEMP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """grad [m, V] of sum_i A_i logp_i + B_i mean_logp_i w.r.t. the raw logits; GRAD may alias LOGITS (each
     element is read before the same program writes it). On a vocabulary tile V is the tile's width, labels are
@@ -94,6 +107,8 @@ def _logits_grad_kernel(
     label = tl.load(LABELS + row)
     lse = tl.load(LSE + row)
     coef_t = tl.load(COEF_T + row)
+    if PER_ROW_TEMP:
+        inv_temp = tl.load(INV_TEMP + row)
     coef_u = 0.0
     if HAS_UNIFORM:
         coef_u = tl.load(COEF_U + row)
@@ -117,14 +132,17 @@ def _logits_grad_kernel(
 @triton.jit
 def _logits_stats_kernel(
     LOGITS, stride_row, LABELS, LSE, ENTROPY, LOG_SUM_SQ, TOPK_MASS, TOPK_ENT, TOPK_ENT_UNNORM, LOGP, IS_ARGMAX,
-    V, top_k, inv_temp, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    INV_TEMP, V, top_k, inv_temp, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr, PER_ROW_TEMP: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Streaming statistics of one row: logsumexp, entropy, log sum_v p(v)^2, top-k mass and entropies (running
     top-K_PAD values, merged tile by tile), and with labels the log-prob of the label and whether it is the (first)
     argmax."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_row
+    if PER_ROW_TEMP:
+        inv_temp = tl.load(INV_TEMP + row)
     run_max = float("-inf")
     run_sum = 0.0
     run_sum_z = 0.0  # sum exp(z - run_max) * z, for the entropy
@@ -200,7 +218,15 @@ def _softcap_arg(softcap: float | None) -> float:
     return 1.0 if softcap is None else float(softcap)
 
 
-def logits_forward(logits, labels, *, inv_temperature=1.0, softcap=None, with_mean_logp=False, block_v=None):
+def _temperature_args(inv_temperature, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """(INV_TEMP pointer, scalar inv_temp, PER_ROW_TEMP) of a float or a float32 tensor [m] (one per row)."""
+    if isinstance(inv_temperature, torch.Tensor):
+        return inv_temperature.to(torch.float32).contiguous(), 1.0, True
+    return dummy, float(inv_temperature), False
+
+
+def logits_forward(logits, labels, *, inv_temperature=1.0, softcap=None, with_mean_logp=False, log_sum_sq_out=None,
+                   block_v=None):
     m, vocab = logits.shape
     logp = torch.empty(m, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
@@ -208,11 +234,17 @@ def logits_forward(logits, labels, *, inv_temperature=1.0, softcap=None, with_me
     if m == 0:
         return logp, lse, mean_logp
     tile, warps = pick_config("forward", vocab, logits.device, block_v)
+    per_row, inv_temp, per_row_temp = _temperature_args(inv_temperature, lse)
+    sum_sq = None if log_sum_sq_out is None else torch.empty_like(logp)
     _logits_forward_kernel[(m,)](
         logits, logits.stride(0), labels, logp, lse, mean_logp if with_mean_logp else lse,
-        vocab, float(inv_temperature), _softcap_arg(softcap),
-        HAS_SOFTCAP=softcap is not None, WITH_MEAN=with_mean_logp, BLOCK_V=tile, num_warps=warps,
+        lse if sum_sq is None else sum_sq, per_row,
+        vocab, inv_temp, _softcap_arg(softcap),
+        HAS_SOFTCAP=softcap is not None, WITH_MEAN=with_mean_logp, WITH_SUM_SQ=sum_sq is not None,
+        PER_ROW_TEMP=per_row_temp, BLOCK_V=tile, num_warps=warps,
     )
+    if sum_sq is not None:
+        log_sum_sq_out.copy_(sum_sq)
     return logp, lse, mean_logp
 
 
@@ -223,20 +255,22 @@ def logits_grad_(logits, labels, lse, coef_target, coef_uniform=None, *, inv_tem
     if m == 0:
         return logits
     tile, warps = pick_config("grad", vocab, logits.device, block_v)
+    per_row, inv_temp, per_row_temp = _temperature_args(inv_temperature, lse)
     _logits_grad_kernel[(m,)](
         logits, logits.stride(0), logits, logits.stride(0), labels, lse, coef_target,
-        coef_target if coef_uniform is None else coef_uniform,
-        vocab, 1.0 / (vocab_size or vocab), float(inv_temperature), _softcap_arg(softcap),
-        HAS_SOFTCAP=softcap is not None, HAS_UNIFORM=coef_uniform is not None, BLOCK_V=tile, num_warps=warps,
+        coef_target if coef_uniform is None else coef_uniform, per_row,
+        vocab, 1.0 / (vocab_size or vocab), inv_temp, _softcap_arg(softcap),
+        HAS_SOFTCAP=softcap is not None, HAS_UNIFORM=coef_uniform is not None, PER_ROW_TEMP=per_row_temp,
+        BLOCK_V=tile, num_warps=warps,
     )
     return logits
 
 
 def logits_forward_grad_(logits, labels, coef_fn, *, inv_temperature=1.0, softcap=None, with_mean_logp=False,
-                         block_v=None):
+                         log_sum_sq_out=None, block_v=None):
     logp, lse, mean_logp = logits_forward(
         logits, labels, inv_temperature=inv_temperature, softcap=softcap, with_mean_logp=with_mean_logp,
-        block_v=block_v)
+        log_sum_sq_out=log_sum_sq_out, block_v=block_v)
     coef_target, coef_uniform = coef_fn(logp, mean_logp)
     grad = logits_grad_(logits, labels, lse, coef_target, coef_uniform, inv_temperature=inv_temperature,
                         softcap=softcap, block_v=block_v)
@@ -260,12 +294,14 @@ def logits_stats(logits, labels, *, inv_temperature=1.0, softcap=None, top_k=10,
     logp = torch.empty(m, dtype=torch.float32, device=dev) if has_labels else out["logsumexp"]
     is_argmax = torch.empty(m, dtype=torch.int8, device=dev) if has_labels else out["logsumexp"]
     if m > 0:
+        per_row, inv_temp, per_row_temp = _temperature_args(inv_temperature, out["logsumexp"])
         _logits_stats_kernel[(m,)](
             logits, logits.stride(0), labels if has_labels else logits, out["logsumexp"], out["entropy"],
             out["log_sum_sq_probs"], out["topk_mass"], out["topk_entropy"], out["topk_entropy_unnormalized"], logp,
-            is_argmax,
-            vocab, k, float(inv_temperature), _softcap_arg(softcap),
-            HAS_SOFTCAP=softcap is not None, HAS_LABELS=has_labels, K_PAD=k_pad, BLOCK_V=tile, num_warps=warps,
+            is_argmax, per_row,
+            vocab, k, inv_temp, _softcap_arg(softcap),
+            HAS_SOFTCAP=softcap is not None, HAS_LABELS=has_labels, PER_ROW_TEMP=per_row_temp, K_PAD=k_pad,
+            BLOCK_V=tile, num_warps=warps,
         )
     if has_labels:
         out["logprobs"] = logp

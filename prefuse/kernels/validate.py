@@ -51,11 +51,36 @@ def check_head_inputs(hidden, weight, labels, bias, *, ignore_index: int, check_
         raise ValueError("hidden: contains NaN or Inf (check_finite=True); the model's forward diverged upstream")
 
 
-def check_transform(temperature: float, softcap: float | None) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+def check_transform(temperature: float | torch.Tensor, softcap: float | None,
+                    shape: tuple[int, ...] | torch.Size | None = None) -> None:
+    """temperature: a finite number > 0, or (where the entry point passes the leading `shape` of its labels) a
+    tensor of such values, one per row: its shape a prefix of `shape` (trailing dimensions of size 1 allowed),
+    e.g. [S] per sequence or [S, T] per token for labels [S, T]."""
+    if isinstance(temperature, torch.Tensor):
+        check_temperature_tensor(temperature, shape)
+    elif isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                                               and temperature > 0):
         raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap: must be None or a finite number > 0, got {softcap!r}")
+
+
+def check_temperature_tensor(temperature: torch.Tensor, shape) -> None:
+    if shape is None:
+        raise ValueError("temperature: this entry point takes one number; pass a float (per-row temperatures go "
+                         "through linear_logprobs, linear_cross_entropy, linear_token_stats or the grouped head)")
+    shape = tuple(shape)
+    got = tuple(temperature.shape)
+    if not temperature.dtype.is_floating_point:
+        raise ValueError(f"temperature: expected a floating tensor, got {temperature.dtype}")
+    if len(got) > len(shape) or any(g not in (1, s) for g, s in zip(got, shape)):
+        raise ValueError(f"temperature: shape {got} does not fit labels' {shape}; pass one value per sequence "
+                         f"{shape[:1]} or per token {shape} (a leading part of labels' shape)")
+    if temperature.requires_grad and torch.is_grad_enabled():
+        raise ValueError("temperature: the head takes no gradient with respect to the temperature; pass "
+                         "temperature.detach()")
+    if temperature.numel() and not bool((torch.isfinite(temperature) & (temperature > 0)).all()):
+        raise ValueError("temperature: every value must be a finite number > 0")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
