@@ -32,7 +32,17 @@ def padded_batch(lengths, width, vocab, prompt=2, generator=None):
 def test_pack_sequences_layout():
     ids, mask, _ = padded_batch([5, 2, 4, 1, 3], 5, 50)
     packed = pack_sequences(ids, mask)
-    assert packed.input_ids.shape[1] <= 5  # no row wider than the padded batch
+    assert packed.input_ids.shape == (1, 15)  # one row, no padding
+    assert pack_sequences(ids, mask, row_tokens=5).input_ids.shape == (3, 5)  # rows within the padded width
+    for packed in (packed, pack_sequences(ids, mask, row_tokens=5)):
+        check_layout(ids, mask, packed)
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_sequences(ids, mask.flip(1))
+    with pytest.raises(ValueError, match="row_tokens"):
+        pack_sequences(ids, mask, row_tokens=4)
+
+
+def check_layout(ids, mask, packed):
     flat_ids, flat_pos = packed.input_ids.reshape(-1), packed.position_ids.reshape(-1)
     for s, n in enumerate([5, 2, 4, 1, 3]):
         at = packed.hidden_index[s, :n]
@@ -42,10 +52,6 @@ def test_pack_sequences_layout():
     # every token once, and a row's tail is no sequence's
     assert int(mask.sum()) == int((packed.sequence >= 0).sum())
     assert torch.equal(packed.padded(packed.packed(ids)) * mask, ids)
-    with pytest.raises(ValueError, match="right-padded"):
-        pack_sequences(ids, mask.flip(1))
-    with pytest.raises(ValueError, match="row_tokens"):
-        pack_sequences(ids, mask, row_tokens=4)
 
 
 # objective, its roles (name -> number of rows per example), hyper-parameters, extra inputs per example
@@ -129,3 +135,133 @@ def test_preference_loss_packed_refusals():
         loss_fn(hidden, weight, labels, hidden_index=bad)
     with pytest.raises(ValueError, match="hidden_index: expected"):
         loss_fn(hidden, weight, labels, hidden_index=packed.hidden_index[:, :2])
+
+
+# -- the decoder ----------------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+from prefuse.engine.models.loading import check_packable, decoder_hidden_states  # noqa: E402
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=60)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=3),
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                                sliding_window=3, final_logit_softcapping=0.5),
+    "phi": lambda: transformers.PhiConfig(**SMALL),
+}
+
+
+def tiny_model(family: str, attention: str, dtype=torch.float32):
+    config = FAMILIES[family]()
+    config._attn_implementation = attention
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("row_tokens", [None, 9])
+def test_packed_rows_give_each_token_its_padded_hidden_state(family, attention, row_tokens):
+    if family == "gemma2" and attention == "sdpa":
+        pytest.skip("Gemma-2 has no sdpa in transformers 5")
+    model = tiny_model(family, attention)
+    check_packable(model)
+    ids, mask, _ = padded_batch([7, 3, 9, 5, 1, 9, 6], 9, 60)
+    packed = pack_sequences(ids, mask, row_tokens=row_tokens)
+    assert packed.input_ids.shape[0] < ids.shape[0]  # several sequences share rows
+    with torch.no_grad():
+        padded = decoder_hidden_states(model, ids, mask)
+        unpacked = packed.padded(decoder_hidden_states(model, packed.input_ids, None,
+                                                       position_ids=packed.position_ids))
+        # break it: the same rows with attention across the boundaries (no restarts, one causal row)
+        crossing = packed.padded(decoder_hidden_states(model, packed.input_ids, torch.ones_like(packed.input_ids)))
+    keep = mask.bool()
+    # the same per-token arithmetic, rows laid out differently: float32 rounding of a few length-H dot products
+    tol = 64 * torch.finfo(torch.float32).eps * float(padded[keep].abs().max())
+    assert float((unpacked - padded)[keep].abs().max()) <= tol
+    assert float((crossing - padded)[keep].abs().max()) > 100 * tol
+
+
+def test_models_that_cannot_take_packed_rows_are_refused():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30))
+    with pytest.raises(ValueError, match="padding_free: model type 'gpt2'"):
+        check_packable(gpt2)
+    model = tiny_model("llama", "sdpa")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="padding_free: attn_implementation 'flex_attention'"):
+        check_packable(model)
+
+
+# -- the step -------------------------------------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+
+from prefuse.engine.core.objectives import objective_needs  # noqa: E402
+from prefuse.engine.core.sources import build_batch  # noqa: E402
+from prefuse.engine.core.step import Step  # noqa: E402
+from prefuse.engine.models.loading import Models  # noqa: E402
+
+
+def tiny_models(lora: bool) -> Models:
+    """A float64 tiny Llama: with LoRA (random B: a policy apart from its reference, the adapters disabled) or
+    fully trained beside a frozen copy, perturbed, as its reference."""
+    torch.manual_seed(0)
+    policy = tiny_model("llama", "sdpa", torch.float64).train()
+    if lora:
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 init_lora_weights=False)
+        return Models(policy=peft.get_peft_model(policy, config), reference=None, tokenizer=None)
+    reference = tiny_model("llama", "sdpa", torch.float64)
+    reference.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+            param.requires_grad_(False)
+    return Models(policy=policy, reference=reference, tokenizer=None)
+
+
+def examples(n: int, seed: int) -> list[dict]:
+    """n examples of random tokens with every response key a role reads, of varied lengths."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(low, high):
+        return torch.randint(3, 60, (int(torch.randint(low, high, (1,), generator=generator)),),
+                             generator=generator).tolist()
+
+    return [{"prompt_ids": tokens(2, 9), "chosen_ids": tokens(1, 12), "rejected_ids": tokens(1, 12),
+             "reference_ids": tokens(1, 12), "completion_ids": tokens(1, 12), "label": i % 3 != 0}
+            for i in range(n)]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("objective, lora, hparams, row_tokens", [
+    ("sigmoid", True, {}, None), ("sigmoid", True, {}, 32), ("ipo", False, {}, None),
+    ("selm", True, {"alpha": 0.01}, None), ("kto", False, {}, None),
+])
+def test_padding_free_step_equals_the_padded_step(objective, lora, hparams, row_tokens):
+    models = tiny_models(lora)
+    needs = objective_needs([objective])
+    batch = build_batch(examples(5, seed=3), list(range(5)), needs, pad_id=0)
+    trained = [(name, p) for name, p in models.policy.named_parameters() if p.requires_grad]
+    results = []
+    for padding_free in (False, True):
+        step = Step(models, PreferenceLoss(objective, beta=0.1, **hparams), needs, padding_free=padding_free,
+                    padding_free_row_tokens=row_tokens)
+        models.policy.zero_grad()
+        loss, metrics = step(batch)
+        loss.backward()
+        results.append((loss.detach(), metrics, {name: p.grad.clone() for name, p in trained}))
+    (loss, metrics, grads), (p_loss, p_metrics, p_grads) = results
+    packed = pack_sequences(batch.input_ids, batch.attention_mask, row_tokens=row_tokens)
+    assert packed.input_ids.shape[0] < batch.input_ids.shape[0]  # sequences share rows
+    # float64 through the decoder and the head; rows laid out differently, every sum over at most S * T terms
+    tol = 64 * F64 * batch.input_ids.numel()
+    torch.testing.assert_close(p_loss, loss, rtol=tol, atol=tol)
+    for name in metrics:
+        torch.testing.assert_close(p_metrics[name], metrics[name], rtol=tol, atol=tol, msg=name)
+    assert abs(float(loss)) > 0 and any(float(g.abs().max()) > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(p_grads[name], grad, rtol=tol, atol=tol * float(grad.abs().max()), msg=name)

@@ -3,10 +3,14 @@
     step = Step(models, loss_fn, needs, bf16=False)
     loss, metrics = step(batch)                     # policy decoder -> (reference) -> PreferenceLoss
     loss, metrics = step(batch, reference=cache)    # the reference's sums from a ReferenceCache instead
+    step = Step(models, loss_fn, needs, padding_free=True)   # the decoders run the batch's sequences packed
 
 The policy's decoder runs on every sequence of the batch; the reference's (the separate model, or the policy with
 its LoRA adapters disabled) only when the objective reads reference log-probs and no cache holds them. Neither
-calls an lm_head: the last hidden states go through the fused head.
+calls an lm_head: the last hidden states go through the fused head. With padding_free the decoders run the
+batch's sequences packed into rows without padding (engine/data/packing.py: position ids restart with each
+sequence, the model's mask keeps attention within it) and `PreferenceLoss` reads each labeled position's hidden
+state where the packing put it; the reference cache's sums are taken on the padded batch.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import contextlib
 import torch
 
 from prefuse.algorithms.roles import input_name
-from prefuse.engine.models.loading import Models, decoder_hidden_states, reference_hidden_states
 from prefuse.engine.core.objectives import ObjectiveNeeds
 from prefuse.engine.core.sources import Batch
+from prefuse.engine.data.packing import PackedRows, pack_sequences
+from prefuse.engine.models.loading import Models, check_packable, decoder_hidden_states, reference_hidden_states
 from prefuse.heads import head_of, reference_logps
 from prefuse.preference import PreferenceLoss
 
@@ -26,13 +31,21 @@ class Step:
     """(loss, metrics) of one Batch under the policy; the loss is the mean over the batch's examples."""
 
     def __init__(self, models: Models, loss_fn: PreferenceLoss, needs: ObjectiveNeeds, *, bf16: bool = False,
-                 row_temperature: dict[str, float] | None = None):
+                 row_temperature: dict[str, float] | None = None, padding_free: bool = False,
+                 padding_free_row_tokens: int | None = None):
         """row_temperature: {role: T} whose rows' log-probs (policy and reference) are taken at T apart from the
         head's own temperature: their hidden states are divided by T (logits / T for a head without bias and
-        softcap: HyPO's online samples beside its offline pairs)."""
+        softcap: HyPO's online samples beside its offline pairs). padding_free: run the decoders on the batch's
+        sequences packed (module docstring), in one row or rows of at most padding_free_row_tokens; a model that
+        cannot take them is refused here."""
         self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
         self.row_temperature = dict(row_temperature or {})
+        self.padding_free, self.padding_free_row_tokens = padding_free, padding_free_row_tokens
         head_of(models.policy)  # a LoRA lm_head is refused here
+        if padding_free:
+            for model in (models.policy, models.reference):
+                if model is not None:
+                    check_packable(model)
 
     @property
     def head(self):
@@ -52,17 +65,21 @@ class Step:
     def __call__(self, batch: Batch, reference=None, **inputs) -> tuple[torch.Tensor, dict]:
         """inputs: further objective inputs beside the batch's (OFS-DPO's slow adapter's sums)."""
         ref = {}
+        packed = self.packed(batch)
         if self.needs.reference and reference is not None:
             ref = reference.lookup(batch)
         elif self.needs.reference:  # first: its temporaries are freed before the policy's activations are made
-            ref = dict(ref_hidden=self.reference_hidden(batch), ref_weight=self.ref_head.weight.detach(),
+            ref = dict(ref_hidden=self.reference_hidden(batch, packed), ref_weight=self.ref_head.weight.detach(),
                        ref_bias=None if self.ref_head.bias is None else self.ref_head.bias.detach())
         with self.autocast(batch.input_ids.device):
-            hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask, **batch.vision)
+            input_ids, attention_mask, decoder_inputs = self.decoder_inputs(batch, packed)
+            hidden = decoder_hidden_states(self.models.policy, input_ids, attention_mask, **decoder_inputs)
         if self.row_temperature:
-            hidden = self.tempered(hidden, batch.roles)
+            hidden = self.tempered(hidden, batch.roles, packed)
             if "ref_hidden" in ref:
-                ref["ref_hidden"] = self.tempered(ref["ref_hidden"], batch.roles)
+                ref["ref_hidden"] = self.tempered(ref["ref_hidden"], batch.roles, packed)
+        if packed is not None:
+            inputs = {**inputs, "hidden_index": packed.hidden_index}
         loss, metrics, inputs = self.loss_fn(hidden.to(self.head.weight.dtype), self.head.weight, batch.labels,
                                              roles=batch.roles, bias=self.head.bias, return_inputs=True, **ref,
                                              **batch.inputs, **inputs)
@@ -71,12 +88,32 @@ class Step:
                        **sample_statistics(inputs, batch.roles)}
         return loss, metrics
 
-    def tempered(self, hidden: torch.Tensor, roles: dict) -> torch.Tensor:
-        """hidden [S, T, H] with the rows of each role in row_temperature divided by its temperature."""
-        scale = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+    def packed(self, batch: Batch) -> PackedRows | None:
+        """The batch's sequences packed into rows without padding (padding_free), else None."""
+        if not self.padding_free:
+            return None
+        if batch.vision:
+            raise ValueError("padding_free: a batch with images cannot be packed; train without padding_free")
+        return pack_sequences(batch.input_ids, batch.attention_mask, row_tokens=self.padding_free_row_tokens)
+
+    @staticmethod
+    def decoder_inputs(batch: Batch, packed: PackedRows | None) -> tuple:
+        """(input_ids, attention_mask, {position_ids | vision inputs}) for decoder_hidden_states."""
+        if packed is None:
+            return batch.input_ids, batch.attention_mask, batch.vision
+        return packed.input_ids, None, {"position_ids": packed.position_ids}
+
+    def tempered(self, hidden: torch.Tensor, roles: dict, packed: PackedRows | None = None) -> torch.Tensor:
+        """hidden [S, T, H] (packed: [R, L, H]) with the rows (tokens) of each role in row_temperature divided by
+        its temperature."""
+        n_seq = hidden.shape[0] if packed is None else packed.hidden_index.shape[0]
+        scale = torch.ones(n_seq, dtype=hidden.dtype, device=hidden.device)
         for role, temperature in self.row_temperature.items():
             if role in roles:
                 scale[roles[role].reshape(-1).to(hidden.device)] = 1.0 / temperature
+        if packed is not None:  # each packed token takes its sequence's scale (a row's tail: 1)
+            scale = torch.where(packed.sequence >= 0, scale[packed.sequence.clamp(min=0)], 1.0).to(hidden.dtype)
+            return hidden * scale.unsqueeze(-1)
         return hidden * scale.view(-1, *([1] * (hidden.dim() - 1)))
 
     def held_out_metrics(self, parts: list[tuple[int, torch.Tensor, dict]], world) -> dict[str, float]:
@@ -93,10 +130,11 @@ class Step:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def reference_hidden(self, batch: Batch) -> torch.Tensor:
-        """The reference's last hidden states [S, T, H], without gradient and in eval mode."""
+    def reference_hidden(self, batch: Batch, packed: PackedRows | None = None) -> torch.Tensor:
+        """The reference's last hidden states [S, T, H] (packed: [R, L, H]), without gradient and in eval mode."""
+        input_ids, attention_mask, inputs = self.decoder_inputs(batch, packed)
         with self.autocast(batch.input_ids.device):
-            hidden = reference_hidden_states(self.models, batch.input_ids, batch.attention_mask, **batch.vision)
+            hidden = reference_hidden_states(self.models, input_ids, attention_mask, **inputs)
         return hidden.to(self.ref_head.weight.dtype)
 
     def reference_sums(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -235,17 +235,52 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
 
 # -- hidden states and the head -----------------------------------------------------------------------------------
 
+# the architectures whose attention masks follow packed position ids (transformers' create_causal_mask and
+# create_sliding_window_causal_mask: a restart of the position ids starts a new sequence), each checked against its
+# padded batch in tests/test_packing.py, under these attention implementations
+PACKED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "phi")
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_packable(model: torch.nn.Module) -> None:
+    """ValueError in one line unless `model` takes packed sequences (padding_free): a text decoder of
+    PACKED_MODEL_TYPES under one of PACKED_ATTENTION."""
+    causal_lm = causal_lm_of(model)
+    config = causal_lm.config
+    if vision.is_vision_language(config):
+        raise ValueError(f"padding_free: {type(causal_lm).__name__} is a vision-language model, whose image tokens "
+                         f"are placed by the padded rows; train it without padding_free")
+    if config.model_type not in PACKED_MODEL_TYPES:
+        raise ValueError(f"padding_free: model type {config.model_type!r} is not one whose packed-sequence masks "
+                         f"are checked ({', '.join(PACKED_MODEL_TYPES)}); train it without padding_free")
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in PACKED_ATTENTION:
+        raise ValueError(f"padding_free: attn_implementation {attention!r} does not mask packed sequences here; use "
+                         f"one of {', '.join(PACKED_ATTENTION)}")
+
+
 def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor, **vision_inputs) -> torch.Tensor:
+                          attention_mask: torch.Tensor | None, *, position_ids: torch.Tensor | None = None,
+                          **vision_inputs) -> torch.Tensor:
     """The decoder's last hidden states [B, T, H] (after its final norm) for input_ids, attention_mask [B, T].
 
     Runs only the decoder (`get_decoder()`): the lm_head is never called, so no [B, T, V] logits exist. Works for a
     causal LM and a PeftModel with LoRA (its layers are inside the decoder), with gradient checkpointing too. A
     vision-language model runs its multimodal forward up to the language model's final norm, with the batch's
     `vision_inputs` (pixel_values [n_images, ...] of the rows' images in row order, image_sizes, ...:
-    `Batch.vision`); see engine/models/vision.py.
+    `Batch.vision`); see engine/models/vision.py. Packed sequences (engine/data/packing.py): input_ids and
+    position_ids [R, L] of packed rows, attention_mask None; the model's mask follows the position ids
+    (check_packable).
     """
     causal_lm = causal_lm_of(model)
+    if position_ids is not None:
+        if attention_mask is not None:
+            raise ValueError("position_ids: packed rows take no attention_mask (their position ids say where each "
+                             "sequence starts)")
+        if vision_inputs:
+            raise ValueError(f"{sorted(vision_inputs)}: packed rows take no vision inputs")
+        return causal_lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
     if vision.is_vision_language(causal_lm.config):
         return vision.vision_hidden_states(causal_lm, input_ids, attention_mask, **vision_inputs)
     if vision_inputs:
@@ -266,17 +301,18 @@ def eval_mode(model: torch.nn.Module):
             module.training = training
 
 
-def reference_hidden_states(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            **vision_inputs) -> torch.Tensor:
+def reference_hidden_states(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            **inputs) -> torch.Tensor:
     """The reference's last hidden states [B, T, H], without gradient and in eval mode: the separate reference
-    model, or the policy with its LoRA adapters disabled (the base model exactly)."""
+    model, or the policy with its LoRA adapters disabled (the base model exactly). inputs: decoder_hidden_states'
+    (position_ids of packed rows, vision inputs)."""
     with torch.no_grad():
         if models.reference is not None:
-            return decoder_hidden_states(models.reference, input_ids, attention_mask, **vision_inputs)
+            return decoder_hidden_states(models.reference, input_ids, attention_mask, **inputs)
         if not hasattr(models.policy, "disable_adapter"):
             raise ValueError("no reference: load_models(need_reference=True) without LoRA loads one")
         with models.policy.disable_adapter(), eval_mode(models.policy):
-            return decoder_hidden_states(models.policy, input_ids, attention_mask, **vision_inputs)
+            return decoder_hidden_states(models.policy, input_ids, attention_mask, **inputs)
 
 
 def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
