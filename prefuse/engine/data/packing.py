@@ -10,10 +10,12 @@ varlen) attends within each sequence only and gives every token the hidden state
 labels, roles and everything keyed by sequence stay in the padded layout [S, T]; `hidden_index` [S, T] says where
 each position's hidden state lies among the R * L packed ones.
 
-Rows are at most `row_tokens` wide (default: the longest sequence, T): sdpa and eager compute a row's whole
-[L, L] score matrix under the mask, so rows no wider than the padded batch never cost more attention than it.
-Sequences go to rows first-fit by decreasing length; a row's unused tail is a segment of its own (positions
-restarting at 0, token `pad_id`) that no sequence attends to and no label reads.
+By default every sequence goes into one row [1, N] (N: the batch's tokens), no padding at all: what
+flash-attention's varlen kernel wants. sdpa and eager compute a row's whole [L, L] score matrix under the mask,
+so `row_tokens` caps the rows' width (the padded width T: never more attention work than the padded batch, and
+some padding back at the rows' ends). Sequences then go to rows first-fit by decreasing length; a row's unused
+tail is a segment of its own (positions restarting at 0, token `pad_id`) that no sequence attends to and no label
+reads.
 """
 from __future__ import annotations
 
@@ -74,13 +76,13 @@ def _sequence_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
 def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, row_tokens: int | None = None,
                    pad_id: int = 0) -> PackedRows:
     """The sequences of a right-padded batch, input_ids and attention_mask [S, T], packed into rows of at most
-    `row_tokens` tokens (default T), first-fit by decreasing length (module docstring)."""
+    `row_tokens` tokens (default: all in one row), first-fit by decreasing length (module docstring)."""
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids, attention_mask: expected the same [S, T], got {tuple(input_ids.shape)} and "
                          f"{tuple(attention_mask.shape)}")
     n_seq, width = input_ids.shape
-    row_tokens = width if row_tokens is None else int(row_tokens)
     lengths = _sequence_lengths(attention_mask).tolist()
+    row_tokens = max(sum(lengths), 1) if row_tokens is None else int(row_tokens)
     if max(lengths, default=0) > row_tokens:
         raise ValueError(f"row_tokens: {row_tokens} is shorter than the longest sequence ({max(lengths)} tokens); "
                          f"raise it")
