@@ -1,0 +1,281 @@
+"""LoRA on the lm_head inside the fused head: logits = h W^T (+ b) + u B^T with u = scale * dropout(h) A^T, chunk by
+chunk (kernels/low_rank.py), and the model side (`prefuse.heads.head_of` reads peft's LoRA Linear around the lm_head).
+
+References: the dense float64 definition, and peft's own forward (`model(...).logits`, its lm_head module) in float64
+with autograd through it. The chunk ops work in float32 whatever the compute dtype, so a float64 call differs from
+the float64 definition by float32 rounding of the logits' transform: per token |error| <= 8 u (1 + max |z|), u =
+2^-24 (a log-softmax of float32-rounded logits), and a gradient by the same relative amount of the largest one.
+"""
+import warnings
+
+import pytest
+import torch
+
+from prefuse.heads import head_of
+from prefuse.kernels import group_rows, grouped_logprobs, linear_logprobs, linear_token_stats
+from prefuse.kernels.grouped import grouped_log_sum_sq_probs
+
+U32 = 2.0 ** -24
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tolerance(logits: torch.Tensor) -> float:
+    return 8 * U32 * (1 + float(logits.detach().abs().max()))
+
+
+def dense_logp(hidden, weight, labels, bias=None, a=None, b=None, scale=1.0, temperature=1.0, softcap=None):
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    if a is not None:
+        z = z + scale * (hidden @ a.T) @ b.T
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(labels == -100, torch.zeros_like(logp), logp), z
+
+
+def leaves(*shapes, dtype=torch.float64, scale=1.0):
+    return [(torch.randn(*s, dtype=dtype) * scale).requires_grad_() for s in shapes]
+
+
+# -- the kernel: tensors in, tensors out ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [
+    dict(),                                                     # vocabulary tiles (small budget), no bias
+    dict(bias=True, weight_grad=True),                          # the weight and bias train too
+    dict(chunk_size=5, temperature=0.7, softcap=3.0),           # whole-vocabulary rows, transform
+    dict(chunk_size=64, bias=True),                             # one chunk
+], ids=["tiles", "weight_and_bias_grad", "rows_softcap_temperature", "one_chunk"])
+def test_low_rank_logprobs_and_gradients_equal_float64_definition(case):
+    S, T, H, V, r, scale = 3, 7, 16, 300, 4, 0.75
+    hidden, a, b = leaves((S, T, H), (r, H), (V, r), scale=0.5)
+    weight = (torch.randn(V, H, dtype=torch.float64) * 0.5).requires_grad_(case.get("weight_grad", False))
+    bias = (torch.randn(V, dtype=torch.float64)).requires_grad_(case.get("weight_grad", False)) if case.get(
+        "bias") else None
+    labels = torch.randint(0, V, (S, T))
+    labels[0, :3] = -100
+    labels[2, -1] = -100
+    options = dict(temperature=case.get("temperature", 1.0), softcap=case.get("softcap"))
+    head = dict(chunk_size=case["chunk_size"]) if "chunk_size" in case else dict(chunk_budget_bytes=64 * 8 * 8)
+    u = scale * hidden @ a.T
+    got = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=(u, b), backend="torch", **head, **options)
+    want, z = dense_logp(hidden, weight, labels, bias, a, b, scale, **options)
+    tol = tolerance(z)
+    assert (got.double() - want).abs().max() <= tol
+    upstream = torch.randn(S, T, dtype=torch.float64)
+    params = [hidden, a, b] + ([weight] + ([bias] if bias is not None else []) if case.get("weight_grad") else [])
+    grads = torch.autograd.grad((got.double() * upstream).sum(), params)
+    wants = torch.autograd.grad((want * upstream).sum(), params)
+    for name, g, w in zip(["hidden", "A", "B", "weight", "bias"], grads, wants):
+        assert (g - w).abs().max() <= tol * (1 + float(w.abs().max())), name
+
+
+def test_zero_factor_gives_the_plain_head_bit_for_bit():
+    """LoRA's initial B = 0: the low-rank path computes the plain head's chunks and merges (rewards exactly 0)."""
+    hidden = torch.randn(4, 9, 32)
+    weight = torch.randn(2000, 32)
+    labels = torch.randint(0, 2000, (4, 9))
+    labels[1, :4] = -100
+    u = torch.randn(4, 9, 8)
+    with torch.no_grad():
+        for head in (dict(), dict(chunk_size=6)):  # vocabulary tiles (the CPU default), whole rows
+            plain = linear_logprobs(hidden, weight, labels, backend="torch", **head)
+            low = linear_logprobs(hidden, weight, labels, backend="torch", low_rank=(u, torch.zeros(2000, 8)), **head)
+            assert torch.equal(plain, low)
+
+
+def test_triton_backend_takes_the_same_route():
+    """The low-rank term is a torch matmul into the chunk before the chunk op: the Triton ops (interpreter) give
+    the same log-probs and gradients as the torch backend."""
+    S, T, H, V, r = 2, 5, 16, 128, 4
+    hidden, a, b = leaves((S, T, H), (r, H), (V, r), dtype=torch.float32, scale=0.5)
+    weight = torch.randn(V, H) * 0.5
+    labels = torch.randint(0, V, (S, T))
+    labels[0, 0] = -100
+    results = []
+    for backend in ("torch", "triton"):
+        logp = linear_logprobs(hidden, weight, labels, backend=backend, chunk_size=4, low_rank=(0.5 * hidden @ a.T, b))
+        results.append((logp, *torch.autograd.grad(logp.sum(), [hidden, a, b])))
+    for got, want in zip(*results):
+        assert (got - want).abs().max() <= 1e-5 * (1 + float(want.detach().abs().max()))
+
+
+def test_grouped_logprobs_statistics_and_wpo_term_take_the_update():
+    S, T, H, V, r = 4, 6, 16, 200, 3
+    hidden, a, b = leaves((S, T, H), (r, H), (V, r), scale=0.5)
+    weight = torch.randn(V, H, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, V, (S, T))
+    labels[:, 0] = -100
+    u = hidden @ a.T
+    want, z = dense_logp(hidden, weight, labels, a=a, b=b)
+    rows = group_rows(labels, torch.zeros(S, dtype=torch.long), vocab=V, hidden_size=H, dtype=hidden.dtype,
+                      needs_grad=True, grouped=False, chunk_size=5)
+    logp = grouped_logprobs(hidden, weight, rows, low_rank=(u, b), backend="torch")
+    assert (logp.double() - want.reshape(-1)[rows.index]).abs().max() <= tolerance(z)
+    (g,) = torch.autograd.grad(logp.sum(), [b])
+    (w,) = torch.autograd.grad(want.sum(), [b])
+    assert (g - w).abs().max() <= tolerance(z) * (1 + float(w.abs().max()))
+    log_p = torch.log_softmax(z, -1)
+    sq = grouped_log_sum_sq_probs(hidden, weight, rows, low_rank=(u, b), backend="torch")
+    assert (sq.double() - torch.logsumexp(2 * log_p, -1).reshape(-1)[rows.index]).abs().max() <= tolerance(z)
+    stats = linear_token_stats(hidden.detach(), weight, labels, low_rank=(u.detach(), b.detach()), backend="torch")
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    mask = labels != -100
+    assert (stats.entropy.double() - entropy)[mask].abs().max() <= tolerance(z) * 10
+
+
+def test_low_rank_refusals():
+    hidden, weight, labels = torch.randn(2, 3, 8), torch.randn(50, 8), torch.randint(0, 50, (2, 3))
+    u, b = torch.randn(2, 3, 2), torch.randn(50, 2)
+    with pytest.raises(ValueError, match="factor"):
+        linear_logprobs(hidden, weight, labels, low_rank=(u, torch.randn(49, 2)))
+    with pytest.raises(ValueError, match="u "):
+        linear_logprobs(hidden, weight, labels, low_rank=(torch.randn(2, 4, 2), b))
+    with pytest.raises(ValueError, match="cast it"):
+        linear_logprobs(hidden, weight, labels, low_rank=(u.double(), b))
+    with pytest.raises(ValueError, match="frozen_weight"):
+        linear_logprobs(hidden.requires_grad_(), weight, labels, low_rank=(u, b), mode="frozen_weight")
+    rows = group_rows(labels, torch.arange(2), vocab=50, hidden_size=8, dtype=torch.float32, needs_grad=True,
+                      mode="in_forward")
+    with pytest.raises(ValueError, match="coef_fn"):
+        grouped_logprobs(hidden, weight, rows, low_rank=(u, b), coef_fn=lambda chunk, lp: torch.ones_like(lp))
+
+
+# -- the model side: peft's LoRA Linear around the lm_head -------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def lora_llama(tied: bool, dropout: float = 0.0, seed: int = 0, **lora):
+    """A tiny float64 Llama with LoRA on q_proj, v_proj and lm_head, every factor random (B too: the adapter is not a
+    no-op)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
+                                      tie_word_embeddings=tied)
+    base = transformers.LlamaForCausalLM(config).double()
+    options = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "lm_head"],
+                   init_lora_weights=False, **lora)
+    with warnings.catch_warnings():  # peft on a tied lm_head: its adapter changes the output side only
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(base, peft.LoraConfig(**options))
+
+
+def batch(vocab=300, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (4, 9), generator=generator)
+    labels = torch.randint(0, vocab, (4, 9), generator=generator)
+    labels[0, :4] = -100
+    labels[3, 6:] = -100
+    return ids, torch.ones_like(ids), labels
+
+
+def peft_logp(logits, labels):
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(labels == -100, torch.zeros_like(logp), logp)
+
+
+def fused_logp(model, hidden, labels):
+    head = head_of(model)
+    return linear_logprobs(hidden, head.weight, labels, bias=head.bias, low_rank=head.low_rank(hidden),
+                           backend="torch")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_head_equals_peft_forward_and_its_gradients(tied):
+    """Log-probs through the fused head with the lm_head's LoRA equal log_softmax of peft's own logits (float64),
+    and the gradients of every LoRA factor (the lm_head's A and B, and those inside the decoder) equal autograd's
+    through peft's forward; so do the gradients with respect to the hidden states through peft's lm_head module."""
+    from prefuse.engine.models.loading import decoder_hidden_states
+
+    model = lora_llama(tied)
+    head = head_of(model)
+    assert (head.weight is model.get_input_embeddings().weight) == tied
+    assert head.lora is not None and head.lora.scale == 2.0 and head.lora.b.abs().max() > 0
+    ids, mask, labels = batch()
+    upstream = torch.randn(labels.shape, dtype=torch.float64)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    want = peft_logp(logits, labels)
+    want_grads = torch.autograd.grad((want * upstream).sum(), trained)
+    hidden = decoder_hidden_states(model, ids, mask)
+    got = fused_logp(model, hidden, labels)
+    tol = tolerance(logits)
+    assert (got.double() - want).abs().max() <= tol
+    got_grads = torch.autograd.grad((got.double() * upstream).sum(), trained)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lm_head.lora_A" in n for n in names) and any("lm_head.lora_B" in n for n in names)
+    for name, g, w in zip(names, got_grads, want_grads):
+        assert (g - w).abs().max() <= tol * (1 + float(w.abs().max())), name
+
+    # the hidden states' gradient against peft's lm_head module itself
+    leaf = hidden.detach().requires_grad_()
+    lm_head = model.get_output_embeddings()
+    assert isinstance(lm_head, peft.tuners.lora.Linear)
+    want = peft_logp(lm_head(leaf), labels)
+    (want_h,) = torch.autograd.grad((want * upstream).sum(), [leaf])
+    (got_h,) = torch.autograd.grad((fused_logp(model, leaf, labels).double() * upstream).sum(), [leaf])
+    assert (got_h - want_h).abs().max() <= tol * (1 + float(want_h.abs().max()))
+
+
+def test_reference_is_the_base_head():
+    """With the adapters disabled (LoRA's reference) head_of gives the base lm_head alone, as Head.base() does, and
+    the fused head equals peft's logits under disable_adapter()."""
+    from prefuse.engine.models.loading import decoder_hidden_states
+
+    model = lora_llama(tied=False)
+    ids, mask, labels = batch()
+    with torch.no_grad(), model.disable_adapter():
+        assert head_of(model).lora is None
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hidden = decoder_hidden_states(model, ids, mask)
+        got = fused_logp(model, hidden, labels)
+        base = head_of(model)
+    assert (got.double() - peft_logp(logits, labels)).abs().max() <= tolerance(logits)
+    policy_head = head_of(model)
+    assert policy_head.lora is not None and policy_head.base().lora is None
+    assert policy_head.base().weight is base.weight
+
+
+def test_lora_dropout_is_peft_s():
+    """lora_dropout > 0 in train mode: the head applies the adapter's own dropout module to its input, as peft's
+    forward does, so with the same random state the two draw the same mask."""
+    from prefuse.engine.models.loading import decoder_hidden_states
+
+    model = lora_llama(tied=False, dropout=0.5)
+    model.train()
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        hidden = decoder_hidden_states(model, ids, mask)
+        torch.manual_seed(7)
+        logits = model.get_output_embeddings()(hidden)
+        want = peft_logp(logits, labels)
+        torch.manual_seed(7)
+        got = fused_logp(model, hidden, labels)
+        torch.manual_seed(8)
+        other = fused_logp(model, hidden, labels)
+    tol = tolerance(logits)
+    assert (got.double() - want).abs().max() <= tol
+    assert (other.double() - want).abs().max() > 100 * tol  # the mask matters: another draw differs
+
+
+@pytest.mark.parametrize("variant, match", [
+    (dict(use_dora=True), "LoRA variant"),
+    (dict(lora_bias=True), "lora_bias"),
+    ("two_adapters", "2 active LoRA adapters"),
+    ("merged", "merged"),
+], ids=["dora", "lora_bias", "two_active", "merged"])
+def test_what_the_fused_head_does_not_compute_is_refused(variant, match):
+    model = lora_llama(tied=False, **(variant if isinstance(variant, dict) else {}))
+    if variant == "two_adapters":
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+        model.base_model.set_adapter(["default", "second"])
+    elif variant == "merged":
+        model.merge_adapter()
+    with pytest.raises(ValueError, match=match) as error:
+        head_of(model)
+    assert "\n" not in str(error.value)
