@@ -221,5 +221,7 @@ def test_missing_or_unusable_directories_are_one_line_errors(tmp_path):
         load_models(ModelConfig(save_tiny(tmp_path, "llama"), attn_implementation="flash_attention_2"))
     with pytest.raises(ValueError, match="torch_dtype"):
         load_models(ModelConfig(save_tiny(tmp_path, "llama"), torch_dtype="float64"))
-    with pytest.raises(ValueError, match="leave lm_head out of lora_target_modules"):
-        load_models(ModelConfig(save_tiny(tmp_path, "llama"), use_peft=True, lora_target_modules=("q_proj", "lm_head")))
+    # lm_head in lora_target_modules: a LoRA adapter on it, which the fused head computes (tests/test_head_lora.py)
+    policy = load_models(ModelConfig(save_tiny(tmp_path, "llama"), use_peft=True,
+                                     lora_target_modules=("q_proj", "lm_head")), need_reference=False).policy
+    assert isinstance(policy.get_output_embeddings(), peft.tuners.lora.Linear)

@@ -279,3 +279,38 @@ def test_what_the_fused_head_does_not_compute_is_refused(variant, match):
     with pytest.raises(ValueError, match=match) as error:
         head_of(model)
     assert "\n" not in str(error.value)
+
+
+# -- prefuse train with lm_head in lora_target_modules ------------------------------------------------------------
+
+from tests import test_engine_train as engine  # noqa: E402
+
+files = engine.files  # the tiny Llama and its pairs (a module-scoped fixture)
+
+
+def test_prefuse_train_trains_the_lm_head_adapter(files, tmp_path, offline_hf_home):
+    """`--lora_target_modules lm_head` alone: step 1 is the reference exactly (B = 0: the low-rank head gives the
+    plain head's log-probs bit for bit, so the loss is log 2 and the margins 0); every step then takes the same
+    16 pairs and the loss falls step by step, which only the lm_head's adapter can do; the saved adapter's lm_head
+    B has moved off zero."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from prefuse.cli import main
+
+    out = tmp_path / "run"
+    argv = engine.args(files, out, loss_type="sigmoid", per_device_train_batch_size=16, max_steps=3,
+                       logging_steps=1, save_steps=0, learning_rate=1e-2, lr_scheduler_type="constant",
+                       use_peft="true", lora_r=4, lora_dropout=0.0, lora_target_modules="lm_head")
+    assert main(argv) == 0
+    metrics = engine.read_metrics(out)
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert metrics[0]["rewards/margins"] == 0.0
+    losses = [m["loss"] for m in metrics]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    weights = load_file(str(next(out.rglob("adapter_model.safetensors"))))
+    lora = {name: value for name, value in weights.items() if "lora_" in name}
+    assert lora and all("lm_head" in name for name in lora), sorted(lora)
+    lm_head_b = [value for name, value in lora.items() if "lora_B" in name]
+    assert len(lm_head_b) == 1 and float(lm_head_b[0].abs().max()) > 0

@@ -41,7 +41,7 @@ class Step:
         self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
         self.row_temperature = dict(row_temperature or {})
         self.padding_free, self.padding_free_row_tokens = padding_free, padding_free_row_tokens
-        head_of(models.policy)  # a LoRA lm_head is refused here
+        head_of(models.policy)  # an lm_head the fused head cannot compute (a LoRA variant on it, ...) is refused here
         if padding_free:
             for model in (models.policy, models.reference):
                 if model is not None:
@@ -54,9 +54,9 @@ class Step:
 
     @property
     def ref_head(self):
-        """The reference's head: its own model's, or the policy's (adapters disabled); read per call, since an
-        online run's iterations replace the reference."""
-        return head_of(self.models.reference) if self.models.reference is not None else self.head
+        """The reference's head: its own model's, or the policy's with its adapters disabled (the base lm_head
+        without a LoRA adapter on it); read per call, since an online run's iterations replace the reference."""
+        return head_of(self.models.reference) if self.models.reference is not None else self.head.base()
 
     def autocast(self, device: torch.device):
         """bf16 autocast around the decoders only; the fused head accumulates in float32 itself."""
@@ -69,8 +69,10 @@ class Step:
         if self.needs.reference and reference is not None:
             ref = reference.lookup(batch)
         elif self.needs.reference:  # first: its temporaries are freed before the policy's activations are made
-            ref = dict(ref_hidden=self.reference_hidden(batch, packed), ref_weight=self.ref_head.weight.detach(),
-                       ref_bias=None if self.ref_head.bias is None else self.ref_head.bias.detach())
+            ref_head = self.ref_head.detached()
+            ref_hidden = self.reference_hidden(batch, packed)
+            ref = dict(ref_hidden=ref_hidden, ref_weight=ref_head.weight, ref_bias=ref_head.bias,
+                       ref_low_rank=ref_head.low_rank(ref_hidden))
         with self.autocast(batch.input_ids.device):
             input_ids, attention_mask, decoder_inputs = self.decoder_inputs(batch, packed)
             hidden = decoder_hidden_states(self.models.policy, input_ids, attention_mask, **decoder_inputs)
@@ -80,8 +82,10 @@ class Step:
                 ref["ref_hidden"] = self.tempered(ref["ref_hidden"], batch.roles, packed)
         if packed is not None:
             inputs = {**inputs, "hidden_index": packed.hidden_index}
-        loss, metrics, inputs = self.loss_fn(hidden.to(self.head.weight.dtype), self.head.weight, batch.labels,
-                                             roles=batch.roles, bias=self.head.bias, return_inputs=True, **ref,
+        head = self.head
+        hidden = hidden.to(head.weight.dtype)
+        loss, metrics, inputs = self.loss_fn(hidden, head.weight, batch.labels, roles=batch.roles, bias=head.bias,
+                                             low_rank=head.low_rank(hidden), return_inputs=True, **ref,
                                              **batch.inputs, **inputs)
         if batch.metrics:  # an online batch: how it was made, and TRL's KL and entropy of the sampled responses
             metrics = {**metrics, **{k: torch.tensor(float(v)) for k, v in batch.metrics.items()},

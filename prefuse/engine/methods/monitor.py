@@ -164,8 +164,10 @@ def indicators(model: torch.nn.Module, head: Head, prompts: list[list[int]], res
         batch = collate_sequences(prompts[start:start + batch_size], responses[start:start + batch_size], pad_id)
         with eval_mode(model), (autocast() if autocast else contextlib.nullcontext()):
             hidden = decoder_hidden_states(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        stats = linear_token_stats(hidden.to(head.weight.dtype), head.weight, batch["labels"].to(device),
-                                   bias=head.bias, softcap=head.softcap, top_k=top_k, extra_top_k=extra_top_k)
+            hidden = hidden.to(head.weight.dtype)
+            low_rank = head.low_rank(hidden)  # a LoRA adapter on the lm_head, its dropout in eval mode
+        stats = linear_token_stats(hidden, head.weight, batch["labels"].to(device), bias=head.bias,
+                                   softcap=head.softcap, top_k=top_k, extra_top_k=extra_top_k, low_rank=low_rank)
         counts = stats.mask.sum(-1)
         kept = counts > 0
         for name in names:

@@ -101,7 +101,8 @@ class FastSlowStep(Step):
         with self.active(self.slow_role), self.autocast(batch.input_ids.device):
             slow_hidden = decoder_hidden_states(self.models.policy, batch.input_ids, batch.attention_mask,
                                                 **batch.vision)
-        sums, _ = sequence_logps(slow_hidden, self.head, batch.labels)
+            slow_head = self.head  # with the slow adapter's LoRA on the lm_head, when it has one
+        sums, _ = sequence_logps(slow_hidden, slow_head, batch.labels)
         slow = {name: sums[batch.roles[role]] for role, name in SLOW_INPUTS.items()}
         with self.active(self.fast_role):
             loss, metrics = super().__call__(batch, reference, **slow, **inputs)

@@ -221,7 +221,7 @@ def load_models(cfg: ModelConfig, *, device="cpu", need_reference: bool = True) 
         policy.config.use_cache = False
     if cfg.use_peft:
         policy = _add_lora(policy, cfg)
-        head_of(policy)  # a LoRA lm_head is refused here, before any training
+        head_of(policy)  # an lm_head the fused head cannot compute (a LoRA variant on it) is refused here
     policy.train()
 
     reference = None

@@ -82,11 +82,14 @@ def freeze_vision(model: torch.nn.Module, train_vision: str) -> None:
 
 def lora_targets(model: torch.nn.Module, requested: tuple[str, ...] | None) -> str:
     """peft's `target_modules` as a regex matching only linear layers inside the language model: `requested` leaf
-    names (None: peft's defaults for the language model's architecture, else all its linear layers)."""
+    names (None: peft's defaults for the language model's architecture, else all its linear layers), and the
+    output embedding when `requested` names it (lm_head: its LoRA adapter goes into the fused head as a low-rank
+    update, prefuse.heads.head_of; tied to the input embedding, the adapter changes the output side only)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
     name, language_model = language_model_of(model)
     linear = {n.rsplit(".", 1)[-1] for n, m in language_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    output_name = None
     if requested is None:
         text_type = model.config.get_text_config().model_type
         leaves = list(PEFT_DEFAULTS.get(text_type, sorted(linear)))
@@ -95,14 +98,16 @@ def lora_targets(model: torch.nn.Module, requested: tuple[str, ...] | None) -> s
     else:
         leaves = list(requested)
         output = model.get_output_embeddings()
-        if {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is output} & set(leaves):
-            raise ValueError(f"lora_target_modules: {leaves} names the output embedding; the fused head needs a "
-                             f"plain Linear there: leave lm_head out of lora_target_modules")
+        output_name = next((n for n, m in model.named_modules() if m is output and n.rsplit(".", 1)[-1] in leaves),
+                           None)
+        if output_name is not None:
+            leaves.remove(output_name.rsplit(".", 1)[-1])
         missing = sorted(set(leaves) - linear)
         if missing:
             raise ValueError(f"lora_target_modules: {missing} are not linear layers of the language model ({name}); "
-                             f"it has {sorted(linear)}")
-    return rf"{re.escape(name)}\.(?:.*\.)?(?:{'|'.join(map(re.escape, leaves))})"
+                             f"it has {sorted(linear)} (and the output embedding)")
+    inside = rf"{re.escape(name)}\.(?:.*\.)?(?:{'|'.join(map(re.escape, leaves))})" if leaves else None
+    return "|".join(part for part in (inside, output_name and re.escape(output_name)) if part)
 
 
 def image_token_id(model: torch.nn.Module) -> int | None:
