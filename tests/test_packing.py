@@ -9,11 +9,19 @@ batch's losses and gradients.
   `check_packable` lets through (sdpa and eager), and attention that crosses the boundaries does not;
 - `Step(padding_free=True)` on a tiny Llama (LoRA and full) against the padded step: loss and every gradient.
 """
+import peft
 import pytest
 import torch
+import transformers
 
+from prefuse.cli import main
+from prefuse.engine.core.objectives import objective_needs
+from prefuse.engine.core.sources import build_batch
+from prefuse.engine.core.step import Step
 from prefuse.engine.data.packing import pack_sequences
+from prefuse.engine.models.loading import Models, check_packable, decoder_hidden_states
 from prefuse.preference import PreferenceLoss
+from tests import test_engine_train as engine
 
 F64 = torch.finfo(torch.float64).eps
 
@@ -31,10 +39,10 @@ def padded_batch(lengths, width, vocab, prompt=2, generator=None):
 
 def test_pack_sequences_layout():
     ids, mask, _ = padded_batch([5, 2, 4, 1, 3], 5, 50)
-    packed = pack_sequences(ids, mask)
-    assert packed.input_ids.shape == (1, 15)  # one row, no padding
-    assert pack_sequences(ids, mask, row_tokens=5).input_ids.shape == (3, 5)  # rows within the padded width
-    for packed in (packed, pack_sequences(ids, mask, row_tokens=5)):
+    one_row, rows = pack_sequences(ids, mask), pack_sequences(ids, mask, row_tokens=5)
+    assert one_row.input_ids.shape == (1, 15)  # no padding
+    assert rows.input_ids.shape == (3, 5)  # rows within the padded width
+    for packed in (one_row, rows):
         check_layout(ids, mask, packed)
     with pytest.raises(ValueError, match="right-padded"):
         pack_sequences(ids, mask.flip(1))
@@ -139,11 +147,7 @@ def test_preference_loss_packed_refusals():
 
 # -- the decoder ----------------------------------------------------------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-
-from prefuse.engine.models.loading import check_packable, decoder_hidden_states  # noqa: E402
-
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=60)
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 60}
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2),
     "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2),
@@ -196,13 +200,6 @@ def test_models_that_cannot_take_packed_rows_are_refused():
 
 
 # -- the step -------------------------------------------------------------------------------------------------------
-
-peft = pytest.importorskip("peft")
-
-from prefuse.engine.core.objectives import objective_needs  # noqa: E402
-from prefuse.engine.core.sources import build_batch  # noqa: E402
-from prefuse.engine.core.step import Step  # noqa: E402
-from prefuse.engine.models.loading import Models  # noqa: E402
 
 
 def tiny_models(lora: bool) -> Models:
@@ -265,3 +262,45 @@ def test_padding_free_step_equals_the_padded_step(objective, lora, hparams, row_
     assert abs(float(loss)) > 0 and any(float(g.abs().max()) > 0 for g in grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(p_grads[name], grad, rtol=tol, atol=tol * float(grad.abs().max()), msg=name)
+
+
+# -- prefuse train --padding_free -----------------------------------------------------------------------------------
+
+files = engine.files  # the tiny Llama and its pairs (a module-scoped fixture)
+
+
+@pytest.mark.usefixtures("one_thread", "offline_hf_home")
+@pytest.mark.parametrize("loss_type, peft", [("simpo", "true"), ("sigmoid", "false")])
+def test_prefuse_train_padding_free_equals_padded(files, tmp_path, loss_type, peft):
+    """The first step of `prefuse train` on 8 conversational pairs, padded and --padding_free: the loss, rewards,
+    log-probs and gradient norm equal. (Later steps are not compared: Adam's first update is about lr * sign(g),
+    so a gradient component near 0 may move by a whole lr either way.)"""
+    records = {}
+    for name, flags in (("padded", {}), ("packed", {"padding_free": "true"})):
+        argv = engine.args(files, tmp_path / name, "conversational", loss_type=loss_type, use_peft=peft, lora_r=4,
+                           per_device_train_batch_size=8, max_steps=1, logging_steps=1, save_steps=0,
+                           learning_rate=1e-2, lr_scheduler_type="constant", **flags)
+        assert main(argv) == 0
+        records[name] = engine.read_metrics(tmp_path / name)
+    # float32: the same per-token arithmetic with rows laid out differently, each value a sum over at most the
+    # batch's 16 x 128 positions
+    rel = 2.0 ** -24 * 16 * 128
+    compared = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "grad_norm")
+    (padded,), (packed,) = records["padded"], records["packed"]
+    for key in compared:
+        if key in padded:
+            assert packed[key] == pytest.approx(padded[key], rel=rel, abs=rel), key
+    assert padded["grad_norm"] > 0 and padded["logps/chosen"] != padded["logps/rejected"]
+
+
+@pytest.mark.usefixtures("offline_hf_home")
+@pytest.mark.parametrize("flags, field", [
+    ({"padding_free_row_tokens": 200}, "padding_free_row_tokens"),
+    ({"padding_free": "true", "padding_free_row_tokens": 64}, "padding_free_row_tokens"),
+    ({"padding_free": "true", "loss_type": "ofs_dpo", "use_peft": "true"}, "padding_free"),
+])
+def test_padding_free_settings_are_one_line(files, tmp_path, capsys, flags, field):
+    assert main(engine.args(files, tmp_path, max_steps=1, save_steps=0, **flags)) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and field in errors[0], errors

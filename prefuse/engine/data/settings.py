@@ -20,6 +20,12 @@ class DataSettings:
     skip_bad_rows: bool = setting(False, "skip bad rows and count them by kind, instead of stopping at the first")
     duplicate_rows: str = setting("keep", "rows repeating an earlier row's prompt and responses: keep (as TRL does; "
                                           "counted in one line), drop (counted) or refuse")
+    padding_free: bool = setting(False, "run the decoders on each batch's sequences packed without padding "
+                                        "(position ids restart per sequence; the attention stays within each); the "
+                                        "losses and gradients are the padded batch's")
+    padding_free_row_tokens: int | None = setting(None, "with padding_free: rows of at most N tokens (default: one "
+                                                        "row; sdpa and eager compute a row's whole score matrix, so "
+                                                        "N near max_length bounds their attention work)")
 
     def check(self) -> None:
         """One-line ValueErrors naming the field."""
@@ -31,6 +37,12 @@ class DataSettings:
         check_field(self.duplicate_rows in ("keep", "drop", "refuse"), "duplicate_rows",
                     f"must be keep, drop or refuse, got {self.duplicate_rows!r}")
         check_held_out(self)
+        check_field(self.padding_free_row_tokens is None or self.padding_free, "padding_free_row_tokens",
+                    "sets the packed rows' width: add --padding_free")
+        check_field(self.padding_free_row_tokens is None or self.max_length is None
+                    or self.padding_free_row_tokens >= self.max_length, "padding_free_row_tokens",
+                    f"must hold the longest sequence: at least max_length ({self.max_length}), got "
+                    f"{self.padding_free_row_tokens}")
 
 
 def check_held_out(cfg) -> None:

@@ -196,7 +196,8 @@ def models_and_step(cfg: TrainConfig, needs: ObjectiveNeeds, device) -> tuple[Mo
         step = FastSlowStep(models, loss_fn, needs, bf16=cfg.bf16, interval=cfg.ofs_chasing_interval,
                             swap_mode=cfg.ofs_swap_mode)
     else:
-        step = Step(models, loss_fn, needs, bf16=cfg.bf16, row_temperature=row_temperature)
+        step = Step(models, loss_fn, needs, bf16=cfg.bf16, row_temperature=row_temperature,
+                    padding_free=cfg.padding_free, padding_free_row_tokens=cfg.padding_free_row_tokens)
     return models, step, pad_id
 
 

@@ -236,6 +236,15 @@ def ofs_two_adapters(cfg: TrainConfig, needs) -> None:
                 "ofs_dpo trains its two adapters alone; do not combine it with other objectives")
 
 
+def padding_free_step(cfg: TrainConfig, needs) -> None:
+    """padding_free (data section) packs the step's decoder passes; OFS-DPO's slow adapter runs a pass of its own
+    (objective section), and padding_free_row_tokens without max_length (data section) has no bound to check."""
+    check_field(not cfg.padding_free or not needs.slow_adapter, "padding_free",
+                "ofs_dpo's slow adapter runs a decoder pass of its own, padded; train ofs_dpo without padding_free")
+    check_field(cfg.padding_free_row_tokens is None or cfg.max_length is not None, "padding_free_row_tokens",
+                "needs max_length (rows must hold the longest sequence)")
+
+
 def eval_steps_have_held_out(cfg, needs=None) -> None:
     """eval_steps (run section) needs a held-out set (data section); RewardModelConfig's too."""
     check_field(cfg.eval_steps is None or bool(cfg.eval_split or cfg.eval_fraction), "eval_steps",
@@ -256,8 +265,8 @@ def init_adapters_need_peft(cfg: TrainConfig, needs) -> None:
 
 CROSS_SECTION = (sampling_needs_online, online_judges, online_has_no_held_out_nor_cached_reference, online_iterations,
                  avg_rejected_by_bdhs, alol_weighting_and_judges, kto_batches_and_cached_reference,
-                 revision_template_for_srpo, ofs_two_adapters, eval_steps_have_held_out, monitor_has_held_out_prompts,
-                 init_adapters_need_peft)
+                 revision_template_for_srpo, ofs_two_adapters, padding_free_step, eval_steps_have_held_out,
+                 monitor_has_held_out_prompts, init_adapters_need_peft)
 
 
 # -- the rules TrainConfig's sections share with RewardModelConfig (prefuse train-rm) -------------------------------

@@ -28,14 +28,14 @@ RUN_DIRS = ("runs",)  # TensorBoard's event files (engine/core/metrics.py)
 
 # settings that do not change what a resumed run computes: where it writes, how often it logs, evaluates and saves,
 # the device and how the ranks hold the model (FSDP2 or DDP: a sharded checkpoint resumes in one process), memory
-# settings (gradient checkpointing, vLLM's share of the GPU), the flags that start or resume it, and when it stops
-# (max_steps / num_train_epochs: the schedule is rebuilt for them, build.continue_schedule; --early_stopping: the
-# monitor's rule)
+# settings (gradient checkpointing, padding-free packing: the padded batch's values, vLLM's share of the GPU), the
+# flags that start or resume it, and when it stops (max_steps / num_train_epochs: the schedule is rebuilt for them,
+# build.continue_schedule; --early_stopping: the monitor's rule)
 NOT_COMPARED = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "resume_with_changed_settings", "logging_steps",
     "save_steps", "save_total_limit", "eval_steps", "report_to", "device", "max_steps", "num_train_epochs",
     "early_stopping", "per_device_eval_batch_size", "list_objectives", "config", "skip_nonfinite_steps", "fsdp",
-    "gradient_checkpointing", "vllm_gpu_memory_utilization",
+    "gradient_checkpointing", "vllm_gpu_memory_utilization", "padding_free", "padding_free_row_tokens",
 })
 SCHEDULE = ("learning_rate", "lr_scheduler_type", "warmup_steps")
 
