@@ -14,7 +14,8 @@ HELP = "forward+backward of the head: prefuse vs the materializing path and peer
 DESCRIPTION = ("Extra peak memory (a fresh process per path) and time (one fresh process, the paths taking turns) of "
                "one forward+backward of a linear cross-entropy head; prints a table, --json writes the records. "
                "--task train: whole DPO training steps of prefuse train against TRL's DPOTrainer "
-               "(prefuse/bench/train.py).")
+               "(prefuse/bench/train.py), or with --objective grpo GRPO steps against TRL's GRPOTrainer on the same "
+               "fixed completions (prefuse/bench/train_grpo.py).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--task train: a JSON-lines preference file instead of the generated pairs; with "
                         "--model_name_or_path (TRL formats) its first --pairs rows that fit --max_length, with the "
                         "built shape (prompt, chosen, rejected strings) its first pairs of the shape")
-    p.add_argument("--pairs", type=int, default=8, help="--task train with --model_name_or_path: pairs per batch")
+    p.add_argument("--pairs", type=int, default=8, help="--task train with --model_name_or_path: pairs per batch "
+                                                        "(--objective grpo: prompts, each pair's prompt)")
     p.add_argument("--max_length", type=int, default=256,
                    help="--task train with --model_name_or_path: the longest prompt + response, in tokens")
     p.add_argument("--objective", default="dpo", choices=["dpo", "grpo"],
