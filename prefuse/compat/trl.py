@@ -22,6 +22,13 @@ precompute_ref_log_probs, a router aux loss
 adapter). The head comes from `prefuse.heads.head_of`,
 Gemma-2's final-logit softcap included (TRL's logits apply it); only logits/* then average the uncapped logits.
 
+Packed sequences (`DPOConfig(padding_free=True)`, which TRL 1.16 accepts and ignores): the policy's and the
+reference's decoders run each batch's sequences in one row without padding (position ids restarting with each
+sequence, no attention mask: transformers' packed-sequence masks keep attention within a sequence), and the fused
+head, its statistics pass and the per-sequence sums read the hidden states where the packing put them; loss,
+gradients and metrics are the padded batch's. A model `prefuse.engine.models.loading.check_packable` does not let
+through is refused in one line.
+
 Mixed precision (TRL's default bf16=True): the decoders run under accelerate's autocast, as in TRL; the fused head
 then computes in the lm_head weight's dtype (float32 weights: a float32 head, where TRL's runs in bf16 under
 autocast), so the two agree to bf16 accuracy, and exactly to float32 accuracy with bf16=False.
@@ -29,6 +36,7 @@ autocast), so the two agree to bf16 accuracy, and exactly to float32 accuracy wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -38,6 +46,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from prefuse.algorithms import get_objective
+from prefuse.engine.data.packing import PackedRows, pack_sequences
+from prefuse.engine.models.loading import check_packable
 from prefuse.heads import causal_lm_of, head_of, mean_logit, reference_logps
 from prefuse.kernels import linear_token_stats
 from prefuse.preference import PreferenceLoss
@@ -78,7 +88,20 @@ class PrefuseDPOTrainer(DPOTrainer):
     """`trl.DPOTrainer` whose loss and metrics come from prefuse's `PreferenceLoss` on hidden states."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        config = kwargs.get("args")
+        padding_free = bool(getattr(config, "padding_free", False))
+        if padding_free:  # TRL 1.16 would warn that it falls back to padding: prefuse packs instead
+            config.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if padding_free:
+                config.padding_free = True
+        self.padding_free = bool(self.args.padding_free)
+        if self.padding_free:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    check_packable(self.accelerator.unwrap_model(model))
         if self.ld_alpha is not None and self.precompute_ref_logps:
             raise ValueError("ld_alpha: not supported with precompute_ref_log_probs by PrefuseDPOTrainer (the "
                              "reference's verbose part is not cached); compute the reference on the fly")
@@ -132,6 +155,15 @@ class PrefuseDPOTrainer(DPOTrainer):
         model_kwargs["use_cache"] = False
         return model_kwargs, next_token_labels(inputs["input_ids"], inputs["completion_mask"])
 
+    def _packed(self, model_kwargs) -> tuple[dict, PackedRows | None]:
+        """With padding_free: the decoder's inputs with the batch's sequences packed in one row (input_ids and
+        position_ids [1, N], no attention mask), and the packing; else the inputs as they are and None."""
+        if not self.padding_free:
+            return model_kwargs, None
+        packed = pack_sequences(model_kwargs["input_ids"], model_kwargs["attention_mask"])
+        rest = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
+        return {**rest, "input_ids": packed.input_ids, "position_ids": packed.position_ids}, packed
+
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-prob sums (chosen [B], rejected [B]) for precompute_ref_log_probs, through prefuse's head."""
         model_kwargs, labels = self._model_inputs(inputs)
@@ -146,27 +178,32 @@ class PrefuseDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         model_kwargs, labels = self._model_inputs(inputs)
-        hidden = self._hidden_states(model, model_kwargs, labels.shape[1])
+        decoder_kwargs, packed = self._packed(model_kwargs)
+        seq_len = decoder_kwargs["input_ids"].shape[1]
+        hidden = self._hidden_states(model, decoder_kwargs, seq_len)
         head = head_of(self.accelerator.unwrap_model(model))
         if self.precompute_ref_logps:
             reference = {"ref_chosen_logps": inputs["ref_chosen_logps"],
                          "ref_rejected_logps": inputs["ref_rejected_logps"]}
         else:
-            ref_hidden, ref_head = self._reference_hidden_states(model_kwargs, labels.shape[1])
+            ref_hidden, ref_head = self._reference_hidden_states(decoder_kwargs, seq_len)
             reference = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias}
         # the metrics' token statistics, and WPO's log sum_v p(v)^2 per token, from one forward-only pass
-        stats = linear_token_stats(hidden.detach(), head.weight, labels, bias=head.bias, softcap=head.softcap, top_k=1)
+        stats = linear_token_stats(hidden.detach(), head.weight, labels if packed is None else packed.packed(
+                                       labels, IGNORE_INDEX), bias=head.bias, softcap=head.softcap, top_k=1)
+        stats = stats if packed is None else _padded_stats(stats, packed)  # the batch's [2B, T] layout
         if self.use_weighting:
             sums, pairs = stats.log_sum_sq_probs.sum(-1), labels.shape[0] // 2
             reference.update(policy_chosen_log_sum_sq_probs=sums[:pairs], policy_rejected_log_sum_sq_probs=sums[pairs:])
-        loss, metrics = self.preference_loss(hidden, head.weight, labels, bias=head.bias, **reference)
-        self._log_metrics(mode, metrics, hidden.detach(), head, labels, inputs, stats)
+        loss, metrics = self.preference_loss(hidden, head.weight, labels, bias=head.bias,
+                                             hidden_index=None if packed is None else packed.hidden_index, **reference)
+        self._log_metrics(mode, metrics, hidden.detach(), head, labels, inputs, stats, packed=packed)
         if return_outputs:  # TRL's deprecated path for compute_metrics, which wants logits: one plain forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _log_metrics(self, mode, metrics, hidden, head, labels, inputs, stats):
+    def _log_metrics(self, mode, metrics, hidden, head, labels, inputs, stats, packed=None):
         """TRL's metrics: the loss's (rewards/*, logps/*), then entropy, logits/* and mean_token_accuracy from the
         forward-only pass of the fused head (`stats`), and the token count."""
         gather = self.accelerator.gather_for_metrics
@@ -175,6 +212,8 @@ class PrefuseDPOTrainer(DPOTrainer):
         with torch.no_grad():
             # a token's mean logit over the vocabulary, without logits (of the uncapped logits under a softcap)
             mean_logits = mean_logit(hidden, head.weight, head.bias)
+            if packed is not None:  # [1, N] -> the batch's [2B, T]
+                mean_logits = packed.padded(mean_logits)
         mask = labels != IGNORE_INDEX
         pairs = labels.shape[0] // 2
         sums = {
@@ -189,3 +228,10 @@ class PrefuseDPOTrainer(DPOTrainer):
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum().reshape(1)).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+def _padded_stats(stats, packed: PackedRows):
+    """TokenStats of packed rows laid out as the padded batch's [2B, T] (0 / False past each sequence's end)."""
+    tensors = {f.name: packed.padded(getattr(stats, f.name)) for f in dataclasses.fields(stats)
+               if isinstance(getattr(stats, f.name), torch.Tensor)}
+    return dataclasses.replace(stats, **tensors, extra_topk={k: packed.padded(v) for k, v in stats.extra_topk.items()})
