@@ -2,10 +2,12 @@
 padded run on the same batch: loss, LoRA gradients and every logged metric equal within the float32 tolerances of
 tests/test_integration_trl.py, the decoders having run the batch packed in one row."""
 import pytest
-import torch
 
 import prefuse.compat.trl as compat_trl
-from tests.test_integration_trl import GRAD_TOLERANCE, close, data, example, twin_trainers  # noqa: F401 (fixtures)
+from tests import test_integration_trl as trl_tests
+from tests.test_integration_trl import GRAD_TOLERANCE, close, twin_trainers
+
+example, data = trl_tests.example, trl_tests.data  # module-scoped fixtures: the example and its pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
