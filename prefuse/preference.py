@@ -129,6 +129,15 @@ class RoleStatistics:
         picked = tokens[index]
         return torch.where(verbose, picked, torch.zeros_like(picked)).sum(-1)
 
+    def wpo_values(self, log_sum_sq: torch.Tensor, roles: list[str], examples: slice = slice(None),
+                   rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """WPO's policy_<role>_log_sum_sq_probs of `examples`: log_sum_sq [m], each of the rows `rows`' log sum_v
+        p(v)^2, summed over each role's sequence (no gradient)."""
+        n_seq = self.rows.shape[0]
+        sums = torch.zeros(n_seq, dtype=torch.float32, device=log_sum_sq.device).index_add(
+            0, self.rows.sequence[rows], log_sum_sq.detach())
+        return {f"policy_{role}_log_sum_sq_probs": sums[self.roles.index[role][examples]] for role in roles}
+
     def shapes(self, examples: slice = slice(None)) -> dict[str, torch.Tensor]:
         """The lengths and token masks of the roles (no source)."""
         out = {}
@@ -146,10 +155,10 @@ class PreferenceLoss(torch.nn.Module):
 
     objective: a registered objective name (see `prefuse.list_objectives()`) or a list of names combined with
     `loss_weights` (MPO style). Other keyword arguments are the objectives' hyper-parameters; head options:
-    ignore_index, temperature, softcap, backend, mode ("auto" | "in_forward" | "recompute" | "frozen_weight"),
-    chunk_size, chunk_budget_bytes, grad_budget_bytes, accumulate_fp32, share_reference_chunks (default True: a
-    reference given with the policy's own frozen lm_head, LoRA's, goes through the policy's chunks on the
-    frozen-weight path; False: its own pass).
+    ignore_index, temperature (a float; a call may pass its own, also one per sequence or token), softcap,
+    backend, mode ("auto" | "in_forward" | "recompute" | "frozen_weight"), chunk_size, chunk_budget_bytes,
+    grad_budget_bytes, accumulate_fp32, share_reference_chunks (default True: a reference given with the policy's
+    own frozen lm_head, LoRA's, goes through the policy's chunks on the frozen-weight path; False: its own pass).
     """
 
     def __init__(self, objective: str | Sequence[str] = "sigmoid", *, beta: float = 0.1,
@@ -227,7 +236,7 @@ class PreferenceLoss(torch.nn.Module):
                 ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
                 ref_bias: torch.Tensor | None = None, hidden_index: torch.Tensor | None = None,
                 low_rank: LowRank | None = None, ref_low_rank: LowRank | None = None,
-                return_inputs: bool = False, **inputs):
+                temperature: float | torch.Tensor | None = None, return_inputs: bool = False, **inputs):
         """hidden [S, T, H]: the policy's last hidden states; weight [V, H] and bias [V]: the lm_head; labels
         [S, T] with ignore_index on prompt and padding. roles: {role: row indices into hidden, [B] (or [P, k] for
         k samples per prompt)}; default: the first half of the rows `chosen`, the second `rejected`.
@@ -241,10 +250,15 @@ class PreferenceLoss(torch.nn.Module):
         logits as u B^T (`prefuse.heads.Head.low_rank`; gradients to u and B, the recompute path); ref_low_rank the
         same for the reference's head (default none: the reference is ref_weight, or the policy's weight alone,
         LoRA's adapters disabled).
+        temperature: this call's (default: the module's), a float or one value per sequence [S] or per token
+        [S, T] of labels (e.g. each sample's sampling temperature), for the policy and the reference alike.
         hidden, weight and labels are positional: a `labels=` keyword is the objective's input of that name (KTO's
         desirable flags [B]). Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them), and with
         return_inputs also the objective's inputs (detached: policy_chosen_logps [B], chosen_lengths, ...)."""
         self._check_call(hidden, weight, labels, bias, ref_hidden, inputs, hidden_index)
+        temperature = self.temperature if temperature is None else temperature
+        check_transform(temperature, self.softcap, labels.shape)
+        head = self._head_options(temperature)
         if low_rank is not None and self.mode in ("in_forward", "frozen_weight"):
             raise ValueError(f"mode: {self.mode!r} takes no low_rank (LoRA on the lm_head: its factor's gradient "
                              f"needs the recompute path); use mode='auto' or 'recompute'")
@@ -258,20 +272,29 @@ class PreferenceLoss(torch.nn.Module):
                                 low_rank is not None)
         stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
         fixed = {**inputs, **stats.shapes()}
-        fixed.update(self._wpo_inputs(hidden, weight, bias, rows, role_batch, inputs, low_rank))
+        wpo = self._wpo_roles(role_batch, inputs)
+        # WPO's per-row log sum_v p(v)^2, written by the policy's own log-prob pass (no pass of its own), except
+        # with a low-rank update, whose head has none to give
+        log_sum_sq = None
+        if wpo and low_rank is not None:
+            fixed.update(stats.wpo_values(grouped_log_sum_sq_probs(
+                hidden, weight, rows, bias=bias, chunk_budget_bytes=self.chunk_budget_bytes, low_rank=low_rank,
+                **{k: v for k, v in head.items() if k != "accumulate_fp32"}), wpo))
+        elif wpo:
+            log_sum_sq = torch.zeros(rows.n_rows, dtype=torch.float32, device=hidden.device)
         shared_logp = None
         if ref_hidden is not None and any(s.source == "ref" for s in wanted):
             shared_logp, ref_logp = self._reference_logp(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows,
-                                                         needs_grad, ref_low_rank)
+                                                         needs_grad, ref_low_rank, head, log_sum_sq)
             fixed.update(stats.values(ref_logp, "ref"))
         self.last_shared = shared_logp is not None
         if needs_grad and rows.in_forward:
             loss, metrics, objective_inputs = self._in_forward_loss(hidden, weight, bias, rows, stats, fixed,
-                                                                    role_batch.n_examples)
+                                                                    role_batch.n_examples, head, wpo, log_sum_sq)
         else:
             loss, metrics, objective_inputs = self._autograd_loss(hidden, weight, bias, rows, stats, fixed,
                                                                   role_batch.n_examples, needs_grad, shared_logp,
-                                                                  low_rank)
+                                                                  low_rank, head, wpo, log_sum_sq)
         if return_inputs:
             detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in objective_inputs.items()}
             return loss, metrics, detached
@@ -319,69 +342,66 @@ class PreferenceLoss(torch.nn.Module):
                           chunk_budget_bytes=self.chunk_budget_bytes, grad_budget_bytes=self.grad_budget_bytes,
                           weight_frozen=frozen, hidden_index=hidden_index)
 
-    def _wpo_inputs(self, hidden, weight, bias, rows: RowGroups, role_batch: RoleBatch, inputs: dict,
-                    low_rank: LowRank | None = None) -> dict:
-        """WPO (`use_weighting=True`, TRL's name): policy_<role>_log_sum_sq_probs [B], the sum over each chosen and
-        rejected response's tokens of log sum_v p(v)^2 under the policy, without gradient (TRL 1.16 detaches the
-        weight), unless the caller passed them."""
+    def _wpo_roles(self, role_batch: RoleBatch, inputs: dict) -> list[str]:
+        """WPO (`use_weighting=True`, TRL's name) needs policy_<role>_log_sum_sq_probs [B] of the chosen and
+        rejected responses: the sum over each response's tokens of log sum_v p(v)^2 under the policy, without
+        gradient (TRL 1.16 detaches the weight). The roles it is to be computed for (none that the caller gave)."""
         if not self.hparams.get("use_weighting"):
-            return {}
-        out = {}
-        wanted = [role for role in ("chosen", "rejected")
-                  if f"policy_{role}_log_sum_sq_probs" not in inputs and role in role_batch.index]
-        if wanted:
-            per_row = grouped_log_sum_sq_probs(hidden, weight, rows, bias=bias, temperature=self.temperature,
-                                               softcap=self.softcap, backend=self.backend,
-                                               chunk_budget_bytes=self.chunk_budget_bytes, low_rank=low_rank)
-            sums = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device).index_add(
-                0, rows.sequence, per_row)
-            for role in wanted:
-                out[f"policy_{role}_log_sum_sq_probs"] = sums[role_batch.index[role]]
-        return out
+            return []
+        return [role for role in ("chosen", "rejected")
+                if f"policy_{role}_log_sum_sq_probs" not in inputs and role in role_batch.index]
 
-    def _head_options(self) -> dict:
-        return dict(temperature=self.temperature, softcap=self.softcap, backend=self.backend,
+    def _head_options(self, temperature) -> dict:
+        return dict(temperature=temperature, softcap=self.softcap, backend=self.backend,
                     accumulate_fp32=self.accumulate_fp32)
 
     def _reference_logp(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows: RowGroups,
-                        needs_grad: bool, ref_low_rank: LowRank | None = None
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
+                        needs_grad: bool, ref_low_rank: LowRank | None, head: dict,
+                        log_sum_sq: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(the policy's log-probs [M] when they came from the same pass, else None; the reference's [M], without
         gradient). The reference goes through the same rows, chunks and reductions as the policy, so that a policy
-        equal to its reference gives rewards of exactly 0; its head defaults to the policy's."""
+        equal to its reference gives rewards of exactly 0; its head defaults to the policy's. log_sum_sq [M]:
+        filled with the policy's rows' log sum p^2 when the policy's log-probs come from this pass."""
         ref_weight, ref_bias = (weight, bias if ref_bias is None else ref_bias) if ref_weight is None else (
             ref_weight, ref_bias)
         if (self.share_reference_chunks and rows.frozen_weight and needs_grad and ref_low_rank is None
                 and _same_tensor(ref_weight, weight) and _same_tensor(ref_bias, bias)):
             # one lm_head (LoRA): each chunk's logits matmul reads it once for both models' rows
-            return grouped_logprobs_shared(hidden, ref_hidden, weight, rows, bias=bias, **self._head_options())
+            return grouped_logprobs_shared(hidden, ref_hidden, weight, rows, bias=bias, log_sum_sq_out=log_sum_sq,
+                                           **head)
         with torch.no_grad():
             return None, grouped_logprobs(ref_hidden.detach(), ref_weight.detach(), rows,
                                           bias=None if ref_bias is None else ref_bias.detach(),
                                           low_rank=None if ref_low_rank is None else tuple(
-                                              t.detach() for t in ref_low_rank), **self._head_options())
+                                              t.detach() for t in ref_low_rank), **head)
 
     def _autograd_loss(self, hidden, weight, bias, rows: RowGroups, stats: RoleStatistics, fixed: dict,
                        n_examples: int | None, needs_grad: bool, shared_logp: torch.Tensor | None,
-                       low_rank: LowRank | None = None):
+                       low_rank: LowRank | None, head: dict, wpo: list[str], log_sum_sq: torch.Tensor | None):
         """(loss, metrics, the objective's inputs): the policy's log-probs (those of the shared pass when given)
         with a recomputing or frozen-weight backward, then the objective under autograd; forward only without
-        gradient."""
+        gradient. log_sum_sq: WPO's per-row term, from the shared pass or filled by this one."""
         self.last_mode = ("frozen_weight" if rows.frozen_weight else "recompute") if needs_grad else "forward_only"
-        logp = shared_logp if shared_logp is not None else grouped_logprobs(hidden, weight, rows, bias=bias,
-                                                                             low_rank=low_rank, **self._head_options())
+        logp = shared_logp if shared_logp is not None else grouped_logprobs(
+            hidden, weight, rows, bias=bias, low_rank=low_rank, log_sum_sq_out=log_sum_sq, **head)
         objective_inputs = {**fixed, **stats.values(logp, "policy")}
+        if log_sum_sq is not None:
+            objective_inputs.update(stats.wpo_values(log_sum_sq, wpo))
         loss, metrics = self._objective(self._whole_batch(objective_inputs, n_examples))
         return loss, metrics, objective_inputs
 
     def _in_forward_loss(self, hidden, weight, bias, rows: RowGroups, stats: RoleStatistics, fixed: dict,
-                         n_examples: int):
+                         n_examples: int, head: dict, wpo: list[str], log_sum_sq: torch.Tensor | None):
         """(loss, metrics, the objective's inputs) with the head's gradients formed in forward, chunk by chunk:
-        the loss's value is the objective's on the whole batch, its gradient the surrogate's."""
+        the loss's value is the objective's on the whole batch, its gradient the surrogate's. log_sum_sq: WPO's
+        per-row term, each chunk's rows written by the head before the chunk's coefficients read them."""
         self.last_mode = "in_forward"
-        coef_fn = self._chunk_gradient(rows, stats, fixed, n_examples)
-        surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, **self._head_options())
+        coef_fn = self._chunk_gradient(rows, stats, fixed, n_examples, wpo, log_sum_sq)
+        surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, log_sum_sq_out=log_sum_sq,
+                                           **head)
         objective_inputs = {**fixed, **stats.values(logp, "policy")}
+        if log_sum_sq is not None:
+            objective_inputs.update(stats.wpo_values(log_sum_sq, wpo))
         with torch.no_grad():
             loss, metrics = self._objective(objective_inputs)
         loss = loss.detach().float() + (surrogate - surrogate.detach())
@@ -398,9 +418,11 @@ class PreferenceLoss(torch.nn.Module):
                              f"cannot be gathered over the ranks")
         return gather_examples(inputs, n_examples, self.batch_group)
 
-    def _chunk_gradient(self, rows: RowGroups, stats: RoleStatistics, fixed: dict, n_examples: int):
+    def _chunk_gradient(self, rows: RowGroups, stats: RoleStatistics, fixed: dict, n_examples: int,
+                        wpo: list[str], log_sum_sq: torch.Tensor | None):
         """coef_fn for grouped_logprobs: the batch loss's gradient with respect to one chunk's log-probs, from the
-        objective on the chunk's own examples (their share of the batch mean)."""
+        objective on the chunk's own examples (their share of the batch mean; WPO's terms from log_sum_sq's rows
+        of the chunk)."""
 
         def per_example(value, examples: slice):
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n_examples:
@@ -414,6 +436,8 @@ class PreferenceLoss(torch.nn.Module):
                 local = logp.detach().clone().requires_grad_()
                 inputs = {k: per_example(v, examples) for k, v in fixed.items()}
                 inputs.update(stats.values(local, "policy", examples, chunk))
+                if log_sum_sq is not None:
+                    inputs.update(stats.wpo_values(log_sum_sq[chunk], wpo, examples, chunk))
                 loss, _ = self._objective(inputs)
                 share = (examples.stop - examples.start) / n_examples
                 (grad,) = torch.autograd.grad(loss * share, [local], allow_unused=True)

@@ -37,7 +37,7 @@ from prefuse.kernels.fused_head import (
 from prefuse.kernels.linear_head import logprobs_function
 from prefuse.kernels.low_rank import FusedLogprobsLowRank, LowRank, add_low_rank_, check_low_rank
 from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, MODES, Plan, make_plan, rows_for_budget
-from prefuse.kernels.rows import gather_rows, zero_connected
+from prefuse.kernels.rows import gather_rows, inv_temperature_per_position, zero_connected
 from prefuse.kernels.validate import check_transform, resolve_backend
 
 GroupCoefFn = Callable[[slice, torch.Tensor], torch.Tensor]
@@ -166,8 +166,14 @@ def _packed_rows(hidden_index: torch.Tensor, labels: torch.Tensor, index: torch.
 
 def _head_config(rows: RowGroups, device, backend, temperature, softcap, accumulate_fp32) -> HeadConfig:
     return HeadConfig(rows_per_chunk=rows.plan.rows_per_chunk, backend=resolve_backend(backend, device),
-                      vocab_tile=rows.plan.vocab_tile, inv_temperature=1.0 / temperature, softcap=softcap,
-                      accumulate_fp32=accumulate_fp32)
+                      vocab_tile=rows.plan.vocab_tile, inv_temperature=_row_inv_temperature(temperature, rows, device),
+                      softcap=softcap, accumulate_fp32=accumulate_fp32)
+
+
+def _row_inv_temperature(temperature, rows: RowGroups, device) -> float | torch.Tensor:
+    """1 / temperature of each of the rows (float32 [M], in their order), or the float."""
+    inv_t = inv_temperature_per_position(temperature, rows.shape, device)
+    return inv_t[rows.index] if isinstance(inv_t, torch.Tensor) else inv_t
 
 
 def _check_hidden_rows(flat: torch.Tensor, hidden: torch.Tensor, rows: RowGroups) -> None:
@@ -180,8 +186,9 @@ def _check_hidden_rows(flat: torch.Tensor, hidden: torch.Tensor, rows: RowGroups
 
 def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups, *,
                      bias: torch.Tensor | None = None, coef_fn: GroupCoefFn | None = None,
-                     temperature: float = 1.0, softcap: float | None = None, backend: str = "auto",
-                     accumulate_fp32: bool = True, low_rank: LowRank | None = None):
+                     temperature: float | torch.Tensor = 1.0, softcap: float | None = None, backend: str = "auto",
+                     accumulate_fp32: bool = True, low_rank: LowRank | None = None,
+                     log_sum_sq_out: torch.Tensor | None = None):
     """Per-row log-probs [M] float32 of `rows` (in their order) under softmax(transform(hidden @ weight.T + bias)).
 
     hidden [S, T, H] (or [S * T, H]), weight [V, H], bias [V]. Without coef_fn: logp [M], differentiable with a
@@ -189,28 +196,46 @@ def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups
     gradient. With coef_fn (rows.in_forward must hold): (surrogate 0-d, logp [M] without gradient),
     where the surrogate's value is sum_i coef_i * logp_i and its gradient, formed in forward, is the caller's loss
     gradient; add `surrogate - surrogate.detach()` to the loss value to route it.
+    temperature: a float, or one value per sequence [S] or per token [S, T] of the rows' labels (no gradient).
+    log_sum_sq_out [M] float32: receives each row's log sum_v p(v)^2 (WPO's per-token term, no gradient) from
+    the same pass: the same logits chunks, summed under the logsumexp's running max (no matmul of its own); with
+    coef_fn a chunk's rows are written before coef_fn reads that chunk.
     low_rank: (u [..., r] like hidden's leading shape, factor [V, r]) adds u @ factor.T to the logits (LoRA on the
     lm_head, `linear_logprobs`): logp [M] with a recomputing backward over the rows' chunks, whatever their plan
-    (build the rows with grouped=False and weight_frozen=False for the recompute plan's chunks); no coef_fn."""
-    check_transform(temperature, softcap)
+    (build the rows with grouped=False and weight_frozen=False for the recompute plan's chunks); no coef_fn and
+    no log_sum_sq_out (grouped_log_sum_sq_probs computes it in a pass of its own)."""
+    check_transform(temperature, softcap, rows.shape)
     flat = hidden.reshape(-1, hidden.shape[-1])
     _check_hidden_rows(flat, hidden, rows)
+    _check_log_sum_sq_out(log_sum_sq_out, rows)
     cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
     if low_rank is not None:
+        if log_sum_sq_out is not None:
+            raise ValueError("log_sum_sq_out: not with low_rank; use grouped_log_sum_sq_probs(low_rank=...)")
         return _low_rank_logprobs(flat, weight, bias, low_rank, rows, cfg, coef_fn)
     on = torch.is_grad_enabled()
     needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias))
     if coef_fn is None:
         if rows.n_rows == 0:
             return torch.zeros(0, dtype=torch.float32, device=hidden.device) + zero_connected(flat, weight, bias)
-        return logprobs_function(rows.plan.mode, needs).apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg,
-                                                               rows.chunks)
+        function = logprobs_function(rows.plan.mode, needs)
+        if function is FusedLogprobsFrozenWeight:
+            return function.apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg, rows.chunks, None, None,
+                                  log_sum_sq_out)
+        return function.apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg, rows.chunks, None,
+                              log_sum_sq_out)
     if not rows.in_forward:
         raise ValueError("coef_fn: the rows' plan is not in_forward (build them with group_rows(grouped=True))")
     surrogate, logp, _ = FusedHeadInForward.apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg,
                                                   lambda chunk, lp, _mean: (coef_fn(chunk, lp), None), needs,
-                                                  rows.chunks)
+                                                  rows.chunks, log_sum_sq_out)
     return surrogate, logp
+
+
+def _check_log_sum_sq_out(out: torch.Tensor | None, rows: RowGroups) -> None:
+    if out is not None and (out.shape != (rows.n_rows,) or out.dtype != torch.float32 or out.requires_grad):
+        raise ValueError(f"log_sum_sq_out: expected a float32 [M] = ({rows.n_rows},) tensor without gradient, got "
+                         f"{out.dtype} {tuple(out.shape)}")
 
 
 def _low_rank_logprobs(flat, weight, bias, low_rank: LowRank, rows: RowGroups, cfg: HeadConfig, coef_fn):
@@ -226,13 +251,15 @@ def _low_rank_logprobs(flat, weight, bias, low_rank: LowRank, rows: RowGroups, c
 
 
 def grouped_logprobs_shared(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups,
-                            *, bias: torch.Tensor | None = None, temperature: float = 1.0,
-                            softcap: float | None = None, backend: str = "auto", accumulate_fp32: bool = True):
+                            *, bias: torch.Tensor | None = None, temperature: float | torch.Tensor = 1.0,
+                            softcap: float | None = None, backend: str = "auto", accumulate_fp32: bool = True,
+                            log_sum_sq_out: torch.Tensor | None = None):
     """(logp [M], ref_logp [M]) of `rows` for a policy and a reference that share the lm_head (LoRA: the reference
     is the base model, adapters disabled). hidden and ref_hidden [S, T, H] (or [S * T, H]); weight [V, H] and
     bias [V] need no gradient. On the frozen-weight plan with only hidden needing a gradient, the reference's rows
     go through the policy's chunks (one logits matmul per chunk for both, the reference's rows without a basis);
-    otherwise the reference runs as its own pass over the same rows without gradient. ref_logp has no gradient."""
+    otherwise the reference runs as its own pass over the same rows without gradient. ref_logp has no gradient.
+    temperature and log_sum_sq_out (the policy's rows) as in grouped_logprobs."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     ref_flat = ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()
     if ref_flat.shape != flat.shape:
@@ -244,24 +271,28 @@ def grouped_logprobs_shared(hidden: torch.Tensor, ref_hidden: torch.Tensor, weig
         with torch.no_grad():
             ref_logp = grouped_logprobs(ref_flat, weight.detach(), rows,
                                         **{**head, "bias": None if bias is None else bias.detach()})
-        return grouped_logprobs(hidden, weight, rows, **head), ref_logp
-    check_transform(temperature, softcap)
+        return grouped_logprobs(hidden, weight, rows, log_sum_sq_out=log_sum_sq_out, **head), ref_logp
+    check_transform(temperature, softcap, rows.shape)
     _check_hidden_rows(flat, hidden, rows)
+    _check_log_sum_sq_out(log_sum_sq_out, rows)
     cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
     return FusedLogprobsFrozenWeight.apply(flat, weight, bias, rows.labels, rows.hidden_index, cfg, rows.chunks, None,
-                                           ref_flat)
+                                           ref_flat, log_sum_sq_out)
 
 
 @torch.no_grad()
 def grouped_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups, *,
-                             bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
+                             bias: torch.Tensor | None = None, temperature: float | torch.Tensor = 1.0,
+                             softcap: float | None = None,
                              backend: str = "auto", chunk_budget_bytes: int | None = None,
                              low_rank: LowRank | None = None) -> torch.Tensor:
     """log sum_v p(v)^2 [M] float32 of `rows` (in their order), without gradient: WPO's per-token term, from the
     statistics kernel (`logits_stats`, logsumexp(2 z) - 2 logsumexp(z) under a running max). A forward-only pass
-    of its own over whole-vocabulary chunks (one logits matmul per chunk), beside the log-prob pass. low_rank: the
-    logits' low-rank update, as in grouped_logprobs."""
-    check_transform(temperature, softcap)
+    of its own over whole-vocabulary chunks (one logits matmul per chunk), beside the log-prob pass: for callers
+    without a log-prob pass (or with low_rank); grouped_logprobs(log_sum_sq_out=...) takes it from its own chunks.
+    low_rank: the logits' low-rank update, as in grouped_logprobs."""
+    check_transform(temperature, softcap, rows.shape)
+    inv_t = _row_inv_temperature(temperature, rows, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1]).detach()
     backend = resolve_backend(backend, hidden.device)
     if backend == "triton":
@@ -277,6 +308,7 @@ def grouped_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, rows: R
         logits = chunk_logits(gather_rows(flat, rows.hidden_index, sl), weight, bias)
         if u is not None:
             add_low_rank_(logits, gather_rows(u, rows.hidden_index, sl), low_rank[1].detach())
-        out[sl] = ops.logits_stats(logits, None, inv_temperature=1.0 / temperature, softcap=softcap,
+        chunk_inv_t = inv_t[sl] if isinstance(inv_t, torch.Tensor) else inv_t
+        out[sl] = ops.logits_stats(logits, None, inv_temperature=chunk_inv_t, softcap=softcap,
                                    top_k=1)["log_sum_sq_probs"]
     return out
