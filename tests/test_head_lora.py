@@ -314,3 +314,72 @@ def test_prefuse_train_trains_the_lm_head_adapter(files, tmp_path, offline_hf_ho
     assert lora and all("lm_head" in name for name in lora), sorted(lora)
     lm_head_b = [value for name, value in lora.items() if "lora_B" in name]
     assert len(lm_head_b) == 1 and float(lm_head_b[0].abs().max()) > 0
+
+
+# -- PrefuseDPOTrainer against TRL's DPOTrainer, lm_head in the LoraConfig's target_modules ------------------------
+
+@pytest.mark.parametrize("overrides", [dict(), dict(use_weighting=True), dict(loss_type="ipo", beta=0.5),
+                                       dict(padding_free=True)], ids=["sigmoid", "wpo", "ipo", "padding_free"])
+def test_prefuse_dpo_trainer_equals_trl_with_lm_head_lora(tmp_path, monkeypatch, overrides):
+    """PrefuseDPOTrainer with LoRA on q_proj, v_proj and lm_head (B moved off zero) against TRL 1.16's own
+    DPOTrainer, which refuses an adapter on the lm_head (its fused head reads lm_head.weight): TRL runs the same
+    model with the lm_head adapter merged into a plain, trainable lm_head W' = W + s B A and the base model as a
+    separate reference (= the adapters disabled). Loss, the decoder's LoRA gradients and TRL's metrics are equal;
+    the lm_head factors' gradients equal the chain rule through W': dA = s B^T dW', dB = s dW' A^T
+    (tolerances: tests/test_integration_trl.py)."""
+    trl = pytest.importorskip("trl")
+    trl_tests = pytest.importorskip("tests.test_integration_trl")
+    from prefuse.compat.trl import PrefuseDPOTrainer
+
+    example = trl_tests.load_example()
+    if not example.DATA.exists():
+        pytest.skip("the shared preference data is not next to the repository")
+    cfg = example.Config(output_dir=str(tmp_path))
+    pairs = example.load_pairs(cfg)
+    tokenizer = example.train_tokenizer(pairs, cfg.vocab_size)
+    options = dict(tokenizer=tokenizer, pairs=pairs, bf16=False, **overrides)
+    theirs = example.make_trainer(cfg, trl.DPOTrainer, model=example.build_model(tokenizer, cfg),
+                                  ref_model=example.build_model(tokenizer, cfg), **options)
+    lora_config = example.LoraConfig
+    monkeypatch.setattr(example, "LoraConfig", lambda **kw: lora_config(
+        **{**kw, "target_modules": [*kw["target_modules"], "lm_head"]}))
+    ours = example.make_trainer(cfg, PrefuseDPOTrainer, model=example.build_model(tokenizer, cfg), **options)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in ours.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=generator)
+        theirs.model.load_state_dict({name.replace("lm_head.base_layer.", "lm_head."): value
+                                      for name, value in ours.model.state_dict().items()
+                                      if "lm_head.lora_" not in name})
+    head = head_of(ours.model)
+    assert head.lora is not None and head.weight is not head.lora.b
+    lm_head = theirs.model.get_output_embeddings()
+    assert isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None
+    with torch.no_grad():
+        lm_head.weight.copy_(head.weight + head.lora.scale * head.lora.b @ head.lora.a)
+    lm_head.weight.requires_grad_(True)
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+
+    ours_loss, theirs_loss = ours.compute_loss(ours.model, batch), theirs.compute_loss(theirs.model, batch)
+    assert trl_tests.close(ours_loss.item(), theirs_loss.item()), (ours_loss.item(), theirs_loss.item())
+    ours_loss.backward()
+    theirs_loss.backward()
+    theirs_params = dict(theirs.model.named_parameters())
+    merged = lm_head.weight.grad.double()
+    want_lm_head = {"lora_A": head.lora.scale * head.lora.b.double().T @ merged,
+                    "lora_B": head.lora.scale * merged @ head.lora.a.double().T}
+    checked = 0
+    for name, param in ours.model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = next((k for k in want_lm_head if f"lm_head.{k}" in name), None)
+        want = want_lm_head[kind] if kind else theirs_params[name].grad.double()
+        assert (param.grad.double() - want).abs().max() <= trl_tests.GRAD_TOLERANCE * want.abs().max(), name
+        checked += kind is not None
+    assert checked == 2
+    ours_metrics, theirs_metrics = ours._metrics["train"], theirs._metrics["train"]
+    reward_scale = theirs.beta * abs(theirs_metrics["logps/chosen"][-1])
+    for name, values in theirs_metrics.items():
+        scale = reward_scale if name.startswith("rewards/") else 1.0
+        assert trl_tests.close(ours_metrics[name][-1], values[-1], scale), (name, ours_metrics[name][-1], values[-1])

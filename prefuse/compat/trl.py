@@ -18,9 +18,12 @@ part of each response from its token log-probs), precompute_ref_log_probs. Logge
 forward-only pass of the fused head, which also gives use_weighting (WPO) its log sum_v p(v)^2 per token (passed to
 `PreferenceLoss`, no pass of its own). Not supported (a ValueError says so): ld_alpha with
 precompute_ref_log_probs, a router aux loss
-(MoE), vision inputs, an lm_head that is not a plain Linear (LoRA on lm_head: the fused head would skip the
-adapter). The head comes from `prefuse.heads.head_of`,
-Gemma-2's final-logit softcap included (TRL's logits apply it); only logits/* then average the uncapped logits.
+(MoE), vision inputs, an lm_head that is neither a plain Linear nor peft's LoRA Linear around one (DoRA and other
+variants, several active adapters). The head comes from `prefuse.heads.head_of`, Gemma-2's final-logit softcap
+included (TRL's logits apply it; only logits/* then average the uncapped logits), and so does a LoRA adapter on the
+lm_head (`lm_head` in the LoraConfig's target_modules): the fused head adds its low-rank update chunk by chunk, the
+reference's head is read inside TRL's reference context (adapters disabled: the base lm_head; the "ref" adapter:
+its own).
 
 Packed sequences (`DPOConfig(padding_free=True)`, which TRL 1.16 accepts and ignores): the policy's and the
 reference's decoders run each batch's sequences in one row without padding (position ids restarting with each
@@ -38,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 
 import torch
 from accelerate.utils import is_peft_model
@@ -77,6 +81,27 @@ def add_hidden_states_forward(causal_lm: torch.nn.Module) -> None:
     causal_lm._prefuse_hidden_forward = True
 
 
+class _NoTunerLayer:
+    """Matches no module: stands in for peft's BaseTunerLayer in a TRL trainer's lm_head check."""
+
+
+@contextlib.contextmanager
+def lm_head_adapter_allowed(trainer_class: type):
+    """Lift, while `trainer_class.__init__` runs, TRL 1.16's refusal of a PEFT adapter on the lm_head (its own fused
+    head reads lm_head.weight and would skip the adapter; prefuse's head computes it: prefuse.heads.head_of, which
+    refuses what it cannot compute). The check reads the module's BaseTunerLayer, swapped for the duration."""
+    module = sys.modules[trainer_class.__module__]
+    saved = getattr(module, "BaseTunerLayer", None)
+    if saved is None:
+        yield
+        return
+    module.BaseTunerLayer = _NoTunerLayer
+    try:
+        yield
+    finally:
+        module.BaseTunerLayer = saved
+
+
 def next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """labels [N, T]: labels[:, t] is input_ids[:, t + 1] where that token is a completion token (the hidden state
     at t predicts it), IGNORE_INDEX elsewhere and at the last position."""
@@ -93,7 +118,8 @@ class PrefuseDPOTrainer(DPOTrainer):
         if padding_free:  # TRL 1.16 would warn that it falls back to padding: prefuse packs instead
             config.padding_free = False
         try:
-            super().__init__(*args, **kwargs)
+            with lm_head_adapter_allowed(DPOTrainer):
+                super().__init__(*args, **kwargs)
         finally:
             if padding_free:
                 config.padding_free = True
@@ -115,8 +141,8 @@ class PrefuseDPOTrainer(DPOTrainer):
                        "f_alpha_divergence_coef": self.args.f_alpha_divergence_coef,
                        "use_weighting": self.use_weighting}
         accepted = set().union(*(get_objective(name).hparams for name in self.loss_types))
-        # head_of refuses an lm_head that is not a plain Linear (LoRA on it) before any step; its softcap is
-        # Gemma-2's final-logit cap, which the model's own logits (TRL's) apply
+        # head_of refuses an lm_head the fused head cannot compute (a LoRA variant on it) before any step; its
+        # softcap is Gemma-2's final-logit cap, which the model's own logits (TRL's) apply
         self.preference_loss = PreferenceLoss(self.loss_types, beta=self.beta, loss_weights=self.loss_weights,
                                               softcap=head_of(self.model).softcap,
                                               **{k: v for k, v in trl_options.items() if k in accepted})
@@ -142,12 +168,13 @@ class PrefuseDPOTrainer(DPOTrainer):
         return contextlib.nullcontext()
 
     def _reference_hidden_states(self, model_kwargs, seq_len):
-        """-> (hidden [N, T, H], Head) of the reference, without gradient."""
+        """-> (hidden [N, T, H], Head) of the reference, without gradient (the head read inside the reference's
+        context: with the adapters disabled, the base lm_head)."""
         reference = self.ref_model if self.ref_model is not None else self.model
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             hidden = self._hidden_states(reference, model_kwargs, seq_len)
-        return hidden, head_of(self.accelerator.unwrap_model(reference))
+            return hidden, head_of(self.accelerator.unwrap_model(reference)).detached()
 
     @staticmethod
     def _model_inputs(inputs):
@@ -187,23 +214,30 @@ class PrefuseDPOTrainer(DPOTrainer):
                          "ref_rejected_logps": inputs["ref_rejected_logps"]}
         else:
             ref_hidden, ref_head = self._reference_hidden_states(decoder_kwargs, seq_len)
-            reference = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias}
+            with torch.no_grad():
+                reference = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias,
+                             "ref_low_rank": ref_head.low_rank(ref_hidden)}
+        low_rank = head.low_rank(hidden)  # a LoRA adapter on the lm_head (one dropout draw for loss and metrics)
+        seen = None if low_rank is None else tuple(t.detach() for t in low_rank)
         # the metrics' token statistics, and WPO's log sum_v p(v)^2 per token, from one forward-only pass
         stats = linear_token_stats(hidden.detach(), head.weight, labels if packed is None else packed.packed(
-                                       labels, IGNORE_INDEX), bias=head.bias, softcap=head.softcap, top_k=1)
+                                       labels, IGNORE_INDEX), bias=head.bias, softcap=head.softcap, top_k=1,
+                                   low_rank=seen)
         stats = stats if packed is None else _padded_stats(stats, packed)  # the batch's [2B, T] layout
         if self.use_weighting:
             sums, pairs = stats.log_sum_sq_probs.sum(-1), labels.shape[0] // 2
             reference.update(policy_chosen_log_sum_sq_probs=sums[:pairs], policy_rejected_log_sum_sq_probs=sums[pairs:])
         loss, metrics = self.preference_loss(hidden, head.weight, labels, bias=head.bias,
-                                             hidden_index=None if packed is None else packed.hidden_index, **reference)
-        self._log_metrics(mode, metrics, hidden.detach(), head, labels, inputs, stats, packed=packed)
+                                             hidden_index=None if packed is None else packed.hidden_index,
+                                             low_rank=low_rank,
+                                             **reference)
+        self._log_metrics(mode, metrics, hidden.detach(), head, labels, inputs, stats, seen, packed=packed)
         if return_outputs:  # TRL's deprecated path for compute_metrics, which wants logits: one plain forward
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
 
-    def _log_metrics(self, mode, metrics, hidden, head, labels, inputs, stats, packed=None):
+    def _log_metrics(self, mode, metrics, hidden, head, labels, inputs, stats, low_rank=None, packed=None):
         """TRL's metrics: the loss's (rewards/*, logps/*), then entropy, logits/* and mean_token_accuracy from the
         forward-only pass of the fused head (`stats`), and the token count."""
         gather = self.accelerator.gather_for_metrics
@@ -211,7 +245,7 @@ class PrefuseDPOTrainer(DPOTrainer):
             self._metrics[mode][name].append(gather(value.reshape(1)).mean().item())
         with torch.no_grad():
             # a token's mean logit over the vocabulary, without logits (of the uncapped logits under a softcap)
-            mean_logits = mean_logit(hidden, head.weight, head.bias)
+            mean_logits = mean_logit(hidden, head.weight, head.bias, low_rank)
             if packed is not None:  # [1, N] -> the batch's [2B, T]
                 mean_logits = packed.padded(mean_logits)
         mask = labels != IGNORE_INDEX
