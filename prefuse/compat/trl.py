@@ -50,6 +50,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from prefuse.algorithms import get_objective
+from prefuse.compat.sharding import full_head
 from prefuse.engine.data.packing import PackedRows, pack_sequences
 from prefuse.engine.models.loading import check_packable
 from prefuse.heads import causal_lm_of, head_of, mean_logit, reference_logps
@@ -174,7 +175,7 @@ class PrefuseDPOTrainer(DPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             hidden = self._hidden_states(reference, model_kwargs, seq_len)
-            return hidden, head_of(self.accelerator.unwrap_model(reference)).detached()
+            return hidden, full_head(head_of(self.accelerator.unwrap_model(reference))).detached()
 
     @staticmethod
     def _model_inputs(inputs):
@@ -197,7 +198,7 @@ class PrefuseDPOTrainer(DPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             hidden = self._hidden_states(model, model_kwargs, labels.shape[1])
-            logps = reference_logps(hidden, head_of(self.accelerator.unwrap_model(model)), labels)
+            logps = reference_logps(hidden, full_head(head_of(self.accelerator.unwrap_model(model))), labels)
         return logps.chunk(2, dim=0)
 
     # -- the loss -------------------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ class PrefuseDPOTrainer(DPOTrainer):
         decoder_kwargs, packed = self._packed(model_kwargs)
         seq_len = decoder_kwargs["input_ids"].shape[1]
         hidden = self._hidden_states(model, decoder_kwargs, seq_len)
-        head = head_of(self.accelerator.unwrap_model(model))
+        head = full_head(head_of(self.accelerator.unwrap_model(model)))  # whole under FSDP2
         if self.precompute_ref_logps:
             reference = {"ref_chosen_logps": inputs["ref_chosen_logps"],
                          "ref_rejected_logps": inputs["ref_rejected_logps"]}

@@ -2,31 +2,21 @@
 
     hidden, head = hidden_and_head(accelerator, model, {"input_ids": ..., "attention_mask": ...})
 
-Under FSDP2 the lm_head weight may be a DTensor shard of [V / world, H] (the lm_head in a unit whose forward is never
-called, or resharded): `full_head` gathers it with `DTensor.full_tensor()`, an all-gather whose backward
-reduce-scatters the gradient into the shard, so the fused head always sees the whole [V, H] weight.
+The head is whole under FSDP2 too (`prefuse.compat.sharding.full_head`: a sharded weight is all-gathered, its gradient
+reduce-scattered back into the shard).
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
-from torch.distributed.tensor import DTensor
 
+from prefuse.compat.sharding import full_head
 from prefuse.compat.trl import HIDDEN_FLAG, IGNORE_INDEX, add_hidden_states_forward
 from prefuse.heads import Head, causal_lm_of, head_of
 
-__all__ = ["IGNORE_INDEX", "check_plain_logits", "full_head", "hidden_and_head"]
+__all__ = ["IGNORE_INDEX", "check_plain_logits", "hidden_and_head"]
 
 # config fields by which some architectures scale their logits before the softmax; the fused head does not apply them
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-
-
-def full_head(head: Head) -> Head:
-    """`head` with its weight (and bias) gathered whole when they are DTensor shards (FSDP2); differentiable."""
-    def whole(tensor):
-        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    return replace(head, weight=whole(head.weight), bias=None if head.bias is None else whole(head.bias))
 
 
 def hidden_and_head(accelerator, model: torch.nn.Module, model_kwargs: dict) -> tuple[torch.Tensor, Head]:

@@ -1,0 +1,30 @@
+"""The lm_head as the fused head must see it under sharded training: whole.
+
+Under FSDP2 a parameter outside a running forward is a DTensor shard ([V / world, H] of the lm_head weight) unless its
+FSDP unit holds it unsharded: the lm_head's unit resharded after its forward, or a unit whose forward never runs (the
+fused head reads the weight without calling the lm_head module). `full_head` gathers such a shard with
+`DTensor.full_tensor()`, an all-gather whose backward reduce-scatters the gradient into the shard.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch.distributed.tensor import DTensor
+
+from prefuse.heads import Head
+
+__all__ = ["full_head", "whole"]
+
+
+def whole(tensor):
+    """A DTensor gathered whole (differentiable); any other tensor (or None) as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_head(head: Head) -> Head:
+    """`head` with its weight, bias and LoRA factors gathered whole where they are DTensor shards (FSDP2);
+    differentiable. Every process of the mesh must call it (an all-gather)."""
+    lora = head.lora
+    if lora is not None:
+        lora = replace(lora, a=whole(lora.a), b=whole(lora.b))
+    return replace(head, weight=whole(head.weight), bias=whole(head.bias), lora=lora)
