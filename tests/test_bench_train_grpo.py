@@ -175,7 +175,8 @@ def test_the_groups_are_prompts_and_cut_responses(groups):
     (["--task", "train", "--objective", "grpo", "--num_generations", "1"], "--num_generations: GRPO compares"),
     (["--task", "train", "--objective", "grpo", "--max_completion_length", "1"], "--max_completion_length: expected"),
     (["--task", "train", "--objective", "grpo", "--beta", "-0.1"], "--beta: expected finite values >= 0"),
-    (["--task", "train", "--objective", "grpo", "--paths", "trl"], "--paths: --objective grpo runs both"),
+    (["--task", "train", "--objective", "grpo", "--paths", "trl"], "--paths: --objective grpo runs ['prefuse', "),
+    (["--task", "train", "--objective", "grpo", "--paths", "prefuse", "trl_liger"], "prefuse among them"),
     (["--task", "train", "--beta", "0.1"], "--beta: for --objective grpo"),
     (["--task", "head", "--objective", "grpo"], "--objective: for --task train"),
 ])

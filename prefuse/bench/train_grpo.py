@@ -19,7 +19,9 @@ Paths (prefuse/bench/train_grpo_workers.py):
   full fine-tuning) -> the policy's decoder -> fused head -> GRPO objective -> backward -> clip -> AdamW -> schedule;
 - trl: `GRPOTrainer.train()` whose `rollout_func` returns the groups' ids; TRL pads them, scores them with the same
   reward function, computes the advantages and (beta > 0) the reference's log-probs, then its `compute_loss`
-  (its chunked fused LM head), backward, clipping, AdamW, schedule.
+  (its chunked fused LM head), backward, clipping, AdamW, schedule;
+- trl_prefuse: the same with `PrefuseGRPOTrainer` (prefuse/compat/trl_grpo.py), TRL's trainer whose per-token
+  log-probs come from prefuse's fused head.
 
 Both sides: float32, loss_type dapo (TRL's default), epsilon 0.2, group-scaled advantages, temperature 1, one
 update per generation (the ratio is 1 in value), the k3 KL with TRL's bias correction when beta > 0, AdamW at the
@@ -46,7 +48,7 @@ from pathlib import Path
 from prefuse.bench import train
 from prefuse.bench.train_workers import SEED
 
-GRPO_PATHS = ("prefuse", "trl")
+GRPO_PATHS = ("prefuse", "trl", "trl_prefuse")
 BETAS = (0.0, 0.04)  # TRL's default, and the DeepSeekMath paper's
 # a float32 per-token log-prob through two different heads (chunked logsumexps over the vocabulary, in different
 # orders): a few ulp (2e-6 at |log p| ~ 20) of each reduction, taken generously
@@ -114,13 +116,17 @@ def write_groups(model_dir, pairs_file: Path, work: Path, settings: GRPOSettings
     return groups_file, prompts_file
 
 
-def run(shape, modes=train.MODES, betas=BETAS, *, settings: GRPOSettings = GRPOSettings(), rounds: int = 5,
+def run(shape, modes=train.MODES, betas=BETAS, paths=GRPO_PATHS, *, settings: GRPOSettings = GRPOSettings(),
+        rounds: int = 5,
         warmup: int = 1, device: str = "cpu", work_dir: str | None = None, timeout: float = 1800,
         log=print) -> list[dict]:
     """One record per (mode, beta, path): losses and GRPO_METRICS of every step, final_logp, step time (median,
     min, max over the `rounds` timed steps), tokens per second, peak memory. One (mode, beta)'s two workers at a
-    time. Checked with `check_losses`."""
+    time. Checked with `check_losses` against prefuse's, which `paths` must hold."""
     settings.check()
+    if "prefuse" not in paths or set(paths) - set(GRPO_PATHS):
+        raise ValueError(f"--paths: the GRPO bench's paths are {list(GRPO_PATHS)}, prefuse among them (the others "
+                         f"are checked against it), got {list(paths)}")
     with tempfile.TemporaryDirectory(prefix="prefuse-bench-grpo-") as tmp:
         work = Path(work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,7 @@ def run(shape, modes=train.MODES, betas=BETAS, *, settings: GRPOSettings = GRPOS
         for mode in modes:
             for beta in betas:
                 workers = {}
-                for name in GRPO_PATHS:
+                for name in paths:
                     records.append({"task": "train", "objective": "grpo", "peft": mode, "beta": beta, "path": name,
                                     **described, "num_generations": settings.num_generations,
                                     "max_completion_length": settings.max_completion_length,
@@ -158,7 +164,7 @@ def run(shape, modes=train.MODES, betas=BETAS, *, settings: GRPOSettings = GRPOS
 
 
 def check_losses(records: list[dict]) -> None:
-    """Each TRL record against prefuse's of the same (mode, beta): losses (train.LOSS_TOLERANCE), kl (kl_bound),
+    """Each other path's record against prefuse's of the same (mode, beta): losses (train.LOSS_TOLERANCE), kl (kl_bound),
     the reward statistics, final_logp and the batch's tokens; `loss_max_diff` and `final_logp_diff` on the record, and an error
     for each difference past its tolerance."""
     for rec in records:

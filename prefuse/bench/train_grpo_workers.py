@@ -12,6 +12,8 @@ ids each, and the pad id. Nothing is generated during the steps; both sides read
 - trl: TRL 1.16's `GRPOTrainer(...).train()` with `rollout_func` (TRL's hook for custom generation) returning the
   same ids; everything after generation is TRL's own code: padding, the reward function (the same one),
   advantages, the reference's log-probs, `compute_loss`, backward, clipping, AdamW, schedule.
+- trl_prefuse: the same with prefuse's drop-in `PrefuseGRPOTrainer` (prefuse/compat/trl_grpo.py): TRL's trainer,
+  its per-token log-probs and entropies from prefuse's fused head.
 """
 from __future__ import annotations
 
@@ -129,7 +131,8 @@ def prefuse_worker(spec: dict, proto: _Protocol) -> None:
 
 
 def trl_grpo_trainer(spec: dict, wait=lambda: None, stepped=lambda loss, metrics, inputs: None):
-    """TRL's side, built: a `GRPOTrainer` with the same settings whose rollout_func returns the groups' ids (each
+    """TRL's side, built: a `GRPOTrainer` (path trl_prefuse: prefuse's `PrefuseGRPOTrainer`) with the same settings
+    whose rollout_func returns the groups' ids (each
     prompt's k occurrences in a batch get its k completions, in order); `.train()` calls `wait()` at each step's
     start and `stepped(loss, metrics, inputs)` at its end (metrics: GRPO_METRICS as TRL logged them)."""
     import torch
@@ -161,7 +164,11 @@ def trl_grpo_trainer(spec: dict, wait=lambda: None, stepped=lambda loss, metrics
 
     seen = {}
 
-    class BenchGRPOTrainer(GRPOTrainer):
+    base = GRPOTrainer
+    if spec["path"] == "trl_prefuse":
+        from prefuse.compat.trl_grpo import PrefuseGRPOTrainer as base
+
+    class BenchGRPOTrainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             logged = {key: v[-1] for key, v in self._metrics["train"].items() if key in GRPO_METRICS and v}
@@ -237,7 +244,7 @@ class _GRPOProtocol(_Protocol):
         self.send(finished=True, peak_mib=peak, base_mib=self.base, extras={"final_logp": final_logp()})
 
 
-WORKERS = {"prefuse": prefuse_worker, "trl": trl_worker}
+WORKERS = {"prefuse": prefuse_worker, "trl": trl_worker, "trl_prefuse": trl_worker}
 
 
 def main(spec_json: str) -> None:

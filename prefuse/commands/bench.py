@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--objective grpo: the longest completion, in tokens (each is cut to a seeded length "
                         "between half and all of it)")
     p.add_argument("--beta", type=float, nargs="+", default=None,
-                   help="--objective grpo: KL coefficients, one pair of runs each (default 0 and 0.04)")
+                   help="--objective grpo: KL coefficients, one set of runs each (default 0 and 0.04; --quick: 0.04)")
     p.add_argument("--json", default=None, help="write the records to this file")
     p.add_argument("--markdown", default=None, help="write the table to this file")
     p.add_argument("--static", action="store_true",
@@ -150,7 +150,7 @@ def train_settings(args: argparse.Namespace) -> tuple[list, tuple[str, ...]]:
     modes = {"both": train.MODES, "lora": ("lora",), "full": ("full",)}.get(args.peft)
     if modes is None:
         raise ValueError(f"--peft: expected lora, full or both, got {args.peft!r}")
-    unknown = [p for p in args.paths or [] if p not in train.TRAIN_PATHS]
+    unknown = [p for p in args.paths or [] if p not in train.TRAIN_PATHS] if args.objective == "dpo" else []
     if unknown:
         raise ValueError(f"--paths: {unknown} are not train paths; they are {list(train.TRAIN_PATHS)}")
     if args.rounds < 1:
@@ -179,15 +179,17 @@ def run_train_grpo(args: argparse.Namespace) -> int:
     GRPO settings checked here."""
     from prefuse.bench import train_grpo
 
-    if args.paths:
-        raise ValueError("--paths: --objective grpo runs both of its paths (prefuse and trl)")
+    paths = tuple(args.paths or train_grpo.GRPO_PATHS)
+    if "prefuse" not in paths or set(paths) - set(train_grpo.GRPO_PATHS):
+        raise ValueError(f"--paths: --objective grpo runs {list(train_grpo.GRPO_PATHS)}, prefuse among them (the "
+                         f"others are checked against it), got {list(paths)}")
     shapes, modes = train_settings(args)
     settings = train_grpo.GRPOSettings(args.num_generations, args.max_completion_length)
     settings.check()
-    betas = tuple(args.beta) if args.beta is not None else train_grpo.BETAS
+    betas = tuple(args.beta) if args.beta is not None else (0.04,) if args.quick else train_grpo.BETAS
     if any(not (math.isfinite(b) and b >= 0) for b in betas):
         raise ValueError(f"--beta: expected finite values >= 0, got {list(betas)}")
-    records = [rec for shape in shapes for rec in train_grpo.run(shape, modes, betas, settings=settings,
+    records = [rec for shape in shapes for rec in train_grpo.run(shape, modes, betas, paths, settings=settings,
                                                                  rounds=2 if args.quick else args.rounds,
                                                                  device=args.device)]
     return write_output(args, records, train_grpo.format_table(records))
