@@ -329,6 +329,11 @@ def test_the_rollout_batch_loss_equals_the_objective_on_float64_log_probs(files,
     head_t = temperature if loss_type in AT_SAMPLING_TEMPERATURE else 1.0
     rows_t = temperature if loss_type in AT_SAMPLING_TEMPERATURE | {"hypo"} else 1.0
     temperatures = row_temperatures(batch, head_t, rows_t)
+    # the batch carries each sample's temperature from the rollout to the head where the loss reads it
+    if rows_t != 1.0:
+        assert torch.equal(batch.temperature, temperatures.view(-1).float())
+    else:
+        assert batch.temperature is None or bool((batch.temperature == 1).all())
     policy = token_logps64(run.policy, batch, temperatures)
     ref = token_logps64(reference, batch, temperatures) if reference is not None else None
     mask = batch.labels != -100

@@ -170,7 +170,7 @@ def test_grouped_logprobs_per_row_temperature(backend, mode):
     coef = torch.randn(rows.n_rows, dtype=torch.float64)
     params = [hidden] if mode == "frozen_weight" else [hidden, weight, b]
     want = torch.autograd.grad((ref * coef).sum(), params)
-    kw = dict(bias=b, temperature=t, **backend_kwargs(backend))
+    kw = dict(bias=b, temperature=t, backend=backend)  # the grouped head takes no block_v
     if mode == "in_forward":
         surrogate, logp = grouped_logprobs(hidden, weight, rows, coef_fn=lambda chunk, lp: coef[chunk].float(), **kw)
         got = torch.autograd.grad(surrogate, params)
@@ -190,7 +190,7 @@ def test_grouped_shared_reference_per_row_temperature(backend):
     t = temperatures((S, T))
     rows = _rows(labels, "auto", weight_frozen=True)
     logp, ref_logp = grouped_logprobs_shared(hidden, ref_hidden, weight, rows, bias=b, temperature=t,
-                                             **backend_kwargs(backend))
+                                             backend=backend)
     want = logprobs64(hidden, weight, labels, b, temperature=per_position(t)).reshape(-1)[rows.index]
     want_ref = logprobs64(ref_hidden, weight, labels, b, temperature=per_position(t)).reshape(-1)[rows.index]
     assert_close64(logp, want)

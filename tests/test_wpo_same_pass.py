@@ -36,7 +36,9 @@ class MatmulCounter(TorchDispatchMode):
 
 
 def backend_kwargs(backend):
-    return {"backend": backend, **({"block_v": 128} if backend == "triton" else {})}
+    """The grouped head takes no block_v: under the interpreter one 512-wide tile spans V=300 (the tiles' merge
+    under the running max is tested on the kernel itself below, with 128-wide tiles)."""
+    return {"backend": backend}
 
 
 def log_sum_sq64(hidden, weight, bias=None, temperature=1.0, softcap=None):
@@ -128,6 +130,33 @@ def test_exact_at_large_logits(backend):
     want = log_sum_sq64(hidden, weight).reshape(-1)[rows.index]
     assert torch.isfinite(out).all()
     assert_close64(out, want.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_chunk_op_streams_the_sum_of_squares_over_vocabulary_tiles(backend, per_row):
+    """The chunk op itself (torch_ops / triton_ops.logits_forward with log_sum_sq_out): the Triton kernel over
+    three 128-wide tiles of V=300 (the sum rescaled by exp(2 (old max - new max)) as the max grows), a scalar or
+    a per-row inverse temperature, large logits in some rows."""
+    from prefuse.kernels import torch_ops
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, V, generator=gen) * torch.tensor([1.0, 30.0, 300.0]).repeat(3)[:, None]
+    logits[2, 290] = 2e3  # the max in the last tile
+    labels = torch.randint(0, V, (9,), generator=gen)
+    inv_t = (0.5 + torch.rand(9, generator=gen)) if per_row else 0.8
+    want = torch.log((torch.softmax(logits.double() * (inv_t.double()[:, None] if per_row else inv_t), -1) ** 2)
+                     .sum(-1))
+    if backend == "triton":
+        from prefuse.kernels import triton_ops as ops
+        kw = {"block_v": 128}
+    else:
+        ops, kw = torch_ops, {}
+    out = torch.full((9,), float("nan"))
+    logp, _, _ = ops.logits_forward(logits.clone(), labels, inv_temperature=inv_t, log_sum_sq_out=out, **kw)
+    assert_close64(out, want)
+    plain, _, _ = ops.logits_forward(logits.clone(), labels, inv_temperature=inv_t, **kw)
+    assert torch.equal(logp, plain)  # the log-probs do not change
 
 
 def test_bad_output_buffer_is_refused():

@@ -32,7 +32,9 @@ class Batch:
     {role: row indices [B]}; inputs: pass-through objective inputs [B] (rewards, labels, ...); index [B]: the
     examples' positions in their data set (or prompt set); metrics: numbers about how the batch was made (an
     online source's judge scores), logged with the step's; vision: a vision-language model's inputs for the rows'
-    images (`data.vision_inputs`: pixel_values [n_images, ...] in row order, ...), {} for text."""
+    images (`data.vision_inputs`: pixel_values [n_images, ...] in row order, ...), {} for text; temperature [S]:
+    the temperature each sequence's log-probs are read at (an online source's samples at the temperature they were
+    drawn at, where the loss reads that distribution; offline rows at 1), None: the head's own for every row."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -42,6 +44,7 @@ class Batch:
     index: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # what made the batch (rollout scores, ...), logged
     vision: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values of the rows' images, ...
+    temperature: torch.Tensor | None = None  # [S] per sequence, or None
 
     @property
     def n_examples(self) -> int:
@@ -57,7 +60,8 @@ class Batch:
                      labels=self.labels.to(device), roles=move,
                      inputs={k: v.to(device) for k, v in self.inputs.items()},
                      index=None if self.index is None else self.index.to(device), metrics=self.metrics,
-                     vision={k: v.to(device) for k, v in self.vision.items()})
+                     vision={k: v.to(device) for k, v in self.vision.items()},
+                     temperature=None if self.temperature is None else self.temperature.to(device))
 
 
 class BatchSource(Protocol):

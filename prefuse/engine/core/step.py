@@ -34,8 +34,9 @@ class Step:
                  row_temperature: dict[str, float] | None = None, padding_free: bool = False,
                  padding_free_row_tokens: int | None = None):
         """row_temperature: {role: T} whose rows' log-probs (policy and reference) are taken at T apart from the
-        head's own temperature: their hidden states are divided by T (logits / T for a head without bias and
-        softcap: HyPO's online samples beside its offline pairs). padding_free: run the decoders on the batch's
+        head's own temperature (HyPO's online samples beside its offline pairs) for a batch that carries no
+        temperatures of its own (Batch.temperature: each sequence's, passed to the fused head as a per-sequence
+        tensor, logits_row / T_row, with or without an lm_head bias or softcap). padding_free: run the decoders on the batch's
         sequences packed (module docstring), in one row or rows of at most padding_free_row_tokens; a model that
         cannot take them is refused here."""
         self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
@@ -76,10 +77,9 @@ class Step:
         with self.autocast(batch.input_ids.device):
             input_ids, attention_mask, decoder_inputs = self.decoder_inputs(batch, packed)
             hidden = decoder_hidden_states(self.models.policy, input_ids, attention_mask, **decoder_inputs)
-        if self.row_temperature:
-            hidden = self.tempered(hidden, batch.roles, packed)
-            if "ref_hidden" in ref:
-                ref["ref_hidden"] = self.tempered(ref["ref_hidden"], batch.roles, packed)
+        temperature = self.temperatures(batch)
+        if temperature is not None:
+            inputs = {**inputs, "temperature": temperature}
         if packed is not None:
             inputs = {**inputs, "hidden_index": packed.hidden_index}
         head = self.head
@@ -107,18 +107,18 @@ class Step:
             return batch.input_ids, batch.attention_mask, batch.vision
         return packed.input_ids, None, {"position_ids": packed.position_ids}
 
-    def tempered(self, hidden: torch.Tensor, roles: dict, packed: PackedRows | None = None) -> torch.Tensor:
-        """hidden [S, T, H] (packed: [R, L, H]) with the rows (tokens) of each role in row_temperature divided by
-        its temperature."""
-        n_seq = hidden.shape[0] if packed is None else packed.hidden_index.shape[0]
-        scale = torch.ones(n_seq, dtype=hidden.dtype, device=hidden.device)
+    def temperatures(self, batch: Batch) -> torch.Tensor | None:
+        """[S] the temperature of each sequence's log-probs (policy and reference): the batch's own, else
+        row_temperature's roles at theirs and the head's elsewhere; None: the head's own for every row."""
+        if batch.temperature is not None:
+            return batch.temperature.to(batch.labels.device)
+        if not self.row_temperature:
+            return None
+        t = torch.full((batch.labels.shape[0],), float(self.loss_fn.temperature), device=batch.labels.device)
         for role, temperature in self.row_temperature.items():
-            if role in roles:
-                scale[roles[role].reshape(-1).to(hidden.device)] = 1.0 / temperature
-        if packed is not None:  # each packed token takes its sequence's scale (a row's tail: 1)
-            scale = torch.where(packed.sequence >= 0, scale[packed.sequence.clamp(min=0)], 1.0).to(hidden.dtype)
-            return hidden * scale.unsqueeze(-1)
-        return hidden * scale.view(-1, *([1] * (hidden.dim() - 1)))
+            if role in batch.roles:
+                t[batch.roles[role].reshape(-1).to(t.device)] = temperature
+        return t
 
     def held_out_metrics(self, parts: list[tuple[int, torch.Tensor, dict]], world) -> dict[str, float]:
         """The metrics of a held-out set from its batches' (n_examples, loss, metrics): mean_over_examples."""
@@ -143,7 +143,9 @@ class Step:
 
     def reference_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
         """{ref_<role>_logps: [B]} of the batch's roles, without gradient (what a ReferenceCache stores)."""
-        sums = reference_logps(self.reference_hidden(batch), self.ref_head, batch.labels)
+        temperature = self.temperatures(batch)
+        sums = reference_logps(self.reference_hidden(batch), self.ref_head, batch.labels,
+                               **({} if temperature is None else {"temperature": temperature}))
         return {input_name(role, "logps", "ref"): sums[rows] for role, rows in batch.roles.items()}
 
 

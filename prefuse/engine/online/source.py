@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import torch
 
+from prefuse.engine.core.method_defaults import LOSS_TEMPERATURE
 from prefuse.engine.core.sources import Batch
 from prefuse.engine.data import PairBatches, collate_sequences, vision_inputs
 from prefuse.engine.judges.ranking import best_and_worst, is_pairwise, judge_candidates
@@ -54,6 +55,9 @@ from prefuse.engine.models.embedders import load_embedder
 from prefuse.engine.models.loading import Models
 from prefuse.engine.online.methods import AVG_REJECTED, SAMPLERS, check_judge, mixed_draws, online_method, online_needs
 from prefuse.engine.online.rollout import RolloutConfig, Samples, sample_mixture, sample_policy, sample_reference
+
+# the roles whose rows are the policy's (or the mixture's) samples of the batch's rollout
+SAMPLE_ROLES = ("online", "completion")
 
 
 class OnlineSource:
@@ -158,6 +162,7 @@ class OnlineSource:
             batch = getattr(self, f"_{self.method}")(examples, indices, seed if not attempt else
                                                        hash((seed, attempt)) % 2 ** 62)
             if batch is not None:
+                self._sampled_at(batch)
                 if tied or "online/tied_prompts" in batch.metrics:
                     batch.metrics["online/tied_prompts"] = batch.metrics.get("online/tied_prompts", 0) + tied
                 return batch
@@ -194,6 +199,7 @@ class OnlineSource:
             if batch is None:
                 tied += len(examples)
                 continue
+            self._sampled_at(batch)
             pool.append(batch)
         if not pool:
             raise ValueError(f"judge: every sample of every prompt of iteration {k + 1} tied ({tied} prompts): the "
@@ -204,6 +210,19 @@ class OnlineSource:
         torch.save([dataclasses.asdict(b) for b in pool], temp)
         os.replace(temp, path)
         return pool
+
+    def _sampled_at(self, batch: Batch) -> None:
+        """Where the method's loss reads the distribution its samples came from (LOSS_TEMPERATURE "sampled" or
+        "online"), each sequence's temperature goes with the batch to the fused head: the samples' rows (roles
+        SAMPLE_ROLES) at the temperature they were drawn at, offline rows (HyPO's pairs) at 1."""
+        temperature = self.rollout.temperature
+        if LOSS_TEMPERATURE[self.method] == "one" or not temperature > 0:
+            return
+        t = torch.ones(batch.labels.shape[0], dtype=torch.float32)
+        for role, rows in batch.roles.items():
+            if role in SAMPLE_ROLES:
+                t[rows.reshape(-1)] = temperature
+        batch.temperature = t
 
     # -- rollouts and the judge -------------------------------------------------------------------------------------
     @staticmethod

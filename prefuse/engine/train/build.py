@@ -395,9 +395,10 @@ def open_log(cfg, out: Path, state: dict, world: distributed.World) -> MetricsLo
 
 
 def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]]:
-    """(the fused head's temperature, {role: temperature} of rows scaled on their own) of a run: 1 and none
-    offline; online, what the method's loss reads (engine/core/method_defaults.py). HyPO's online rows alone are at T,
-    by dividing their hidden states by T before the head (logits / T, exact without an lm_head bias or softcap)."""
+    """(the fused head's temperature, {role: temperature} of rows at their own) of a run: 1 and none offline;
+    online, what the method's loss reads (engine/core/method_defaults.py). HyPO's online rows alone are at T: the
+    online source's batches carry each sequence's temperature (Batch.temperature), which the fused head takes per
+    row (any lm_head bias or softcap); row_temperature is the step's for batches without them."""
     if not cfg.online:
         return 1.0, {}
 
@@ -411,10 +412,6 @@ def online_temperatures(cfg: TrainConfig, head) -> tuple[float, dict[str, float]
     print(f"online ({method}): the loss reads {where}", flush=True)
     if rows_t == head_t:
         return head_t, {}
-    if head.bias is not None or head.softcap:
-        raise ValueError(f"temperature: {' '.join(cfg.loss_type)} read the online samples at --temperature "
-                         f"{rows_t} and the offline pairs at 1, which a head with an lm_head bias or a logit softcap "
-                         f"cannot do by scaling the hidden states; sample at --temperature 1")
     return 1.0, {"online": rows_t}
 
 
