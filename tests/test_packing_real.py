@@ -7,18 +7,16 @@ import json
 import peft
 import pytest
 import torch
+import transformers
 
-pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-
-from prefuse.engine.core.objectives import objective_needs  # noqa: E402
-from prefuse.engine.core.sources import build_batch  # noqa: E402
-from prefuse.engine.core.step import Step  # noqa: E402
-from prefuse.engine.data import load_preference_data  # noqa: E402
-from prefuse.engine.data.packing import pack_sequences  # noqa: E402
-from prefuse.engine.models.loading import Models  # noqa: E402
-from prefuse.preference import PreferenceLoss  # noqa: E402
-from tests import test_real_smollm2 as real  # noqa: E402
+from prefuse.engine.core.objectives import objective_needs
+from prefuse.engine.core.sources import build_batch
+from prefuse.engine.core.step import Step
+from prefuse.engine.data import load_preference_data
+from prefuse.engine.data.packing import pack_sequences
+from prefuse.engine.models.loading import Models
+from prefuse.preference import PreferenceLoss
+from tests import test_real_smollm2 as real  # skips this module without the gguf package
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_thread")]
 
