@@ -1,6 +1,6 @@
 """`prefuse bench --task train --objective grpo`: prefuse train's online GRPO step and TRL 1.16's GRPOTrainer on the
 same fixed completions give the same losses, kl, reward statistics and trained policy (LoRA and full fine-tuning,
-beta 0 and > 0); the check that says so fails when prefuse's GRPO objective is broken (its loss's sign, the KL
+beta 0 and > 0), and so does prefuse's drop-in PrefuseGRPOTrainer; the check that says so fails when prefuse's GRPO objective is broken (its loss's sign, the KL
 term's sign, the KL term's gradient, the gradient's sign at an unchanged value); the command refuses bad arguments
 in one line."""
 import dataclasses
@@ -20,7 +20,7 @@ pytest.importorskip("trl")
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """`prefuse bench --task train --objective grpo --quick`: both modes, beta 0 and 0.04, 3 steps each."""
+    """`prefuse bench --task train --objective grpo --quick`: both modes at beta 0.04, each path 3 steps."""
     work = tmp_path_factory.mktemp("bench_grpo")
     proc = subprocess.run([sys.executable, "-m", "prefuse", "bench", "--task", "train", "--objective", "grpo",
                            "--quick", "--json", "grpo.json", "--markdown", "grpo.md"], check=False, cwd=work,
@@ -30,29 +30,29 @@ def quick(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_quick_grpo_losses_of_prefuse_and_trl_agree_at_every_step(quick, mode, beta):
+@pytest.mark.parametrize("path", ["trl", "trl_prefuse"])
+def test_quick_grpo_losses_of_prefuse_and_trl_agree_at_every_step(quick, mode, path):
+    """TRL's GRPOTrainer, and prefuse's drop-in for it, against prefuse train's step."""
     _, data, markdown = quick
-    records = {r["path"]: r for r in data["records"] if r["peft"] == mode and r["beta"] == beta}
-    ours, theirs = records["prefuse"], records["trl"]
+    records = {r["path"]: r for r in data["records"] if r["peft"] == mode}
+    assert set(records) == set(train_grpo.GRPO_PATHS)
+    ours, theirs = records["prefuse"], records[path]
+    assert ours["beta"] == theirs["beta"] == 0.04
     assert not ours["errors"] and not theirs["errors"], (ours["errors"], theirs["errors"])
     assert len(ours["losses"]) == len(theirs["losses"]) == 3  # one warm-up step and two timed ones
     for got, want in zip(theirs["losses"], ours["losses"]):
         assert abs(got - want) <= train.LOSS_TOLERANCE
     assert ours["batch_digest"] == theirs["batch_digest"] and ours["tokens_per_step"] == theirs["tokens_per_step"]
     assert abs(theirs["final_logp"] - ours["final_logp"]) <= train_grpo.FINAL_LOGP_TOLERANCE
-    kl = [m.get("kl") for m in ours["metrics"]]
-    if beta:  # the reference is read: kl grows as the policy moves away (LoRA starts away from it already)
-        assert all(k is not None for k in kl) and kl[-1] > kl[0] >= 0
-        for got, want in zip([m["kl"] for m in theirs["metrics"]], kl):
-            assert abs(got - want) <= train_grpo.kl_bound(want)
-    else:
-        assert kl == [None] * 3
+    kl = [m["kl"] for m in ours["metrics"]]  # the reference is read: kl grows as the policy moves away from it
+    assert kl[-1] > kl[0] >= 0
+    for got, want in zip([m["kl"] for m in theirs["metrics"]], kl):
+        assert abs(got - want) <= train_grpo.kl_bound(want)
     for rec in (ours, theirs):
         assert rec["rounds"] == 2 and 0 < rec["time_min_s"] <= rec["time_median_s"] <= rec["time_max_s"]
         assert rec["peak_mib"] > 100 and rec["step_extra_mib"] >= 0
         assert rec["num_generations"] == 4 and rec["prompts"] == train.QUICK_SHAPE.pairs
-    assert f"| {mode} | {beta:g} | trl |" in markdown
+    assert f"| {mode} | 0.04 | {path} |" in markdown
 
 
 def test_quick_grpo_writes_its_command_and_table(quick):
