@@ -26,7 +26,7 @@ Paths (prefuse/bench/train_grpo_workers.py):
 Both sides: float32, loss_type dapo (TRL's default), epsilon 0.2, group-scaled advantages, temperature 1, one
 update per generation (the ratio is 1 in value), the k3 KL with TRL's bias correction when beta > 0, AdamW at the
 DPO bench's learning rates with linear decay, clipping at 1.0; LoRA as the DPO bench (r 8, alpha 16, q_proj and
-v_proj, the adapters from the same non-zero values). Each (mode, beta, path) is its own process; the two paths of
+v_proj, the adapters from the same non-zero values). Each (mode, beta, path) is its own process; the paths of
 a (mode, beta) build together, then step in turn, the order rotating (train._drive): peak memory and the medians as
 the DPO bench measures them.
 
@@ -117,11 +117,10 @@ def write_groups(model_dir, pairs_file: Path, work: Path, settings: GRPOSettings
 
 
 def run(shape, modes=train.MODES, betas=BETAS, paths=GRPO_PATHS, *, settings: GRPOSettings = GRPOSettings(),
-        rounds: int = 5,
-        warmup: int = 1, device: str = "cpu", work_dir: str | None = None, timeout: float = 1800,
+        rounds: int = 5, warmup: int = 1, device: str = "cpu", work_dir: str | None = None, timeout: float = 1800,
         log=print) -> list[dict]:
     """One record per (mode, beta, path): losses and GRPO_METRICS of every step, final_logp, step time (median,
-    min, max over the `rounds` timed steps), tokens per second, peak memory. One (mode, beta)'s two workers at a
+    min, max over the `rounds` timed steps), tokens per second, peak memory. One (mode, beta)'s workers at a
     time. Checked with `check_losses` against prefuse's, which `paths` must hold."""
     settings.check()
     if "prefuse" not in paths or set(paths) - set(GRPO_PATHS):
