@@ -3,13 +3,14 @@
 Under FSDP2 a parameter outside a running forward is a DTensor shard ([V / world, H] of the lm_head weight) unless its
 FSDP unit holds it unsharded: the lm_head's unit resharded after its forward, or a unit whose forward never runs (the
 fused head reads the weight without calling the lm_head module). `full_head` gathers such a shard with
-`DTensor.full_tensor()`, an all-gather whose backward reduce-scatters the gradient into the shard.
+`DTensor.full_tensor()`, an all-gather whose backward reduce-scatters (averages) the processes' gradients into the
+shard.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 from prefuse.heads import Head
 
@@ -17,8 +18,13 @@ __all__ = ["full_head", "whole"]
 
 
 def whole(tensor):
-    """A DTensor gathered whole (differentiable); any other tensor (or None) as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """A DTensor gathered whole, any other tensor (or None) as it is. Each process's gradient of the gathered tensor
+    is a partial one (of its own batch): the backward averages them over the mesh into the shard (a reduce-scatter,
+    FSDP2's own data-parallel mean), where a plain full_tensor() would keep each process's own rows of its own
+    gradient."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
 def full_head(head: Head) -> Head:
