@@ -6,8 +6,8 @@
 A CASE is <trainer>_<model>: trainer dpo, kto, grpo or liger, model tied, untied (MODELS_DIR/<model>, saved by the
 test) or headunit: the untied model with its lm_head a FSDP2 unit of its own, whose forward never runs (the fused head
 reads the weight), so that the weight stays a DTensor shard throughout and its gradient reaches the shard only through
-the gather's backward. The global batch is the same at any world size (per device: 4 / world), padded to one width, and SGD updates
-the weights (an update is lr x gradient, so the weights after a step compare as the gradients do). Rank 0 writes
+the gather's backward. The global batch is the same at any world size (per device: 4 / world), padded to one width,
+and SGD updates the weights (an update is lr x gradient, so the weights after a step compare as the gradients do). Rank 0 writes
 OUT_DIR/<case>.pt: the logged losses and gradient norms of both steps, the first step's gradients and the weights
 after both steps, all gathered whole (DTensor.full_tensor), by parameter name.
 
@@ -146,7 +146,8 @@ def run_trainer(kind, model_dir, out_dir):
     if torch.distributed.is_initialized():
         completions = [None] * world()
         torch.distributed.all_gather_object(completions, COMPLETIONS)
-    return {"completions": sorted(c for rank in completions for c in rank),"loss": [s["loss"] for s in steps], "grad_norm": [s["grad_norm"] for s in steps],
+    return {"completions": sorted(c for rank in completions for c in rank), "loss": [s["loss"] for s in steps],
+            "grad_norm": [s["grad_norm"] for s in steps],
             "metrics": steps, "grads": recorder.grads, "weights": gathered(trainer.model, "data"),
             "fsdp": type(trainer.model).__name__, "lm_head_is_dtensor": isinstance(
                 trainer.model.get_output_embeddings().weight, DTensor)}
