@@ -55,7 +55,8 @@ def quick(installed, tmp_path_factory):
 
 def test_an_installed_copy_runs_the_quick_bench_on_generated_pairs(quick):
     _, data, _ = quick
-    assert {(r["peft"], r["path"]) for r in data["records"]} == {(m, p) for m in train.MODES for p in train.TRAIN_PATHS}
+    assert {(r["peft"], r["path"]) for r in data["records"]} == {(m, p) for m in train.MODES
+                                                                 for p in train.DEFAULT_TRAIN_PATHS}
     for rec in data["records"]:
         assert rec["dataset"] == "generated" and rec["shape"] == train.QUICK_SHAPE.label, rec
         assert rec["losses"] or not rec["available"], rec

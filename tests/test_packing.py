@@ -304,3 +304,22 @@ def test_padding_free_settings_are_one_line(files, tmp_path, capsys, flags, fiel
     assert main(engine.args(files, tmp_path, max_steps=1, save_steps=0, **flags)) != 0
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and field in errors[0], errors
+
+
+# -- prefuse bench --task train --paths prefuse prefuse_padding_free ... -------------------------------------------
+
+@pytest.mark.heavy  # three worker processes, about a minute on the shared 2 cores
+def test_bench_train_padding_free_paths_equal_the_padded_losses(tmp_path):
+    """The bench's packed paths (one row; rows of at most max_length) take the same steps as prefuse's padded one:
+    the bench's own loss and log-prob checks pass, on the same batch; they run only when named."""
+    from prefuse.bench import train
+
+    assert "prefuse_padding_free" not in train.DEFAULT_TRAIN_PATHS
+    paths = ("prefuse", "prefuse_padding_free", "prefuse_padding_free_rows")
+    records = train.run(train.QUICK_SHAPE, ("lora",), paths, rounds=1, warmup=1, work_dir=str(tmp_path),
+                        log=lambda *_: None)
+    assert [r["path"] for r in records] == list(paths)
+    for rec in records:
+        assert not rec["errors"] and len(rec["losses"]) == 2 and rec["peak_mib"] > 0, rec
+    assert len({r["batch_digest"] for r in records}) == 1
+    assert all(r["loss_max_diff"] <= train.LOSS_TOLERANCE for r in records[1:])

@@ -12,7 +12,10 @@ that both paths read, cut to a fixed max_length. Paths:
   micro-batch: decoder -> fused head -> objective -> backward -> clip -> AdamW -> schedule;
 - trl: TRL's `DPOTrainer(...).train()` (its own chunked log-prob head);
 - trl_liger: the same with `use_liger_kernel=True`, which swaps Liger's Triton layer kernels (RMSNorm, SwiGLU,
-  RoPE) into the model: CUDA only (on the CPU Triton has no driver), reported as not available there.
+  RoPE) into the model: CUDA only (on the CPU Triton has no driver), reported as not available there;
+- prefuse_padding_free, prefuse_padding_free_rows (only when named in --paths): prefuse's run with
+  `--padding_free`, the decoders taking each batch's sequences packed in one row without padding, or in rows of
+  at most max_length tokens (`--padding_free_row_tokens`); checked equal to prefuse's padded losses like the others.
 
 Both sides: float32, sigmoid DPO (beta 0.1), AdamW with the same learning rate, linear decay over the same steps,
 no warm-up, no weight decay, gradient clipping at 1.0, no gradient checkpointing, one batch of all the pairs at every
@@ -55,6 +58,7 @@ class TrainPath:
     name: str
     devices: tuple[str, ...]
     why_not: str = ""  # why it is not available on the other devices
+    default: bool = True  # run when --paths does not name the paths
 
 
 TRAIN_PATHS = {p.name: p for p in [
@@ -62,7 +66,10 @@ TRAIN_PATHS = {p.name: p for p in [
     TrainPath("trl", ("cpu", "cuda")),
     TrainPath("trl_liger", ("cuda",), "TRL's use_liger_kernel applies Liger's Triton layer kernels (RMSNorm, "
                                       "SwiGLU, RoPE), which need CUDA"),
+    TrainPath("prefuse_padding_free", ("cpu", "cuda"), default=False),
+    TrainPath("prefuse_padding_free_rows", ("cpu", "cuda"), default=False),
 ]}
+DEFAULT_TRAIN_PATHS = tuple(name for name, path in TRAIN_PATHS.items() if path.default)
 MODES = ("lora", "full")
 
 
@@ -271,7 +278,7 @@ class _Worker:
         self.stderr.close()
 
 
-def run(shape: "TrainShape | RealModel", modes=MODES, paths=tuple(TRAIN_PATHS), *, rounds: int = 5,
+def run(shape: "TrainShape | RealModel", modes=MODES, paths=DEFAULT_TRAIN_PATHS, *, rounds: int = 5,
         warmup: int = 1, device: str = "cpu", work_dir: str | None = None, timeout: float = 1800,
         log=print) -> list[dict]:
     """One record per (mode, path): losses and SHARED_METRICS of every step, step time (median, min, max over the
@@ -410,4 +417,4 @@ def parse_shape(text: str) -> TrainShape:
 
 
 __all__ = ["run", "format_table", "check_losses", "parse_shape", "prepare", "file_pairs", "TrainShape", "TRAIN_PATHS",
-           "MODES", "DEFAULT_SHAPE", "QUICK_SHAPE"]
+           "DEFAULT_TRAIN_PATHS", "MODES", "DEFAULT_SHAPE", "QUICK_SHAPE"]

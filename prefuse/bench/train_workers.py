@@ -6,7 +6,8 @@ stdout (what the libraries print goes to stderr):
     {"step": k, "seconds": s, "loss": x, "tokens": n, "digest": h}     after each step
     {"finished": true, "peak_mib": p, "base_mib": b}  after the last one
 
-prefuse: `prefuse train`'s run and the body of `engine/train/loop.py:train` for one micro-batch; trl and trl_liger:
+prefuse: `prefuse train`'s run and the body of `engine/train/loop.py:train` for one micro-batch (prefuse_padding_free:
+with --padding_free; prefuse_padding_free_rows: also --padding_free_row_tokens max_length); trl and trl_liger:
 `trl.DPOTrainer(...).train()`, a callback waiting for "step" at each step's start.
 """
 from __future__ import annotations
@@ -117,6 +118,8 @@ def prefuse_run(spec: dict):
     from prefuse.engine.train.build import build_run
 
     lora = spec["mode"] == "lora"
+    packed = spec["path"].startswith("prefuse_padding_free")
+    row_tokens = spec["max_length"] if spec["path"] == "prefuse_padding_free_rows" else None
     cfg = TrainConfig(model_name_or_path=spec["model_dir"], dataset_name=spec["pairs_file"],
                       output_dir=spec["output_dir"], loss_type=["sigmoid"], beta=0.1,
                       learning_rate=spec["learning_rate"], per_device_train_batch_size=spec["pairs"],
@@ -125,6 +128,7 @@ def prefuse_run(spec: dict):
                       lora_target_modules=LORA["target_modules"], max_grad_norm=1.0, weight_decay=0.0,
                       lr_scheduler_type="linear", warmup_steps=0, logging_steps=10**6, save_steps=0,
                       report_to="none", device=spec["device"], seed=SEED,
+                      padding_free=packed, padding_free_row_tokens=row_tokens,
                       overwrite_output_dir=True)  # a measurement's scratch directory, built anew each time
     run = build_run(cfg)
     if lora:
@@ -219,7 +223,8 @@ def trl_worker(spec: dict, proto: _Protocol) -> None:
     proto.finish()
 
 
-WORKERS = {"prefuse": prefuse_worker, "trl": trl_worker, "trl_liger": trl_worker}
+WORKERS = {"prefuse": prefuse_worker, "trl": trl_worker, "trl_liger": trl_worker,
+           "prefuse_padding_free": prefuse_worker, "prefuse_padding_free_rows": prefuse_worker}
 
 
 def main(spec_json: str) -> None:

@@ -168,7 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.beta is not None:
         raise ValueError("--beta: for --objective grpo (the DPO bench runs beta 0.1)")
     shapes, modes = train_settings(args)
-    records = [rec for shape in shapes for rec in train.run(shape, modes, args.paths or list(train.TRAIN_PATHS),
+    records = [rec for shape in shapes for rec in train.run(shape, modes, args.paths or train.DEFAULT_TRAIN_PATHS,
                                                              rounds=2 if args.quick else args.rounds,
                                                              device=args.device)]
     return write_output(args, records, train.format_table(records))
