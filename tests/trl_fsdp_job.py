@@ -7,9 +7,9 @@ A CASE is <trainer>_<model>: trainer dpo, kto, grpo or liger, model tied, untied
 test) or headunit: the untied model with its lm_head a FSDP2 unit of its own, whose forward never runs (the fused head
 reads the weight), so that the weight stays a DTensor shard throughout and its gradient reaches the shard only through
 the gather's backward. The global batch is the same at any world size (per device: 4 / world), padded to one width,
-and SGD updates the weights (an update is lr x gradient, so the weights after a step compare as the gradients do). Rank 0 writes
-OUT_DIR/<case>.pt: the logged losses and gradient norms of both steps, the first step's gradients and the weights
-after both steps, all gathered whole (DTensor.full_tensor), by parameter name.
+and SGD updates the weights (an update is lr x gradient, so the weights after a step compare as the gradients do).
+Rank 0 writes OUT_DIR/<case>.pt: the logged losses and gradient norms of both steps, the first step's gradients and
+the weights after both steps, all gathered whole (DTensor.full_tensor), by parameter name.
 
 accelerate drops the FSDP plugin on the CPU (use_cpu: plain data-parallel processes); `fsdp2_on_the_cpu` applies it
 again, as accelerate does on GPUs, so that `Accelerator.prepare` shards the model with `fully_shard` (FSDP2: each
