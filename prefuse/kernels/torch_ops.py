@@ -97,7 +97,7 @@ def _exp_shifted_(buf: torch.Tensor, vdim: int, log_sum_sq_out: torch.Tensor | N
             block.sub_(row_max).exp_()
             sum_exp.add_(block.sum(dim=0))
             if sum_sq is not None:
-                sum_sq.add_(torch.linalg.vecdot(block, block, dim=0))
+                sum_sq.add_(block.square().sum(dim=0))  # a cached block: faster than vecdot over dim 0
     if sum_sq is not None:
         log_sum_sq_out.copy_(sum_sq.log_().sub_(sum_exp.log().mul_(2.0)))
     return row_max, sum_exp
