@@ -11,7 +11,9 @@ reduction "none", negated, so that every logprobs path returns the sum of the lo
 device.
 `--frozen_weight` (make_task_inputs) gives every path a weight that needs no gradient (LoRA); the
 `prefuse_logprobs_frozen` paths freeze their own weight, so that one run times the frozen-weight head beside the
-trainable one and beside the recompute path with the same frozen weight.
+trainable one and beside the recompute path with the same frozen weight. The `_lora` paths put a LoRA adapter
+(r=16, scale 2, B nonzero) on that frozen lm_head: prefuse's low-rank update inside the fused head
+(kernels/low_rank.py) and the materialized logits h W^T + 2 (h A^T) B^T (peft's forward), gradients to hidden, A, B.
 """
 from __future__ import annotations
 
@@ -184,6 +186,41 @@ def prefuse_logprobs_frozen(mode: str):
     return make
 
 
+LORA_RANK = 16
+
+
+def _lora_factors(weight):
+    """A [16, H] and B [V, 16] (nonzero) of a LoRA adapter on the lm_head, drawn on its device, needing gradients."""
+    generator = torch.Generator().manual_seed(1)
+    vocab, hidden_size = weight.shape
+    a = torch.randn(LORA_RANK, hidden_size, generator=generator) / hidden_size ** 0.5
+    b = torch.randn(vocab, LORA_RANK, generator=generator) * 0.01
+    return tuple(t.to(weight.device, weight.dtype).requires_grad_() for t in (a, b))
+
+
+def _lora_step(logp_sum, hidden, weight):
+    """The step of a LoRA path: logp_sum(u = 2 h A^T, B) with the lm_head frozen; gradients to hidden, A and B."""
+    frozen = weight.detach()
+    a, b = _lora_factors(frozen)
+
+    def loss():
+        a.grad = b.grad = None
+        return logp_sum(frozen, 2.0 * hidden @ a.t(), b)
+    return _step(loss, hidden, frozen)
+
+
+def prefuse_logprobs_lora(hidden, weight, labels):
+    return _lora_step(lambda w, u, b: prefuse.linear_logprobs(hidden, w, labels, backend="torch",
+                                                              low_rank=(u, b)).sum(), hidden, weight)
+
+
+def materialized_logprobs_lora(hidden, weight, labels):
+    def logp_sum(w, u, b):
+        logp = torch.log_softmax((hidden @ w.t() + u @ b.t()).float(), dim=-1)
+        return (logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * (labels != -100)).sum()
+    return _lora_step(logp_sum, hidden, weight)
+
+
 def materialized_logprobs(hidden, weight, labels):
     def loss():
         logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
@@ -257,6 +294,8 @@ PATHS.update({p.name: p for p in [
     Path("prefuse_logprobs_frozen", prefuse_logprobs_frozen("auto"), task="logprobs"),
     Path("prefuse_logprobs_frozen_recompute", prefuse_logprobs_frozen("recompute"), task="logprobs"),
     Path("materialized_logprobs", materialized_logprobs, task="logprobs"),
+    Path("prefuse_logprobs_lora", prefuse_logprobs_lora, task="logprobs"),
+    Path("materialized_logprobs_lora", materialized_logprobs_lora, task="logprobs"),
     Path("trl_chunked_logprob", trl_chunked_logprob, requires="trl", task="logprobs"),
     Path("prefuse_preference", prefuse_preference, task="preference"),
     Path("prefuse_preference_separate_reference", prefuse_preference_separate_reference, task="preference"),

@@ -4,10 +4,9 @@
     logp = linear_logprobs(hidden, weight, labels, low_rank=(u, B))     # B: the factor F [V, r]
 
 Neither W + scale * B A [V, H] nor a copy of W is formed, and no [N, V] logits: each chunk's logits are the head's
-matmul h_c W^T (the same `chunk_logits` as the plain head) and then one thin matmul u_c F^T added into the same
-buffer (addmm_ with K = r). The thin matmul costs about 3% of a chunk on the CPU (bench: V=1024 tile, H=576,
-r=16, 512 rows: 7.20 ms against 6.97 ms; the same added first with the big matmul accumulating, 7.24 ms; one
-matmul of [h_c | u_c] against a concatenated [W | F] formed per chunk, 7.59 ms).
+matmul h_c W^T (the same `chunk_logits` as the plain head, so with F = 0 the chunk is the plain head's bit for bit)
+and then one thin matmul u_c F^T added into the same buffer (addmm_ with K = r). A matmul of [h_c | u_c] against
+[W | F] would need the concatenated weight, a copy of W per chunk (`bench/low_rank_order.py` times the orders).
 
 Backward recomputes each chunk's logits the same way and takes G = d loss / d logits [m, V] from the chunk op
 (`logits_grad_`, either backend), then grad_h_c = G W, grad_u_c = G F, grad_F += G^T u_c, and grad_W += G^T h_c,
