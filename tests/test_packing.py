@@ -9,6 +9,8 @@ batch's losses and gradients.
   `check_packable` lets through (sdpa and eager), and attention that crosses the boundaries does not;
 - `Step(padding_free=True)` on a tiny Llama (LoRA and full) against the padded step: loss and every gradient.
 """
+import importlib.util
+
 import peft
 import pytest
 import torch
@@ -187,6 +189,32 @@ def test_packed_rows_give_each_token_its_padded_hidden_state(family, attention, 
     tol = 64 * torch.finfo(torch.float32).eps * float(padded[keep].abs().max())
     assert float((unpacked - padded)[keep].abs().max()) <= tol
     assert float((crossing - padded)[keep].abs().max()) > 100 * tol
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="needs a CUDA GPU and the flash_attn package")
+@pytest.mark.parametrize("row_tokens", [None, 9])
+def test_flash_attention_varlen_gives_each_token_its_padded_hidden_state(row_tokens):
+    """flash_attention_2 reads the packed rows' position ids as varlen sequence boundaries (bfloat16 on the GPU,
+    against the padded batch under the same kernel)."""
+    config = FAMILIES["llama"]()
+    config._attn_implementation = "flash_attention_2"
+    model = transformers.AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+    check_packable(model)
+    ids, mask, _ = padded_batch([7, 3, 9, 5, 1, 9, 6], 9, 60)
+    ids, mask = ids.cuda(), mask.cuda()
+    packed = pack_sequences(ids, mask, row_tokens=row_tokens)
+    with torch.no_grad():
+        padded = decoder_hidden_states(model, ids, mask).float()
+        unpacked = packed.padded(decoder_hidden_states(model, packed.input_ids, None,
+                                                       position_ids=packed.position_ids)).float()
+        crossing = packed.padded(decoder_hidden_states(model, packed.input_ids,
+                                                       torch.ones_like(packed.input_ids))).float()
+    keep = mask.bool()
+    tol = 8 * 2.0 ** -8 * float(padded[keep].abs().max())  # a few bfloat16 ulps of the largest value
+    assert float((unpacked - padded)[keep].abs().max()) <= tol
+    assert float((crossing - padded)[keep].abs().max()) > tol
 
 
 def test_models_that_cannot_take_packed_rows_are_refused():
