@@ -229,3 +229,37 @@ def test_bad_temperature_tensors_are_refused_in_one_line(bad, match):
         with pytest.raises(ValueError, match=match) as info:
             call(hidden, weight, labels, bias=b, temperature=bad, backend="torch")
         assert str(info.value).startswith("temperature:") and "\n" not in str(info.value)
+
+
+# -- PreferenceLoss: a call's own temperature per sequence ----------------------------------------------------------
+
+def dpo64(hidden, weight, ref_hidden, labels, t, beta):
+    """sigmoid DPO in float64 from its definition, every row's logits divided by its sequence's temperature."""
+    policy = logprobs64(hidden, weight, labels, temperature=per_position(t, labels.shape)).sum(-1)
+    ref = logprobs64(ref_hidden, weight.detach(), labels, temperature=per_position(t, labels.shape)).sum(-1)
+    b = hidden.shape[0] // 2
+    margin = policy - ref
+    return -torch.nn.functional.logsigmoid(beta * (margin[:b] - margin[b:])).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["in_forward", "recompute", "frozen_weight"])
+def test_preference_loss_per_sequence_temperature(backend, mode):
+    from prefuse.preference import PreferenceLoss
+
+    hidden, weight, labels, _ = make_inputs(0, H, V, lead=(4, T), scale=2.0)
+    ref_hidden = make_inputs(0, H, V, lead=(4, T), scale=2.0, seed=7)[0].detach()
+    if mode == "frozen_weight":
+        weight.requires_grad_(False)
+    t = temperatures((4,))
+    want = dpo64(hidden, weight, ref_hidden, labels, t, beta=0.3)
+    params = [hidden] if mode == "frozen_weight" else [hidden, weight]
+    want_grads = torch.autograd.grad(want, params)
+    fn = PreferenceLoss("sigmoid", beta=0.3, mode=mode, backend=backend)
+    loss, _ = fn(hidden, weight, labels, ref_hidden=ref_hidden, temperature=t)
+    assert fn.last_mode == mode
+    assert_close64(loss.detach(), want.detach())
+    for g, r in zip(torch.autograd.grad(loss, params), want_grads):
+        assert_close64(g, r)
+    with pytest.raises(ValueError, match="^temperature: shape"):
+        fn(hidden, weight, labels, ref_hidden=ref_hidden, temperature=torch.ones(T + 1))
