@@ -139,3 +139,20 @@ def test_two_training_steps_log_what_trl_logs(model_dir, tmp_path):
                      "num_tokens"):
             assert close(got[name], want[name], abs(want["logps/chosen"])), (name, got[name], want[name])
     assert ours_steps[1]["rewards/margins"] != 0.0  # the first step moved the policy
+
+
+@pytest.mark.parametrize("stage, refused", [(3, True), (2, False), (None, False)])
+def test_deepspeed_zero3_is_refused_in_one_line(stage, refused):
+    """The three drop-ins call check_not_zero3 after TRL's __init__: ZeRO-3 holds the lm_head partitioned to numel 0
+    outside its module's forward, which the fused head never calls."""
+    from types import SimpleNamespace
+
+    from prefuse.compat.sharding import check_not_zero3
+
+    plugin = None if stage is None else SimpleNamespace(zero_stage=stage)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    if refused:
+        with pytest.raises(ValueError, match="ZeRO-3.*PrefuseKTOTrainer.*FSDP2"):
+            check_not_zero3(trainer, "PrefuseKTOTrainer")
+    else:
+        check_not_zero3(trainer, "PrefuseKTOTrainer")

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, Partial
 
 from prefuse.heads import Head
 
-__all__ = ["full_head", "whole"]
+__all__ = ["check_not_zero3", "full_head", "whole"]
 
 
 def whole(tensor):
@@ -34,3 +34,12 @@ def full_head(head: Head) -> Head:
     if lora is not None:
         lora = replace(lora, a=whole(lora.a), b=whole(lora.b))
     return replace(head, weight=whole(head.weight), bias=whole(head.bias), lora=lora)
+
+
+def check_not_zero3(trainer, name: str) -> None:
+    """Refuse DeepSpeed ZeRO-3 in one line: it partitions the lm_head weight to numel 0 outside the lm_head module's
+    forward, which the fused head never calls, and the head's backward recomputes its chunks from that weight."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ValueError(f"DeepSpeed ZeRO-3 (zero_stage=3): not supported by {name}, whose fused head reads the "
+                         f"lm_head weight that ZeRO-3 partitions away; use FSDP2 (fsdp_version: 2) or ZeRO-1/2")

@@ -50,7 +50,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from prefuse.algorithms import get_objective
-from prefuse.compat.sharding import full_head
+from prefuse.compat.sharding import check_not_zero3, full_head
 from prefuse.engine.data.packing import PackedRows, pack_sequences
 from prefuse.engine.models.loading import check_packable
 from prefuse.heads import causal_lm_of, head_of, mean_logit, reference_logps
@@ -136,6 +136,7 @@ class PrefuseDPOTrainer(DPOTrainer):
             raise ValueError("router_aux_loss_coef: the MoE router aux loss is not supported by PrefuseDPOTrainer")
         if self._is_vision_dataset:
             raise ValueError("vision inputs are not supported by PrefuseDPOTrainer")
+        check_not_zero3(self, "PrefuseDPOTrainer")
         trl_options = {"label_smoothing": self.args.label_smoothing, "discopop_tau": self.args.discopop_tau,
                        "ld_alpha": self.ld_alpha,
                        "f_divergence_type": self.args.f_divergence_type,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
+from prefuse.compat.sharding import check_not_zero3
 from prefuse.compat.trl_head import IGNORE_INDEX, check_plain_logits, hidden_and_head
 from prefuse.kernels import linear_logprobs
 
@@ -45,6 +46,7 @@ class PrefuseGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("router_aux_loss_coef: the MoE router aux loss is not supported by PrefuseGRPOTrainer")
         check_plain_logits(self.model, "PrefuseGRPOTrainer")
+        check_not_zero3(self, "PrefuseGRPOTrainer")
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):

@@ -30,6 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from prefuse.algorithms import get_objective
+from prefuse.compat.sharding import check_not_zero3
 from prefuse.compat.trl import next_token_labels
 from prefuse.compat.trl_head import IGNORE_INDEX, check_plain_logits, hidden_and_head
 from prefuse.heads import mean_logit
@@ -49,6 +50,7 @@ class PrefuseKTOTrainer(KTOTrainer):
         if self._is_vision_dataset:
             raise ValueError("vision inputs are not supported by PrefuseKTOTrainer")
         check_plain_logits(self.model, "PrefuseKTOTrainer")
+        check_not_zero3(self, "PrefuseKTOTrainer")
         self.objective = get_objective(self.loss_type)
 
     # -- the decoders and the head --------------------------------------------------------------------------------
