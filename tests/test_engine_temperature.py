@@ -104,3 +104,17 @@ def test_row_temperature_roles_without_batch_temperatures(setup):
     batch.temperature = t
     by_batch, _, _ = run(Step(models, PreferenceLoss("sigmoid", beta=0.3), needs), batch)
     assert torch.equal(by_role, by_batch)
+
+
+def test_packed_batch_reads_each_sequence_at_its_temperature(setup):
+    """padding_free: the sequences packed into rows, each still at its own temperature (the head's temperatures
+    are keyed by sequence, not by packed row): equal to the padded batch."""
+    data, models = setup
+    needs = objective_needs(["sigmoid"])
+    batch = build_batch(data.examples[:3], [0, 1, 2], needs, pad_id=0)
+    batch.temperature = torch.tensor([0.6, 1.4, 0.9, 1.2, 0.8, 1.1])[:batch.labels.shape[0]]
+    padded, padded_grads, _ = run(Step(models, PreferenceLoss("sigmoid", beta=0.3), needs), batch)
+    packed, packed_grads, _ = run(Step(models, PreferenceLoss("sigmoid", beta=0.3), needs, padding_free=True), batch)
+    close(packed, padded)
+    for g, p in zip(packed_grads, padded_grads):
+        close(g, p)
