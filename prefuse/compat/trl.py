@@ -7,9 +7,15 @@
 
 The policy and the reference run only their decoders: `model(..., prefuse_hidden_states=True)` returns the last
 hidden states, and `PreferenceLoss` takes them through the lm_head chunk by chunk (no [tokens x vocab] logits).
-The call goes through the model's own forward, so PEFT and DDP wrappers stay in the path (the tests run one
-process; DDP, FSDP and DeepSpeed are not exercised). The reference is TRL's: the disabled (or "ref") adapter under
-PEFT, `ref_model` when given, or precomputed log-probs.
+The call goes through the model's own forward, so PEFT and distributed wrappers stay in the path. The reference is
+TRL's: the disabled (or "ref") adapter under PEFT, `ref_model` when given, or precomputed log-probs.
+
+Distributed: under `accelerate launch` with FSDP2 the lm_head weight the head reads may be a DTensor shard (after a
+forward without gradient, or when the lm_head is a unit of its own); `prefuse.compat.sharding.full_head` gathers it
+whole and averages the processes' gradients back into the shard. Exercised on 2 CPU processes (gloo) against one
+process, tied and untied embeddings and the lm_head as its own unit: losses to 1e-6, gradients to 1e-5
+(tests/test_distributed_trl.py). DeepSpeed ZeRO-3 is refused in one line (it partitions the lm_head to numel 0
+outside its module's forward); DDP and ZeRO-1/2 are not exercised (docs/distributed.md says why).
 
 Supported: every loss_type of TRL 1.16's DPO (one or several, with loss_weights), beta, label_smoothing,
 discopop_tau, f_divergence_type, f_alpha_divergence_coef, ld_alpha (LD-DPO: `PreferenceLoss` forms the verbose
