@@ -14,6 +14,11 @@ one thread, 30 interleaved rounds of 5 calls, medians:
   frozen            the frozen-weight path without an adapter (2 weight-sized matmuls per chunk)
   frozen_recompute  the recompute path without an adapter (3)
   lora              an r=16 adapter on the lm_head through low_rank (3, plus the thin ones), gradients to h, A, B
+3. A DPO step of PreferenceLoss (sigmoid; 8 pairs of 128 tokens, prompts a quarter of each: the same N, H, V; the
+   reference's hidden states beside the policy's; 5 interleaved rounds, medians):
+  dpo_frozen            no adapter on the lm_head: the frozen-weight path, the reference in the policy's chunks
+  dpo_lora_in_forward   an r=16 adapter: the gradients formed in forward (FusedHeadInForwardLowRank)
+  dpo_lora_recompute    the same adapter, mode="recompute" (FusedLogprobsLowRank)
 """
 import statistics
 import time
@@ -90,10 +95,39 @@ def head_steps(n_rows: int = 2048, hidden_size: int = 512, vocab: int = 32000, r
         print(f"{name:17s} median {statistics.median(values):6.3f} s  min {min(values):6.3f} s")
 
 
+def dpo_steps(pairs: int = 8, length: int = 128, hidden_size: int = 512, vocab: int = 32000, rounds: int = 5) -> None:
+    from prefuse.preference import PreferenceLoss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2 * pairs, length, hidden_size, requires_grad=True)
+    ref_hidden = hidden.detach() + 0.01 * torch.randn_like(hidden)
+    weight = torch.randn(vocab, hidden_size) / hidden_size ** 0.5
+    labels = torch.randint(0, vocab, (2 * pairs, length))
+    labels[:, : length // 4] = -100
+    a = (torch.randn(R, hidden_size) / hidden_size ** 0.5).requires_grad_()
+    b = (torch.randn(vocab, R) * 0.01).requires_grad_()
+    losses = {"dpo_frozen": (PreferenceLoss("sigmoid", backend="torch"), False),
+              "dpo_lora_in_forward": (PreferenceLoss("sigmoid", backend="torch"), True),
+              "dpo_lora_recompute": (PreferenceLoss("sigmoid", backend="torch", mode="recompute"), True)}
+    times = {name: [] for name in losses}
+    for _ in range(rounds):
+        for name, (loss_fn, lora) in losses.items():
+            hidden.grad = a.grad = b.grad = None
+            start = time.perf_counter()
+            low_rank = (2.0 * hidden @ a.t(), b) if lora else None
+            loss, _ = loss_fn(hidden, weight, labels, low_rank=low_rank, ref_hidden=ref_hidden)
+            loss.backward()
+            times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        print(f"{name:20s} median {statistics.median(values):6.3f} s  min {min(values):6.3f} s  "
+              f"({losses[name][0].last_mode})")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     tile_orders()
     head_steps()
+    dpo_steps()
 
 
 if __name__ == "__main__":

@@ -247,9 +247,9 @@ class PreferenceLoss(torch.nn.Module):
         values and the objective stay keyed by sequence, equal to the padded call's. Other keyword tensors are the objectives'
         inputs, passed through (preference_probs, advantages, rewards, use_offline, ...; [B] per example).
         low_rank: LoRA on the lm_head, (u [S, T, r] = scale * dropout(hidden) A^T, B [V, r]) added to the policy's
-        logits as u B^T (`prefuse.heads.Head.low_rank`; gradients to u and B, the recompute path); ref_low_rank the
-        same for the reference's head (default none: the reference is ref_weight, or the policy's weight alone,
-        LoRA's adapters disabled).
+        logits as u B^T (`prefuse.heads.Head.low_rank`; gradients to u and B; the in-forward or recompute path,
+        not the frozen-weight one); ref_low_rank the same for the reference's head (default none: the reference
+        is ref_weight, or the policy's weight alone, LoRA's adapters disabled).
         temperature: this call's (default: the module's), a float or one value per sequence [S] or per token
         [S, T] of labels (e.g. each sample's sampling temperature), for the policy and the reference alike.
         hidden, weight and labels are positional: a `labels=` keyword is the objective's input of that name (KTO's
@@ -259,7 +259,7 @@ class PreferenceLoss(torch.nn.Module):
         temperature = self.temperature if temperature is None else temperature
         check_transform(temperature, self.softcap, labels.shape)
         head = self._head_options(temperature)
-        if low_rank is not None and self.mode in ("in_forward", "frozen_weight"):
+        if low_rank is not None and self.mode == "frozen_weight":
             raise ValueError(f"mode: {self.mode!r} takes no low_rank (LoRA on the lm_head: its factor's gradient "
                              f"needs the recompute path); use mode='auto' or 'recompute'")
         n_seq = labels.shape[0]  # the sequences (hidden's rows unless packed)
@@ -290,7 +290,8 @@ class PreferenceLoss(torch.nn.Module):
         self.last_shared = shared_logp is not None
         if needs_grad and rows.in_forward:
             loss, metrics, objective_inputs = self._in_forward_loss(hidden, weight, bias, rows, stats, fixed,
-                                                                    role_batch.n_examples, head, wpo, log_sum_sq)
+                                                                    role_batch.n_examples, head, wpo, log_sum_sq,
+                                                                    low_rank)
         else:
             loss, metrics, objective_inputs = self._autograd_loss(hidden, weight, bias, rows, stats, fixed,
                                                                   role_batch.n_examples, needs_grad, shared_logp,
@@ -324,12 +325,11 @@ class PreferenceLoss(torch.nn.Module):
                     needs_grad: bool, hidden_index: torch.Tensor | None = None, low_rank: bool = False) -> RowGroups:
         """The call's rows and plan: grouped example by example (the in-forward mode) when the objectives are
         separable, no extra input carries a gradient and no sequence belongs to two examples; else one group of
-        the sequences some role reads. A low-rank update (LoRA on the lm_head) takes the recompute plan."""
+        the sequences some role reads. A low-rank update (LoRA on the lm_head) never takes the frozen-weight plan."""
         frozen = bool(torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                       and (bias is None or not bias.requires_grad)) and not low_rank
         grad_inputs = any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
-        groupable = (self.separable and not grad_inputs and role_batch.sequence_example is not None
-                     and not low_rank)
+        groupable = self.separable and not grad_inputs and role_batch.sequence_example is not None
         if needs_grad and self.mode == "in_forward" and not groupable:
             raise ValueError(
                 f"mode: 'in_forward' needs separable objectives (got {self.names}, separable={self.separable}), "
@@ -391,14 +391,15 @@ class PreferenceLoss(torch.nn.Module):
         return loss, metrics, objective_inputs
 
     def _in_forward_loss(self, hidden, weight, bias, rows: RowGroups, stats: RoleStatistics, fixed: dict,
-                         n_examples: int, head: dict, wpo: list[str], log_sum_sq: torch.Tensor | None):
+                         n_examples: int, head: dict, wpo: list[str], log_sum_sq: torch.Tensor | None,
+                         low_rank: LowRank | None = None):
         """(loss, metrics, the objective's inputs) with the head's gradients formed in forward, chunk by chunk:
         the loss's value is the objective's on the whole batch, its gradient the surrogate's. log_sum_sq: WPO's
         per-row term, each chunk's rows written by the head before the chunk's coefficients read them."""
         self.last_mode = "in_forward"
         coef_fn = self._chunk_gradient(rows, stats, fixed, n_examples, wpo, log_sum_sq)
         surrogate, logp = grouped_logprobs(hidden, weight, rows, bias=bias, coef_fn=coef_fn, log_sum_sq_out=log_sum_sq,
-                                           **head)
+                                           low_rank=low_rank, **head)
         objective_inputs = {**fixed, **stats.values(logp, "policy")}
         if log_sum_sq is not None:
             objective_inputs.update(stats.wpo_values(log_sum_sq, wpo))

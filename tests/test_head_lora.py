@@ -139,7 +139,7 @@ def test_low_rank_refusals():
     with pytest.raises(ValueError, match="frozen_weight"):
         linear_logprobs(hidden.requires_grad_(), weight, labels, low_rank=(u, b), mode="frozen_weight")
     rows = group_rows(labels, torch.arange(2), vocab=50, hidden_size=8, dtype=torch.float32, needs_grad=True,
-                      mode="in_forward")
+                      mode="recompute")
     with pytest.raises(ValueError, match="coef_fn"):
         grouped_logprobs(hidden, weight, rows, low_rank=(u, b), coef_fn=lambda chunk, lp: torch.ones_like(lp))
 
@@ -383,3 +383,41 @@ def test_prefuse_dpo_trainer_equals_trl_with_lm_head_lora(tmp_path, monkeypatch,
     for name, values in theirs_metrics.items():
         scale = reward_scale if name.startswith("rewards/") else 1.0
         assert trl_tests.close(ours_metrics[name][-1], values[-1], scale), (name, ours_metrics[name][-1], values[-1])
+
+
+def test_in_forward_gradient_with_the_update_equals_recompute():
+    """grouped_logprobs(coef_fn=...) with low_rank forms the gradients in forward (FusedHeadInForwardLowRank): the
+    surrogate's gradients with respect to hidden, A and B equal autograd through the recompute path's
+    sum coef * logp (float64), and PreferenceLoss takes that path for a separable objective."""
+    from prefuse.preference import PreferenceLoss
+
+    S, T, H, V, r = 4, 6, 16, 200, 3
+    hidden, a, b = leaves((S, T, H), (r, H), (V, r), scale=0.5)
+    weight = torch.randn(V, H, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, V, (S, T))
+    labels[:, :2] = -100
+    coefs = torch.randn(S * T, dtype=torch.float64)
+    rows = group_rows(labels, torch.tensor([0, 0, 1, 1]), vocab=V, hidden_size=H, dtype=hidden.dtype,
+                      needs_grad=True, mode="in_forward")
+    assert rows.in_forward
+    u = 0.5 * hidden @ a.T
+    surrogate, logp = grouped_logprobs(hidden, weight, rows, low_rank=(u, b), backend="torch",
+                                       coef_fn=lambda chunk, lp: coefs[chunk].float())
+    got = torch.autograd.grad(surrogate, [hidden, a, b])
+    want_logp, z = dense_logp(hidden, weight, labels, a=a, b=b, scale=0.5)
+    want = torch.autograd.grad((want_logp.reshape(-1)[rows.index] * coefs[:rows.n_rows]).sum(), [hidden, a, b])
+    tol = tolerance(z)
+    assert (logp.double() - want_logp.reshape(-1)[rows.index]).abs().max() <= tol
+    for name, g, w in zip(["hidden", "A", "B"], got, want):
+        assert (g - w).abs().max() <= tol * (1 + float(w.abs().max())), name
+
+    loss_fn = PreferenceLoss("sigmoid", beta=0.1, backend="torch")
+    loss, _ = loss_fn(hidden, weight, labels, low_rank=(0.5 * hidden @ a.T, b), ref_hidden=hidden.detach())
+    assert loss_fn.last_mode == "in_forward"
+    grads = torch.autograd.grad(loss, [hidden, a, b])
+    recompute = PreferenceLoss("sigmoid", beta=0.1, backend="torch", mode="recompute")
+    want_loss, _ = recompute(hidden, weight, labels, low_rank=(0.5 * hidden @ a.T, b), ref_hidden=hidden.detach())
+    assert recompute.last_mode == "recompute"
+    assert abs(float(loss) - float(want_loss)) <= 1e-6
+    for name, g, w in zip(["hidden", "A", "B"], grads, torch.autograd.grad(want_loss, [hidden, a, b])):
+        assert (g - w).abs().max() <= 1e-6 * (1 + float(w.abs().max())), name

@@ -35,7 +35,13 @@ from prefuse.kernels.fused_head import (
     chunk_slices,
 )
 from prefuse.kernels.linear_head import logprobs_function
-from prefuse.kernels.low_rank import FusedLogprobsLowRank, LowRank, add_low_rank_, check_low_rank
+from prefuse.kernels.low_rank import (
+    FusedHeadInForwardLowRank,
+    FusedLogprobsLowRank,
+    LowRank,
+    add_low_rank_,
+    check_low_rank,
+)
 from prefuse.kernels.plan import DEFAULT_CHUNK_BUDGET_BYTES, MODES, Plan, make_plan, rows_for_budget
 from prefuse.kernels.rows import gather_rows, inv_temperature_per_position, zero_connected
 from prefuse.kernels.validate import check_transform, resolve_backend
@@ -201,9 +207,10 @@ def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups
     the same pass: the same logits chunks, summed under the logsumexp's running max (no matmul of its own); with
     coef_fn a chunk's rows are written before coef_fn reads that chunk.
     low_rank: (u [..., r] like hidden's leading shape, factor [V, r]) adds u @ factor.T to the logits (LoRA on the
-    lm_head, `linear_logprobs`): logp [M] with a recomputing backward over the rows' chunks, whatever their plan
-    (build the rows with grouped=False and weight_frozen=False for the recompute plan's chunks); no coef_fn and
-    no log_sum_sq_out (grouped_log_sum_sq_probs computes it in a pass of its own)."""
+    lm_head, `linear_logprobs`), with gradients to u and factor: without coef_fn logp [M] with a recomputing
+    backward over the rows' chunks, whatever their plan (the frozen-weight plan's basis cannot carry the factor's
+    gradient: build such rows with weight_frozen=False); with coef_fn the in-forward gradient as above. No
+    log_sum_sq_out (grouped_log_sum_sq_probs computes it in a pass of its own)."""
     check_transform(temperature, softcap, rows.shape)
     flat = hidden.reshape(-1, hidden.shape[-1])
     _check_hidden_rows(flat, hidden, rows)
@@ -239,12 +246,17 @@ def _check_log_sum_sq_out(out: torch.Tensor | None, rows: RowGroups) -> None:
 
 
 def _low_rank_logprobs(flat, weight, bias, low_rank: LowRank, rows: RowGroups, cfg: HeadConfig, coef_fn):
-    """logp [M] of grouped_logprobs with a low-rank update (u [..., r] flattened like hidden)."""
-    if coef_fn is not None:
-        raise ValueError("low_rank: no coef_fn (the in-forward gradient) with a low-rank update; its factor's "
-                         "gradient is formed in backward")
+    """grouped_logprobs with a low-rank update (u [..., r] flattened like hidden): logp [M] (recompute), or with
+    coef_fn (surrogate, logp [M]), the gradients formed in forward."""
     u, factor = low_rank[0].reshape(-1, low_rank[0].shape[-1]), low_rank[1]
     check_low_rank(flat, weight, (u, factor))
+    if coef_fn is not None:
+        if not rows.in_forward:
+            raise ValueError("coef_fn: the rows' plan is not in_forward (build them with group_rows(grouped=True))")
+        on = torch.is_grad_enabled()
+        needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias, u, factor))
+        return FusedHeadInForwardLowRank.apply(flat, weight, bias, u, factor, rows.labels, rows.hidden_index, cfg,
+                                               coef_fn, needs, rows.chunks)
     if rows.n_rows == 0:
         return torch.zeros(0, dtype=torch.float32, device=flat.device) + zero_connected(flat, weight, bias, u, factor)
     return FusedLogprobsLowRank.apply(flat, weight, bias, u, factor, rows.labels, rows.hidden_index, cfg, rows.chunks)

@@ -11,9 +11,11 @@ and then one thin matmul u_c F^T added into the same buffer (addmm_ with K = r).
 Backward recomputes each chunk's logits the same way and takes G = d loss / d logits [m, V] from the chunk op
 (`logits_grad_`, either backend), then grad_h_c = G W, grad_u_c = G F, grad_F += G^T u_c, and grad_W += G^T h_c,
 grad_b += sum G only when they require grad (LoRA freezes W: that matmul and its [V, H] buffer are skipped).
-The gradients of A and of hidden's share through u follow from autograd through u. The Function is the recompute
-path (three weight-sized matmuls per chunk with a frozen W); the frozen-weight and in-forward paths of the plain
-head do not take a low-rank update: F's gradient needs each chunk's G in backward.
+The gradients of A and of hidden's share through u follow from autograd through u. Two Functions, as for the plain
+head: `FusedLogprobsLowRank` recomputes (three weight-sized matmuls per chunk with a frozen W), and
+`FusedHeadInForwardLowRank` forms G in forward where the upstream coefficients are known chunk by chunk (a
+separable objective over whole groups: two weight-sized matmuls, the economy of the plain head's frozen-weight
+path, which cannot take the update: F's gradient needs each chunk's G, not a per-row basis).
 """
 from __future__ import annotations
 
@@ -136,4 +138,55 @@ class FusedLogprobsLowRank(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, grad_u, grad_factor, None, None, None, None, None
 
 
-__all__ = ["FusedLogprobsLowRank", "LowRank", "add_low_rank_", "check_low_rank"]
+class FusedHeadInForwardLowRank(torch.autograd.Function):
+    """fused_head.FusedHeadInForward with the low-rank update: (objective 0-d, logp [M] without gradient), objective
+    = sum_i coef_i logp_i with `coef_fn(rows, logp_chunk) -> coef [m]` called as each chunk's log-probs are known;
+    the gradients with respect to hidden, weight, bias, u and factor are formed in forward (G of each chunk from
+    the chunk op, then the same products as FusedLogprobsLowRank's backward) and backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, u, factor, labels, index, cfg: HeadConfig, coef_fn, needs_grad,
+                chunks=None):
+        """needs_grad: (hidden, weight, bias, u, factor) each needs a gradient; chunks: slices of whole groups."""
+        if cfg.with_mean_logp:
+            raise ValueError("low_rank: no mean_logp (label smoothing) with a low-rank update; use label_smoothing=0")
+        need_h, need_w, need_b, need_u, need_f = needs_grad
+        head = _GradAccumulator(hidden, index, weight, bias, need_h, need_w, need_b and bias is not None,
+                                cfg.accumulate_fp32)
+        update = _GradAccumulator(u, index, factor, None, need_u, need_f, False, cfg.accumulate_fp32)
+        n_rows, whole = labels.shape[0], slice(0, weight.shape[0])
+        logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        objective = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        chunks = chunk_slices(n_rows, cfg.rows_per_chunk) if chunks is None else chunks
+        buffer = logits_buffer(labels, weight, max((c.stop - c.start for c in chunks), default=1))
+        for rows in chunks:
+            h, uc = gather_rows(hidden, index, rows), gather_rows(u, index, rows)
+            logits = _logits(h, uc, weight, bias, factor, whole, buffer, cfg)
+            terms = []
+
+            def chunk_coefs(lp, _mean_logp, rows=rows):
+                coef = coef_fn(rows, lp)
+                terms.append((coef * lp).sum(dtype=torch.float64))
+                return coef.float().contiguous(), None
+
+            lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, labels[rows], chunk_coefs, **cfg.op_kwargs(rows))
+            logp[rows] = lp
+            objective += sum(terms)
+            grad = _compute_dtype_grad(grad, hidden.dtype)
+            head.add(rows, grad, h)
+            update.add(rows, grad, uc)
+            del logits, grad
+        ctx.accs = (head, update)
+        ctx.mark_non_differentiable(logp)
+        return objective.float(), logp
+
+    @staticmethod
+    def backward(ctx, grad_objective, _grad_logp=None):
+        head, update = ctx.accs
+        ctx.accs = None  # release the buffers as soon as they are handed over
+        grad_hidden, grad_weight, grad_bias = head.results(scale=grad_objective)
+        grad_u, grad_factor, _ = update.results(scale=grad_objective)
+        return grad_hidden, grad_weight, grad_bias, grad_u, grad_factor, None, None, None, None, None, None
+
+
+__all__ = ["FusedHeadInForwardLowRank", "FusedLogprobsLowRank", "LowRank", "add_low_rank_", "check_low_rank"]
