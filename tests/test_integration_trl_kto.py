@@ -156,3 +156,18 @@ def test_deepspeed_zero3_is_refused_in_one_line(stage, refused):
             check_not_zero3(trainer, "PrefuseKTOTrainer")
     else:
         check_not_zero3(trainer, "PrefuseKTOTrainer")
+
+
+def test_a_model_with_scaled_logits_is_refused(model_dir, tmp_path, monkeypatch):
+    """A config field that scales the logits (Cohere's logit_scale and the like), which the fused head would not
+    apply, is refused in one line naming it."""
+    load = transformers.LlamaForCausalLM.from_pretrained
+
+    def scaled(path, *args, **kwargs):
+        model = load(path, *args, **kwargs)
+        model.config.logit_scale = 0.5
+        return model
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", scaled)
+    with pytest.raises(ValueError, match="logit_scale=0.5"):
+        make_trainer(PrefuseKTOTrainer, model_dir, tmp_path)
