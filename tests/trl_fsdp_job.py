@@ -6,8 +6,9 @@
 A CASE is <trainer>_<model>: trainer dpo, kto, grpo or liger, model tied, untied (MODELS_DIR/<model>, saved by the
 test) or headunit: the untied model with its lm_head a FSDP2 unit of its own, whose forward never runs (the fused head
 reads the weight), so that the weight stays a DTensor shard throughout and its gradient reaches the shard only through
-the gather's backward. The global batch is the same at any world size (per device: 4 / world), padded to one width,
-and SGD updates the weights (an update is lr x gradient, so the weights after a step compare as the gradients do).
+the gather's backward; or lora (dpo only): the untied model with LoRA on q_proj and v_proj. The global batch is the
+same at any world size (per device: 4 / world), padded to one width, and SGD updates the weights (an update is lr x
+gradient, so the weights after a step compare as the gradients do).
 Rank 0 writes OUT_DIR/<case>.pt: the logged losses and gradient norms of both steps, the first step's gradients and
 the weights after both steps, all gathered whole (DTensor.full_tensor), by parameter name.
 
@@ -124,7 +125,7 @@ def run_trainer(kind, model_dir, out_dir):
     if kind == "dpo":
         args = DPOConfig(**common_args(kind, out_dir, max_length=96, pad_to_multiple_of=PAD_TO))
         trainer = PrefuseDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs()),
-                                    processing_class=tokenizer, callbacks=[recorder])
+                                    processing_class=tokenizer, callbacks=[recorder], peft_config=lora(model_dir))
     elif kind == "kto":
         args = KTOConfig(**common_args(kind, out_dir, max_length=96, pad_to_multiple_of=PAD_TO))
         trainer = PrefuseKTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(unpaired()),
@@ -153,11 +154,22 @@ def run_trainer(kind, model_dir, out_dir):
                 trainer.model.get_output_embeddings().weight, DTensor)}
 
 
+def lora(model_dir):
+    """LoRA on the attention's q and v projections for model "lora" (the untied model; the reference: the adapters
+    disabled), else None."""
+    if model_dir.name != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+
+
 def load(model_dir):
     """The saved model; "headunit": the untied one with fully_shard applied to its lm_head alone (under FSDP2)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir.parent / "untied" if model_dir.name == "headunit" else model_dir)
+    untied = model_dir.name in ("headunit", "lora")
+    model = LlamaForCausalLM.from_pretrained(model_dir.parent / "untied" if untied else model_dir)
     if model_dir.name == "headunit" and os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
         from torch.distributed.fsdp import fully_shard
 
