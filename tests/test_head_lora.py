@@ -421,3 +421,20 @@ def test_in_forward_gradient_with_the_update_equals_recompute():
     assert abs(float(loss) - float(want_loss)) <= 1e-6
     for name, g, w in zip(["hidden", "A", "B"], grads, torch.autograd.grad(want_loss, [hidden, a, b])):
         assert (g - w).abs().max() <= 1e-6 * (1 + float(w.abs().max())), name
+
+
+def test_prefuse_train_resumes_an_lm_head_adapter_exactly(files, tmp_path, offline_hf_home):
+    """Checkpoints hold the lm_head's adapter (peft also saves its base weight there): 2 steps, then a resume to 4,
+    give the per-step losses of 4 uninterrupted steps exactly (lora_dropout 0.1 on the head's input: the RNG too)."""
+    from prefuse.cli import main
+
+    flags = dict(loss_type="sigmoid", per_device_train_batch_size=4, logging_steps=1, save_steps=2,
+                 learning_rate=1e-2, lr_scheduler_type="constant", use_peft="true", lora_r=4, lora_dropout=0.1,
+                 lora_target_modules="q_proj lm_head")
+    assert main(engine.args(files, tmp_path / "full", max_steps=4, **flags)) == 0
+    assert main(engine.args(files, tmp_path / "cut", max_steps=2, **flags)) == 0
+    assert main(engine.args(files, tmp_path / "cut", max_steps=4, resume_from_checkpoint="latest", **flags)) == 0
+    full, cut = engine.read_metrics(tmp_path / "full"), engine.read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    assert [r["loss"] for r in cut] == [r["loss"] for r in full]
+    assert len({r["loss"] for r in full}) > 2

@@ -32,7 +32,8 @@ class ModelSettings:
     lora_alpha: int = setting(32, "LoRA scaling alpha (the update is alpha / r * B A)")
     lora_dropout: float = setting(0.05, "dropout on the LoRA branch's input, in [0, 1)")
     lora_target_modules: list[str] | None = setting(None, "module names for LoRA (default: peft's for the "
-                                                          "architecture)")
+                                                          "architecture; lm_head too: its adapter goes into the "
+                                                          "fused head)")
     train_vision: str = setting("none", "a vision-language model: none (the vision tower and projector frozen; LoRA "
                                         "on the language model only), projector, or all (projector and vision tower "
                                         "train too)")
