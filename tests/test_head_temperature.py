@@ -263,3 +263,14 @@ def test_preference_loss_per_sequence_temperature(backend, mode):
         assert_close64(g, r)
     with pytest.raises(ValueError, match="^temperature: shape"):
         fn(hidden, weight, labels, ref_hidden=ref_hidden, temperature=torch.ones(T + 1))
+
+
+def test_vocab_parallel_head_takes_one_number():
+    """The vocabulary-parallel head keeps a float temperature: a tensor is refused in one line before any
+    collective."""
+    from prefuse.kernels.vocab_parallel import vocab_parallel_logprobs
+
+    hidden, weight, labels, _ = inputs()
+    with pytest.raises(ValueError, match="^temperature: this entry point takes one number") as info:
+        vocab_parallel_logprobs(hidden, weight, labels, vocab_start=0, temperature=torch.ones(S))
+    assert "\n" not in str(info.value)
