@@ -40,13 +40,13 @@ def reward_recording(seen):
     return reward
 
 
-def make_trainer(cls, model_dir, tmp_path, seen, **overrides):
+def make_trainer(cls, model_dir, tmp_path, seen, peft_config=None, **overrides):
     settings = {"output_dir": str(tmp_path / cls.__name__), "per_device_train_batch_size": 4, "num_generations": 4,
                 "max_completion_length": 8, "max_steps": 2, "learning_rate": 1e-2, "beta": 0.04, "bf16": False,
                 "logging_steps": 1, "report_to": "none", "seed": 3, "save_strategy": "no"}
     args = trl.GRPOConfig(**{**settings, **overrides})
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir)
-    return cls(model=model, reward_funcs=reward_recording(seen), args=args,
+    return cls(model=model, reward_funcs=reward_recording(seen), args=args, peft_config=peft_config,
                train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=build_tokenizer())
 
 
@@ -54,15 +54,21 @@ def close(got, want):
     return abs(got - want) <= TOLERANCE * max(1.0, abs(want))
 
 
-def test_two_training_steps_equal_trl_with_the_same_completions(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
+def test_two_training_steps_equal_trl_with_the_same_completions(model_dir, tmp_path, monkeypatch, use_peft):
+    """Full fine-tuning (the reference a model TRL loads from the path) and LoRA (the reference: the adapters
+    disabled; lr 0.1 so that LoRA's B = 0 moves enough for the second step's KL to show)."""
+    peft = pytest.importorskip("peft") if use_peft else None
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_peft else None
+    extra = {"learning_rate": 0.1} if use_peft else {}
     head_calls = []
     head = trl_grpo.linear_logprobs
     monkeypatch.setattr(trl_grpo, "linear_logprobs", lambda *a, **k: head_calls.append(1) or head(*a, **k))
     ours_seen, theirs_seen = [], []
     # each trainer seeds the RNG when it is built: build and train one, then the other
-    ours = make_trainer(PrefuseGRPOTrainer, model_dir, tmp_path, ours_seen, temperature=0.7)
+    ours = make_trainer(PrefuseGRPOTrainer, model_dir, tmp_path, ours_seen, lora, temperature=0.7, **extra)
     ours.train()
-    theirs = make_trainer(trl.GRPOTrainer, model_dir, tmp_path, theirs_seen, temperature=0.7)
+    theirs = make_trainer(trl.GRPOTrainer, model_dir, tmp_path, theirs_seen, lora, temperature=0.7, **extra)
     theirs.train()
 
     assert len(ours_seen) == len(theirs_seen) == 2 and ours_seen == theirs_seen
