@@ -77,6 +77,47 @@ def test_fused_head_equals_the_models_own_logits_in_float64(smollm2):
     assert want.min() < -5  # a real distribution: some tokens are unlikely, the check is not of zeros
 
 
+
+def test_lora_on_the_tied_lm_head_equals_peft_in_float64(smollm2):
+    """LoRA on q_proj, v_proj and the tied lm_head of the real model (every factor random): the fused head's
+    log-probs equal log_softmax of peft's own logits, and the lm_head factors' gradients equal autograd's through
+    peft's forward (float64; the bound of the test above, on the adapted logits)."""
+    import warnings
+
+    import peft
+
+    from prefuse.engine.models.loading import decoder_hidden_states, head_of
+    from prefuse.kernels import linear_logprobs
+
+    _, plain = smollm2
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(plain, local_files_only=True, dtype=torch.float64)
+    with warnings.catch_warnings():  # peft: a tied layer in the adapter (the adapter changes the output side only)
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                          target_modules=["q_proj", "v_proj", "lm_head"],
+                                                          init_lora_weights=False))
+    head = head_of(model)
+    assert head.lora is not None and head.weight is model.get_input_embeddings().weight  # still tied
+    tokenizer = transformers.AutoTokenizer.from_pretrained(plain)
+    chat = [{"role": "user", "content": "Name three primary colors."},
+            {"role": "assistant", "content": "Red, yellow and blue."}]
+    ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+    factors = [head.lora.a, head.lora.b]
+    logits = model(input_ids=ids).logits
+    want = torch.log_softmax(logits, -1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+    want_grads = torch.autograd.grad(want.sum(), factors)
+    hidden = decoder_hidden_states(model, ids, torch.ones_like(ids))
+    got = linear_logprobs(hidden[0], head.weight, labels[0], low_rank=head.low_rank(hidden[0]), backend="torch")
+    got_grads = torch.autograd.grad(got.sum(), factors)
+    bound = 8 * torch.finfo(torch.float32).eps * logits[0, :-1].detach().abs().amax(-1)
+    assert ((got[:-1].double() - want.detach()).abs() <= bound).all()
+    tol = 8 * torch.finfo(torch.float32).eps * float(logits.detach().abs().max())
+    for g, w in zip(got_grads, want_grads):
+        assert (g - w).abs().max() <= tol * float(w.abs().max())
+    assert float(want_grads[1].abs().max()) > 0
+
 def test_generation_answers_through_the_chat_template_and_stops_at_im_end(smollm2, tmp_path):
     from prefuse.cli import main
 
