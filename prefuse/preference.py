@@ -256,6 +256,11 @@ class PreferenceLoss(torch.nn.Module):
         desirable flags [B]). Returns (loss: 0-d, metrics: dict of 0-d tensors named as TRL names them), and with
         return_inputs also the objective's inputs (detached: policy_chosen_logps [B], chosen_lengths, ...)."""
         self._check_call(hidden, weight, labels, bias, ref_hidden, inputs, hidden_index)
+        for name, ref, policy in (("ref_weight", ref_weight, weight), ("ref_bias", ref_bias, bias)):
+            if ref is not None and policy is not None and ref.shape != policy.shape:
+                # one vocabulary for both models' labels (a shard of a sharded lm_head would pass silently)
+                raise ValueError(f"{name}: shape {tuple(ref.shape)} must equal the policy's {tuple(policy.shape)}; "
+                                 f"pass the reference's whole lm_head (under FSDP2 gathered, not its shard)")
         temperature = self.temperature if temperature is None else temperature
         check_transform(temperature, self.softcap, labels.shape)
         head = self._head_options(temperature)

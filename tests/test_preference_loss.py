@@ -170,6 +170,8 @@ def test_bad_arguments_raise_clear_errors():
         PreferenceLoss("simpo")(hidden, weight, labels, ref_hidden=ref_hidden)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         PreferenceLoss("sigmoid")(hidden, weight, labels)
+    with pytest.raises(ValueError, match="ref_weight: shape"):  # e.g. the local shard of a sharded reference head
+        PreferenceLoss("sigmoid")(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=weight[: len(weight) // 2])
 
 
 @pytest.mark.parametrize("mode", ["in_forward", "recompute"])
