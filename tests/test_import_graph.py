@@ -17,7 +17,8 @@ LAYERS = [
     ("prefuse.engine.online",),
     ("prefuse.engine.methods",),
     ("prefuse.engine.train",),
-    ("prefuse.engine.reward",),
+    ("prefuse.engine.reward", "prefuse.engine.sft"),
+    ("prefuse.engine.eval",),
     ("prefuse.commands", "prefuse.compat", "prefuse.bench"),
     ("prefuse.cli", "prefuse.__main__"),
 ]

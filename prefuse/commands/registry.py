@@ -15,6 +15,7 @@ from prefuse.commands import (
     bench,
     convert,
     demo,
+    eval,
     export,
     generate,
     kernels,
@@ -22,9 +23,10 @@ from prefuse.commands import (
     objectives,
     rlhs,
     selm_data,
+    sft,
     train,
     train_rm,
 )
 
-COMMANDS = (demo, bench, train, train_rm, objectives, generate, selm_data, bdhs, rlhs, merge_adapters, export, convert,
-            kernels)
+COMMANDS = (demo, bench, sft, train, train_rm, objectives, generate, eval, selm_data, bdhs, rlhs, merge_adapters, export,
+            convert, kernels)
