@@ -45,10 +45,17 @@ class Batch:
     metrics: dict[str, float] = field(default_factory=dict)  # what made the batch (rollout scores, ...), logged
     vision: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values of the rows' images, ...
     temperature: torch.Tensor | None = None  # [S] per sequence, or None
+    n_items: int | None = None  # what the step's loss is a mean over, when not examples (SFT: the trained tokens)
 
     @property
     def n_examples(self) -> int:
         return int(next(iter(self.roles.values())).shape[0])
+
+    @property
+    def loss_units(self) -> int:
+        """What the step's loss is a mean over: n_items when set (an SFT batch's trained tokens), else examples;
+        the loop weighs each micro-batch's loss by its share of the optimizer step's units."""
+        return self.n_examples if self.n_items is None else self.n_items
 
     @property
     def n_tokens(self) -> int:
@@ -61,7 +68,8 @@ class Batch:
                      inputs={k: v.to(device) for k, v in self.inputs.items()},
                      index=None if self.index is None else self.index.to(device), metrics=self.metrics,
                      vision={k: v.to(device) for k, v in self.vision.items()},
-                     temperature=None if self.temperature is None else self.temperature.to(device))
+                     temperature=None if self.temperature is None else self.temperature.to(device),
+                     n_items=self.n_items)
 
 
 class BatchSource(Protocol):

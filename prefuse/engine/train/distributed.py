@@ -81,7 +81,8 @@ class World:
         itself for one process."""
         if not self.distributed:
             return step
-        step.loss_fn.batch_group = self.gather_group
+        if hasattr(step, "loss_fn"):  # PreferenceLoss's batch-level statistics over the ranks (an SFT step has none)
+            step.loss_fn.batch_group = self.gather_group
         if fsdp:
             self.module, self.sharded = fully_shard_step(step, models, self, bf16=bf16), True
         else:

@@ -117,12 +117,13 @@ def _train_steps(run: Run, signals: StopSignals) -> dict:
 
 def accumulate(run: Run, micro_batches: list) -> tuple[dict[str, float], int]:
     """Forward and backward of one optimizer step's micro-batches (gradients synchronized over the ranks on the
-    last one only); return (the step's metrics: each the mean over the global step's examples, the step's tokens
+    last one only); return (the step's metrics: each the mean over the global step's examples, or over its loss
+    units where batches count them otherwise (Batch.loss_units: an SFT batch's trained tokens), the step's tokens
     over all ranks)."""
-    n_examples = run.world.total(sum(b.n_examples for b in micro_batches))  # the global step's, all ranks
+    n_units = run.world.total(sum(b.loss_units for b in micro_batches))  # the global step's, all ranks
     metrics, shares, tokens = {}, {}, 0
     for number, batch in enumerate(micro_batches):
-        share = batch.n_examples / n_examples
+        share = batch.loss_units / max(n_units, 1)
         with run.world.micro_batch(last=number == len(micro_batches) - 1):  # no gradient sync before the last
             loss, batch_metrics = run.step(batch, run.references.get("train"))
             (loss * share * run.world.size).backward()  # x ranks: DDP averages the ranks' gradients
