@@ -4,7 +4,7 @@ against its reference. The work is engine/eval/ (run.py, stats.py); this module 
 from __future__ import annotations
 
 NAME = "eval"
-HELP = "win rate (95% CI, length-controlled) of a model against a baseline; implicit-reward accuracy on pairs"
+HELP = "win rate of a model against a baseline (Wilson interval, length-controlled); implicit-reward accuracy"
 DESCRIPTION = ("Answers every prompt of --prompts with the model and the baseline (--baseline_model, or the answers "
                "in --baseline_column), judges each pair of answers with one judge (--reward_funcs, "
                "--reward_model_path or --judge), and reports the win rate with its 95% Wilson interval, AlpacaEval "
