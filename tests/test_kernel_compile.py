@@ -17,10 +17,10 @@ KERNELS = ("forward", "grad", "stats")
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # 280 variants since the per-row temperature and the forward's sum of squares (bench/REGISTERS.md): about
-    # 2-4 s each, on every core; 36 min on this 2-core machine shared with four other jobs, so a generous bound
-    proc = subprocess.run([sys.executable, "-m", "prefuse.kernels.compile_report", "--json"], env=env,
-                          capture_output=True, text=True, timeout=3600)
+    # --cover: each switch off, alone and all on (147 variants; every combination, 280, is bench/REGISTERS.md's
+    # `python -m prefuse.kernels.compile_report`, too long for the suite on 2 cores)
+    proc = subprocess.run([sys.executable, "-m", "prefuse.kernels.compile_report", "--json", "--cover"], env=env,
+                          capture_output=True, text=True, timeout=1800)
     assert proc.stdout.strip(), proc.stderr[-3000:]
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -43,7 +43,11 @@ def test_report_covers_every_kernel_target_dtype_and_variant(report):
     got = {(r["kernel"], r["target"], r["dtype"], json.dumps(r["constexprs"], sort_keys=True), r["num_warps"])
            for r in results}
     for kernel, arch, dtype in itertools.product(KERNELS, NVIDIA_TARGETS, DTYPES):
-        for const, warps in launch_variants(kernel, arch):
+        for const, warps in launch_variants(kernel, arch, cover=True):
             assert (kernel, f"sm_{arch}", dtype, json.dumps(const, sort_keys=True), warps) in got
+    every_switch = {(r["kernel"], name) for r in results for name, on in r["constexprs"].items() if on is True}
+    for kernel in KERNELS:  # each switch of each kernel compiled on
+        names = {k for const, _ in launch_variants(kernel, 90) for k, v in const.items() if isinstance(v, bool)}
+        assert {(kernel, name) for name in names} <= every_switch
     for kernel, target in itertools.product(KERNELS, AMD_TARGETS):
         assert any(r["kernel"] == kernel and r["target"] == target for r in results)

@@ -56,8 +56,18 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     raise KeyError(kernel)
 
 
-def launch_variants(kernel: str, arch: int) -> list[tuple[dict, int]]:
-    """Every (constexprs, num_warps) the launcher in triton_ops can use on this GPU generation."""
+def flag_settings(n_flags: int, cover: bool) -> list[tuple[bool, ...]]:
+    """Every combination of n boolean switches, or with `cover` the n + 2 that reach each switch's code: none,
+    each alone, all (the most registers live at once)."""
+    if not cover:
+        return list(itertools.product((False, True), repeat=n_flags))
+    alone = [tuple(i == j for j in range(n_flags)) for i in range(n_flags)]
+    return [(False,) * n_flags, *alone, (True,) * n_flags]
+
+
+def launch_variants(kernel: str, arch: int, cover: bool = False) -> list[tuple[dict, int]]:
+    """Every (constexprs, num_warps) the launcher in triton_ops can use on this GPU generation (`cover`: the
+    switch settings of flag_settings(cover=True) only)."""
     from prefuse.kernels.triton_ops import K_PADS, config_for
 
     tile, warps = config_for(kernel, arch)
@@ -65,7 +75,7 @@ def launch_variants(kernel: str, arch: int) -> list[tuple[dict, int]]:
              "grad": ("HAS_SOFTCAP", "HAS_UNIFORM", "PER_ROW_TEMP"),
              "stats": ("HAS_SOFTCAP", "HAS_LABELS", "PER_ROW_TEMP")}[kernel]
     out = []
-    for values in itertools.product((False, True), repeat=len(flags)):
+    for values in flag_settings(len(flags), cover):
         const = dict(zip(flags, values), BLOCK_V=tile)
         if kernel == "stats":
             out += [(dict(const, K_PAD=k), warps) for k in K_PADS]
@@ -136,15 +146,17 @@ def _compile_job(job: tuple) -> CompileResult:
     return compile_one(*job)
 
 
-def compile_all(kernels=("forward", "grad", "stats"), amd: bool = True, workers: int | None = None):
-    """Compile every launchable variant; jobs are spread over `workers` processes (default: all cores)."""
+def compile_all(kernels=("forward", "grad", "stats"), amd: bool = True, workers: int | None = None,
+                cover: bool = False):
+    """Compile every launchable variant (`cover`: each switch reached, see flag_settings); jobs are spread over
+    `workers` processes (default: all cores)."""
     jobs = []
     for kernel, arch, dtype in itertools.product(kernels, NVIDIA_TARGETS, DTYPES):
-        jobs += [(kernel, f"sm_{arch}", dtype, const, warps) for const, warps in launch_variants(kernel, arch)]
+        jobs += [(kernel, f"sm_{arch}", dtype, const, warps) for const, warps in launch_variants(kernel, arch, cover)]
     if amd:
         # AMD is compiled to show the kernels are portable; launch configs are tuned for NVIDIA only.
         for kernel, target in itertools.product(kernels, AMD_TARGETS):
-            jobs += [(kernel, target, "bf16", const, warps) for const, warps in launch_variants(kernel, 80)]
+            jobs += [(kernel, target, "bf16", const, warps) for const, warps in launch_variants(kernel, 80, cover)]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [_compile_job(job) for job in jobs]
@@ -172,11 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list of results")
     parser.add_argument("--kernels", nargs="*", default=["forward", "grad", "stats"])
     parser.add_argument("--no-amd", action="store_true")
+    parser.add_argument("--cover", action="store_true",
+                        help="each switch none/alone/all instead of every combination (the test suite's sweep)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_report: unset TRITON_INTERPRET (kernels must be JIT functions to compile)", file=sys.stderr)
         return 2
-    results = compile_all(tuple(args.kernels), amd=not args.no_amd)
+    results = compile_all(tuple(args.kernels), amd=not args.no_amd, cover=args.cover)
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     else:
