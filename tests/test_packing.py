@@ -21,7 +21,7 @@ from prefuse.engine.core.objectives import objective_needs
 from prefuse.engine.core.sources import build_batch
 from prefuse.engine.core.step import Step
 from prefuse.engine.data.packing import pack_sequences
-from prefuse.engine.models.loading import Models, check_packable, decoder_hidden_states
+from prefuse.engine.models.loading import Models, check_packable, decoder_hidden_states, packed_row_tokens
 from prefuse.preference import PreferenceLoss
 from tests import test_engine_train as engine
 
@@ -217,6 +217,15 @@ def test_flash_attention_varlen_gives_each_token_its_padded_hidden_state(row_tok
     assert float((crossing - padded)[keep].abs().max()) > tol
 
 
+def test_packed_row_width_follows_the_attention():
+    model = tiny_model("llama", "sdpa")
+    assert packed_row_tokens(model, 9) == 9 and packed_row_tokens(model, 9, 100) == 100
+    model.config._attn_implementation = "eager"
+    assert packed_row_tokens(model, 9) == 9
+    model.config._attn_implementation = "flash_attention_2"  # varlen: one row
+    assert packed_row_tokens(model, 9) is None and packed_row_tokens(model, 9, 100) == 100
+
+
 def test_models_that_cannot_take_packed_rows_are_refused():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30))
     with pytest.raises(ValueError, match="padding_free: model type 'gpt2'"):
@@ -256,22 +265,22 @@ def examples(n: int, seed: int) -> list[dict]:
         return torch.randint(3, 60, (int(torch.randint(low, high, (1,), generator=generator)),),
                              generator=generator).tolist()
 
-    return [{"prompt_ids": tokens(2, 9), "chosen_ids": tokens(1, 12), "rejected_ids": tokens(1, 12),
+    return [{"prompt_ids": tokens(2, 5), "chosen_ids": tokens(1, 12), "rejected_ids": tokens(1, 12),
              "reference_ids": tokens(1, 12), "completion_ids": tokens(1, 12), "label": i % 3 != 0}
             for i in range(n)]
 
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("objective, lora, hparams, row_tokens", [
-    ("sigmoid", True, {}, None), ("sigmoid", True, {}, 32), ("ipo", False, {}, None),
-    ("selm", True, {"alpha": 0.01}, None), ("kto", False, {}, None),
+    ("sigmoid", True, {}, None), ("sigmoid", True, {}, 10**6), ("ipo", False, {}, None),
+    ("selm", True, {"alpha": 0.01}, None), ("kto", False, {}, 10**6),
 ])
 def test_padding_free_step_equals_the_padded_step(objective, lora, hparams, row_tokens):
     models = tiny_models(lora)
     needs = objective_needs([objective])
     batch = build_batch(examples(5, seed=3), list(range(5)), needs, pad_id=0)
     trained = [(name, p) for name, p in models.policy.named_parameters() if p.requires_grad]
-    results = []
+    results, packings = [], []
     for padding_free in (False, True):
         step = Step(models, PreferenceLoss(objective, beta=0.1, **hparams), needs, padding_free=padding_free,
                     padding_free_row_tokens=row_tokens)
@@ -279,9 +288,14 @@ def test_padding_free_step_equals_the_padded_step(objective, lora, hparams, row_
         loss, metrics = step(batch)
         loss.backward()
         results.append((loss.detach(), metrics, {name: p.grad.clone() for name, p in trained}))
+        packings.append(step.packed(batch))
     (loss, metrics, grads), (p_loss, p_metrics, p_grads) = results
-    packed = pack_sequences(batch.input_ids, batch.attention_mask, row_tokens=row_tokens)
+    packed = packings[1]  # default (sdpa): rows no wider than the padded batch; 10**6: one row
     assert packed.input_ids.shape[0] < batch.input_ids.shape[0]  # sequences share rows
+    if row_tokens is None:
+        assert packed.input_ids.shape[1] <= batch.input_ids.shape[1]
+    else:
+        assert packed.input_ids.shape[0] == 1
     # float64 through the decoder and the head; rows laid out differently, every sum over at most S * T terms
     tol = 64 * F64 * batch.input_ids.numel()
     torch.testing.assert_close(p_loss, loss, rtol=tol, atol=tol)
@@ -298,14 +312,17 @@ files = engine.files  # the tiny Llama and its pairs (a module-scoped fixture)
 
 
 @pytest.mark.usefixtures("one_thread", "offline_hf_home")
-@pytest.mark.parametrize("loss_type, peft", [("simpo", "true"), ("sigmoid", "false")])
-def test_prefuse_train_padding_free_equals_padded(files, tmp_path, loss_type, peft):
+@pytest.mark.parametrize("loss_type, peft, rows", [("simpo", "true", {}), ("sigmoid", "false", {}),
+                                                   ("simpo", "true", {"padding_free_row_tokens": 10**6})])
+def test_prefuse_train_padding_free_equals_padded(files, tmp_path, loss_type, peft, rows):
     """The first step of `prefuse train` on 8 conversational pairs, padded and --padding_free: the loss, rewards,
     log-probs and gradient norm equal. (Later steps are not compared: Adam's first update is about lr * sign(g),
     so a gradient component near 0 may move by a whole lr either way.)"""
     records = {}
-    for name, flags in (("padded", {}), ("packed", {"padding_free": "true"})):
+    for name, flags in (("padded", {}), ("packed", {"padding_free": "true", **rows})):
+        # no LoRA dropout: its random masks are drawn over the decoder's [rows, width] shapes, which packing changes
         argv = engine.args(files, tmp_path / name, "conversational", loss_type=loss_type, use_peft=peft, lora_r=4,
+                           lora_dropout=0.0,
                            per_device_train_batch_size=8, max_steps=1, logging_steps=1, save_steps=0,
                            learning_rate=1e-2, lr_scheduler_type="constant", **flags)
         assert main(argv) == 0
@@ -338,12 +355,12 @@ def test_padding_free_settings_are_one_line(files, tmp_path, capsys, flags, fiel
 
 @pytest.mark.heavy  # three worker processes, about a minute on the shared 2 cores
 def test_bench_train_padding_free_paths_equal_the_padded_losses(tmp_path):
-    """The bench's packed paths (one row; rows of at most max_length) take the same steps as prefuse's padded one:
-    the bench's own loss and log-prob checks pass, on the same batch; they run only when named."""
+    """The bench's packed paths (rows no wider than the padded batch; one row) take the same steps as prefuse's
+    padded one: the bench's own loss and log-prob checks pass, on the same batch; they run only when named."""
     from prefuse.bench import train
 
     assert "prefuse_padding_free" not in train.DEFAULT_TRAIN_PATHS
-    paths = ("prefuse", "prefuse_padding_free", "prefuse_padding_free_rows")
+    paths = ("prefuse", "prefuse_padding_free", "prefuse_padding_free_one_row")
     records = train.run(train.QUICK_SHAPE, ("lora",), paths, rounds=1, warmup=1, work_dir=str(tmp_path),
                         log=lambda *_: None)
     assert [r["path"] for r in records] == list(paths)

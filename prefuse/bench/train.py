@@ -13,9 +13,10 @@ that both paths read, cut to a fixed max_length. Paths:
 - trl: TRL's `DPOTrainer(...).train()` (its own chunked log-prob head);
 - trl_liger: the same with `use_liger_kernel=True`, which swaps Liger's Triton layer kernels (RMSNorm, SwiGLU,
   RoPE) into the model: CUDA only (on the CPU Triton has no driver), reported as not available there;
-- prefuse_padding_free, prefuse_padding_free_rows (only when named in --paths): prefuse's run with
-  `--padding_free`, the decoders taking each batch's sequences packed in one row without padding, or in rows of
-  at most max_length tokens (`--padding_free_row_tokens`); checked equal to prefuse's padded losses like the others.
+- prefuse_padding_free, prefuse_padding_free_one_row (only when named in --paths): prefuse's run with
+  `--padding_free`, the decoders taking each batch's sequences packed without padding, in rows no wider than the
+  padded batch (the default under sdpa and eager) or all in one row (`--padding_free_row_tokens` past the batch's
+  tokens); checked equal to prefuse's padded losses like the others.
 
 Both sides: float32, sigmoid DPO (beta 0.1), AdamW with the same learning rate, linear decay over the same steps,
 no warm-up, no weight decay, gradient clipping at 1.0, no gradient checkpointing, one batch of all the pairs at every
@@ -67,7 +68,7 @@ TRAIN_PATHS = {p.name: p for p in [
     TrainPath("trl_liger", ("cuda",), "TRL's use_liger_kernel applies Liger's Triton layer kernels (RMSNorm, "
                                       "SwiGLU, RoPE), which need CUDA"),
     TrainPath("prefuse_padding_free", ("cpu", "cuda"), default=False),
-    TrainPath("prefuse_padding_free_rows", ("cpu", "cuda"), default=False),
+    TrainPath("prefuse_padding_free_one_row", ("cpu", "cuda"), default=False),
 ]}
 DEFAULT_TRAIN_PATHS = tuple(name for name, path in TRAIN_PATHS.items() if path.default)
 MODES = ("lora", "full")

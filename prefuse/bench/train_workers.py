@@ -7,7 +7,7 @@ stdout (what the libraries print goes to stderr):
     {"finished": true, "peak_mib": p, "base_mib": b}  after the last one
 
 prefuse: `prefuse train`'s run and the body of `engine/train/loop.py:train` for one micro-batch (prefuse_padding_free:
-with --padding_free; prefuse_padding_free_rows: also --padding_free_row_tokens max_length); trl and trl_liger:
+with --padding_free; prefuse_padding_free_one_row: all of a batch in one row); trl and trl_liger:
 `trl.DPOTrainer(...).train()`, a callback waiting for "step" at each step's start.
 """
 from __future__ import annotations
@@ -119,7 +119,8 @@ def prefuse_run(spec: dict):
 
     lora = spec["mode"] == "lora"
     packed = spec["path"].startswith("prefuse_padding_free")
-    row_tokens = spec["max_length"] if spec["path"] == "prefuse_padding_free_rows" else None
+    # one row: a width past any batch's tokens (2 * pairs sequences of at most max_length)
+    row_tokens = 2 * spec["pairs"] * spec["max_length"] if spec["path"] == "prefuse_padding_free_one_row" else None
     cfg = TrainConfig(model_name_or_path=spec["model_dir"], dataset_name=spec["pairs_file"],
                       output_dir=spec["output_dir"], loss_type=["sigmoid"], beta=0.1,
                       learning_rate=spec["learning_rate"], per_device_train_batch_size=spec["pairs"],
@@ -224,7 +225,7 @@ def trl_worker(spec: dict, proto: _Protocol) -> None:
 
 
 WORKERS = {"prefuse": prefuse_worker, "trl": trl_worker, "trl_liger": trl_worker,
-           "prefuse_padding_free": prefuse_worker, "prefuse_padding_free_rows": prefuse_worker}
+           "prefuse_padding_free": prefuse_worker, "prefuse_padding_free_one_row": prefuse_worker}
 
 
 def main(spec_json: str) -> None:

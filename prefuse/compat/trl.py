@@ -32,7 +32,8 @@ reference's head is read inside TRL's reference context (adapters disabled: the 
 its own).
 
 Packed sequences (`DPOConfig(padding_free=True)`, which TRL 1.16 accepts and ignores): the policy's and the
-reference's decoders run each batch's sequences in one row without padding (position ids restarting with each
+reference's decoders run each batch's sequences packed without padding, in rows no wider than the padded batch
+under sdpa and eager, in one row under flash-attention (`loading.packed_row_tokens`; position ids restarting with each
 sequence, no attention mask: transformers' packed-sequence masks keep attention within a sequence), and the fused
 head, its statistics pass and the per-sequence sums read the hidden states where the packing put them; loss,
 gradients and metrics are the padded batch's. A model `prefuse.engine.models.loading.check_packable` does not let
@@ -58,7 +59,7 @@ from trl.trainer.utils import use_adapter
 from prefuse.algorithms import get_objective
 from prefuse.compat.sharding import check_not_zero3, full_head
 from prefuse.engine.data.packing import PackedRows, pack_sequences
-from prefuse.engine.models.loading import check_packable
+from prefuse.engine.models.loading import check_packable, packed_row_tokens
 from prefuse.heads import causal_lm_of, head_of, mean_logit, reference_logps
 from prefuse.kernels import linear_token_stats
 from prefuse.preference import PreferenceLoss
@@ -191,11 +192,14 @@ class PrefuseDPOTrainer(DPOTrainer):
         return model_kwargs, next_token_labels(inputs["input_ids"], inputs["completion_mask"])
 
     def _packed(self, model_kwargs) -> tuple[dict, PackedRows | None]:
-        """With padding_free: the decoder's inputs with the batch's sequences packed in one row (input_ids and
-        position_ids [1, N], no attention mask), and the packing; else the inputs as they are and None."""
+        """With padding_free: the decoder's inputs with the batch's sequences packed (input_ids and position_ids
+        [R, L], no attention mask), and the packing; else the inputs as they are and None."""
         if not self.padding_free:
             return model_kwargs, None
-        packed = pack_sequences(model_kwargs["input_ids"], model_kwargs["attention_mask"])
+        input_ids = model_kwargs["input_ids"]
+        packed = pack_sequences(input_ids, model_kwargs["attention_mask"],
+                                row_tokens=packed_row_tokens(self.accelerator.unwrap_model(self.model),
+                                                             input_ids.shape[1]))
         rest = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
         return {**rest, "input_ids": packed.input_ids, "position_ids": packed.position_ids}, packed
 

@@ -22,7 +22,13 @@ from prefuse.algorithms.roles import input_name
 from prefuse.engine.core.objectives import ObjectiveNeeds
 from prefuse.engine.core.sources import Batch
 from prefuse.engine.data.packing import PackedRows, pack_sequences
-from prefuse.engine.models.loading import Models, check_packable, decoder_hidden_states, reference_hidden_states
+from prefuse.engine.models.loading import (
+    Models,
+    check_packable,
+    decoder_hidden_states,
+    packed_row_tokens,
+    reference_hidden_states,
+)
 from prefuse.heads import head_of, reference_logps
 from prefuse.preference import PreferenceLoss
 
@@ -37,8 +43,9 @@ class Step:
         head's own temperature (HyPO's online samples beside its offline pairs) for a batch that carries no
         temperatures of its own (Batch.temperature: each sequence's, passed to the fused head as a per-sequence
         tensor, logits_row / T_row, with or without an lm_head bias or softcap). padding_free: run the decoders on the batch's
-        sequences packed (module docstring), in one row or rows of at most padding_free_row_tokens; a model that
-        cannot take them is refused here."""
+        sequences packed (module docstring), in rows of at most padding_free_row_tokens (default:
+        loading.packed_row_tokens, one row under flash-attention, else rows no wider than the padded batch); a model
+        that cannot take them is refused here."""
         self.models, self.loss_fn, self.needs, self.bf16 = models, loss_fn, needs, bf16
         self.row_temperature = dict(row_temperature or {})
         self.padding_free, self.padding_free_row_tokens = padding_free, padding_free_row_tokens
@@ -98,7 +105,8 @@ class Step:
             return None
         if batch.vision:
             raise ValueError("padding_free: a batch with images cannot be packed; train without padding_free")
-        return pack_sequences(batch.input_ids, batch.attention_mask, row_tokens=self.padding_free_row_tokens)
+        row_tokens = packed_row_tokens(self.models.policy, batch.input_ids.shape[1], self.padding_free_row_tokens)
+        return pack_sequences(batch.input_ids, batch.attention_mask, row_tokens=row_tokens)
 
     @staticmethod
     def decoder_inputs(batch: Batch, packed: PackedRows | None) -> tuple:

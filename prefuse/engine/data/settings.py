@@ -23,9 +23,11 @@ class DataSettings:
     padding_free: bool = setting(False, "run the decoders on each batch's sequences packed without padding "
                                         "(position ids restart per sequence; the attention stays within each); the "
                                         "losses and gradients are the padded batch's")
-    padding_free_row_tokens: int | None = setting(None, "with padding_free: rows of at most N tokens (default: one "
-                                                        "row; sdpa and eager compute a row's whole score matrix, so "
-                                                        "N near max_length bounds their attention work)")
+    padding_free_row_tokens: int | None = setting(None, "with padding_free: rows of at most N tokens (at least "
+                                                        "max_length; N >= a batch's tokens: one row). Default: one "
+                                                        "row under flash_attention_2, else rows no wider than the "
+                                                        "padded batch (sdpa and eager compute a row's whole score "
+                                                        "matrix)")
 
     def check(self) -> None:
         """One-line ValueErrors naming the field."""

@@ -259,6 +259,17 @@ def check_packable(model: torch.nn.Module) -> None:
                          f"one of {', '.join(PACKED_ATTENTION)}")
 
 
+def packed_row_tokens(model: torch.nn.Module, width: int, requested: int | None = None) -> int | None:
+    """How wide packed rows may be (engine/data/packing.py's row_tokens): `requested` when given; else one row
+    (None) under flash-attention, whose varlen kernel does no work across sequences, and under sdpa and eager,
+    which compute a row's whole score matrix under the mask, rows no wider than the padded batch's `width` (never
+    more positions nor attention work than the padded batch)."""
+    if requested is not None:
+        return requested
+    attention = getattr(causal_lm_of(model).config, "_attn_implementation", None)
+    return None if attention == "flash_attention_2" else width
+
+
 def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None, *, position_ids: torch.Tensor | None = None,
                           **vision_inputs) -> torch.Tensor:
