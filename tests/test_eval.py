@@ -288,3 +288,69 @@ def test_bad_eval_input_is_one_line(files, tmp_path, capsys, case, expected):
     # datasets' progress bars (reading the file) are the only other lines on stderr
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "examples/s]" not in line]
     assert len(err) == 1 and err[0].startswith("prefuse eval: error: ") and expected in err[0], err
+
+
+# -- the other judge kinds, and a checkpoint of prefuse train ---------------------------------------------------------
+
+def test_a_pairwise_judge_gives_the_win_in_both_orders(files, tmp_path, capsys):
+    from tests.tokenizer_fixture import save_tiny_classifier
+
+    judge_dir = save_tiny_classifier(tmp_path / "pairwise", build_tokenizer())
+    out = tmp_path / "self.json"
+    argv = ["eval", "--model_name_or_path", str(files["model"]), "--prompts", str(files["prompts"]), "--judge",
+            str(judge_dir), "--max_new_tokens", "8", "--output", str(out)]
+    assert main([*argv, "--baseline_model", str(files["model"])]) == 0, capsys.readouterr().err
+    self_play = json.loads(out.read_text())  # the model against itself, greedy: the same answers, each exactly 1/2
+    assert [r["win"] for r in self_play["records"]] == [0.5] * 8 and self_play["lc_win_rate"] == 0.5
+    assert "both orders averaged" in self_play["judge"]
+    assert main([*argv, "--baseline_column", "reference"]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    # by hand: the classifier's logit of the template in each order, sigmoid, averaged
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(judge_dir).eval()
+    tokenizer = build_tokenizer()
+
+    def p(prompt, first, second):
+        text = f"{prompt} [A] {first} [B] {second}</s>"
+        with torch.no_grad():
+            return torch.sigmoid(classifier(torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0]).item()
+
+    wins = [(p(r["prompt"], r["answer"], r["baseline_answer"]) + 1 - p(r["prompt"], r["baseline_answer"], r["answer"]))
+            / 2 for r in result["records"]]
+    assert [r["win"] for r in result["records"]] == pytest.approx(wins, abs=1e-6)
+    assert result["win_rate"] == pytest.approx(sum(wins) / 8, abs=1e-6)
+    assert len({round(w, 6) for w in wins}) > 1  # the judge tells the answers apart
+
+
+def test_a_reward_model_judge_and_a_prefuse_checkpoint(files, tmp_path, capsys):
+    from tests.tokenizer_fixture import save_tiny_classifier
+
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": " yes " + b, "rejected": " no"}
+                                           for p, b in zip(PROMPTS, BASELINES)])
+    assert main(["train", "--model_name_or_path", str(files["model"]), "--dataset_name", str(tmp_path / "pairs.jsonl"),
+                 "--output_dir", str(tmp_path / "run"), "--loss_type", "sigmoid", "--max_steps", "1",
+                 "--save_steps", "1", "--per_device_train_batch_size", "4", "--learning_rate", "0.5",
+                 "--report_to", "none", "--use_peft", "--lora_r", "4", "--lora_dropout", "0"]) == 0, \
+        capsys.readouterr().err
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    rm = save_tiny_classifier(tmp_path / "rm", build_tokenizer())
+    out = tmp_path / "rm.json"
+    assert main(["eval", "--model_name_or_path", str(checkpoint), "--baseline_model", str(files["model"]),
+                 "--prompts", str(files["prompts"]), "--reward_model_path", str(rm), "--max_new_tokens", "8",
+                 "--pairs", str(tmp_path / "pairs.jsonl"), "--output", str(out)]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    tokenizer = build_tokenizer()
+
+    def score(prompt, answer):
+        with torch.no_grad():
+            return classifier(torch.tensor([tokenizer(prompt + answer + "</s>")["input_ids"]])).logits[0, 0].item()
+
+    for r in result["records"]:
+        assert r["score"] == pytest.approx(score(r["prompt"], r["answer"]), abs=1e-5)
+        assert r["baseline_score"] == pytest.approx(score(r["prompt"], r["baseline_answer"]), abs=1e-5)
+        assert r["win"] == (1.0 if r["score"] > r["baseline_score"] else 0.5 if r["score"] == r["baseline_score"]
+                            else 0.0)
+    # the checkpoint's LoRA step changed the policy: its answers differ from the base's somewhere, and its pairs
+    # margins against the adapters disabled are not zero
+    assert any(r["answer"] != r["baseline_answer"] for r in result["records"])
+    assert result["pairs"]["n"] == 8 and any(m != 0 for m in result["pairs"]["margins"])
