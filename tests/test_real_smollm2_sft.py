@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("trl")
 
-from prefuse.engine.models import gguf  # noqa: E402
+from prefuse.engine.models import gguf
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_thread")]
 

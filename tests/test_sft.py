@@ -226,3 +226,39 @@ def test_the_command_refuses_bad_settings_in_one_line(model_dir, tmp_path, capsy
     assert "truncation_mode: 'middle' is not one of" in capsys.readouterr().err
     assert main([*base, "--completion_only_loss"]) == 2
     assert "completion_only_loss: " in capsys.readouterr().err
+
+
+@pytest.mark.heavy
+@pytest.mark.usefixtures("one_thread")
+def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m prefuse sft`, 1 sequence per rank and 2 micro-batches, against one process
+    with batches of 2 and 2 micro-batches: each rank's micro-batch weighs by its own trained tokens over the global
+    step's (sequences of 11, 3, 18, 16 tokens: the ranks' token counts differ)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = write_jsonl(tmp_path / "text.jsonl", TEXT * 2)
+    flags = ["--gradient_accumulation_steps", "2", "--max_steps", "2", "--use_peft", "--lora_r", "4",
+             "--lora_dropout", "0"]
+    single = run_sft(model_dir, data, tmp_path / "single", "--per_device_train_batch_size", "2", *flags)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "-m", "prefuse", "sft", "--model_name_or_path", str(model_dir),
+            "--dataset_name", str(data), "--output_dir", str(tmp_path / "ranks"), "--logging_steps", "1",
+            "--save_steps", "0", "--report_to", "none", "--learning_rate", "1e-3", "--train_sampling_strategy",
+            "sequential", "--seed", "0", "--device", "cpu", "--per_device_train_batch_size", "1", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1",
+           "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(argv, check=False, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
+    assert len(ranks) == len(single) == 2
+    for a, b in zip(single, ranks):
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key

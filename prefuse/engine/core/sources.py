@@ -45,7 +45,7 @@ class Batch:
     metrics: dict[str, float] = field(default_factory=dict)  # what made the batch (rollout scores, ...), logged
     vision: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values of the rows' images, ...
     temperature: torch.Tensor | None = None  # [S] per sequence, or None
-    n_items: int | None = None  # what the step's loss is a mean over, when not examples (SFT: the trained tokens)
+    per_token: bool = False  # the step's loss is a mean over the trained tokens (SFT), not over the examples
 
     @property
     def n_examples(self) -> int:
@@ -53,9 +53,10 @@ class Batch:
 
     @property
     def loss_units(self) -> int:
-        """What the step's loss is a mean over: n_items when set (an SFT batch's trained tokens), else examples;
-        the loop weighs each micro-batch's loss by its share of the optimizer step's units."""
-        return self.n_examples if self.n_items is None else self.n_items
+        """What the step's loss is a mean over: the trained tokens (labels not -100) of a per_token batch (SFT),
+        else the examples; the loop weighs each micro-batch's loss by its share of the optimizer step's units (a
+        rank's share of a global batch counts its own)."""
+        return int((self.labels != -100).sum()) if self.per_token else self.n_examples
 
     @property
     def n_tokens(self) -> int:
@@ -69,7 +70,7 @@ class Batch:
                      index=None if self.index is None else self.index.to(device), metrics=self.metrics,
                      vision={k: v.to(device) for k, v in self.vision.items()},
                      temperature=None if self.temperature is None else self.temperature.to(device),
-                     n_items=self.n_items)
+                     per_token=self.per_token)
 
 
 class BatchSource(Protocol):

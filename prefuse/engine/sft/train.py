@@ -13,7 +13,7 @@ resumable order) and a step (SFTStep):
 
 TRL 1.16's SFTTrainer normalisation (`num_items_in_batch`): every micro-batch's sum goes over the whole optimizer
 step's count, so gradient accumulation gives the gradient of one big batch. The loop weighs each micro-batch's
-mean by its share of the step's trained tokens (Batch.loss_units), which is the same thing. The log-probs come
+mean by its share of the step's trained tokens (Batch.per_token, loss_units), which is the same thing. The log-probs come
 from the fused head (kernels: no [tokens x vocab] logits; a LoRA adapter on the lm_head goes in as its low-rank
 update), and in the same pass over the same chunks of logits the statistics TRL logs: `entropy` (mean over trained
 tokens, nats) and `mean_token_accuracy` (share of trained tokens that are the argmax); `num_tokens` counts every
@@ -128,7 +128,8 @@ class SFTConfig(*reversed(SECTIONS)):
 
 def sft_batch(examples: list[dict], indices: list[int], pad_id: int) -> Batch:
     """Right-padded input_ids, attention_mask and next-token labels [B, T] (labels[t]: the label of token t + 1,
-    -100 where it is not trained, on padding and at the last position); n_items: the trained labels."""
+    -100 where it is not trained, on padding and at the last position); per_token: the loop weighs it by its
+    trained labels."""
     width = max(len(e["input_ids"]) for e in examples)
     n = len(examples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -141,7 +142,7 @@ def sft_batch(examples: list[dict], indices: list[int], pad_id: int) -> Batch:
         labels[row, :length - 1] = torch.tensor(example["labels"][1:])
     return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                  roles={"completion": torch.arange(n)}, index=torch.tensor(indices, dtype=torch.long),
-                 n_items=int((labels != IGNORE_INDEX).sum()))
+                 per_token=True)
 
 
 class SFTSource(ShuffledSource):
