@@ -354,3 +354,18 @@ def test_a_reward_model_judge_and_a_prefuse_checkpoint(files, tmp_path, capsys):
     # margins against the adapters disabled are not zero
     assert any(r["answer"] != r["baseline_answer"] for r in result["records"])
     assert result["pairs"]["n"] == 8 and any(m != 0 for m in result["pairs"]["margins"])
+
+
+def test_a_prompt_the_reward_functions_leave_unscored_is_left_out_and_counted(files, tmp_path):
+    (tmp_path / "abstain.py").write_text(
+        'def count_e_or_none(prompts, completions, **kwargs):\n'
+        '    return [None if p.startswith("repeat") else float(c.count("e")) for p, c in zip(prompts, completions)]\n')
+    result = evaluate(EvalConfig(model_name_or_path=str(files["model"]), prompts=str(files["prompts"]),
+                                 baseline_column="reference", reward_funcs=[f"{tmp_path / 'abstain.py'}:count_e_or_none"],
+                                 max_new_tokens=12))
+    records = result["records"]
+    assert [r["win"] is None for r in records] == [p.startswith("repeat") for p in PROMPTS]
+    wins = [1.0 if r["answer"].count("e") > b.count("e") else 0.5 if r["answer"].count("e") == b.count("e") else 0.0
+            for r, b, p in zip(records, BASELINES, PROMPTS) if not p.startswith("repeat")]
+    assert result["n"] == 7 and result["n_abstained"] == 1
+    assert result["win_rate"] == pytest.approx(sum(wins) / 7, abs=1e-15)
