@@ -266,6 +266,8 @@ def test_prefuse_eval_pairs_only(files, adapter, tmp_path, capsys):
     ("bad_row", "bad.jsonl:2: field 'prompt'"),
     ("no_prompts", "prompts: required"),
     ("missing_model", "model_name_or_path: no such model directory"),
+    ("missing_gguf", "model_name_or_path: no such GGUF file"),
+    ("missing_baseline_gguf", "baseline_model: no such GGUF file"),
 ])
 def test_bad_eval_input_is_one_line(files, tmp_path, capsys, case, expected):
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "reference": "x"}, {"question": "no prompt",
@@ -283,6 +285,9 @@ def test_bad_eval_input_is_one_line(files, tmp_path, capsys, case, expected):
         "no_prompts": ["eval", "--model_name_or_path", str(files["model"]), "--baseline_column", "reference", *judge],
         "missing_model": ["eval", "--model_name_or_path", str(tmp_path / "nope"), "--prompts", str(files["prompts"]),
                           "--baseline_column", "reference", *judge],
+        "missing_gguf": ["eval", "--model_name_or_path", str(tmp_path / "m.gguf"), "--prompts", str(files["prompts"]),
+                         "--baseline_column", "reference", *judge],
+        "missing_baseline_gguf": base + judge + ["--baseline_model", str(tmp_path / "b.gguf")],
     }[case]
     assert main(argv) == 2
     # datasets' progress bars (reading the file) are the only other lines on stderr
