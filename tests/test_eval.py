@@ -374,3 +374,20 @@ def test_a_prompt_the_reward_functions_leave_unscored_is_left_out_and_counted(fi
             for r, b, p in zip(records, BASELINES, PROMPTS) if not p.startswith("repeat")]
     assert result["n"] == 7 and result["n_abstained"] == 1
     assert result["win_rate"] == pytest.approx(sum(wins) / 7, abs=1e-15)
+
+
+def test_a_full_checkpoint_against_a_reference_model(files, tmp_path, capsys):
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": " yes " + b, "rejected": " no"}
+                                           for p, b in zip(PROMPTS, BASELINES)])
+    assert main(["train", "--model_name_or_path", str(files["model"]), "--dataset_name", str(tmp_path / "pairs.jsonl"),
+                 "--output_dir", str(tmp_path / "run"), "--loss_type", "sigmoid", "--max_steps", "1",
+                 "--save_steps", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
+                 "--report_to", "none"]) == 0, capsys.readouterr().err
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert not (checkpoint / "adapter_config.json").exists() and not (checkpoint / "config.json").exists()
+    out = tmp_path / "full.json"
+    assert main(["eval", "--model_name_or_path", str(checkpoint), "--pairs", str(tmp_path / "pairs.jsonl"),
+                 "--reference_model", str(files["model"]), "--output", str(out)]) == 0, capsys.readouterr().err
+    pairs = json.loads(out.read_text())["pairs"]
+    # one DPO step on these very pairs: the trained policy prefers their chosen answers more than the start does
+    assert pairs["n"] == 8 and pairs["margin_mean"] > 0 and pairs["accuracy"] > 0.5
