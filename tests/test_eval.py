@@ -154,7 +154,7 @@ def test_prefuse_eval_against_a_column_counts_the_wins_of_its_answers(files, tmp
             for a, b in zip(answers, BASELINES)]
     assert [r["win"] for r in records] == wins
     assert result["win_rate"] == pytest.approx(sum(wins) / 8, abs=1e-15)
-    assert result["n"] == 8 and result["baseline"] == "column 'reference'"
+    assert result["n"] == 8 and result["baseline"] == "column 'reference'" and result["model"] == str(files["model"])
     lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
     base_lengths = [len(tokenizer(b, add_special_tokens=False)["input_ids"]) for b in BASELINES]
     assert result["mean_length"] == pytest.approx(sum(lengths) / 8)

@@ -32,11 +32,17 @@ def run(args) -> int:
     from prefuse.engine.eval import EvalConfig, evaluate
     from prefuse.engine.models.gguf import is_gguf, plain_directory
 
+    names = {}  # the output names the models as given (a GGUF file, not its plain copy)
+    if isinstance(getattr(args, "model_name_or_path", None), str):
+        gguf_file = getattr(args, "gguf_file", None)
+        names["model"] = f"{args.model_name_or_path}/{gguf_file}" if gguf_file else args.model_name_or_path
+    if isinstance(getattr(args, "baseline_model", None), str):
+        names["baseline_model"] = args.baseline_model
     plain_models(args)
     for name in BASELINE_MODEL_FLAGS:
         value = getattr(args, name, None)
         if isinstance(value, str) and is_gguf(value):
             setattr(args, name, plain_directory(value, field=name))
-    result = evaluate(EvalConfig(**config_values(EvalConfig, settings(args))))
+    result = evaluate(EvalConfig(**config_values(EvalConfig, settings(args))), names)
     print(result["markdown"], end="")
     return 0

@@ -268,12 +268,15 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """`prefuse eval` (module docstring): the result dict, written to cfg.output (JSON) and cfg.markdown."""
+def evaluate(cfg: EvalConfig, names: dict[str, str] | None = None) -> dict:
+    """`prefuse eval` (module docstring): the result dict, written to cfg.output (JSON) and cfg.markdown. names: how
+    the output names the model and the baseline model (`{"model": ..., "baseline_model": ...}`, e.g. the GGUF file a
+    user gave rather than its plain copy); default: their paths in cfg."""
+    names = names or {}
     cfg.validate()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     check_device(device)
-    result: dict[str, Any] = {"model": cfg.model_name_or_path, "win_rate": None}
+    result: dict[str, Any] = {"model": names.get("model", cfg.model_name_or_path), "win_rate": None}
     judge = None
     if cfg.prompts:
         prompts, baseline_answers, columns = read_prompt_file(cfg.prompts, cfg.baseline_column)
@@ -305,7 +308,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             "n": len(wins), "n_abstained": len(prompts) - len(wins),
             "mean_length": math.fsum(lengths) / len(lengths),
             "baseline_mean_length": math.fsum(baseline_lengths) / len(baseline_lengths),
-            "baseline": cfg.baseline_model or f"column {cfg.baseline_column!r}",
+            "baseline": (names.get("baseline_model", cfg.baseline_model) if cfg.baseline_model
+                         else f"column {cfg.baseline_column!r}"),
             "judge": describe_judge(cfg, judge),
             "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
                          "max_new_tokens": cfg.max_new_tokens},
