@@ -19,10 +19,11 @@ DESCRIPTION = ("Extra peak memory (a fresh process per path) and time (one fresh
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="head", choices=["head", "logprobs", "preference", "train"],
+    p.add_argument("--task", default="head", choices=["head", "logprobs", "preference", "train", "sft"],
                    help="head: linear cross-entropy; logprobs: per-token log-probs (backward of their sum); "
                         "preference: DPO with a reference model's hidden states; train: a DPO training step of "
-                        "a tiny head-heavy Llama, prefuse against TRL (and TRL with Liger's kernels on CUDA)")
+                        "a tiny head-heavy Llama, prefuse against TRL (and TRL with Liger's kernels on CUDA); sft: SFT "
+                        "steps of --model_name_or_path on --dataset, prefuse sft against TRL's SFTTrainer")
     p.add_argument("--grid", action="store_true", help="the grid of shapes over V in {32000, 128256, 151936} "
                                                        "and two token counts, instead of the default shapes")
     p.add_argument("--plot", default=None, help="write PNG plots of memory and time against V and tokens here")
@@ -74,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.task == "train":
         return run_train(args)
+    if args.task == "sft":  # prefuse sft against TRL's SFTTrainer on a real model (prefuse/bench/sft.py)
+        from prefuse.bench import sft
+
+        records = sft.from_args(args)
+        return write_output(args, records, sft.format_table(records))
     grpo_flags = [flag for flag, on in (("--objective", args.objective != "dpo"), ("--beta", args.beta is not None),
                                         ("--num_generations", args.num_generations != 4),
                                         ("--max_completion_length", args.max_completion_length != 64)) if on]
