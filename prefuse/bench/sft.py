@@ -82,7 +82,6 @@ def _sync(device: str) -> None:
 
 
 def prefuse_worker(spec: dict) -> dict:
-    import torch
 
     from prefuse.bench.train_workers import init_adapters
     from prefuse.engine.sft.train import SFTConfig, build_sft_run
