@@ -44,7 +44,8 @@ def test_padding_free_step_equals_padded_on_smollm2(smollm2, tmp_path):
     trained = [(name, p) for name, p in models.policy.named_parameters() if p.requires_grad]
     results = []
     for padding_free in (False, True):
-        step = Step(models, PreferenceLoss("sigmoid", beta=0.1), needs, padding_free=padding_free)
+        step = Step(models, PreferenceLoss("sigmoid", beta=0.1), needs, padding_free=padding_free,
+                    padding_free_row_tokens=10**6)  # one row: every sequence beside another
         models.policy.zero_grad()
         loss, metrics = step(batch)
         loss.backward()
