@@ -239,14 +239,14 @@ def test_models_that_cannot_take_packed_rows_are_refused():
 # -- the step -------------------------------------------------------------------------------------------------------
 
 
-def tiny_models(lora: bool) -> Models:
+def tiny_models(lora: bool, lm_head: bool = False) -> Models:
     """A float64 tiny Llama: with LoRA (random B: a policy apart from its reference, the adapters disabled) or
     fully trained beside a frozen copy, perturbed, as its reference."""
     torch.manual_seed(0)
     policy = tiny_model("llama", "sdpa", torch.float64).train()
     if lora:
-        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                                 init_lora_weights=False)
+        targets = ["q_proj", "v_proj", "down_proj"] + (["lm_head"] if lm_head else [])
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
         return Models(policy=peft.get_peft_model(policy, config), reference=None, tokenizer=None)
     reference = tiny_model("llama", "sdpa", torch.float64)
     reference.load_state_dict(policy.state_dict())
@@ -273,10 +273,10 @@ def examples(n: int, seed: int) -> list[dict]:
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("objective, lora, hparams, row_tokens", [
     ("sigmoid", True, {}, None), ("sigmoid", True, {}, 10**6), ("ipo", False, {}, None),
-    ("selm", True, {"alpha": 0.01}, None), ("kto", False, {}, 10**6),
+    ("selm", True, {"alpha": 0.01}, None), ("kto", False, {}, 10**6), ("sigmoid", "lm_head", {}, 10**6),
 ])
 def test_padding_free_step_equals_the_padded_step(objective, lora, hparams, row_tokens):
-    models = tiny_models(lora)
+    models = tiny_models(bool(lora), lm_head=lora == "lm_head")  # "lm_head": LoRA on the lm_head too
     needs = objective_needs([objective])
     batch = build_batch(examples(5, seed=3), list(range(5)), needs, pad_id=0)
     trained = [(name, p) for name, p in models.policy.named_parameters() if p.requires_grad]
@@ -302,6 +302,7 @@ def test_padding_free_step_equals_the_padded_step(objective, lora, hparams, row_
     for name in metrics:
         torch.testing.assert_close(p_metrics[name], metrics[name], rtol=tol, atol=tol, msg=name)
     assert abs(float(loss)) > 0 and any(float(g.abs().max()) > 0 for g in grads.values())
+    assert (lora == "lm_head") == any("lm_head.lora" in name for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(p_grads[name], grad, rtol=tol, atol=tol * float(grad.abs().max()), msg=name)
 
