@@ -10,10 +10,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from prefuse.engine.data.prompts import read_prompt_table
 from prefuse.engine.methods.self_revision import check_revisions, revise, stage_preferences
 from prefuse.engine.methods.srpo import load_template
 from prefuse.engine.models.loading import load_generator
@@ -73,48 +73,6 @@ class GenerateConfig:
         return self
 
 
-def _answer_text(value: Any, where: str, column: str) -> str:
-    from prefuse.engine.data import BadRow
-    from prefuse.engine.data.errors import RowProblem
-
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict) and isinstance(value[-1].get("content"), str):
-        return value[-1]["content"]  # a message list: its last message (an assistant's answer)
-    raise BadRow(where, RowProblem("missing" if value is None else "wrong_type", column,
-                                   "expected an answer (a string, or messages ending with one)"))
-
-
-def read_prompts(path: str, opponent_column: str | None = None) -> tuple[list, list[str] | None, dict]:
-    """(prompts: strings or message lists, the opponents' answers or None, the other columns as lists) of a prompt
-    file or a preference file; a bad row raises BadRow, `<file>:<row>: field 'prompt': <what>`."""
-    from prefuse.engine.data import BadRow, DataError, load_records
-    from prefuse.engine.data.formats import RowIssue
-    from prefuse.engine.data.loading import PROBLEM_COLUMN, WHERE_COLUMN
-    from prefuse.engine.data.prompts import NOT_CARRIED, detect_prompt_format, read_prompt
-
-    records = load_records(path)
-    if len(records) == 0:
-        raise DataError(f"{path}: no prompts (no rows)")
-    fmt = detect_prompt_format(records, str(path))
-    if opponent_column is not None and opponent_column not in records.column_names:
-        raise DataError(f"{path}: column {opponent_column!r} (--opponent_column) is missing; it has "
-                        f"{sorted(c for c in records.column_names if c not in (WHERE_COLUMN, PROBLEM_COLUMN))}")
-    carried = [c for c in records.column_names if c not in NOT_CARRIED]
-    prompts, opponents, columns = [], [], {c: [] for c in carried}
-    for index, row in enumerate(records):
-        where = row.get(WHERE_COLUMN) or f"{path}:{index + 1}"
-        try:
-            prompts.append(read_prompt(row, fmt))
-        except RowIssue as issue:
-            raise BadRow(where, issue.problem) from None
-        if opponent_column is not None:
-            opponents.append(_answer_text(row.get(opponent_column), where, opponent_column))
-        for c in carried:
-            columns[c].append(row[c])
-    return prompts, (opponents if opponent_column is not None else None), columns
-
-
 def generate(cfg: GenerateConfig) -> dict:
     """`prefuse generate`: the stages of every prompt of cfg.prompts written to cfg.output (one JSON object per
     prompt: {"prompt", "stages": [{"revision", "prompt", "completion", "contains_eos"}, ...]}, plus "judged": the
@@ -122,7 +80,7 @@ def generate(cfg: GenerateConfig) -> dict:
     and written to <output>.win_rates.json. Returns {"stages": ..., "win_rates": [...] or None}."""
     cfg.validate()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    prompts, opponents, columns = read_prompts(cfg.prompts, cfg.opponent_column)
+    prompts, opponents, columns = read_prompt_table(cfg.prompts, cfg.opponent_column, "--opponent_column")
     judge = None
     if opponents is not None:
         from prefuse.engine.judges import make_judge

@@ -22,7 +22,7 @@ from typing import Any
 
 import datasets
 
-from prefuse.engine.data.errors import BadRow, DataError, SkippedRows
+from prefuse.engine.data.errors import BadRow, DataError, RowProblem, SkippedRows
 from prefuse.engine.data.formats import (
     PAIRED_FORMATS,
     PROMPT_ONLY_FORMATS,
@@ -36,12 +36,7 @@ from prefuse.engine.data.formats import (
 )
 from prefuse.engine.data.images import ImageRows
 from prefuse.engine.data.loading import PROBLEM_COLUMN, WHERE_COLUMN, load_records, row_problem
-from prefuse.engine.data.tokenize import (
-    render_chat_prompt,
-    require_chat_template,
-    tokenize_prompt_texts,
-    truncate,
-)
+from prefuse.engine.data.tokenize import render_chat_prompt, require_chat_template, tokenize_prompt_texts, truncate
 
 # the columns an example's `columns` leaves out: the prompt itself, the responses and the loader's own
 NOT_CARRIED = ("prompt", "chosen", "rejected", "completion", "label", WHERE_COLUMN, PROBLEM_COLUMN)
@@ -167,3 +162,43 @@ def read_prompt(row: dict[str, Any], fmt: str) -> Any:
         detail = "no messages" if conversational else "empty prompt"
         raise RowIssue("empty", "prompt", f"{detail} ({shared})" if shared else detail)
     return prompt
+
+
+def answer_text(value: Any, where: str, column: str, empty_ok: bool = False) -> str:
+    """A column's answer: a string (non-empty unless empty_ok), or the content of the last message of a message
+    list; else BadRow."""
+    if isinstance(value, str) and (empty_ok or value.strip()):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"]  # messages: the last one's (an assistant's answer)
+    raise BadRow(where, RowProblem("missing" if value is None else "wrong_type" if not isinstance(value, str)
+                                   else "empty", column, "expected an answer (a string, or messages ending with one)"))
+
+
+def read_prompt_table(path: str | Path, answer_column: str | None = None, answer_flag: str = "answer column",
+                      empty_answers: bool = False) -> tuple[list, list[str] | None, dict]:
+    """(prompts: strings or message lists, the answers of `answer_column` or None, the other columns as lists) of
+    a prompt file or a preference file, before any tokenizer: what `prefuse generate` and `prefuse eval` judge
+    against (empty_answers: an empty answer counts, as a model's may be empty). A bad row is one line,
+    `<file>:<row>: field '<name>': <what>`; answer_flag names the setting that chose the column in the
+    missing-column error."""
+    records = load_records(path)
+    if len(records) == 0:
+        raise DataError(f"{path}: no prompts (no rows)")
+    fmt = detect_prompt_format(records, str(path))
+    if answer_column is not None and answer_column not in records.column_names:
+        have = sorted(c for c in records.column_names if c not in (WHERE_COLUMN, PROBLEM_COLUMN))
+        raise DataError(f"{path}: column {answer_column!r} ({answer_flag}) is missing; it has {have}")
+    carried = [c for c in records.column_names if c not in NOT_CARRIED and c != answer_column]
+    prompts, answers, columns = [], [], {c: [] for c in carried}
+    for index, row in enumerate(records):
+        where = row.get(WHERE_COLUMN) or f"{path}:{index + 1}"
+        try:
+            prompts.append(read_prompt(row, fmt))
+        except RowIssue as issue:
+            raise BadRow(where, issue.problem) from None
+        if answer_column is not None:
+            answers.append(answer_text(row.get(answer_column), where, answer_column, empty_answers))
+        for c in carried:
+            columns[c].append(row[c])
+    return prompts, (answers if answer_column is not None else None), columns

@@ -33,11 +33,8 @@ from typing import Any
 import torch
 
 from prefuse.engine.checkpoint import MANIFEST, load_weights, read_run_config
-from prefuse.engine.data import BadRow, DataError, collate_pairs, load_preference_data, load_records
-from prefuse.engine.data.errors import RowProblem
-from prefuse.engine.data.formats import RowIssue
-from prefuse.engine.data.loading import PROBLEM_COLUMN, WHERE_COLUMN
-from prefuse.engine.data.prompts import NOT_CARRIED, detect_prompt_format, read_prompt
+from prefuse.engine.data import collate_pairs, load_preference_data
+from prefuse.engine.data.prompts import read_prompt_table
 from prefuse.engine.eval.stats import Z95, length_controlled, score_wins, wilson_interval, win_rate
 from prefuse.engine.judges import PairwiseJudge, make_judge
 from prefuse.engine.methods.self_revision import revise
@@ -140,40 +137,6 @@ def load_model(path: str, base: str | None, device, field_name: str):
         return models.policy.eval().requires_grad_(False), models.tokenizer
     model, tokenizer = load_generator(path, base, device)
     return model.requires_grad_(False), tokenizer
-
-
-def _answer(value: Any, where: str, column: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict) and isinstance(value[-1].get("content"), str):
-        return value[-1]["content"]  # messages: the last one's content (the assistant's answer)
-    raise BadRow(where, RowProblem("missing" if value is None else "wrong_type", column,
-                                   "expected the baseline's answer (a string, or messages ending with one)"))
-
-
-def read_prompt_file(path: str, baseline_column: str | None) -> tuple[list, list[str] | None, dict]:
-    """(prompts, the baseline column's answers or None, the other columns as lists); a bad row is one line,
-    `<file>:<row>: field '<name>': <what>`."""
-    records = load_records(path)
-    if len(records) == 0:
-        raise DataError(f"{path}: no prompts (no rows)")
-    fmt = detect_prompt_format(records, str(path))
-    if baseline_column is not None and baseline_column not in records.column_names:
-        have = sorted(c for c in records.column_names if c not in (WHERE_COLUMN, PROBLEM_COLUMN))
-        raise DataError(f"{path}: column {baseline_column!r} (--baseline_column) is missing; it has {have}")
-    carried = [c for c in records.column_names if c not in NOT_CARRIED and c != baseline_column]
-    prompts, answers, columns = [], [], {c: [] for c in carried}
-    for index, row in enumerate(records):
-        where = row.get(WHERE_COLUMN) or f"{path}:{index + 1}"
-        try:
-            prompts.append(read_prompt(row, fmt))
-        except RowIssue as issue:
-            raise BadRow(where, issue.problem) from None
-        if baseline_column is not None:
-            answers.append(_answer(row.get(baseline_column), where, baseline_column))
-        for c in carried:
-            columns[c].append(row[c])
-    return prompts, (answers if baseline_column is not None else None), columns
 
 
 def answer_prompts(model, tokenizer, prompts: list, cfg: EvalConfig) -> list[str]:
@@ -279,7 +242,8 @@ def evaluate(cfg: EvalConfig, names: dict[str, str] | None = None) -> dict:
     result: dict[str, Any] = {"model": names.get("model", cfg.model_name_or_path), "win_rate": None}
     judge = None
     if cfg.prompts:
-        prompts, baseline_answers, columns = read_prompt_file(cfg.prompts, cfg.baseline_column)
+        prompts, baseline_answers, columns = read_prompt_table(cfg.prompts, cfg.baseline_column, "--baseline_column",
+                                                                   empty_answers=True)
         judge = make_judge(reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights,
                            reward_model_path=cfg.reward_model_path, judge=cfg.judge, device=device,
                            batch_size=cfg.batch_size)
