@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections import Counter
 
-from prefuse.bench.train_workers import LORA, SEED, _Protocol, init_adapters, prefuse_steps
+from prefuse.bench.train_workers import LORA, SEED, _Protocol, init_adapters, prefuse_steps, trl_step_args
 
 # logged by both sides under TRL's names, compared step by step (train_grpo.check_losses)
 GRPO_METRICS = ("kl", "reward", "reward_std", "frac_reward_zero_std")
@@ -184,13 +184,9 @@ def trl_grpo_trainer(spec: dict, wait=lambda: None, stepped=lambda loss, metrics
             stepped(float(seen["loss"]), seen["metrics"], seen["inputs"])
 
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, local_files_only=True)
-    args = GRPOConfig(output_dir=spec["output_dir"], per_device_train_batch_size=len(keys) * k, num_generations=k,
-                      max_completion_length=spec["max_completion_length"], max_steps=spec["steps"],
-                      learning_rate=spec["learning_rate"], beta=spec["beta"], loss_type="dapo", epsilon=0.2,
-                      scale_rewards="group", temperature=1.0, bf16=False, gradient_checkpointing=False,
-                      lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                      logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-                      use_cpu=spec["device"] == "cpu", seed=SEED, dataloader_num_workers=0)
+    args = GRPOConfig(per_device_train_batch_size=len(keys) * k, num_generations=k,
+                      max_completion_length=spec["max_completion_length"], beta=spec["beta"], loss_type="dapo",
+                      epsilon=0.2, scale_rewards="group", temperature=1.0, **trl_step_args(spec))
     trainer = BenchGRPOTrainer(model=model, reward_funcs=[distinct_token_reward], args=args,
                                train_dataset=Dataset.from_list([{"prompt": key} for key in keys]),
                                processing_class=tokenizer, rollout_func=rollout,

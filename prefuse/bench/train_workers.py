@@ -112,10 +112,10 @@ def _peak(device: str) -> float:
 
 
 def prefuse_run(spec: dict):
-    """prefuse's side, built: `prefuse train`'s run (engine/train/build.build_run) with the bench's settings; LoRA adapters
-    from `init_adapters`. Returns (run, cfg)."""
-    from prefuse.engine.train.config import TrainConfig
+    """prefuse's side, built: `prefuse train`'s run (engine/train/build.build_run) with the bench's settings; LoRA
+    adapters from `init_adapters`. Returns (run, cfg)."""
     from prefuse.engine.train.build import build_run
+    from prefuse.engine.train.config import TrainConfig
 
     lora = spec["mode"] == "lora"
     packed = spec["path"].startswith("prefuse_padding_free")
@@ -166,6 +166,16 @@ def prefuse_worker(spec: dict, proto: _Protocol) -> None:
     proto.finish()
 
 
+def trl_step_args(spec: dict) -> dict:
+    """The TrainingArguments every TRL path of the train benches shares with prefuse's step: the spec's steps,
+    learning rate and device, a linear schedule without warmup or decay, clipping at 1, float32, no
+    checkpointing, a log line each step, nothing saved."""
+    return dict(output_dir=spec["output_dir"], max_steps=spec["steps"], learning_rate=spec["learning_rate"],
+                bf16=False, gradient_checkpointing=False, lr_scheduler_type="linear", warmup_steps=0,
+                weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to="none", save_strategy="no",
+                disable_tqdm=True, use_cpu=spec["device"] == "cpu", seed=SEED, dataloader_num_workers=0)
+
+
 def trl_trainer(spec: dict, wait=lambda: None, stepped=lambda loss, metrics, inputs: None):
     """TRL's side, built: a `DPOTrainer` with the same settings, whose `.train()` calls `wait()` at each step's start
     and `stepped(loss, metrics, inputs)` at its end (metrics: SHARED_METRICS as TRL logged them)."""
@@ -195,13 +205,9 @@ def trl_trainer(spec: dict, wait=lambda: None, stepped=lambda loss, metrics, inp
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, local_files_only=True)
     pairs = [json.loads(line) for line in open(spec["pairs_file"], encoding="utf-8")]
-    args = DPOConfig(output_dir=spec["output_dir"], per_device_train_batch_size=spec["pairs"],
-                     max_steps=spec["steps"], learning_rate=spec["learning_rate"], beta=0.1, loss_type="sigmoid",
-                     max_length=spec["max_length"], bf16=False, gradient_checkpointing=False,
-                     lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                     logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-                     use_cpu=spec["device"] == "cpu", seed=SEED, dataloader_num_workers=0,
-                     use_liger_kernel=spec["path"] == "trl_liger")
+    args = DPOConfig(per_device_train_batch_size=spec["pairs"], beta=0.1, loss_type="sigmoid",
+                     max_length=spec["max_length"], use_liger_kernel=spec["path"] == "trl_liger",
+                     **trl_step_args(spec))
     trainer = BenchDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                               processing_class=tokenizer,
                               peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA) if lora else None)
