@@ -314,6 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "pipeline", False) and not getattr(args, "real", False):
+        raise ValueError("pipeline: the pipeline runs on the real model; add --real")
     claim(args.output_dir, resuming=False, overwrite=True)  # one demo at a time in output_dir (its own files: redone)
     try:
         return demo_real.run(args) if getattr(args, "real", False) else run_toy(args)

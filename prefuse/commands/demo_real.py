@@ -19,6 +19,8 @@ import re
 import time
 from pathlib import Path
 
+from prefuse.commands import demo_pipeline
+
 BRIEF = 25  # words
 MISSING_END = 2.0  # the reward's cost of an answer that did not end (no <|im_end|> within max_new_tokens)
 TOPICS = ["volcanoes", "honey bees", "the moon", "rainbows", "glaciers", "coral reefs", "tea", "bicycles", "owls",
@@ -53,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="longest sampled answer, in tokens")
     group.add_argument("--real_held_out", type=int, default=12, help="held-out prompts (topics unseen in training)")
     group.add_argument("--real_learning_rate", type=float, default=1e-3, help="learning rate of the LoRA run")
+    demo_pipeline.add_arguments(group)
 
 
 def prompts(seed: int, held_out: int) -> tuple[list[str], list[str]]:
@@ -104,6 +107,8 @@ def summary(answers: list[dict]) -> dict:
 
 
 def run(args) -> int:
+    if getattr(args, "pipeline", False):
+        return demo_pipeline.run(args)
     real_demo(args)  # a missing package or model is one line, exit status 2 (cli.main's error wrapper)
     return 0
 

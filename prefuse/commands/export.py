@@ -27,7 +27,7 @@ def export(checkpoint: str, output: str, *, merge_lora: bool = False,
     path = resolve_checkpoint(None, checkpoint)
     record = read_run_config(path)  # what the checkpoint recorded of its own run
     if record is not None:
-        cfg = TrainConfig.from_dict(record["settings"])
+        cfg = run_settings(record["settings"])
     else:
         settings = path.parent / "train_config.json"
         if not settings.is_file():
@@ -54,6 +54,15 @@ def export(checkpoint: str, output: str, *, merge_lora: bool = False,
     if models.tokenizer is not None:
         models.tokenizer.save_pretrained(str(out))
     return out
+
+
+def run_settings(settings: dict):
+    """The config of the run that recorded `settings`: `prefuse sft`'s (its data section has SFT-only keys) or
+    `prefuse train`'s. Both share the model section (base model, LoRA settings), which is all a rebuild reads."""
+    from prefuse.engine.sft import SFTConfig
+    from prefuse.engine.train.config import TrainConfig
+
+    return (SFTConfig if "completion_only_loss" in settings else TrainConfig).from_dict(settings)
 
 
 NAME = "export"
