@@ -118,5 +118,7 @@ def test_pipeline_flags_refused_in_one_line(tmp_path, capsys):
 
     assert main(["demo", "--pipeline", "--output_dir", str(tmp_path / "a")]) == 2
     assert "pipeline: the pipeline runs on the real model; add --real" in capsys.readouterr().err
+    assert main(["demo", "--real", "--pipeline", "--output_dir", str(tmp_path / "c")]) == 2
+    assert "data_dir: --pipeline trains on UltraFeedback rows; pass --data_dir DIR" in capsys.readouterr().err
     assert main(["demo", "--real", "--pipeline", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "b")]) == 2
     assert f"data_dir: {tmp_path} has no ultrafeedback_binarized_sample_train" in capsys.readouterr().err

@@ -141,8 +141,9 @@ def add_arguments(group) -> None:
     group.add_argument("--pipeline", action="store_true",
                        help="with --real: prefuse sft -> prefuse export --merge_lora -> prefuse train (DPO) -> prefuse "
                             "eval against the start, on UltraFeedback rows (--data_dir); minutes on a CPU")
-    group.add_argument("--data_dir", default="../shared/data",
-                       help="--pipeline: the folder of ultrafeedback_binarized_sample_{train,eval}.conversational.jsonl")
+    group.add_argument("--data_dir", default=None,
+                       help="--pipeline: the folder of ultrafeedback_binarized_sample_{train,eval}.conversational.jsonl "
+                            "(UltraFeedback binarized, TRL's conversational form)")
     group.add_argument("--pipeline_held_out", type=int, default=16, help="--pipeline: held-out prompts judged")
 
 
@@ -150,6 +151,9 @@ def run(args) -> int:
     from prefuse.engine.models.gguf import bundled, plain_directory
 
     started = time.time()
+    if not args.data_dir:
+        raise ValueError("data_dir: --pipeline trains on UltraFeedback rows; pass --data_dir DIR, the folder of "
+                         "ultrafeedback_binarized_sample_{train,eval}.conversational.jsonl")
     data_dir = Path(args.data_dir)
     if not (data_dir / "ultrafeedback_binarized_sample_train.conversational.jsonl").is_file():
         raise ValueError(f"data_dir: {data_dir} has no ultrafeedback_binarized_sample_train.conversational.jsonl")
