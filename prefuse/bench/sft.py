@@ -17,12 +17,12 @@ over the same steps, no warmup, no weight decay, clipping at 1.0, no gradient ch
 q_proj and v_proj, no dropout, every adapter weight drawn from its name on both sides (bench/train_workers.py's
 init_adapters, B non-zero).
 
-Measurement: each (mode, path) runs alone in a fresh process (its peak memory its own), one after another (not
-interleaved: a loaded machine's drift falls on whichever runs then). The first `warmup` steps are not timed; then
-the high-water mark is reset and the remaining steps are timed one by one. Time: the median step; peak: the
-resident high-water mark over the timed steps (CPU) or torch.cuda.max_memory_allocated (CUDA), in MiB. Every
-step's loss is kept; TRL's losses must equal prefuse's to LOSS_TOLERANCE (the same tokens, the same float32 math)
-or the record holds an error.
+Measurement: each (mode, path) runs in its own fresh process (its peak memory its own); a mode's workers are built
+at once, then take one step at a time in turn, the order rotating each round, so a drift of the shared machine falls
+on all of them alike. The first `warmup` steps are not timed; then the high-water mark is reset and the remaining
+steps are timed one by one. Time: the median step; peak: the resident high-water mark over the timed steps (CPU)
+or torch.cuda.max_memory_allocated (CUDA), in MiB. Every step's loss is kept; TRL's losses must equal prefuse's to
+LOSS_TOLERANCE (the same tokens, the same float32 math) or the record holds an error.
 """
 from __future__ import annotations
 
@@ -74,6 +74,16 @@ def _peak(device: str) -> float:
     return _rss_mib("VmHWM")
 
 
+def _turn() -> None:
+    """Wait for the driver's go (a line on stdin) before a step: the workers of a mode take steps in turn."""
+    if not sys.stdin.readline():
+        raise SystemExit("the driver went away")
+
+
+def _say(**message) -> None:
+    print(json.dumps(message), flush=True)
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -99,7 +109,9 @@ def prefuse_worker(spec: dict) -> dict:
     if lora:
         init_adapters(run.policy)
     losses, times = [], []
+    _say(ready=True)
     for number in range(spec["steps"]):
+        _turn()
         if number == spec["warmup"]:
             _reset_peak(spec["device"])
         _sync(spec["device"])
@@ -110,6 +122,7 @@ def prefuse_worker(spec: dict) -> dict:
         _sync(spec["device"])
         times.append(time.perf_counter() - started)
         losses.append(metrics["loss"])
+        _say(stepped=times[-1])
     return {"losses": losses, "times": times[spec["warmup"]:], "peak_mib": _peak(spec["device"])}
 
 
@@ -141,6 +154,7 @@ def trl_worker(spec: dict) -> dict:
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, *_, **__):
+            _turn()
             if clock["number"] == spec["warmup"]:
                 _reset_peak(spec["device"])
             _sync(spec["device"])
@@ -150,6 +164,7 @@ def trl_worker(spec: dict) -> dict:
             _sync(spec["device"])
             clock["times"].append(time.perf_counter() - clock["started"])
             clock["number"] += 1
+            _say(stepped=clock["times"][-1])
 
     # every row once per epoch, in order; the batch is all of them: the same batch at every step
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
@@ -158,28 +173,70 @@ def trl_worker(spec: dict) -> dict:
         from prefuse.bench.train_workers import init_adapters
 
         init_adapters(trainer.model)
+    _say(ready=True)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     return {"losses": losses, "times": clock["times"][spec["warmup"]:], "peak_mib": _peak(spec["device"])}
 
 
-def _worker(spec: dict, timeout: float) -> dict:
-    """One (mode, path) in a fresh process: its record's numbers, or {"error": ...}."""
-    done = subprocess.run([sys.executable, "-m", "prefuse.bench.sft", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{\"result\"")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"exit {done.returncode}: {tail[0][:300]}"}
-    return json.loads(lines[-1])["result"]
+class _Worker:
+    """One (mode, path) in a fresh process, driven a step at a time over its stdin/stdout (JSON lines; the rest of
+    its output is the libraries' and is skipped)."""
+
+    def __init__(self, spec: dict):
+        self.spec, self.error = spec, None
+        self.process = subprocess.Popen([sys.executable, "-m", "prefuse.bench.sft", json.dumps(spec)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True)
+
+    def expect(self, key: str):
+        """The next message holding `key` (its value), or None once the worker has stopped (self.error set)."""
+        while self.error is None:
+            line = self.process.stdout.readline()
+            if not line:
+                self.error = f"exit {self.process.wait()}: the worker stopped (rerun it alone to see why)"
+                break
+            if line.startswith("{"):
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if key in message:
+                    return message[key]
+        return None
+
+    def step(self) -> None:
+        if self.error is None:
+            self.process.stdin.write("go\n")
+            self.process.stdin.flush()
+            self.expect("stepped")
+
+    def result(self) -> dict:
+        result = self.expect("result")
+        self.process.wait()
+        return {"error": self.error} if result is None else result
+
+
+def _drive(specs: list[dict], steps: int) -> list[dict]:
+    """Every spec's worker built at once, then a step each in turn, the order rotating each round (a drift of the
+    machine falls on all alike); their results."""
+    workers = [_Worker(spec) for spec in specs]
+    for worker in workers:
+        worker.expect("ready")
+    for number in range(steps):
+        turn = number % len(workers)
+        for worker in workers[turn:] + workers[:turn]:
+            worker.step()
+    return [worker.result() for worker in workers]
 
 
 def run(model_dir: str, data: str, *, modes=MODES, paths=PATHS, steps: int = 4, warmup: int = 1,
-        sequences: int = 4, max_length: int = 256, device: str = "cpu", timeout: float = 3600, log=print) -> list[dict]:
+        sequences: int = 4, max_length: int = 256, device: str = "cpu", log=print) -> list[dict]:
     """The records of every (mode, path): time per step (median of the timed ones), peak memory, losses."""
     records = []
     with tempfile.TemporaryDirectory(prefix="prefuse-bench-sft-") as work:
         for mode in modes:
+            specs = []
             for path in paths:
                 record = {"mode": mode, "path": path, "device": device, "sequences": sequences,
                           "max_length": max_length, "steps": steps, "warmup": warmup, "errors": []}
@@ -190,15 +247,17 @@ def run(model_dir: str, data: str, *, modes=MODES, paths=PATHS, steps: int = 4, 
                 spec = {"worker": path, "path": path, "mode": mode, "model_dir": str(model_dir), "data": str(data),
                         "output_dir": str(Path(work) / f"{mode}-{path}"), "steps": steps, "warmup": warmup,
                         "sequences": sequences, "max_length": max_length, "device": device}
-                result = _worker(spec, timeout)
+                specs.append((record, spec))
+                records.append(record)
+            for (record, spec), result in zip(specs, _drive([spec for _, spec in specs], steps)):
                 if "error" in result:
                     record["errors"].append(result["error"])
                 else:
                     record.update(losses=result["losses"], peak_mib=result["peak_mib"],
                                   step_seconds=statistics.median(result["times"]))
-                log(f"{mode} {path}: " + (record["errors"][0] if record["errors"] else
-                                          f"{record['step_seconds']:.3f} s/step, peak {record['peak_mib']:.0f} MiB"))
-                records.append(record)
+                log(f"{mode} {record['path']}: " + (record["errors"][0] if record["errors"] else
+                                                    f"{record['step_seconds']:.3f} s/step, peak "
+                                                    f"{record['peak_mib']:.0f} MiB"))
     check_losses(records)
     return records
 
