@@ -230,10 +230,11 @@ def test_the_command_refuses_bad_settings_in_one_line(model_dir, tmp_path, capsy
 
 @pytest.mark.heavy
 @pytest.mark.usefixtures("one_thread")
-def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
-    """`torchrun --nproc_per_node 2 -m prefuse sft`, 1 sequence per rank and 2 micro-batches, against one process
-    with batches of 2 and 2 micro-batches: each rank's micro-batch weighs by its own trained tokens over the global
-    step's (sequences of 11, 3, 18, 16 tokens: the ranks' token counts differ)."""
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path, sharding):
+    """`torchrun --nproc_per_node 2 -m prefuse sft` (DDP, or FSDP2 with --fsdp), 1 sequence per rank and 2
+    micro-batches, against one process with batches of 2 and 2 micro-batches: each rank's micro-batch weighs by its
+    own trained tokens over the global step's (sequences of 11, 3, 18, 16 tokens: the ranks' token counts differ)."""
     import os
     import socket
     import subprocess
@@ -252,7 +253,7 @@ def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
             "--master_port", str(port), "-m", "prefuse", "sft", "--model_name_or_path", str(model_dir),
             "--dataset_name", str(data), "--output_dir", str(tmp_path / "ranks"), "--logging_steps", "1",
             "--save_steps", "0", "--report_to", "none", "--learning_rate", "1e-3", "--train_sampling_strategy",
-            "sequential", "--seed", "0", "--device", "cpu", "--per_device_train_batch_size", "1", *flags]
+            "sequential", "--seed", "0", "--device", "cpu", "--per_device_train_batch_size", "1", *flags, *sharding]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1",
            "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(argv, check=False, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
