@@ -59,7 +59,7 @@ def test_the_chain_writes_the_eval_json_with_a_win_rate(piped):
     assert written["win_rate"] == result["eval"]["win_rate"] and written["model"] == result["dpo_checkpoint"]
     assert [len(result["sft"]), len(result["dpo"])] == [2, 2]
     table = format_table(result)
-    assert "| train (DPO, LoRA) loss | 2 |" in table and f"| {len(HELD_OUT)} |" in table
+    assert "| sft loss (2 steps) | DPO loss (2 steps) |" in table and f"| {len(HELD_OUT)} |" in table
 
 
 def test_the_merged_sft_model_is_the_start_plus_the_sft_adapters(piped):

@@ -97,19 +97,15 @@ def _losses(records: list[dict], key: str = "loss") -> list[float]:
 
 
 def format_table(result: dict) -> str:
-    """The pipeline's table: each stage's losses (first and last step), then the eval's figures."""
+    """The pipeline's table, one row: each stage's loss (first -> last step), then the eval's figures."""
     sft, dpo, ev = _losses(result["sft"]), _losses(result["dpo"]), result["eval"]
-    acc = _losses(result["dpo"], "rewards/accuracies")
     ci = ev["win_rate_ci95"]
     lc = "n/a" if ev["lc_win_rate"] is None else f"{100 * ev['lc_win_rate']:.1f}%"
-    return ("\n| stage | steps | first | last |\n|---|---:|---:|---:|\n"
-            f"| sft (LoRA, merged) loss | {len(sft)} | {sft[0]:.4f} | {sft[-1]:.4f} |\n"
-            f"| train (DPO, LoRA) loss | {len(dpo)} | {dpo[0]:.4f} | {dpo[-1]:.4f} |\n"
-            + (f"| train rewards/accuracies | {len(acc)} | {acc[0]:.2f} | {acc[-1]:.2f} |\n" if acc else "")
-            + "\n| eval: trained vs start | n | win rate | 95% CI (Wilson) | LC win rate | mean length | "
-              "start's mean length |\n|---|---:|---:|---:|---:|---:|---:|\n"
-            f"| prompt_words reward | {ev['n']} | {100 * ev['win_rate']:.1f}% | {100 * ci[0]:.1f}% - "
-            f"{100 * ci[1]:.1f}% | {lc} | {ev['mean_length']:.1f} | {ev['baseline_mean_length']:.1f} |")
+    return (f"\n| sft loss ({len(sft)} steps) | DPO loss ({len(dpo)} steps) | n | win rate vs start | 95% CI (Wilson) | "
+            "LC win rate | mean length | start's |\n|---|---|---:|---:|---:|---:|---:|---:|\n"
+            f"| {sft[0]:.4f} -> {sft[-1]:.4f} | {dpo[0]:.4f} -> {dpo[-1]:.4f} | {ev['n']} | {100 * ev['win_rate']:.1f}% "
+            f"| {100 * ci[0]:.1f}% - {100 * ci[1]:.1f}% | {lc} | {ev['mean_length']:.1f} | "
+            f"{ev['baseline_mean_length']:.1f} |")
 
 
 def real_files(data_dir: Path, out: Path, stages: Stages, held_out: int, max_chars: int = 900) -> tuple[str, ...]:
