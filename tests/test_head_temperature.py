@@ -265,12 +265,12 @@ def test_preference_loss_per_sequence_temperature(backend, mode):
         fn(hidden, weight, labels, ref_hidden=ref_hidden, temperature=torch.ones(T + 1))
 
 
-def test_vocab_parallel_head_takes_one_number():
-    """The vocabulary-parallel head keeps a float temperature: a tensor is refused in one line before any
-    collective."""
+def test_vocab_parallel_head_refuses_a_temperature_of_the_wrong_shape():
+    """The vocabulary-parallel head takes per-row temperatures (tests/test_vocab_parallel.py, against float64);
+    one of the wrong shape is refused in one line before any collective (no process group here)."""
     from prefuse.kernels.vocab_parallel import vocab_parallel_logprobs
 
     hidden, weight, labels, _ = inputs()
-    with pytest.raises(ValueError, match="^temperature: this entry point takes one number") as info:
-        vocab_parallel_logprobs(hidden, weight, labels, vocab_start=0, temperature=torch.ones(S))
+    with pytest.raises(ValueError, match="^temperature: shape") as info:
+        vocab_parallel_logprobs(hidden, weight, labels, vocab_start=0, temperature=torch.ones(S + 1))
     assert "\n" not in str(info.value)

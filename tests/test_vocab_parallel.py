@@ -15,7 +15,10 @@ from prefuse.vocab_parallel_preference import vocab_parallel_preference_loss
 from tests.rendezvous import client_store, hosted_store
 
 WORLD, V, H, B, T = 2, 37, 16, 3, 9  # 37 ids: shards of 19 and 18
-SETTINGS = [dict(), dict(temperature=0.7, softcap=5.0)]
+# per-row temperatures: one per sequence, with a softcap, and one per token
+SETTINGS = [dict(), dict(temperature=0.7, softcap=5.0),
+            dict(temperature=torch.tensor([0.5, 1.0, 2.0, 0.8, 1.3, 0.7]), softcap=5.0),
+            dict(temperature=torch.linspace(0.5, 2.0, 2 * B * T).reshape(2 * B, T))]
 
 
 def inputs(seed=0):
@@ -71,6 +74,8 @@ def reference_logprobs(hidden, weight, labels, temperature=1.0, softcap=None):
     logits = hidden.double() @ weight.double().T
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if isinstance(temperature, torch.Tensor):  # per sequence [S] or per token [S, T]
+        temperature = temperature.double().reshape(temperature.shape + (1,) * (logits.dim() - temperature.dim()))
     logp = (logits / temperature).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     return torch.where(labels != -100, logp, torch.zeros_like(logp))
 

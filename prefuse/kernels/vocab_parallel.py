@@ -32,9 +32,14 @@ def _chunks(n_rows: int, rows_per_chunk: int) -> list[slice]:
     return [slice(s, min(s + rows_per_chunk, n_rows)) for s in range(0, n_rows, rows_per_chunk)]
 
 
-def _transformed(logits: torch.Tensor, inv_temperature: float, softcap: float | None):
-    """(z, dz/dlogits) of the float32 chunk logits; the derivative is None when it is the constant
-    inv_temperature."""
+def _chunk_inv_temperature(inv_temperature: float | torch.Tensor, rows: slice) -> float | torch.Tensor:
+    """The chunk's 1 / temperature: the float, or its rows' values as a [m, 1] column."""
+    return inv_temperature[rows, None] if isinstance(inv_temperature, torch.Tensor) else inv_temperature
+
+
+def _transformed(logits: torch.Tensor, inv_temperature: float | torch.Tensor, softcap: float | None):
+    """(z, dz/dlogits) of the float32 chunk logits [m, V_r] (inv_temperature: a float or [m, 1]); the derivative
+    is None when it is inv_temperature itself."""
     if softcap is None:
         return logits * inv_temperature, None
     tanh = torch.tanh(logits / softcap)
@@ -53,7 +58,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         row_sum = torch.zeros(n_rows, device=hidden.device)
         target = torch.zeros(n_rows, device=hidden.device)
         for rows in _chunks(n_rows, rows_per_chunk):
-            z, _ = _transformed((hidden[rows] @ weight.T).float(), inv_temperature, softcap)
+            z, _ = _transformed((hidden[rows] @ weight.T).float(), _chunk_inv_temperature(inv_temperature, rows),
+                                softcap)
             row_max[rows] = z.max(-1).values
             row_sum[rows] = torch.exp(z - row_max[rows, None]).sum(-1)
             picked = z.gather(-1, local[rows, None]).squeeze(-1)
@@ -77,14 +83,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_logp = grad_logp.float()
         for rows in _chunks(hidden.shape[0], rows_per_chunk):
-            z, dz = _transformed((hidden[rows] @ weight.T).float(), inv_temperature, softcap)
+            inv_t = _chunk_inv_temperature(inv_temperature, rows)
+            z, dz = _transformed((hidden[rows] @ weight.T).float(), inv_t, softcap)
             coef = -torch.exp(z - lse[rows, None])  # d logp / d z = onehot - softmax
             coef.scatter_add_(-1, local[rows, None], owned[rows, None].float())
             coef *= grad_logp[rows, None]
             if dz is not None:
                 coef *= dz
             else:
-                coef *= inv_temperature
+                coef *= inv_t
             if need_hidden:
                 grad_hidden[rows] = coef @ weight.float()
             if need_weight:
@@ -98,11 +105,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 
 def vocab_parallel_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, *,
-                            vocab_start: int, group=None, ignore_index: int = -100, temperature: float = 1.0,
+                            vocab_start: int, group=None, ignore_index: int = -100,
+                            temperature: float | torch.Tensor = 1.0,
                             softcap: float | None = None,
                             rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK) -> torch.Tensor:
     """Per-token log-probs [...] (float32; 0 where labels == ignore_index) of labels [...] under
-    softmax(transform(hidden [..., H] @ W.T)), W split by vocabulary across `group` (module docstring)."""
+    softmax(transform(hidden [..., H] @ W.T)), W split by vocabulary across `group` (module docstring).
+    temperature: a float, or one value per row as in `linear_logprobs` ([S] or [S, T] for labels [S, T]), the same
+    on every rank."""
     if weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
         raise ValueError(f"weight_shard: expected [V_r, H] with H = {hidden.shape[-1]}, got "
                          f"{tuple(weight_shard.shape)}")
@@ -110,17 +120,17 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, la
         raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
     if rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk: must be at least 1, got {rows_per_chunk}")
-    check_transform(temperature, softcap)
+    check_transform(temperature, softcap, labels.shape)
     vocab = torch.tensor([weight_shard.shape[0]], device=weight_shard.device)
     dist.all_reduce(vocab, group=group)
     valid = labels[labels != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= int(vocab)):
         raise ValueError(f"labels: ids must be in [0, {int(vocab)}) (the shards' whole vocabulary) or "
                          f"ignore_index={ignore_index}")
-    rows = select_labeled_rows(hidden, labels, ignore_index)
+    rows = select_labeled_rows(hidden, labels, ignore_index, temperature)
     picked = gather_rows(rows.hidden, rows.index, slice(0, rows.n_rows))
     logp = _VocabParallelLogprobs.apply(picked, weight_shard, rows.labels, vocab_start, rows_per_chunk,
-                                        1.0 / temperature, softcap, group)
+                                        rows.inv_temperature, softcap, group)
     return rows.scatter(logp)
 
 
