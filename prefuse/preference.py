@@ -32,7 +32,6 @@ from prefuse.algorithms.common import verbose_token_mask
 from prefuse.algorithms.roles import PARTNER, RoleInput, role_inputs
 from prefuse.batch_gather import gather_examples
 from prefuse.kernels import RowGroups, group_rows, grouped_logprobs, grouped_logprobs_shared
-from prefuse.kernels.grouped import grouped_log_sum_sq_probs
 from prefuse.kernels.low_rank import LowRank
 from prefuse.kernels.plan import MODES
 from prefuse.kernels.validate import check_head_inputs, check_transform
@@ -244,8 +243,8 @@ class PreferenceLoss(torch.nn.Module):
         fused head without gradient, or precomputed `ref_<role>_logps`. Packed sequences (padding-free): hidden
         (and ref_hidden) [R, L, H] hold the sequences several to a row, and hidden_index [S, T] says where each
         position of labels' [S, T] has its hidden state among the R * L (-1: padding, no label); roles, sums, token
-        values and the objective stay keyed by sequence, equal to the padded call's. Other keyword tensors are the objectives'
-        inputs, passed through (preference_probs, advantages, rewards, use_offline, ...; [B] per example).
+        values and the objective stay keyed by sequence, equal to the padded call's. Other keyword tensors are the
+        objectives' inputs, passed through (preference_probs, advantages, rewards, use_offline, ...; [B] per example).
         low_rank: LoRA on the lm_head, (u [S, T, r] = scale * dropout(hidden) A^T, B [V, r]) added to the policy's
         logits as u B^T (`prefuse.heads.Head.low_rank`; gradients to u and B; the in-forward or recompute path,
         not the frozen-weight one); ref_low_rank the same for the reference's head (default none: the reference
@@ -278,15 +277,8 @@ class PreferenceLoss(torch.nn.Module):
         stats = RoleStatistics(rows, labels, role_batch, wanted, self.ignore_index)
         fixed = {**inputs, **stats.shapes()}
         wpo = self._wpo_roles(role_batch, inputs)
-        # WPO's per-row log sum_v p(v)^2, written by the policy's own log-prob pass (no pass of its own), except
-        # with a low-rank update, whose head has none to give
-        log_sum_sq = None
-        if wpo and low_rank is not None:
-            fixed.update(stats.wpo_values(grouped_log_sum_sq_probs(
-                hidden, weight, rows, bias=bias, chunk_budget_bytes=self.chunk_budget_bytes, low_rank=low_rank,
-                **{k: v for k, v in head.items() if k != "accumulate_fp32"}), wpo))
-        elif wpo:
-            log_sum_sq = torch.zeros(rows.n_rows, dtype=torch.float32, device=hidden.device)
+        # WPO's per-row log sum_v p(v)^2, written by the policy's own log-prob pass (no pass of its own)
+        log_sum_sq = torch.zeros(rows.n_rows, dtype=torch.float32, device=hidden.device) if wpo else None
         shared_logp = None
         if ref_hidden is not None and any(s.source == "ref" for s in wanted):
             shared_logp, ref_logp = self._reference_logp(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, rows,

@@ -119,12 +119,38 @@ def test_grouped_logprobs_statistics_and_wpo_term_take_the_update():
     (w,) = torch.autograd.grad(want.sum(), [b])
     assert (g - w).abs().max() <= tolerance(z) * (1 + float(w.abs().max()))
     log_p = torch.log_softmax(z, -1)
+    want_sq = torch.logsumexp(2 * log_p, -1).reshape(-1)[rows.index]
     sq = grouped_log_sum_sq_probs(hidden, weight, rows, low_rank=(u, b), backend="torch")
-    assert (sq.double() - torch.logsumexp(2 * log_p, -1).reshape(-1)[rows.index]).abs().max() <= tolerance(z)
+    assert (sq.double() - want_sq).abs().max() <= tolerance(z)
     stats = linear_token_stats(hidden.detach(), weight, labels, low_rank=(u.detach(), b.detach()), backend="torch")
     entropy = -(log_p.exp() * log_p).sum(-1)
     mask = labels != -100
     assert (stats.entropy.double() - entropy)[mask].abs().max() <= tolerance(z) * 10
+
+
+@pytest.mark.parametrize("plan", ["whole_rows", "vocabulary_tiles", "in_forward"])
+def test_wpo_term_comes_from_the_low_rank_log_prob_pass(plan):
+    """grouped_logprobs(low_rank=..., log_sum_sq_out=...) fills log sum_v p(v)^2 of the updated logits from its own
+    chunks (PreferenceLoss's WPO with LoRA on the lm_head: no pass of its own), against float64."""
+    S, T, H, V, r = 4, 6, 16, 700, 3
+    hidden, a, b = leaves((S, T, H), (r, H), (V, r), scale=0.5)
+    weight = torch.randn(V, H, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, V, (S, T))
+    labels[:, 0] = -100
+    _, z = dense_logp(hidden, weight, labels, a=a, b=b)
+    options = {"whole_rows": dict(grouped=False, chunk_size=5),
+               "vocabulary_tiles": dict(grouped=False, mode="recompute", chunk_budget_bytes=20 * 256 * 8),
+               "in_forward": dict(grouped=True, mode="in_forward")}[plan]
+    rows = group_rows(labels, torch.arange(S) // 2, vocab=V, hidden_size=H, dtype=hidden.dtype, needs_grad=True,
+                      **options)
+    assert rows.in_forward == (plan == "in_forward")
+    assert (rows.plan.vocab_tile is not None) == (plan == "vocabulary_tiles")
+    out = torch.zeros(rows.n_rows, dtype=torch.float32)
+    coef = (lambda chunk, lp: torch.ones_like(lp)) if plan == "in_forward" else None
+    grouped_logprobs(hidden, weight, rows, low_rank=(hidden @ a.T, b), backend="torch", coef_fn=coef,
+                     log_sum_sq_out=out)
+    want = torch.logsumexp(2 * torch.log_softmax(z, -1), -1).reshape(-1)[rows.index]
+    assert (out.double() - want).abs().max() <= tolerance(z)
 
 
 def test_low_rank_refusals():

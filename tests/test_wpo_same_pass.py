@@ -169,7 +169,8 @@ def test_bad_output_buffer_is_refused():
 
 # -- PreferenceLoss: no pass of its own ------------------------------------------------------------------------------
 
-MODES = ["in_forward", "recompute", "frozen_weight", "shared", "no_grad"]
+MODES = ["in_forward", "recompute", "frozen_weight", "shared", "no_grad", "lora_lm_head_in_forward",
+         "lora_lm_head_recompute"]
 
 
 def preference_inputs():
@@ -184,16 +185,22 @@ def preference_inputs():
 
 def run(mode, use_weighting):
     hidden, weight, ref_hidden, labels = preference_inputs()
-    loss_mode = {"shared": "frozen_weight", "no_grad": "auto"}.get(mode, mode)
+    loss_mode = {"shared": "frozen_weight", "no_grad": "auto"}.get(mode, mode.removeprefix("lora_lm_head_"))
     fn = PreferenceLoss("sigmoid", beta=0.1, mode=loss_mode, backend="torch", chunk_size=10,
                         share_reference_chunks=mode == "shared", use_weighting=use_weighting)
-    w = weight.detach() if mode in ("frozen_weight", "shared") else weight
+    w = weight.detach() if mode in ("frozen_weight", "shared") or mode.startswith("lora") else weight
+    extra = {}
+    if mode.startswith("lora"):  # LoRA on the lm_head: u = h A^T, factor B, both trained
+        gen = torch.Generator().manual_seed(1)
+        a = (torch.randn(3, H, generator=gen) / H ** 0.5).requires_grad_()
+        b = (torch.randn(V, 3, generator=gen) * 0.1).requires_grad_()
+        extra["low_rank"] = (hidden @ a.T, b)
     with MatmulCounter() as counter:
         if mode == "no_grad":
             with torch.no_grad():
                 loss, _ = fn(hidden, w, labels, ref_hidden=ref_hidden)
         else:
-            loss, _ = fn(hidden, w, labels, ref_hidden=ref_hidden)
+            loss, _ = fn(hidden, w, labels, ref_hidden=ref_hidden, **extra)
             loss.backward()
     assert fn.last_shared == (mode == "shared")
     return counter.count, loss.detach()

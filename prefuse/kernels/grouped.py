@@ -217,9 +217,7 @@ def grouped_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups
     _check_log_sum_sq_out(log_sum_sq_out, rows)
     cfg = _head_config(rows, hidden.device, backend, temperature, softcap, accumulate_fp32)
     if low_rank is not None:
-        if log_sum_sq_out is not None:
-            raise ValueError("log_sum_sq_out: not with low_rank; use grouped_log_sum_sq_probs(low_rank=...)")
-        return _low_rank_logprobs(flat, weight, bias, low_rank, rows, cfg, coef_fn)
+        return _low_rank_logprobs(flat, weight, bias, low_rank, rows, cfg, coef_fn, log_sum_sq_out)
     on = torch.is_grad_enabled()
     needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias))
     if coef_fn is None:
@@ -245,9 +243,10 @@ def _check_log_sum_sq_out(out: torch.Tensor | None, rows: RowGroups) -> None:
                          f"{out.dtype} {tuple(out.shape)}")
 
 
-def _low_rank_logprobs(flat, weight, bias, low_rank: LowRank, rows: RowGroups, cfg: HeadConfig, coef_fn):
+def _low_rank_logprobs(flat, weight, bias, low_rank: LowRank, rows: RowGroups, cfg: HeadConfig, coef_fn,
+                       log_sum_sq_out: torch.Tensor | None = None):
     """grouped_logprobs with a low-rank update (u [..., r] flattened like hidden): logp [M] (recompute), or with
-    coef_fn (surrogate, logp [M]), the gradients formed in forward."""
+    coef_fn (surrogate, logp [M]), the gradients formed in forward; log_sum_sq_out from the same chunks."""
     u, factor = low_rank[0].reshape(-1, low_rank[0].shape[-1]), low_rank[1]
     check_low_rank(flat, weight, (u, factor))
     if coef_fn is not None:
@@ -256,10 +255,11 @@ def _low_rank_logprobs(flat, weight, bias, low_rank: LowRank, rows: RowGroups, c
         on = torch.is_grad_enabled()
         needs = tuple(bool(on and t is not None and t.requires_grad) for t in (flat, weight, bias, u, factor))
         return FusedHeadInForwardLowRank.apply(flat, weight, bias, u, factor, rows.labels, rows.hidden_index, cfg,
-                                               coef_fn, needs, rows.chunks)
+                                               coef_fn, needs, rows.chunks, log_sum_sq_out)
     if rows.n_rows == 0:
         return torch.zeros(0, dtype=torch.float32, device=flat.device) + zero_connected(flat, weight, bias, u, factor)
-    return FusedLogprobsLowRank.apply(flat, weight, bias, u, factor, rows.labels, rows.hidden_index, cfg, rows.chunks)
+    return FusedLogprobsLowRank.apply(flat, weight, bias, u, factor, rows.labels, rows.hidden_index, cfg, rows.chunks,
+                                      None, log_sum_sq_out)
 
 
 def grouped_logprobs_shared(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, rows: RowGroups,

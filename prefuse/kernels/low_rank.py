@@ -25,6 +25,7 @@ from prefuse.kernels.fused_head import (
     HeadConfig,
     _compute_dtype_grad,
     _GradAccumulator,
+    _rows_of,
     chunk_logits,
     chunk_slices,
     logits_buffer,
@@ -78,8 +79,10 @@ class FusedLogprobsLowRank(torch.autograd.Function):
     F = 0 (LoRA's initial B) the log-probs equal the plain head's over the same chunks bit for bit."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, u, factor, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None):
-        """chunks, stats_sink as in FusedLogprobs.forward (statistics need whole-vocabulary rows)."""
+    def forward(ctx, hidden, weight, bias, u, factor, labels, index, cfg: HeadConfig, chunks=None, stats_sink=None,
+                log_sum_sq_out=None):
+        """chunks, stats_sink, log_sum_sq_out [M] as in FusedLogprobs.forward (statistics need whole-vocabulary
+        rows; log sum_v p(v)^2 comes from the same chunks, the tiles merged as the plain head merges them)."""
         if cfg.with_mean_logp:
             raise ValueError("low_rank: no mean_logp (label smoothing) with a low-rank update; use label_smoothing=0")
         n_rows, vocab = labels.shape[0], weight.shape[0]
@@ -96,17 +99,23 @@ class FusedLogprobsLowRank(torch.autograd.Function):
                 logits = _logits(h, uc, weight, bias, factor, tiles[0], buffer, cfg)
                 if cfg.stats_top_k is not None:
                     stats_sink.append(cfg.ops.logits_stats(logits, lab, top_k=cfg.stats_top_k, **kw))
-                lp, ls, _ = cfg.ops.logits_forward(logits, lab, **kw)
+                lp, ls, _ = cfg.ops.logits_forward(logits, lab, log_sum_sq_out=_rows_of(log_sum_sq_out, rows), **kw)
             else:  # the plain head's tile merge (fused_head._tiled_forward), same order of operations
                 target = ls = None
+                tile_sq = [] if log_sum_sq_out is not None else None
                 for tile in tiles:
                     logits = _logits(h, uc, weight, bias, factor, tile, buffer, cfg)
-                    tile_lp, tile_ls, _ = cfg.ops.logits_forward(logits, lab - tile.start, **kw)
+                    sq = None if tile_sq is None else torch.empty_like(lab, dtype=torch.float32)
+                    tile_lp, tile_ls, _ = cfg.ops.logits_forward(logits, lab - tile.start, log_sum_sq_out=sq, **kw)
+                    if tile_sq is not None:
+                        tile_sq.append((sq, tile_ls))
                     in_tile = (lab >= tile.start) & (lab < tile.stop)
                     part = torch.where(in_tile, tile_lp + tile_ls, torch.zeros_like(tile_lp))
                     target = part if target is None else target + part
                     ls = tile_ls if ls is None else torch.logaddexp(ls, tile_ls)
                 lp = target - ls
+                if tile_sq is not None:  # log sum p^2 = logsumexp_t(log sum p_t^2 + 2 (lse_t - lse))
+                    log_sum_sq_out[rows] = torch.stack([sq + 2.0 * (t_ls - ls) for sq, t_ls in tile_sq]).logsumexp(0)
             logp[rows], lse[rows] = lp, ls
         ctx.save_for_backward(hidden, weight, bias, u, factor, labels, index, lse)
         ctx.cfg = cfg
@@ -135,7 +144,7 @@ class FusedLogprobsLowRank(torch.autograd.Function):
                 del logits, grad
         grad_hidden, grad_weight, grad_bias = head.results()
         grad_u, grad_factor, _ = update.results()
-        return grad_hidden, grad_weight, grad_bias, grad_u, grad_factor, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, grad_u, grad_factor, None, None, None, None, None, None
 
 
 class FusedHeadInForwardLowRank(torch.autograd.Function):
@@ -146,8 +155,9 @@ class FusedHeadInForwardLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, u, factor, labels, index, cfg: HeadConfig, coef_fn, needs_grad,
-                chunks=None):
-        """needs_grad: (hidden, weight, bias, u, factor) each needs a gradient; chunks: slices of whole groups."""
+                chunks=None, log_sum_sq_out=None):
+        """needs_grad: (hidden, weight, bias, u, factor) each needs a gradient; chunks: slices of whole groups;
+        log_sum_sq_out [M]: each row's log sum_v p(v)^2 from the same chunks, written before coef_fn reads them."""
         if cfg.with_mean_logp:
             raise ValueError("low_rank: no mean_logp (label smoothing) with a low-rank update; use label_smoothing=0")
         need_h, need_w, need_b, need_u, need_f = needs_grad
@@ -169,7 +179,9 @@ class FusedHeadInForwardLowRank(torch.autograd.Function):
                 terms.append((coef * lp).sum(dtype=torch.float64))
                 return coef.float().contiguous(), None
 
-            lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, labels[rows], chunk_coefs, **cfg.op_kwargs(rows))
+            lp, _, _, grad = cfg.ops.logits_forward_grad_(logits, labels[rows], chunk_coefs,
+                                                          log_sum_sq_out=_rows_of(log_sum_sq_out, rows),
+                                                          **cfg.op_kwargs(rows))
             logp[rows] = lp
             objective += sum(terms)
             grad = _compute_dtype_grad(grad, hidden.dtype)
@@ -186,7 +198,7 @@ class FusedHeadInForwardLowRank(torch.autograd.Function):
         ctx.accs = None  # release the buffers as soon as they are handed over
         grad_hidden, grad_weight, grad_bias = head.results(scale=grad_objective)
         grad_u, grad_factor, _ = update.results(scale=grad_objective)
-        return grad_hidden, grad_weight, grad_bias, grad_u, grad_factor, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, grad_u, grad_factor, None, None, None, None, None, None, None
 
 
 __all__ = ["FusedHeadInForwardLowRank", "FusedLogprobsLowRank", "LowRank", "add_low_rank_", "check_low_rank"]
